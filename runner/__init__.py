@@ -1,0 +1,1 @@
+"""Process, socket, configuration and timing layer of voxtral-run."""

@@ -1,0 +1,61 @@
+"""Audio constants of Voxtral Realtime, each named once and derived from the others, and the padding rules."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from stages.base import StageError
+
+SAMPLE_RATE = 16_000  # Hz, mono
+FRAME_RATE = 12.5  # decoder positions (tokens) per second
+SAMPLES_PER_TOKEN = int(SAMPLE_RATE / FRAME_RATE)  # 1280 samples = 80 ms
+MS_PER_TOKEN = 1000 / FRAME_RATE  # 80.0
+HOP_LENGTH = 160  # samples between mel frames (10 ms)
+WINDOW_SIZE = 400  # STFT window, also n_fft
+N_FFT = WINDOW_SIZE
+NUM_MEL_BINS = 128
+MEL_FRAMES_PER_TOKEN = SAMPLES_PER_TOKEN // HOP_LENGTH  # 8
+CONV_STRIDE = 2  # the second conv of the stem halves the frame rate
+ENCODER_FRAMES_PER_TOKEN = MEL_FRAMES_PER_TOKEN // CONV_STRIDE  # 4, the adapter's downsample factor
+GLOBAL_LOG_MEL_MAX = 1.5  # fixed log-mel ceiling; only the floor (max - 8) is applied
+OFFLINE_STREAMING_BUFFER_TOKENS = 10  # extra right-pad tokens that let the last words finish
+MIN_DELAY_MS = 80
+MAX_DELAY_MS = 2400
+
+
+def num_audio_tokens(num_samples: int) -> int:
+    """Decoder positions covered by `num_samples` samples, rounded as mistral-common rounds."""
+    if num_samples % HOP_LENGTH == 0:
+        frames = num_samples // HOP_LENGTH
+    else:
+        frames = math.ceil(num_samples / HOP_LENGTH - 1)
+    return math.ceil(frames / MEL_FRAMES_PER_TOKEN)
+
+
+def delay_tokens(delay_ms: float) -> int:
+    """Number of delay tokens for a delay in ms (rounded up as mistral-common does); 80..2400 ms only."""
+    if not MIN_DELAY_MS <= delay_ms <= MAX_DELAY_MS:
+        raise StageError(f"delay_ms={delay_ms:g} is outside {MIN_DELAY_MS}..{MAX_DELAY_MS} ms")
+    return num_audio_tokens(int(delay_ms / 1000 * SAMPLE_RATE))
+
+
+def right_pad_samples(num_samples: int, num_delay_tokens: int) -> int:
+    """Zeros appended at the end of a stream: align to a whole token, then delay + 1 + buffer tokens."""
+    align = (SAMPLES_PER_TOKEN - num_samples % SAMPLES_PER_TOKEN) % SAMPLES_PER_TOKEN
+    return align + SAMPLES_PER_TOKEN * (num_delay_tokens + 1 + OFFLINE_STREAMING_BUFFER_TOKENS)
+
+
+def pad_audio(audio: np.ndarray, left_pad_tokens: int, num_delay_tokens: int) -> np.ndarray:
+    """Offline streaming-format padding: left pad tokens of zeros, the audio, then the right pad."""
+    audio = np.asarray(audio, dtype=np.float32)
+    left = np.zeros(left_pad_tokens * SAMPLES_PER_TOKEN, dtype=np.float32)
+    right = np.zeros(right_pad_samples(len(audio), num_delay_tokens), dtype=np.float32)
+    return np.concatenate([left, audio, right])
+
+
+def quantize_pcm16(audio: np.ndarray) -> np.ndarray:
+    """The 16-bit WAV round trip the reference applies offline: floor(x * 32768) / 32768, clipped."""
+    scaled = np.floor(np.asarray(audio, dtype=np.float64) * 32768.0)
+    return (np.clip(scaled, -32768, 32767) / 32768.0).astype(np.float32)

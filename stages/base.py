@@ -1,0 +1,56 @@
+"""The contract every pipeline stage core follows: items in, items out, per-stream state, no sockets."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from typing import Any
+
+# An item is a numpy array (audio samples, mel frames, encoder frames, token ids) or a dict of
+# msgpack-friendly values whose leaves may be numpy arrays (audio chunks with their rate, text events).
+Item = Any
+
+
+class StageError(Exception):
+    """A one-line problem a stage reports (bad input or setting); the runner prints it and exits non-zero."""
+
+
+class CheckpointError(StageError):
+    """A model directory that cannot be loaded: missing file, bad field, missing/extra/misshapen tensor."""
+
+
+class Stage(ABC):
+    """A stage core: keeps explicit state per stream id and turns input items into output items.
+
+    The runner wraps a stage in a process; tests and the in-process transcriber chain stage objects directly.
+    """
+
+    name: str = "stage"
+
+    @abstractmethod
+    def push(self, stream_id: str, item: Item) -> list[Item]:
+        """Consume one input item of a stream (starting the stream if new); return the items now ready."""
+
+    @abstractmethod
+    def finish(self, stream_id: str) -> list[Item]:
+        """End a stream: flush what it still holds, return the last items, and forget its state."""
+
+    def streams(self) -> list[str]:
+        """Ids of the streams this stage currently holds state for."""
+        return []
+
+
+class Source(ABC):
+    """The capture stage's core: yields audio chunks of one stream (dicts with `samples` [n, channels] float32
+    and `sample_rate`), with no sockets."""
+
+    name: str = "capture"
+    live: bool = False  # a live source cannot be paused, so only its outgoing edge may drop
+
+    @abstractmethod
+    def chunks(self) -> Iterator[Item]:
+        """Yield the stream's audio chunks until the source ends or `close` is called."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Stop producing (microphone closed, file released); `chunks` then ends."""
