@@ -1,0 +1,206 @@
+"""Adapter and text decoder with the delay-conditioned Ada RMSNorm, and the streaming greedy decoder stage."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from stages.audio import ENCODER_FRAMES_PER_TOKEN
+from stages.base import Stage, StageError
+from stages.checkpoint import ADAPTER_PREFIX, DECODER_PREFIXES, TOKEN_EMBEDDING, ModelDir, ModelParams
+from stages.layers import Attention, FeedForward, RMSNorm, RollingKVCache, RotaryEmbedding
+from stages.tekken import Tekken
+
+TIME_EMBEDDING_THETA = 10_000.0
+
+
+def time_conditioning(num_delay_tokens: int, dim: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Sinusoidal embedding of the delay in tokens, cos half first; computed in `dtype` as the reference does."""
+    half = dim // 2
+    inv_freq = torch.exp(-math.log(TIME_EMBEDDING_THETA) * torch.arange(half).float() / half)
+    t = torch.full((1,), float(num_delay_tokens), dtype=dtype, device=device)
+    angles = t * inv_freq.to(device=device, dtype=dtype)
+    return torch.cat((angles.cos(), angles.sin()))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm decoder block; the FFN input is scaled by (1 + s), s from the delay conditioning."""
+
+    def __init__(self, params: ModelParams) -> None:
+        super().__init__()
+        dec = params.decoder
+        self.attention_norm = RMSNorm(dec.dim, dec.norm_eps)
+        self.attention = Attention(dec)
+        self.ffn_norm = RMSNorm(dec.dim, dec.norm_eps)
+        self.feed_forward = FeedForward(dec)
+        self.ada_rms_norm_t_cond = nn.Sequential(
+            nn.Linear(dec.dim, params.ada_norm_dim, bias=False),
+            nn.GELU(),
+            nn.Linear(params.ada_norm_dim, dec.dim, bias=False),
+        )
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: RollingKVCache, ffn_scale: torch.Tensor) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), positions, cos, sin, cache)
+        return x + self.feed_forward(self.ffn_norm(x) * ffn_scale)
+
+
+class TextDecoder(nn.Module):
+    """Adapter, token embeddings (also the tied LM head), decoder layers and final norm."""
+
+    def __init__(self, params: ModelParams) -> None:
+        super().__init__()
+        dec = params.decoder
+        self.params = params
+        self.adapter = nn.Sequential(
+            nn.Linear(params.adapter_input_dim, dec.dim, bias=False),
+            nn.GELU(),
+            nn.Linear(dec.dim, dec.dim, bias=False),
+        )
+        self.tok_embeddings = nn.Embedding(params.vocab_size, dec.dim)
+        self.layers = nn.ModuleList(DecoderLayer(params) for _ in range(dec.n_layers))
+        self.norm = RMSNorm(dec.dim, dec.norm_eps)
+        self.rope = RotaryEmbedding(dec.head_dim, dec.rope_theta)
+
+    def ffn_scales(self, num_delay_tokens: int) -> list[torch.Tensor]:
+        """(1 + s_j) for every layer: constant for a delay, so computed once, not per step."""
+        weight = self.tok_embeddings.weight
+        t_cond = time_conditioning(num_delay_tokens, self.params.decoder.dim, weight.dtype, weight.device)
+        with torch.inference_mode():
+            return [1 + layer.ada_rms_norm_t_cond(t_cond) for layer in self.layers]
+
+    def adapt(self, frames: torch.Tensor) -> torch.Tensor:
+        """Encoder frames [4n, enc_dim] -> adapter vectors [n, dim]; frame 4p fills the first slot of p."""
+        return self.adapter(frames.reshape(-1, self.params.adapter_input_dim))
+
+    def forward(self, audio: torch.Tensor, token_ids: torch.Tensor, start: int, caches: list[RollingKVCache],
+                ffn_scales: list[torch.Tensor]) -> torch.Tensor:
+        """Hidden states [T, dim] (final norm applied) for positions start..start+T-1; updates the caches."""
+        x = audio + self.tok_embeddings(token_ids)
+        positions = torch.arange(start, start + x.shape[0], device=x.device)
+        cos, sin = self.rope.cos_sin(positions, x.dtype)
+        for layer, cache, scale in zip(self.layers, caches, ffn_scales, strict=True):
+            x = layer(x, positions, cos, sin, cache, scale)
+        return self.norm(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Tied LM head."""
+        return F.linear(hidden, self.tok_embeddings.weight)
+
+
+def load_text_decoder(model: ModelDir, *, dtype: torch.dtype, device: str | torch.device) -> TextDecoder:
+    """Build the adapter + decoder and load only their tensors (and the embeddings) from the model directory."""
+    tensors = model.load_tensors(DECODER_PREFIXES, dtype=dtype, device=device)
+    renamed = {}
+    for name, tensor in tensors.items():
+        if name.startswith(ADAPTER_PREFIX):
+            name = "adapter." + name[len(ADAPTER_PREFIX) :]
+        elif name == TOKEN_EMBEDDING:
+            name = "tok_embeddings.weight"
+        renamed[name] = tensor
+    with torch.device("meta"):
+        decoder = TextDecoder(model.params)
+    decoder.load_state_dict(renamed, assign=True)
+    decoder.rope = RotaryEmbedding(model.params.decoder.head_dim, model.params.decoder.rope_theta).to(device)
+    return decoder.eval()
+
+
+def streaming_prompt(tekken: Tekken, num_delay_tokens: int) -> list[int]:
+    """[BOS] + [STREAMING_PAD] x (left pad tokens + delay tokens): the forced ids of the first positions."""
+    return [tekken.bos_id] + [tekken.streaming_pad_id] * (tekken.audio.streaming_n_left_pad_tokens + num_delay_tokens)
+
+
+@dataclass
+class DecoderState:
+    """Per-stream decoder state: frames awaiting a group of 4, adapter vectors awaiting the prompt, caches."""
+
+    caches: list[RollingKVCache]
+    frames: list[torch.Tensor] = field(default_factory=list)
+    pending: list[torch.Tensor] = field(default_factory=list)
+    next_position: int = 0
+    last_token: int | None = None
+    ended: bool = False  # EOS generated: later positions are ignored
+
+
+class DecoderStage(Stage):
+    """Streaming adapter + decoder: encoder frames in, greedy token ids (int64 arrays) out, one per position."""
+
+    name = "decoder"
+
+    def __init__(self, decoder: TextDecoder, tekken: Tekken, num_delay_tokens: int) -> None:
+        self.decoder = decoder
+        self.prompt = streaming_prompt(tekken, num_delay_tokens)
+        self.eos_id = tekken.eos_id
+        self.ffn_scales = decoder.ffn_scales(num_delay_tokens)
+        self._states: dict[str, DecoderState] = {}
+
+    def _new_state(self) -> DecoderState:
+        window = self.decoder.params.decoder.sliding_window
+        return DecoderState(caches=[RollingKVCache(window) for _ in self.decoder.layers])
+
+    def push(self, stream_id: str, item: np.ndarray) -> list[np.ndarray]:
+        frames = np.asarray(item)
+        enc_dim = self.decoder.params.encoder.dim
+        if frames.ndim != 2 or frames.shape[1] != enc_dim:
+            raise StageError(f"decoder: expected encoder frames of shape [k, {enc_dim}], got {list(frames.shape)}")
+        state = self._states.get(stream_id)
+        if state is None:
+            state = self._states[stream_id] = self._new_state()
+        if state.ended or frames.shape[0] == 0:
+            return []
+        weight = self.decoder.tok_embeddings.weight
+        state.frames.append(torch.from_numpy(frames).to(device=weight.device, dtype=weight.dtype))
+        buffered = torch.cat(state.frames)
+        groups = buffered.shape[0] // ENCODER_FRAMES_PER_TOKEN
+        usable = groups * ENCODER_FRAMES_PER_TOKEN
+        state.frames = [buffered[usable:]] if usable < buffered.shape[0] else []
+        if groups == 0:
+            return []
+        with torch.inference_mode():
+            state.pending.extend(self.decoder.adapt(buffered[:usable]).unbind(0))
+            tokens = self._decode(state)
+        return [np.asarray(tokens, dtype=np.int64)] if tokens else []
+
+    def _decode(self, state: DecoderState) -> list[int]:
+        tokens: list[int] = []
+        prompt_len = len(self.prompt)
+        if state.next_position < prompt_len:
+            if state.next_position + len(state.pending) < prompt_len:
+                return tokens
+            count = prompt_len - state.next_position
+            audio = torch.stack(state.pending[:count])
+            ids = torch.tensor(self.prompt[state.next_position :], device=audio.device)
+            tokens.append(self._run(state, audio, ids))
+            del state.pending[:count]
+        while state.pending and not state.ended:
+            audio = state.pending.pop(0)[None]
+            ids = torch.tensor([state.last_token], device=audio.device)
+            tokens.append(self._run(state, audio, ids))
+        if state.ended:
+            state.pending.clear()
+        return tokens
+
+    def _run(self, state: DecoderState, audio: torch.Tensor, ids: torch.Tensor) -> int:
+        hidden = self.decoder(audio, ids, state.next_position, state.caches, self.ffn_scales)
+        state.next_position += audio.shape[0]
+        token = int(self.decoder.logits(hidden[-1]).argmax())
+        state.last_token = token
+        state.ended = token == self.eos_id
+        return token
+
+    def finish(self, stream_id: str) -> list[np.ndarray]:
+        # Every complete position was decoded on arrival; a partial group of frames carries no position.
+        self._states.pop(stream_id, None)
+        return []
+
+    def streams(self) -> list[str]:
+        return list(self._states)
+
+    def state(self, stream_id: str) -> DecoderState:
+        """The live state of a stream (for inspection of cache sizes)."""
+        return self._states[stream_id]

@@ -1,0 +1,156 @@
+"""The causal audio encoder (conv stem + sliding-window transformer) and the streaming stage that runs it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from stages.audio import CONV_STRIDE, NUM_MEL_BINS
+from stages.base import Stage, StageError
+from stages.checkpoint import ENCODER_PREFIX, ModelDir, TransformerParams
+from stages.layers import Attention, FeedForward, RMSNorm, RollingKVCache, RotaryEmbedding
+
+CONV_KERNEL = 3
+CONV1_CONTEXT = CONV_KERNEL - 1  # left pad of the stride-1 conv: (k - 1) + 1 - stride
+CONV2_CONTEXT = CONV_KERNEL - CONV_STRIDE  # left pad of the stride-2 conv: 1 frame, not 2 (spec 5, D3)
+DEFAULT_BLOCK_FRAMES = 256  # encoder frames attended in one block; bounds the attention matrix
+
+
+class _Conv(nn.Module):
+    def __init__(self, in_dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(in_dim, out_dim, CONV_KERNEL)
+
+
+class EncoderLayer(nn.Module):
+    """Pre-norm encoder block: sliding-window multi-head attention then SwiGLU, both residual."""
+
+    def __init__(self, params: TransformerParams) -> None:
+        super().__init__()
+        self.attention_norm = RMSNorm(params.dim, params.norm_eps)
+        self.attention = Attention(params)
+        self.ffn_norm = RMSNorm(params.dim, params.norm_eps)
+        self.feed_forward = FeedForward(params)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: RollingKVCache) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), positions, cos, sin, cache)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class _Transformer(nn.Module):
+    def __init__(self, params: TransformerParams) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(EncoderLayer(params) for _ in range(params.n_layers))
+        self.norm = RMSNorm(params.dim, params.norm_eps)
+
+
+@dataclass
+class EncoderState:
+    """Per-stream encoder state: conv tails, one rolling KV cache per layer, and the next frame position."""
+
+    mel_tail: torch.Tensor
+    conv1_tail: torch.Tensor
+    caches: list[RollingKVCache]
+    next_position: int = 0
+
+
+class AudioEncoder(nn.Module):
+    """Conv stem and causal transformer under the Mistral names (`conv_layers.*`, `transformer.*`)."""
+
+    def __init__(self, params: TransformerParams) -> None:
+        super().__init__()
+        self.params = params
+        self.conv_layers = nn.ModuleList([_Conv(NUM_MEL_BINS, params.dim), _Conv(params.dim, params.dim)])
+        self.transformer = _Transformer(params)
+        self.rope = RotaryEmbedding(params.head_dim, params.rope_theta)
+
+    def new_state(self) -> EncoderState:
+        """Fresh stream state: zero conv context (the reference's causal left padding), empty caches."""
+        ref = self.conv_layers[0].conv.weight
+        return EncoderState(
+            mel_tail=ref.new_zeros(CONV1_CONTEXT, NUM_MEL_BINS),
+            conv1_tail=ref.new_zeros(CONV2_CONTEXT, self.params.dim),
+            caches=[RollingKVCache(self.params.sliding_window) for _ in range(self.params.n_layers)],
+        )
+
+    def conv_stem(self, mel: torch.Tensor, state: EncoderState) -> torch.Tensor:
+        """mel [k, 128] -> new stem frames [m, dim]; carries the conv tails so any chunking gives the same."""
+        x = torch.cat((state.mel_tail, mel.to(state.mel_tail.dtype)))
+        state.mel_tail = x[-CONV1_CONTEXT:]
+        conv1 = self.conv_layers[0].conv
+        c1 = F.gelu(F.conv1d(x.T[None], conv1.weight, conv1.bias))[0].T
+        buf = torch.cat((state.conv1_tail, c1))
+        pairs = (buf.shape[0] - CONV2_CONTEXT) // CONV_STRIDE
+        conv2 = self.conv_layers[1].conv
+        # A valid stride-2 conv over the buffer yields exactly `pairs` frames; the rest waits for more input.
+        c2 = F.gelu(F.conv1d(buf.T[None], conv2.weight, conv2.bias, stride=CONV_STRIDE))[0].T
+        state.conv1_tail = buf[CONV_STRIDE * pairs :]
+        return c2
+
+    def transform(self, x: torch.Tensor, state: EncoderState, block_frames: int = DEFAULT_BLOCK_FRAMES) -> torch.Tensor:
+        """Run the transformer over new stem frames [m, dim] at the stream's next absolute positions."""
+        outputs = []
+        for start in range(0, x.shape[0], block_frames):
+            block = x[start : start + block_frames]
+            positions = torch.arange(state.next_position, state.next_position + block.shape[0], device=x.device)
+            cos, sin = self.rope.cos_sin(positions, block.dtype)
+            for layer, cache in zip(self.transformer.layers, state.caches, strict=True):
+                block = layer(block, positions, cos, sin, cache)
+            outputs.append(self.transformer.norm(block))
+            state.next_position += block.shape[0]
+        return torch.cat(outputs) if outputs else x.new_zeros(0, self.params.dim)
+
+    @torch.inference_mode()
+    def forward(self, mel: torch.Tensor, state: EncoderState) -> torch.Tensor:
+        """mel frames [k, 128] of a stream -> the encoder frames they complete [m, dim]."""
+        return self.transform(self.conv_stem(mel, state), state)
+
+
+def load_audio_encoder(model: ModelDir, *, dtype: torch.dtype, device: str | torch.device) -> AudioEncoder:
+    """Build the encoder and load only its tensors from the model directory."""
+    tensors = model.load_tensors([ENCODER_PREFIX], dtype=dtype, device=device)
+    with torch.device("meta"):
+        encoder = AudioEncoder(model.params.encoder)
+    encoder.load_state_dict({name[len(ENCODER_PREFIX) :]: t for name, t in tensors.items()}, assign=True)
+    encoder.rope = RotaryEmbedding(model.params.encoder.head_dim, model.params.encoder.rope_theta).to(device)
+    return encoder.eval()
+
+
+class EncoderStage(Stage):
+    """Streaming encoder: mel frames [k, 128] in, encoder frames [m, dim] (float32) out, per stream."""
+
+    name = "encoder"
+
+    def __init__(self, encoder: AudioEncoder) -> None:
+        self.encoder = encoder
+        self._states: dict[str, EncoderState] = {}
+
+    def push(self, stream_id: str, item: np.ndarray) -> list[np.ndarray]:
+        mel = np.asarray(item)
+        if mel.ndim != 2 or mel.shape[1] != NUM_MEL_BINS:
+            raise StageError(f"encoder: expected mel frames of shape [k, {NUM_MEL_BINS}], got {list(mel.shape)}")
+        state = self._states.get(stream_id)
+        if state is None:
+            state = self._states[stream_id] = self.encoder.new_state()
+        weight = self.encoder.conv_layers[0].conv.weight
+        frames = self.encoder(torch.from_numpy(mel).to(device=weight.device, dtype=weight.dtype), state)
+        if frames.shape[0] == 0:
+            return []
+        return [frames.float().cpu().numpy()]
+
+    def finish(self, stream_id: str) -> list[np.ndarray]:
+        # Causal: nothing is held back that more input would not have released; an odd stem frame is dropped.
+        self._states.pop(stream_id, None)
+        return []
+
+    def streams(self) -> list[str]:
+        return list(self._states)
+
+    def state(self, stream_id: str) -> EncoderState:
+        """The live state of a stream (for inspection of cache sizes)."""
+        return self._states[stream_id]

@@ -1,0 +1,88 @@
+"""Builds a stage core by kind from a model directory, device and settings: the one entry point the runner uses."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from stages.audio import delay_tokens
+from stages.base import Stage, StageError
+from stages.checkpoint import ModelDir, torch_dtype
+from stages.decoder import DecoderStage, load_text_decoder
+from stages.encoder import EncoderStage, load_audio_encoder
+from stages.mel import MelStage
+from stages.resample import ResampleStage
+from stages.tokenizer import DetokenizeStage
+
+STAGE_KINDS = ("capture", "resample", "mel", "encoder", "decoder", "detokenize")
+MODEL_STAGE_KINDS = ("encoder", "decoder")
+# Settings each kind accepts in pipeline.yaml beyond device (capture is built by the runner).
+STAGE_PARAMS: dict[str, tuple[str, ...]] = {
+    "resample": (),
+    "mel": (),
+    "encoder": ("dtype",),
+    "decoder": ("dtype",),
+    "detokenize": (),
+}
+
+
+@functools.lru_cache(maxsize=4)
+def open_model(model_dir: Path) -> ModelDir:
+    """Open (and validate) a model directory once per process."""
+    return ModelDir(model_dir)
+
+
+def resolve_device(device: str) -> torch.device:
+    """A torch device for a placement string (cpu, cuda, cuda:N), checked to exist on this host."""
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise StageError(f"unknown device '{device}' (use cpu or cuda:N)") from None
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = resolved.index or 0
+        if index >= count:
+            raise StageError(f"device '{device}' does not exist on this host ({count} CUDA device(s))")
+        return torch.device("cuda", index)
+    if resolved.type != "cpu":
+        raise StageError(f"unsupported device '{device}' (use cpu or cuda:N)")
+    return resolved
+
+
+def num_delay_tokens(model: ModelDir, delay_ms: float | None) -> int:
+    """Delay in tokens: the given delay, or tekken.json's transcription_delay_ms when None."""
+    return delay_tokens(model.tekken.audio.transcription_delay_ms if delay_ms is None else delay_ms)
+
+
+def build_stage(
+    kind: str,
+    *,
+    model_dir: Path,
+    device: str = "cpu",
+    delay_ms: float | None = None,
+    params: dict[str, Any] | None = None,
+) -> Stage:
+    """The stage core of `kind` with its weights (if any) loaded on `device`."""
+    if kind not in STAGE_PARAMS:
+        raise StageError(f"unknown stage kind '{kind}' (choose from {', '.join(STAGE_PARAMS)})")
+    params = dict(params or {})
+    unknown = sorted(set(params) - set(STAGE_PARAMS[kind]))
+    if unknown:
+        raise StageError(f"stage '{kind}': unknown setting '{unknown[0]}'")
+    target = resolve_device(device)
+    if kind == "resample":
+        return ResampleStage()
+    model = open_model(Path(model_dir).resolve())
+    delay = num_delay_tokens(model, delay_ms)
+    if kind == "mel":
+        return MelStage(model.tekken.audio.streaming_n_left_pad_tokens, delay)
+    if kind == "detokenize":
+        return DetokenizeStage(model.tekken)
+    # bf16 is the published weights' dtype and what the reference runs on GPUs; fp32 is exact on CPUs.
+    dtype = torch_dtype(params.get("dtype", "bfloat16" if target.type == "cuda" else "float32"))
+    if kind == "encoder":
+        return EncoderStage(load_audio_encoder(model, dtype=dtype, device=target))
+    return DecoderStage(load_text_decoder(model, dtype=dtype, device=target), model.tekken, delay)
