@@ -1,0 +1,342 @@
+"""Capture sources: audio files, stdin (raw s16le or WAV) and microphones, yielding chunks at source rate."""
+
+from __future__ import annotations
+
+import queue
+import struct
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any, BinaryIO
+
+import numpy as np
+import soundfile
+
+from stages.audio import MS_PER_TOKEN
+from stages.base import Item, Source, StageError
+
+DEFAULT_CHUNK_MS = MS_PER_TOKEN  # one decoder position of audio per chunk
+DEFAULT_MIC_QUEUE_CHUNKS = 64  # ~5 s of 80 ms chunks buffered between the audio callback and the reader
+MIC_POLL_S = 0.05  # how often a reader waiting on an empty microphone queue checks whether it was closed
+
+_WAVE_FORMAT_PCM = 1
+_WAVE_FORMAT_IEEE_FLOAT = 3
+_WAVE_FORMAT_EXTENSIBLE = 0xFFFE
+# Writers that stream a WAV into a pipe (arecord, ffmpeg) cannot know the data size and write one of these.
+_UNKNOWN_WAV_DATA_SIZES = (0, 0xFFFFFFFF)
+
+
+def _one_line(err: BaseException | str) -> str:
+    """An error message folded onto one line."""
+    return " ".join(str(err).split())
+
+
+def _check_chunk_ms(chunk_ms: float) -> None:
+    if chunk_ms <= 0:
+        raise StageError(f"chunk_ms={chunk_ms:g} must be positive")
+
+
+def _frames_per_chunk(sample_rate: int, chunk_ms: float) -> int:
+    return max(1, round(sample_rate * chunk_ms / 1000))
+
+
+def _chunk(samples: np.ndarray, sample_rate: int) -> Item:
+    return {"samples": samples, "sample_rate": sample_rate}
+
+
+class FileSource(Source):
+    """Reads an audio file (WAV, FLAC, OGG: what soundfile opens) in chunks, optionally paced in real time."""
+
+    def __init__(self, path: str | Path, *, chunk_ms: float = DEFAULT_CHUNK_MS, realtime: bool = False):
+        _check_chunk_ms(chunk_ms)
+        self.path = Path(path)
+        if not self.path.exists():
+            raise StageError(f"{self.path}: no such file")
+        if not self.path.is_file():
+            raise StageError(f"{self.path}: not a file")
+        try:
+            self._file = soundfile.SoundFile(self.path)
+        except RuntimeError as err:  # soundfile.LibsndfileError: format not recognised, truncated header, ...
+            reason = getattr(err, "error_string", err)
+            raise StageError(f"{self.path}: not a readable audio file ({_one_line(reason)})") from None
+        if self._file.frames == 0:
+            self._file.close()
+            raise StageError(f"{self.path}: the file holds no audio frames")
+        self.sample_rate: int = self._file.samplerate
+        self.channels: int = self._file.channels
+        self._chunk_frames = _frames_per_chunk(self.sample_rate, chunk_ms)
+        self._realtime = realtime
+        self._closed = threading.Event()
+        self._lock = threading.Lock()  # close() may come from another thread while chunks() reads
+
+    def chunks(self) -> Iterator[Item]:
+        """Yield chunks until the end of the file; in real-time mode each chunk is yielded when its last
+        sample would have been captured live, counting from the first read."""
+        start = time.monotonic()
+        position = 0
+        while True:
+            with self._lock:
+                if self._closed.is_set():
+                    return
+                try:
+                    samples = self._file.read(self._chunk_frames, dtype="float32", always_2d=True)
+                except RuntimeError as err:
+                    raise StageError(f"{self.path}: cannot read audio ({_one_line(err)})") from None
+            if len(samples) == 0:
+                self.close()
+                return
+            position += len(samples)
+            if self._realtime and self._closed.wait(start + position / self.sample_rate - time.monotonic()):
+                return
+            yield _chunk(samples, self.sample_rate)
+
+    def close(self) -> None:
+        """Release the file; `chunks` ends at its next step (at once if it is waiting to pace a chunk)."""
+        with self._lock:
+            self._closed.set()
+            self._file.close()
+
+
+@dataclass(frozen=True)
+class _PcmFormat:
+    """How interleaved sample bytes decode: WAVE format tag, bits per sample, rate, channels."""
+
+    format_tag: int
+    bits: int
+    sample_rate: int
+    channels: int
+
+    @property
+    def bytes_per_frame(self) -> int:
+        return self.bits // 8 * self.channels
+
+    def check(self) -> None:
+        integer = self.format_tag == _WAVE_FORMAT_PCM and self.bits in (8, 16, 24, 32)
+        floating = self.format_tag == _WAVE_FORMAT_IEEE_FLOAT and self.bits in (32, 64)
+        if not (integer or floating):
+            raise StageError(
+                f"stdin: unsupported WAV sample format (format tag {self.format_tag}, {self.bits} bits); "
+                "use integer PCM of 8/16/24/32 bits or float of 32/64 bits"
+            )
+        if self.sample_rate <= 0 or self.channels <= 0:
+            raise StageError(f"stdin: WAV header gives {self.sample_rate} Hz and {self.channels} channels")
+
+    def decode(self, data: bytes) -> np.ndarray:
+        """Whole frames of `data` as float32 [n, channels] in [-1, 1]."""
+        raw = np.frombuffer(data, dtype=np.uint8)
+        if self.format_tag == _WAVE_FORMAT_IEEE_FLOAT:
+            flat = raw.view(f"<f{self.bits // 8}").astype(np.float32)
+        elif self.bits == 8:  # 8-bit WAV is unsigned with its midpoint at 128
+            flat = (raw.astype(np.float32) - 128) / 128
+        else:
+            width = self.bits // 8
+            # Place each little-endian sample in the high bytes of an int32, which also extends its sign.
+            padded = np.zeros((len(raw) // width, 4), dtype=np.uint8)
+            padded[:, 4 - width :] = raw.reshape(-1, width)
+            flat = (padded.view("<i4")[:, 0] / 2.0**31).astype(np.float32)
+        return flat.reshape(-1, self.channels)
+
+
+class StdinSource(Source):
+    """Reads raw s16le PCM (needs `rate`) or a WAV (rate and channels from its header) from a binary stream,
+    incrementally, so it can follow a live pipe."""
+
+    def __init__(
+        self,
+        stream: BinaryIO,
+        *,
+        rate: int | None = None,
+        channels: int = 1,
+        chunk_ms: float = DEFAULT_CHUNK_MS,
+    ):
+        if rate is not None and rate <= 0:
+            raise StageError(f"stdin: rate={rate} must be positive")
+        if channels <= 0:
+            raise StageError(f"stdin: channels={channels} must be positive")
+        _check_chunk_ms(chunk_ms)
+        self._stream = stream
+        self._rate = rate
+        self._channels = channels
+        self._chunk_ms = chunk_ms
+        self._closed = threading.Event()
+
+    def _read(self, size: int) -> bytes:
+        """Up to `size` bytes, fewer only at the end of the input (pipes return short reads)."""
+        parts = []
+        while size > 0:
+            part = self._stream.read(size)
+            if not part:
+                break
+            parts.append(part)
+            size -= len(part)
+        return b"".join(parts)
+
+    def _read_wav_header(self) -> tuple[_PcmFormat, int | None]:
+        """Parse the RIFF header after its 4-byte magic up to the data chunk; return the format and the data
+        size (None when the writer could not know it)."""
+        riff = self._read(8)
+        if len(riff) < 8 or riff[4:] != b"WAVE":
+            raise StageError("stdin: starts with RIFF but is not a WAV")
+        pcm_format = None
+        while True:
+            chunk_header = self._read(8)
+            if len(chunk_header) < 8:
+                raise StageError("stdin: the WAV ends before its data chunk")
+            chunk_id, size = struct.unpack("<4sI", chunk_header)
+            if chunk_id == b"data":
+                if pcm_format is None:
+                    raise StageError("stdin: the WAV has no fmt chunk before its data")
+                return pcm_format, None if size in _UNKNOWN_WAV_DATA_SIZES else size
+            body = self._read(size + size % 2)  # RIFF chunks are padded to an even size
+            if len(body) < size:
+                raise StageError("stdin: the WAV header ends early")
+            if chunk_id == b"fmt ":
+                if size < 16:
+                    raise StageError("stdin: the WAV fmt chunk is too short")
+                format_tag, channels, sample_rate, _, _, bits = struct.unpack("<HHIIHH", body[:16])
+                if format_tag == _WAVE_FORMAT_EXTENSIBLE and size >= 26:
+                    (format_tag,) = struct.unpack("<H", body[24:26])  # first field of the SubFormat GUID
+                pcm_format = _PcmFormat(format_tag, bits, sample_rate, channels)
+                pcm_format.check()
+
+    def chunks(self) -> Iterator[Item]:
+        """Yield chunks as the input arrives, until it ends or `close` is called (a read already blocked
+        on the input finishes first)."""
+        prefix = self._read(4)
+        if not prefix:
+            raise StageError("stdin: empty input, no audio")
+        if prefix == b"RIFF":
+            pcm_format, remaining = self._read_wav_header()
+            prefix = b""
+        elif self._rate is None:
+            raise StageError("stdin: raw s16le input needs a sample rate (or send a WAV)")
+        else:
+            pcm_format, remaining = _PcmFormat(_WAVE_FORMAT_PCM, 16, self._rate, self._channels), None
+        chunk_bytes = _frames_per_chunk(pcm_format.sample_rate, self._chunk_ms) * pcm_format.bytes_per_frame
+        total_frames = 0
+        while not self._closed.is_set():
+            size = chunk_bytes - len(prefix) if remaining is None else min(chunk_bytes, remaining)
+            data = prefix + self._read(size)
+            prefix = b""
+            if remaining is not None:
+                remaining -= len(data)
+            whole = len(data) - len(data) % pcm_format.bytes_per_frame  # a cut final frame is dropped
+            if whole == 0:
+                break
+            total_frames += whole // pcm_format.bytes_per_frame
+            yield _chunk(pcm_format.decode(data[:whole]), pcm_format.sample_rate)
+        if total_frames == 0 and not self._closed.is_set():
+            raise StageError("stdin: the input holds no audio frames")
+
+    def close(self) -> None:
+        """Stop after the current read; the stream itself belongs to the caller."""
+        self._closed.set()
+
+
+def _import_sounddevice() -> ModuleType:
+    """sounddevice, imported only when a microphone is used, since it needs the PortAudio library."""
+    try:
+        import sounddevice
+    except (ImportError, OSError) as err:
+        raise StageError(f"microphone capture needs sounddevice and PortAudio ({_one_line(err)})") from None
+    return sounddevice
+
+
+def list_input_devices() -> list[dict]:
+    """Input devices PortAudio sees: index, name, channels (maximum) and default rate."""
+    sounddevice = _import_sounddevice()
+    try:
+        devices = sounddevice.query_devices()
+    except sounddevice.PortAudioError as err:
+        raise StageError(f"cannot list audio devices ({_one_line(err)})") from None
+    return [
+        {
+            "index": index,
+            "name": device["name"],
+            "channels": device["max_input_channels"],
+            "default_rate": round(device["default_samplerate"]),
+        }
+        for index, device in enumerate(devices)
+        if device["max_input_channels"] > 0
+    ]
+
+
+class MicSource(Source):
+    """Captures a microphone through sounddevice; the audio callback never blocks and drops (counting them)
+    the chunks the reader does not take in time."""
+
+    live = True
+
+    def __init__(
+        self,
+        device: int | str | None = None,
+        *,
+        rate: int | None = None,
+        channels: int = 1,
+        chunk_ms: float = DEFAULT_CHUNK_MS,
+        max_queued_chunks: int = DEFAULT_MIC_QUEUE_CHUNKS,
+    ):
+        _check_chunk_ms(chunk_ms)
+        sounddevice = _import_sounddevice()
+        self._port_audio_error = sounddevice.PortAudioError
+        self._queue: queue.Queue[np.ndarray] = queue.Queue(maxsize=max_queued_chunks)
+        self._overflows = 0
+        self._ended = threading.Event()  # set by close() or when PortAudio stops the stream
+        self._stream_open = True
+        try:
+            info = sounddevice.query_devices(device, "input")
+            self.sample_rate: int = rate or round(info["default_samplerate"])
+            self._stream = sounddevice.InputStream(
+                device=device,
+                samplerate=self.sample_rate,
+                channels=channels,
+                dtype="float32",
+                blocksize=_frames_per_chunk(self.sample_rate, chunk_ms),
+                callback=self._on_audio,
+                finished_callback=self._ended.set,  # PortAudio stopped the stream (device gone)
+            )
+        except (ValueError, sounddevice.PortAudioError) as err:
+            name = "(default)" if device is None else device
+            raise StageError(f"microphone {name}: {_one_line(err)}") from None
+        self._device_name = info["name"]
+
+    @property
+    def overflows(self) -> int:
+        """Chunks lost so far: PortAudio input overflows plus chunks dropped because the queue was full."""
+        return self._overflows
+
+    def _on_audio(self, indata: np.ndarray, frames: int, time_info: Any, status: Any) -> None:
+        # Runs on PortAudio's thread: copy and hand over without ever waiting.
+        if status.input_overflow:
+            self._overflows += 1
+        try:
+            self._queue.put_nowait(indata.copy())
+        except queue.Full:
+            self._overflows += 1
+
+    def chunks(self) -> Iterator[Item]:
+        """Start the microphone and yield its chunks; after `close`, yield what was already queued and end."""
+        if not self._ended.is_set():
+            try:
+                self._stream.start()
+            except self._port_audio_error as err:
+                raise StageError(f"microphone {self._device_name}: cannot start ({_one_line(err)})") from None
+        while True:
+            try:
+                samples = self._queue.get(timeout=MIC_POLL_S)
+            except queue.Empty:
+                if self._ended.is_set():
+                    return
+                continue
+            yield _chunk(samples, self.sample_rate)
+
+    def close(self) -> None:
+        """Stop and close the microphone stream (once; later calls do nothing)."""
+        self._ended.set()
+        if self._stream_open:
+            self._stream_open = False
+            self._stream.stop()
+            self._stream.close()

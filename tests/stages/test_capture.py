@@ -1,0 +1,444 @@
+import importlib.abc
+import importlib.machinery
+import io
+import os
+import struct
+import sys
+import threading
+import time
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile
+
+from stages.base import StageError
+from stages.capture import DEFAULT_CHUNK_MS, FileSource, MicSource, StdinSource, list_input_devices
+
+
+def frames_per_chunk(rate: int, chunk_ms: float = DEFAULT_CHUNK_MS) -> int:
+    return round(rate * chunk_ms / 1000)
+
+
+def random_audio(frames: int, channels: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).uniform(-0.9, 0.9, size=(frames, channels)).astype(np.float32)
+
+
+def collect(source) -> tuple[np.ndarray, list[dict]]:
+    items = list(source.chunks())
+    for item in items:
+        assert item["samples"].dtype == np.float32 and item["samples"].ndim == 2
+    return np.concatenate([item["samples"] for item in items]), items
+
+
+def single_line_error(excinfo: pytest.ExceptionInfo) -> str:
+    message = str(excinfo.value)
+    assert "\n" not in message
+    return message
+
+
+# --- FileSource ---
+
+
+@pytest.mark.parametrize(
+    ("fmt", "subtype", "rate", "channels"),
+    [
+        ("WAV", "PCM_16", 44100, 2),
+        ("WAV", "FLOAT", 16000, 1),
+        ("FLAC", "PCM_24", 8000, 1),
+        ("OGG", "VORBIS", 22050, 2),
+    ],
+)
+def test_file_source_yields_the_whole_file_in_chunks(
+    tmp_path: Path, fmt: str, subtype: str, rate: int, channels: int
+) -> None:
+    path = tmp_path / f"audio.{fmt.lower()}"
+    soundfile.write(path, random_audio(rate // 2 + 37, channels), rate, format=fmt, subtype=subtype)
+    expected, _ = soundfile.read(path, dtype="float32", always_2d=True)
+    source = FileSource(path)
+    assert (source.sample_rate, source.channels) == (rate, channels)
+    samples, items = collect(source)
+    np.testing.assert_array_equal(samples, expected)
+    assert {item["sample_rate"] for item in items} == {rate}
+    assert all(len(item["samples"]) == frames_per_chunk(rate) for item in items[:-1])
+    assert 0 < len(items[-1]["samples"]) <= frames_per_chunk(rate)
+
+
+def test_file_source_chunk_size_is_a_setting(tmp_path: Path) -> None:
+    path = tmp_path / "a.wav"
+    soundfile.write(path, random_audio(16000, 1), 16000)
+    _, items = collect(FileSource(path, chunk_ms=20))
+    assert len(items[0]["samples"]) == frames_per_chunk(16000, 20)
+    with pytest.raises(StageError, match="chunk_ms"):
+        FileSource(path, chunk_ms=0)
+
+
+def test_file_source_errors_name_the_file(tmp_path: Path) -> None:
+    missing = tmp_path / "missing.wav"
+    with pytest.raises(StageError, match="no such file") as excinfo:
+        FileSource(missing)
+    assert str(missing) in single_line_error(excinfo)
+
+    with pytest.raises(StageError, match="not a file"):
+        FileSource(tmp_path)
+
+    text = tmp_path / "notes.wav"
+    text.write_text("these are not\nthe samples you are looking for\n" * 20)
+    with pytest.raises(StageError, match="not a readable audio file") as excinfo:
+        FileSource(text)
+    assert str(text) in single_line_error(excinfo)
+
+    empty = tmp_path / "empty.wav"
+    soundfile.write(empty, np.zeros((0, 1), np.float32), 16000)
+    with pytest.raises(StageError, match="no audio frames") as excinfo:
+        FileSource(empty)
+    assert str(empty) in single_line_error(excinfo)
+
+
+def test_file_source_close_ends_chunks(tmp_path: Path) -> None:
+    path = tmp_path / "a.wav"
+    soundfile.write(path, random_audio(16000, 1), 16000)
+    source = FileSource(path)
+    chunks = source.chunks()
+    next(chunks)
+    source.close()
+    assert list(chunks) == []
+    source.close()  # closing twice is harmless
+
+
+def test_file_source_realtime_paces_chunks_by_their_audio_time(tmp_path: Path) -> None:
+    rate, chunk_ms = 8000, 50
+    duration_s = 0.3
+    path = tmp_path / "a.wav"
+    soundfile.write(path, random_audio(int(rate * duration_s), 1), rate)
+    start = time.monotonic()
+    audio_end_s = 0.0
+    for item in FileSource(path, chunk_ms=chunk_ms, realtime=True).chunks():
+        audio_end_s += len(item["samples"]) / rate
+        elapsed = time.monotonic() - start
+        assert elapsed >= audio_end_s - 0.005, "a chunk came before its audio would have been captured"
+        assert elapsed < audio_end_s + 0.1
+    assert audio_end_s == pytest.approx(duration_s)
+
+
+def test_file_source_close_interrupts_realtime_wait(tmp_path: Path) -> None:
+    path = tmp_path / "a.wav"
+    soundfile.write(path, random_audio(16000 * 10, 1), 16000)
+    source = FileSource(path, chunk_ms=2000, realtime=True)
+    threading.Timer(0.2, source.close).start()
+    start = time.monotonic()
+    assert list(source.chunks()) == []  # the first chunk would be due after 2 s
+    assert time.monotonic() - start < 1.0
+
+
+# --- StdinSource ---
+
+
+def pcm16_bytes(audio: np.ndarray) -> bytes:
+    return np.round(audio * 32767).astype("<i2").tobytes()
+
+
+class TrickleStream(io.RawIOBase):
+    """A pipe-like stream whose reads return at most a few bytes."""
+
+    def __init__(self, data: bytes, step: int = 3):
+        self._data, self._pos, self._step = data, 0, step
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        part = self._data[self._pos : self._pos + min(size, self._step)]
+        self._pos += len(part)
+        return part
+
+
+@pytest.mark.parametrize("channels", [1, 2])
+def test_stdin_raw_s16le(channels: int) -> None:
+    audio = random_audio(8000 + 5, channels)
+    data = pcm16_bytes(audio)
+    expected = np.frombuffer(data, "<i2").reshape(-1, channels) / 32768
+    source = StdinSource(TrickleStream(data), rate=8000, channels=channels)
+    samples, items = collect(source)
+    np.testing.assert_array_equal(samples, expected.astype(np.float32))
+    assert {item["sample_rate"] for item in items} == {8000}
+    assert all(len(item["samples"]) == frames_per_chunk(8000) for item in items[:-1])
+
+
+def test_stdin_raw_drops_a_cut_final_frame() -> None:
+    data = pcm16_bytes(random_audio(100, 2))
+    samples, _ = collect(StdinSource(io.BytesIO(data + b"\x01\x02\x03"), rate=16000, channels=2))
+    assert samples.shape == (100, 2)
+
+
+@pytest.mark.parametrize(
+    ("fmt", "subtype"),
+    [
+        ("WAV", "PCM_16"),
+        ("WAV", "PCM_U8"),
+        ("WAV", "PCM_24"),
+        ("WAV", "PCM_32"),
+        ("WAV", "FLOAT"),
+        ("WAV", "DOUBLE"),
+        ("WAVEX", "PCM_16"),
+        ("WAVEX", "FLOAT"),
+    ],
+)
+def test_stdin_wav_matches_soundfile(fmt: str, subtype: str) -> None:
+    buffer = io.BytesIO()
+    soundfile.write(buffer, random_audio(11025 // 3, 2), 11025, format=fmt, subtype=subtype)
+    data = buffer.getvalue()
+    expected, _ = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
+    source = StdinSource(TrickleStream(data, step=7), rate=16000)  # the header's rate wins
+    samples, items = collect(source)
+    np.testing.assert_allclose(samples, expected, rtol=0, atol=1e-7)
+    assert {item["sample_rate"] for item in items} == {11025}
+
+
+def wav_bytes(
+    payload: bytes,
+    *,
+    channels: int,
+    rate: int,
+    data_size: int | None,
+    extra: bytes = b"",
+    format_tag: int = 1,
+) -> bytes:
+    """A 16-bit WAV by hand: an odd-sized LIST chunk before the data, then `extra` after it."""
+    fmt = struct.pack("<HHIIHH", format_tag, channels, rate, rate * 2 * channels, 2 * channels, 16)
+    info = b"INFO" + b"odd"
+    chunks = b"fmt " + struct.pack("<I", len(fmt)) + fmt
+    chunks += b"LIST" + struct.pack("<I", len(info)) + info + b"\x00"
+    size = len(payload) if data_size is None else data_size
+    chunks += b"data" + struct.pack("<I", size) + payload + extra
+    return b"RIFF" + struct.pack("<I", 4 + len(chunks)) + b"WAVE" + chunks
+
+
+def test_stdin_wav_stops_at_the_data_size_and_skips_other_chunks() -> None:
+    audio = random_audio(1000, 1)
+    trailer = b"LIST" + struct.pack("<I", 400) + bytes(range(256)) + bytes(144)
+    data = wav_bytes(pcm16_bytes(audio), channels=1, rate=16000, data_size=None, extra=trailer)
+    samples, _ = collect(StdinSource(io.BytesIO(data)))
+    np.testing.assert_array_equal(samples, (np.frombuffer(pcm16_bytes(audio), "<i2") / 32768)[:, None])
+
+
+@pytest.mark.parametrize("unknown_size", [0, 0xFFFFFFFF])
+def test_stdin_streamed_wav_of_unknown_size_reads_to_the_end(unknown_size: int) -> None:
+    payload = pcm16_bytes(random_audio(3000, 2))
+    data = wav_bytes(payload, channels=2, rate=48000, data_size=unknown_size)
+    samples, items = collect(StdinSource(io.BytesIO(data)))
+    assert samples.shape == (3000, 2) and items[0]["sample_rate"] == 48000
+
+
+def test_stdin_reads_incrementally_from_a_pipe() -> None:
+    read_fd, write_fd = os.pipe()
+    chunk = pcm16_bytes(random_audio(frames_per_chunk(16000), 1))
+    with os.fdopen(read_fd, "rb") as reader, os.fdopen(write_fd, "wb") as writer:
+        writer.write(chunk * 2)
+        writer.flush()
+        chunks = StdinSource(reader, rate=16000).chunks()
+        first: list[dict] = []
+        # The writer is still open: a source that waited for the end of the input would block here.
+        thread = threading.Thread(target=lambda: first.append(next(chunks)), daemon=True)
+        thread.start()
+        thread.join(timeout=5)
+        assert first, "the first chunk did not come before the end of the input"
+        writer.close()
+        rest = list(chunks)
+    assert len(first[0]["samples"]) + sum(len(item["samples"]) for item in rest) == 2 * frames_per_chunk(
+        16000
+    )
+
+
+def test_stdin_close_ends_chunks() -> None:
+    source = StdinSource(io.BytesIO(pcm16_bytes(random_audio(16000, 1))), rate=16000)
+    chunks = source.chunks()
+    next(chunks)
+    source.close()
+    assert list(chunks) == []
+
+
+@pytest.mark.parametrize(
+    ("data", "rate", "message"),
+    [
+        (b"", 16000, "empty input"),
+        (b"\x01\x00\x02\x00", None, "needs a sample rate"),
+        (b"\x01", 16000, "no audio frames"),
+        (b"RIFF\x00\x00\x00\x00AVI ", None, "not a WAV"),
+        (b"RIFF\x24\x00\x00\x00WAVEfmt ", None, "ends before its data chunk"),
+        (wav_bytes(b"", channels=1, rate=16000, data_size=None), None, "no audio frames"),
+        (wav_bytes(b"\x00" * 64, channels=1, rate=16000, data_size=None, format_tag=2), None, "unsupported"),
+        (wav_bytes(b"\x00" * 64, channels=0, rate=16000, data_size=None), None, "0 channels"),
+    ],
+)
+def test_stdin_bad_input_is_a_stage_error(data: bytes, rate: int | None, message: str) -> None:
+    with pytest.raises(StageError, match=message) as excinfo:
+        list(StdinSource(io.BytesIO(data), rate=rate).chunks())
+    assert single_line_error(excinfo).startswith("stdin: ")
+
+
+def test_stdin_bad_settings() -> None:
+    with pytest.raises(StageError, match="rate"):
+        StdinSource(io.BytesIO(), rate=-1)
+    with pytest.raises(StageError, match="channels"):
+        StdinSource(io.BytesIO(), rate=16000, channels=0)
+
+
+# --- MicSource, driven through a fake sounddevice module ---
+
+
+class FakeInputStream:
+    def __init__(self, fake: types.ModuleType, **kwargs):
+        self.fake = fake
+        self.kwargs = kwargs
+        self.events: list[str] = []
+        fake.streams.append(self)
+
+    def start(self) -> None:
+        if self.fake.start_error:
+            raise self.fake.PortAudioError(self.fake.start_error)
+        self.events.append("start")
+
+    def stop(self) -> None:
+        self.events.append("stop")
+
+    def close(self) -> None:
+        self.events.append("close")
+
+    def deliver(self, block: np.ndarray, overflow: bool = False) -> None:
+        """What PortAudio's thread does: call the callback with a block and the status flags."""
+        self.kwargs["callback"](block, len(block), None, types.SimpleNamespace(input_overflow=overflow))
+
+
+DEVICES = [
+    {"name": "Speakers", "max_input_channels": 0, "default_samplerate": 48000.0},
+    {"name": "USB Mic", "max_input_channels": 2, "default_samplerate": 44100.0},
+    {"name": "Webcam", "max_input_channels": 1, "default_samplerate": 16000.0},
+]
+
+
+@pytest.fixture
+def fake_sounddevice(monkeypatch: pytest.MonkeyPatch) -> types.ModuleType:
+    fake = types.ModuleType("sounddevice")
+    fake.streams = []
+    fake.start_error = None
+    fake.PortAudioError = type("PortAudioError", (Exception,), {})
+
+    def query_devices(device=None, kind=None):
+        if device is None and kind is None:
+            return DEVICES
+        if device is None:
+            return DEVICES[1]
+        matches = [d for i, d in enumerate(DEVICES) if device in (i, d["name"]) and d["max_input_channels"]]
+        if not matches:
+            raise ValueError(f"No input device matching {device!r}")
+        return matches[0]
+
+    def input_stream(**kwargs):
+        return FakeInputStream(fake, **kwargs)
+
+    fake.query_devices = query_devices
+    fake.InputStream = input_stream
+    monkeypatch.setitem(sys.modules, "sounddevice", fake)
+    return fake
+
+
+def test_mic_opens_the_device_with_chunk_blocks(fake_sounddevice: types.ModuleType) -> None:
+    mic = MicSource("Webcam", channels=1, chunk_ms=40)
+    (stream,) = fake_sounddevice.streams
+    assert mic.live and mic.sample_rate == 16000
+    assert stream.kwargs["samplerate"] == 16000 and stream.kwargs["dtype"] == "float32"
+    assert stream.kwargs["blocksize"] == frames_per_chunk(16000, 40)
+    assert MicSource(None, rate=22050, channels=2).sample_rate == 22050
+    assert fake_sounddevice.streams[1].kwargs["channels"] == 2
+
+
+def test_mic_yields_callback_block_copies_and_drains_after_close(
+    fake_sounddevice: types.ModuleType,
+) -> None:
+    mic = MicSource(None)
+    (stream,) = fake_sounddevice.streams
+    chunks = mic.chunks()
+    block = random_audio(frames_per_chunk(44100), 1)
+    expected = block.copy()
+    stream.deliver(block)
+    block[:] = 0  # PortAudio reuses its buffer after the callback returns
+    first = next(chunks)
+    np.testing.assert_array_equal(first["samples"], expected)
+    assert first["sample_rate"] == 44100 and stream.events == ["start"]
+    stream.deliver(expected)
+    mic.close()
+    assert stream.events == ["start", "stop", "close"]
+    assert len(list(chunks)) == 1  # what was queued before close still comes out, then chunks ends
+    mic.close()
+    assert stream.events == ["start", "stop", "close"]
+
+
+def test_mic_callback_never_blocks_and_counts_overflows(fake_sounddevice: types.ModuleType) -> None:
+    mic = MicSource(None, max_queued_chunks=4)
+    (stream,) = fake_sounddevice.streams
+    block = random_audio(100, 1)
+
+    def deliver_many() -> None:
+        for i in range(10):
+            stream.deliver(block, overflow=i == 0)
+
+    # Nobody reads: a callback that waited for room in the queue would never return.
+    thread = threading.Thread(target=deliver_many, daemon=True)
+    thread.start()
+    thread.join(timeout=5)
+    assert not thread.is_alive(), "the audio callback blocked"
+    assert mic.overflows == 1 + (10 - 4)  # one PortAudio overflow flag, six chunks dropped on a full queue
+    mic.close()
+    assert len(list(mic.chunks())) == 4
+
+
+def test_mic_ends_when_portaudio_finishes_the_stream(fake_sounddevice: types.ModuleType) -> None:
+    mic = MicSource(None)
+    (stream,) = fake_sounddevice.streams
+    stream.kwargs["finished_callback"]()  # the device went away
+    assert list(mic.chunks()) == []
+
+
+def test_mic_device_errors(fake_sounddevice: types.ModuleType) -> None:
+    with pytest.raises(StageError, match="microphone nothing: No input device matching 'nothing'"):
+        MicSource("nothing")
+    with pytest.raises(StageError, match="microphone Speakers"):
+        MicSource("Speakers")  # an output-only device
+    fake_sounddevice.start_error = "Device unavailable [PaErrorCode -9985]"
+    with pytest.raises(StageError, match=r"microphone Webcam: cannot start \(Device unavailable"):
+        next(MicSource(2).chunks())
+
+
+def test_list_input_devices(fake_sounddevice: types.ModuleType) -> None:
+    assert list_input_devices() == [
+        {"index": 1, "name": "USB Mic", "channels": 2, "default_rate": 44100},
+        {"index": 2, "name": "Webcam", "channels": 1, "default_rate": 16000},
+    ]
+
+
+class MissingPortAudio(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Imports `sounddevice` the way it fails where the PortAudio library is missing."""
+
+    def find_spec(self, name, path=None, target=None):
+        return importlib.machinery.ModuleSpec(name, self) if name == "sounddevice" else None
+
+    def create_module(self, spec):
+        return None
+
+    def exec_module(self, module):
+        raise OSError("PortAudio library not found")
+
+
+@pytest.mark.parametrize("failure", ["no portaudio", "not installed"])
+def test_mic_without_portaudio_is_a_stage_error(monkeypatch: pytest.MonkeyPatch, failure: str) -> None:
+    if failure == "no portaudio":
+        monkeypatch.delitem(sys.modules, "sounddevice", raising=False)
+        monkeypatch.setattr(sys, "meta_path", [MissingPortAudio(), *sys.meta_path])
+    else:
+        monkeypatch.setitem(sys.modules, "sounddevice", None)
+    for action in (MicSource, list_input_devices):
+        with pytest.raises(StageError, match="needs sounddevice and PortAudio") as excinfo:
+            action()
+        single_line_error(excinfo)
