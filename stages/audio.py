@@ -47,12 +47,26 @@ def right_pad_samples(num_samples: int, num_delay_tokens: int) -> int:
     return align + SAMPLES_PER_TOKEN * (num_delay_tokens + 1 + OFFLINE_STREAMING_BUFFER_TOKENS)
 
 
-def pad_audio(audio: np.ndarray, left_pad_tokens: int, num_delay_tokens: int) -> np.ndarray:
-    """Offline streaming-format padding: left pad tokens of zeros, the audio, then the right pad."""
+def stream_right_pad_samples(num_samples: int, num_delay_tokens: int) -> int:
+    """Zeros a stream gets at its end: one token fewer than mistral-common's pad, because the reference never
+    runs the last padded position (transformers generates N - L tokens for N positions and a prompt of L)."""
+    return right_pad_samples(num_samples, num_delay_tokens) - SAMPLES_PER_TOKEN
+
+
+def _pad(audio: np.ndarray, left_pad_tokens: int, right: int) -> np.ndarray:
     audio = np.asarray(audio, dtype=np.float32)
     left = np.zeros(left_pad_tokens * SAMPLES_PER_TOKEN, dtype=np.float32)
-    right = np.zeros(right_pad_samples(len(audio), num_delay_tokens), dtype=np.float32)
-    return np.concatenate([left, audio, right])
+    return np.concatenate([left, audio, np.zeros(right, dtype=np.float32)])
+
+
+def pad_audio(audio: np.ndarray, left_pad_tokens: int, num_delay_tokens: int) -> np.ndarray:
+    """mistral-common's offline streaming-format padding: left pad tokens of zeros, the audio, the right pad."""
+    return _pad(audio, left_pad_tokens, right_pad_samples(len(audio), num_delay_tokens))
+
+
+def pad_stream(audio: np.ndarray, left_pad_tokens: int, num_delay_tokens: int) -> np.ndarray:
+    """The whole padded stream the pipeline's stages see for `audio` (one token shorter than `pad_audio`)."""
+    return _pad(audio, left_pad_tokens, stream_right_pad_samples(len(audio), num_delay_tokens))
 
 
 def quantize_pcm16(audio: np.ndarray) -> np.ndarray:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from stages.audio import HOP_LENGTH, NUM_MEL_BINS, SAMPLE_RATE, WINDOW_SIZE, FRAME_RATE, ENCODER_FRAMES_PER_TOKEN
+from stages.audio import ENCODER_FRAMES_PER_TOKEN, FRAME_RATE, HOP_LENGTH, NUM_MEL_BINS, SAMPLE_RATE, WINDOW_SIZE
 from stages.base import CheckpointError
 from stages.tekken import Tekken, load_tekken
 

@@ -44,8 +44,15 @@ class DecoderLayer(nn.Module):
             nn.Linear(params.ada_norm_dim, dec.dim, bias=False),
         )
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: RollingKVCache, ffn_scale: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: RollingKVCache,
+        ffn_scale: torch.Tensor,
+    ) -> torch.Tensor:
         x = x + self.attention(self.attention_norm(x), positions, cos, sin, cache)
         return x + self.feed_forward(self.ffn_norm(x) * ffn_scale)
 
@@ -78,8 +85,14 @@ class TextDecoder(nn.Module):
         """Encoder frames [4n, enc_dim] -> adapter vectors [n, dim]; frame 4p fills the first slot of p."""
         return self.adapter(frames.reshape(-1, self.params.adapter_input_dim))
 
-    def forward(self, audio: torch.Tensor, token_ids: torch.Tensor, start: int, caches: list[RollingKVCache],
-                ffn_scales: list[torch.Tensor]) -> torch.Tensor:
+    def forward(
+        self,
+        audio: torch.Tensor,
+        token_ids: torch.Tensor,
+        start: int,
+        caches: list[RollingKVCache],
+        ffn_scales: list[torch.Tensor],
+    ) -> torch.Tensor:
         """Hidden states [T, dim] (final norm applied) for positions start..start+T-1; updates the caches."""
         x = audio + self.tok_embeddings(token_ids)
         positions = torch.arange(start, start + x.shape[0], device=x.device)

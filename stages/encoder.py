@@ -36,8 +36,9 @@ class EncoderLayer(nn.Module):
         self.ffn_norm = RMSNorm(params.dim, params.norm_eps)
         self.feed_forward = FeedForward(params)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: RollingKVCache) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: RollingKVCache
+    ) -> torch.Tensor:
         x = x + self.attention(self.attention_norm(x), positions, cos, sin, cache)
         return x + self.feed_forward(self.ffn_norm(x))
 

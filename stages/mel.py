@@ -25,7 +25,7 @@ from stages.audio import (
     SAMPLE_RATE,
     SAMPLES_PER_TOKEN,
     WINDOW_SIZE,
-    right_pad_samples,
+    stream_right_pad_samples,
 )
 from stages.base import Item, Stage, StageError
 
@@ -179,7 +179,7 @@ class MelStage(Stage):
         """Append the right pad, return the remaining frames (the last STFT frame dropped) and forget the
         stream; a stream never pushed counts as empty audio."""
         stream = self._streams.pop(stream_id, None) or self._new_stream()
-        right_pad = right_pad_samples(stream.num_samples, self.num_delay_tokens)
+        right_pad = stream_right_pad_samples(stream.num_samples, self.num_delay_tokens)
         # The zero right pad is longer than CENTER_PAD, so the end reflect pad is zeros too.
         stream.tail = np.concatenate([stream.tail, np.zeros(right_pad + CENTER_PAD, dtype=np.float32)])
         num_frames = (self.left_pad_samples + stream.num_samples + right_pad) // HOP_LENGTH

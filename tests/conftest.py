@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from tools.make_tiny_checkpoint import CheckpointSpec, write_tiny_checkpoint
+from stages.audio import SAMPLE_RATE, SAMPLES_PER_TOKEN
+from tools.make_tiny_checkpoint import TINY, CheckpointSpec, write_tiny_checkpoint
 
 # Windows smaller than the test audio, so the rolling caches really slide.
 SMALL_WINDOWS = CheckpointSpec(enc_window=16, dec_window=12)
@@ -21,7 +22,7 @@ def checkpoint_factory(tmp_path_factory: pytest.TempPathFactory):
     """Build (once per session) a tiny Mistral-layout model directory for a spec and seed."""
     built: dict[tuple[CheckpointSpec, int], Path] = {}
 
-    def build(spec: CheckpointSpec = CheckpointSpec(), seed: int = 0) -> Path:
+    def build(spec: CheckpointSpec = TINY, seed: int = 0) -> Path:
         key = (spec, seed)
         if key not in built:
             built[key] = write_tiny_checkpoint(tmp_path_factory.mktemp("model"), spec, seed=seed)
@@ -43,15 +44,19 @@ def small_window_model_dir(checkpoint_factory) -> Path:
 
 
 def speechlike_audio(seconds: float, seed: int = 0) -> np.ndarray:
-    """Deterministic 16 kHz test signal with changing spectra (gliding tones and noise bursts), 16-bit exact."""
+    """Deterministic 16 kHz test signal, 16-bit exact: 160 ms segments of tone plus noise at random
+    loudness (silence included) and pitch, so the tiny models' output changes along the stream."""
     rng = np.random.default_rng(seed)
-    n = int(seconds * 16000)
-    t = np.arange(n) / 16000
-    freq = 200 + 150 * np.sin(2 * np.pi * 0.7 * t) + rng.uniform(0, 400)
-    tone = 0.3 * np.sin(2 * np.pi * np.cumsum(freq) / 16000)
-    bursts = rng.standard_normal(n) * (np.sin(2 * np.pi * 1.3 * t) > 0.6) * 0.2
-    audio = np.clip(tone + bursts, -1, 1)
-    return (np.round(audio * 32767) / 32768).astype(np.float32)
+    n = int(seconds * SAMPLE_RATE)
+    t = np.arange(n) / SAMPLE_RATE
+    audio = np.zeros(n)
+    segment = 2 * SAMPLES_PER_TOKEN
+    for start in range(0, n, segment):
+        part = slice(start, start + segment)
+        loudness, pitch = rng.choice([0.0, 0.05, 0.3, 0.8]), rng.uniform(100, 4000)
+        noise = rng.standard_normal(len(t[part]))
+        audio[part] = loudness * (0.5 * np.sin(2 * np.pi * pitch * t[part]) + 0.5 * noise)
+    return (np.round(np.clip(audio, -1, 1) * 32767) / 32768).astype(np.float32)
 
 
 # --- transformers oracle: Mistral layout -> Hugging Face model, mapping written from spec 3.2 ---

@@ -62,6 +62,8 @@ class CheckpointSpec:
     left_pad_tokens: int = 32
 
 
+TINY = CheckpointSpec()
+
 # The published model's shapes (spec 2.1).
 REAL_SIZE = CheckpointSpec(
     enc_dim=1280, enc_layers=32, enc_heads=32, enc_head_dim=64, enc_hidden_dim=5120, enc_window=750,
@@ -127,20 +129,27 @@ def params_json(spec: CheckpointSpec) -> dict:
     }
 
 
+# With plain 1/sqrt(fan_in) weights the fed-back token's embedding dominates the residual stream and the
+# greedy output repeats one id; small embeddings and a strong adapter let the audio decide (spec 13 note).
+TOKEN_EMBEDDING_STD = 0.3
+ADAPTER_GAIN = 3.0
+
+
 def random_tensor(name: str, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
-    """Random weights scaled so activations keep unit size and the greedy output varies (spec 13 note)."""
+    """Random weights scaled so activations keep unit size and the greedy output varies with the audio."""
+    noise = torch.randn(shape, generator=generator)
     if name.endswith("norm.weight"):
-        return 1 + 0.1 * torch.randn(shape, generator=generator)
+        return 1 + 0.1 * noise
     if name.endswith(".bias"):
-        return 0.1 * torch.randn(shape, generator=generator)
+        return 0.1 * noise
     if name.endswith("tok_embeddings.weight"):
-        return torch.randn(shape, generator=generator)
-    fan_in = math.prod(shape[1:])
-    return torch.randn(shape, generator=generator) / math.sqrt(fan_in)
+        return TOKEN_EMBEDDING_STD * noise
+    gain = ADAPTER_GAIN if "audio_language_projection" in name else 1.0
+    return gain * noise / math.sqrt(math.prod(shape[1:]))
 
 
 def write_tiny_checkpoint(
-    out_dir: Path, spec: CheckpointSpec = CheckpointSpec(), *, seed: int = 0, dtype: str = "float32"
+    out_dir: Path, spec: CheckpointSpec = TINY, *, seed: int = 0, dtype: str = "float32"
 ) -> Path:
     """Write params.json, consolidated.safetensors and tekken.json for `spec` into `out_dir`; returns it."""
     out_dir = Path(out_dir)
@@ -173,7 +182,7 @@ def main() -> None:
     for item in fields(CheckpointSpec):
         parser.add_argument("--" + item.name.replace("_", "-"), type=int, default=None)
     args = parser.parse_args()
-    base = REAL_SIZE if args.real_size else CheckpointSpec()
+    base = REAL_SIZE if args.real_size else TINY
     overrides = {k: getattr(args, k) for k in asdict(base) if getattr(args, k) is not None}
     out = write_tiny_checkpoint(args.out_dir, replace(base, **overrides), seed=args.seed, dtype=args.dtype)
     print(f"wrote {out}")

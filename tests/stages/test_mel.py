@@ -24,6 +24,7 @@ from stages.audio import (
     SAMPLES_PER_TOKEN,
     WINDOW_SIZE,
     pad_audio,
+    pad_stream,
 )
 from stages.base import StageError
 from stages.mel import MelStage, frames_ready, log_mel_frames, mel_filter_bank
@@ -115,7 +116,7 @@ def test_streaming_equals_offline_for_any_chunking(
 ) -> None:
     audio = (np.random.default_rng(seed).standard_normal(num_samples) * 0.3).astype(np.float32)
     streamed = stream_through(MelStage(left_pad_tokens, delay_tokens), "s", audio, chunk_sizes)
-    assert_frames_equal(streamed, log_mel_frames(pad_audio(audio, left_pad_tokens, delay_tokens)))
+    assert_frames_equal(streamed, log_mel_frames(pad_stream(audio, left_pad_tokens, delay_tokens)))
 
 
 def test_one_sample_chunks_emit_each_frame_once_its_look_ahead_arrives() -> None:
@@ -131,14 +132,14 @@ def test_one_sample_chunks_emit_each_frame_once_its_look_ahead_arrives() -> None
         )
         assert sum(len(frames) for frames in emitted) == ready
     emitted += stage.finish("s")
-    expected = log_mel_frames(pad_audio(audio, LEFT_PAD_TOKENS, DELAY_TOKENS))
+    expected = log_mel_frames(pad_stream(audio, LEFT_PAD_TOKENS, DELAY_TOKENS))
     assert_frames_equal(np.concatenate(emitted), expected)
 
 
 def test_one_huge_chunk_equals_offline() -> None:
     audio = pcm16_sine(3 * 60 * SAMPLE_RATE + 123, hz=97.0)
     streamed = stream_through(MelStage(LEFT_PAD_TOKENS, DELAY_TOKENS), "s", audio, [len(audio)])
-    assert_frames_equal(streamed, log_mel_frames(pad_audio(audio, LEFT_PAD_TOKENS, DELAY_TOKENS)))
+    assert_frames_equal(streamed, log_mel_frames(pad_stream(audio, LEFT_PAD_TOKENS, DELAY_TOKENS)))
 
 
 def test_single_frame_push_is_bit_identical_to_offline() -> None:
@@ -147,7 +148,7 @@ def test_single_frame_push_is_bit_identical_to_offline() -> None:
     (before,) = stage.push("s", audio[:SAMPLES_PER_TOKEN])
     (single,) = stage.push("s", audio[SAMPLES_PER_TOKEN : SAMPLES_PER_TOKEN + HOP_LENGTH])
     assert len(single) == 1
-    offline = log_mel_frames(pad_audio(audio, LEFT_PAD_TOKENS, DELAY_TOKENS))
+    offline = log_mel_frames(pad_stream(audio, LEFT_PAD_TOKENS, DELAY_TOKENS))
     np.testing.assert_array_equal(single[0], offline[len(before)])
 
 
@@ -162,7 +163,7 @@ def test_frames_ready_counts_the_look_ahead() -> None:
 @pytest.mark.parametrize("num_samples", [0, 1, SAMPLES_PER_TOKEN - 1, SAMPLES_PER_TOKEN, 12345])
 def test_total_frame_count_is_whole_tokens(num_samples: int) -> None:
     audio = pcm16_noise(num_samples, seed=1)
-    padded_length = len(pad_audio(audio, LEFT_PAD_TOKENS, DELAY_TOKENS))
+    padded_length = len(pad_stream(audio, LEFT_PAD_TOKENS, DELAY_TOKENS))
     streamed = stream_through(MelStage(LEFT_PAD_TOKENS, DELAY_TOKENS), "s", audio, [SAMPLES_PER_TOKEN])
     assert len(streamed) == padded_length // HOP_LENGTH
     assert len(streamed) % MEL_FRAMES_PER_TOKEN == 0
@@ -172,7 +173,7 @@ def test_finish_without_push_is_empty_audio() -> None:
     stage = MelStage(LEFT_PAD_TOKENS, DELAY_TOKENS)
     (frames,) = stage.finish("never-pushed")
     empty = np.zeros(0, dtype=np.float32)
-    assert_frames_equal(frames, log_mel_frames(pad_audio(empty, LEFT_PAD_TOKENS, DELAY_TOKENS)))
+    assert_frames_equal(frames, log_mel_frames(pad_stream(empty, LEFT_PAD_TOKENS, DELAY_TOKENS)))
     assert stage.streams() == []
 
 
