@@ -1,0 +1,234 @@
+import io
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from stages.base import StageError
+from stages.output import FORMATS, MAX_CUE_CHARS, MAX_CUE_SECONDS, format_timestamp, open_writer
+
+TOKEN_S = 0.08
+TRANSCRIPT = (
+    " Hello world. This is a test of the subtitle writer, with a long sentence that keeps going without"
+    " any stop for quite a while so that cues must split on length! Café, naïve, 東京? Short one. Yes"
+)
+
+
+def synthetic_events(text: str = TRANSCRIPT, gap_every: int = 17) -> list[dict]:
+    """Deltas of at most 3 characters (a word's first piece keeps its leading space), one token apart, with a
+    pause now and then, and a done event."""
+    events = []
+    time_s = 0.32
+    token_id = 1000
+    for index, word in enumerate(re.findall(r"\s*\S+", text)):
+        if index % gap_every == gap_every - 1:
+            time_s += 1.5
+        pieces = [word[i : i + 3] for i in range(0, len(word), 3)]
+        for piece in pieces:
+            events.append(
+                {
+                    "type": "delta",
+                    "text": piece,
+                    "token_ids": [token_id],
+                    "start_s": round(time_s, 3),
+                    "end_s": round(time_s + TOKEN_S, 3),
+                }
+            )
+            time_s += TOKEN_S
+            token_id += 1
+    events.append({"type": "done", "text": text, "token_ids": list(range(1000, token_id))})
+    return events
+
+
+def written(fmt: str, events: list[dict]) -> str:
+    stream = io.StringIO()
+    writer = open_writer(fmt, None, stream)
+    for event in events:
+        writer.write(event)
+    writer.close()
+    return stream.getvalue()
+
+
+TIMESTAMP = r"(\d\d):(\d\d):(\d\d){marker}(\d\d\d)"
+
+
+def parse_subtitles(content: str, fmt: str) -> list[tuple[float, float, str]]:
+    """(start_s, end_s, text) of each cue, checking the block layout of SRT or WebVTT."""
+    if fmt == "vtt":
+        assert content.startswith("WEBVTT\n\n")
+        content = content[len("WEBVTT\n\n") :]
+    stamp = TIMESTAMP.format(marker="," if fmt == "srt" else r"\.")
+    cues = []
+    blocks = content.split("\n\n")
+    assert blocks[-1] == ""
+    for number, block in enumerate(blocks[:-1], start=1):
+        lines = block.split("\n")
+        if fmt == "srt":
+            assert lines[0] == str(number)
+            lines = lines[1:]
+        match = re.fullmatch(f"{stamp} --> {stamp}", lines[0])
+        assert match, lines[0]
+        h1, m1, s1, ms1, h2, m2, s2, ms2 = map(int, match.groups())
+        start = h1 * 3600 + m1 * 60 + s1 + ms1 / 1000
+        end = h2 * 3600 + m2 * 60 + s2 + ms2 / 1000
+        assert len(lines) == 2 and lines[1] == lines[1].strip() and lines[1]
+        cues.append((start, end, lines[1]))
+    return cues
+
+
+@pytest.mark.parametrize("fmt", ["srt", "vtt"])
+def test_subtitles_cover_the_deltas_in_order(fmt: str) -> None:
+    events = synthetic_events()
+    deltas = [e for e in events if e["type"] == "delta"]
+    cues = parse_subtitles(written(fmt, events), fmt)
+    assert len(cues) > 5
+    assert cues[0][0] == pytest.approx(deltas[0]["start_s"], abs=5e-4)
+    assert cues[-1][1] == pytest.approx(deltas[-1]["end_s"], abs=5e-4)
+    for (start, end, _), (next_start, _, _) in zip(cues, cues[1:], strict=False):
+        assert start < end <= next_start
+    assert " ".join(text for _, _, text in cues) == " ".join(events[-1]["text"].split())
+    for start, end, text in cues:
+        assert len(text) <= MAX_CUE_CHARS or " " not in text
+        assert end - start <= MAX_CUE_SECONDS
+        # Sentence ends close a cue: punctuation appears only at a cue's end.
+        assert not re.search(r"[.?!](?!$)", text), text
+
+
+def test_subtitle_cue_times_come_from_their_deltas() -> None:
+    events = synthetic_events(" One. Two three.", gap_every=100)
+    deltas = [e for e in events if e["type"] == "delta"]
+    cues = parse_subtitles(written("srt", events), "srt")
+    assert [text for _, _, text in cues] == ["One.", "Two three."]
+    one = [d for d in deltas if d["text"] in (" On", "e.")]
+    assert cues[0][:2] == pytest.approx((one[0]["start_s"], one[-1]["end_s"]), abs=5e-4)
+    assert cues[1][:2] == pytest.approx((deltas[len(one)]["start_s"], deltas[-1]["end_s"]), abs=5e-4)
+
+
+def test_slow_speech_splits_cues_by_duration() -> None:
+    events = synthetic_events(" uh" * 30, gap_every=1)  # a 1.5 s pause before every word
+    cues = parse_subtitles(written("vtt", events), "vtt")
+    assert len(cues) > 1
+    assert all(end - start <= MAX_CUE_SECONDS for start, end, _ in cues)
+    assert all(len(text) < MAX_CUE_CHARS for _, _, text in cues)  # so duration alone split them
+    assert " ".join(text for _, _, text in cues) == " ".join(["uh"] * 30)
+
+
+def test_timestamps_round_trip() -> None:
+    rng = np.random.default_rng(0)
+    for seconds in [0.0, 1.234, 59.9996, 3599.9994, *rng.uniform(0, 40000, size=50)]:
+        for marker in (",", "."):
+            stamp = format_timestamp(seconds, marker)
+            match = re.fullmatch(TIMESTAMP.format(marker=re.escape(marker)), stamp)
+            assert match, stamp
+            h, m, s, ms = map(int, match.groups())
+            assert m < 60 and s < 60
+            assert h * 3600 + m * 60 + s + ms / 1000 == pytest.approx(seconds, abs=5e-4)
+
+
+def test_text_is_the_done_transcript_with_a_final_newline() -> None:
+    events = synthetic_events()
+    assert written("text", events) == events[-1]["text"].strip() + "\n"
+
+
+def test_jsonl_round_trip_keeps_non_ascii() -> None:
+    events = synthetic_events()
+    events[0]["token_ids"] = [np.int64(1000)]  # ids and times straight from numpy arrays
+    events[0]["end_s"] = np.float32(0.25)
+    content = written("jsonl", events)
+    assert "東京" in content
+    lines = content.splitlines()
+    assert [json.loads(line) for line in lines] == [
+        {**e, "token_ids": [int(i) for i in e["token_ids"]], **({"end_s": 0.25} if e is events[0] else {})}
+        for e in events
+    ]
+
+
+def test_jsonl_lines_reach_the_file_before_close(tmp_path: Path) -> None:
+    path = tmp_path / "out.jsonl"
+    events = synthetic_events()
+    writer = open_writer("jsonl", path)
+    for count, event in enumerate(events[:5], start=1):
+        writer.write(event)
+        assert len(path.read_text(encoding="utf-8").splitlines()) == count
+    writer.close()
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_close_after_an_interrupt_writes_what_was_received(tmp_path: Path, fmt: str) -> None:
+    events = synthetic_events()
+    received = events[:20]
+    path = tmp_path / f"out.{fmt}"
+    with pytest.raises(KeyboardInterrupt), open_writer(fmt, path) as writer:
+        for event in received:
+            writer.write(event)
+        raise KeyboardInterrupt
+    content = path.read_text(encoding="utf-8")
+    partial_text = "".join(e["text"] for e in received)
+    if fmt == "text":
+        assert content == partial_text.strip() + "\n"
+    elif fmt == "jsonl":
+        assert [json.loads(line) for line in content.splitlines()] == received
+    else:
+        cues = parse_subtitles(content, fmt)
+        assert " ".join(text for _, _, text in cues) == " ".join(partial_text.split())
+        assert cues[-1][1] == pytest.approx(received[-1]["end_s"], abs=5e-4)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_empty_transcript(fmt: str) -> None:
+    content = written(fmt, [{"type": "done", "text": "", "token_ids": []}])
+    expected = {
+        "text": "\n",
+        "jsonl": '{"type": "done", "text": "", "token_ids": []}\n',
+        "srt": "",
+        "vtt": "WEBVTT\n\n",
+    }
+    assert content == expected[fmt]
+
+
+def test_given_stream_is_flushed_not_closed_and_file_is_closed(tmp_path: Path) -> None:
+    stream = io.StringIO()
+    writer = open_writer("text", None, stream)
+    writer.close()
+    writer.close()  # a second close does nothing
+    assert not stream.closed and stream.getvalue() == "\n"
+    with pytest.raises(StageError, match="write after close"):
+        writer.write({"type": "done", "text": "", "token_ids": []})
+    writer = open_writer("srt", tmp_path / "a.srt")
+    writer.close()
+    assert writer._out.closed
+
+
+def test_default_stream_is_stdout(capsys: pytest.CaptureFixture) -> None:
+    writer = open_writer("text", None)
+    writer.write({"type": "done", "text": " hi", "token_ids": [1]})
+    writer.close()
+    assert capsys.readouterr().out == "hi\n"
+
+
+def test_unknown_format_lists_the_valid_ones() -> None:
+    with pytest.raises(StageError, match="unknown transcript format 'docx'; valid formats: text, jsonl, srt, vtt"):
+        open_writer("docx", None)
+
+
+def test_unwritable_path_is_a_stage_error(tmp_path: Path) -> None:
+    with pytest.raises(StageError, match="missing/out.srt: cannot write the transcript"):
+        open_writer("srt", tmp_path / "missing" / "out.srt")
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        "text",
+        {"text": "hi"},
+        {"type": "partial", "text": "hi"},
+        {"type": "done"},
+        {"type": "delta", "text": "hi", "start_s": 0.0},
+        {"type": "delta", "text": "hi", "start_s": "0", "end_s": 0.08},
+    ],
+)
+def test_bad_events_are_stage_errors(event: object) -> None:
+    with pytest.raises(StageError, match="transcript writer"):
+        open_writer("srt", None, io.StringIO()).write(event)
