@@ -153,7 +153,8 @@ def build_cues(deltas: list[dict]) -> list[Cue]:
             current = None
     if current is not None:
         cues.append(current)
-    return [Cue(_cue_text(cue.text), cue.start_s, max(cue.start_s, cue.end_s)) for cue in cues if cue.text.strip()]
+    cues = [cue for cue in cues if cue.text.strip()]
+    return [Cue(_cue_text(cue.text), cue.start_s, max(cue.start_s, cue.end_s)) for cue in cues]
 
 
 def _cue_text(text: str) -> str:

@@ -53,9 +53,8 @@ class ResampleStage(Stage):
                 resampler = soxr.ResampleStream(rate, SAMPLE_RATE, 1, "float32", RESAMPLE_QUALITY)
             state = self._streams[stream_id] = _StreamState(rate, resampler)
         elif rate != state.in_rate:
-            raise StageError(
-                f"resample: stream {stream_id}: rate changed from {state.in_rate} to {rate} Hz mid-stream"
-            )
+            change = f"rate changed from {state.in_rate} to {rate} Hz mid-stream"
+            raise StageError(f"resample: stream {stream_id}: {change}")
         if state.resampler is None:
             out = mono.copy()
         else:

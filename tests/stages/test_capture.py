@@ -246,9 +246,8 @@ def test_stdin_reads_incrementally_from_a_pipe() -> None:
         assert first, "the first chunk did not come before the end of the input"
         writer.close()
         rest = list(chunks)
-    assert len(first[0]["samples"]) + sum(len(item["samples"]) for item in rest) == 2 * frames_per_chunk(
-        16000
-    )
+    total = len(first[0]["samples"]) + sum(len(item["samples"]) for item in rest)
+    assert total == 2 * frames_per_chunk(16000)
 
 
 def test_stdin_close_ends_chunks() -> None:

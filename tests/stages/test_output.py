@@ -209,7 +209,8 @@ def test_default_stream_is_stdout(capsys: pytest.CaptureFixture) -> None:
 
 
 def test_unknown_format_lists_the_valid_ones() -> None:
-    with pytest.raises(StageError, match="unknown transcript format 'docx'; valid formats: text, jsonl, srt, vtt"):
+    expected = "unknown transcript format 'docx'; valid formats: text, jsonl, srt, vtt"
+    with pytest.raises(StageError, match=expected):
         open_writer("docx", None)
 
 

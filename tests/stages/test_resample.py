@@ -71,9 +71,8 @@ def test_16k_passes_through_exactly_as_copies() -> None:
     audio = random_audio(rng, 20000, 1)
     stage = ResampleStage()
     chunks = [c for c in random_chunks(rng, audio) if len(c)]
-    outputs = [
-        out for chunk in chunks for out in stage.push("s", {"samples": chunk, "sample_rate": SAMPLE_RATE})
-    ]
+    items = [{"samples": chunk, "sample_rate": SAMPLE_RATE} for chunk in chunks]
+    outputs = [out for item in items for out in stage.push("s", item)]
     assert len(outputs) == len(chunks)
     assert stage.finish("s") == []
     expected = audio[:, 0].copy()
