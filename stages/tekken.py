@@ -82,11 +82,11 @@ class Tekken:
 
     def bytes_of(self, token_id: int) -> bytes:
         """The bytes an id adds to the text: none for a special token."""
-        return b"" if token_id < self.num_special else self.token_bytes[token_id - self.num_special]
+        return b"" if self.is_special(token_id) else self.token_bytes[token_id - self.num_special]
 
 
 _JSON_TYPE_NAMES = {int: "an integer", str: "a string", list: "an array", dict: "an object"}
-NUMBER = (int, float)
+_NUMBER = (int, float)
 
 
 def _get(block: dict, dotted_key: str, kind: type | tuple[type, ...], path: Path, where: str = "") -> Any:
@@ -98,7 +98,7 @@ def _get(block: dict, dotted_key: str, kind: type | tuple[type, ...], path: Path
             raise CheckpointError(f"{path}: missing key {where}{dotted_key}")
         value = value[part]
     if isinstance(value, bool) or not isinstance(value, kind):
-        expected = "a number" if kind == NUMBER else _JSON_TYPE_NAMES[kind]
+        expected = "a number" if kind == _NUMBER else _JSON_TYPE_NAMES[kind]
         raise CheckpointError(f"{path}: {where}{dotted_key} must be {expected}, got {reprlib.repr(value)}")
     return value
 
@@ -135,9 +135,7 @@ def _load_special_ids(data: dict, num_special: int, path: Path) -> dict[str, int
         token_id = _get(entry, "rank", int, path, where=f"special_tokens[{index}].")
         name = _get(entry, "token_str", str, path, where=f"special_tokens[{index}].")
         if not 0 <= token_id < num_special:
-            raise CheckpointError(
-                f"{path}: special_tokens[{index}].rank {token_id} is outside 0..{num_special - 1}"
-            )
+            raise CheckpointError(f"{path}: special_tokens[{index}].rank {token_id} is outside 0..{num_special - 1}")
         special_ids[name] = token_id
     missing = [name for name in REQUIRED_SPECIAL_TOKENS if name not in special_ids]
     if missing:
@@ -148,19 +146,16 @@ def _load_special_ids(data: dict, num_special: int, path: Path) -> dict[str, int
 def _load_audio(data: dict, path: Path) -> TekkenAudio:
     _get(data, "audio", dict, path)
     for key, expected in _FIXED_AUDIO_VALUES:
-        value = _get(data, f"audio.{key}", NUMBER, path)
+        value = _get(data, f"audio.{key}", _NUMBER, path)
         if value != expected:
             raise CheckpointError(f"{path}: audio.{key} is {value}, this engine supports only {expected}")
     audio_format = _get(data, "audio.transcription_format", str, path)
     if audio_format != STREAMING_FORMAT:
-        raise CheckpointError(
-            f"{path}: audio.transcription_format is {audio_format!r}, expected {STREAMING_FORMAT!r}"
-        )
-    delay_ms = _get(data, "audio.transcription_delay_ms", NUMBER, path)
+        raise CheckpointError(f"{path}: audio.transcription_format is {audio_format!r}, expected {STREAMING_FORMAT!r}")
+    delay_ms = _get(data, "audio.transcription_delay_ms", _NUMBER, path)
     if delay_ms <= 0 or delay_ms % MS_PER_TOKEN != 0:
         raise CheckpointError(
-            f"{path}: audio.transcription_delay_ms is {delay_ms}, must be a positive multiple of "
-            f"{MS_PER_TOKEN:g} ms"
+            f"{path}: audio.transcription_delay_ms is {delay_ms}, must be a positive multiple of {MS_PER_TOKEN:g} ms"
         )
     if not MIN_DELAY_MS <= delay_ms <= MAX_DELAY_MS:
         raise CheckpointError(
@@ -169,8 +164,8 @@ def _load_audio(data: dict, path: Path) -> TekkenAudio:
     left_pad = _get(data, "audio.streaming_n_left_pad_tokens", int, path)
     if left_pad < 0:
         raise CheckpointError(f"{path}: audio.streaming_n_left_pad_tokens is {left_pad}, must be >= 0")
-    look_ahead_ms = _get(data, "audio.streaming_look_ahead_ms", NUMBER, path)
-    look_back_ms = _get(data, "audio.streaming_look_back_ms", NUMBER, path)
+    look_ahead_ms = _get(data, "audio.streaming_look_ahead_ms", _NUMBER, path)
+    look_back_ms = _get(data, "audio.streaming_look_back_ms", _NUMBER, path)
     for key, value in (("streaming_look_ahead_ms", look_ahead_ms), ("streaming_look_back_ms", look_back_ms)):
         if value < 0:
             raise CheckpointError(f"{path}: audio.{key} is {value}, must be >= 0")
