@@ -87,6 +87,9 @@ class AudioEncoder(nn.Module):
         c1 = F.gelu(F.conv1d(x.T[None], conv1.weight, conv1.bias))[0].T
         buf = torch.cat((state.conv1_tail, c1))
         pairs = (buf.shape[0] - CONV2_CONTEXT) // CONV_STRIDE
+        if pairs == 0:
+            state.conv1_tail = buf
+            return buf.new_zeros(0, self.params.dim)
         conv2 = self.conv_layers[1].conv
         # A valid stride-2 conv over the buffer yields exactly `pairs` frames; the rest waits for more input.
         c2 = F.gelu(F.conv1d(buf.T[None], conv2.weight, conv2.bias, stride=CONV_STRIDE))[0].T
