@@ -1,0 +1,151 @@
+"""The `voxtral-run` command: run a pipeline.yaml, each stage in its own process, and write the transcript."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from runner.config import SINK, SOURCE, load_pipeline
+from runner.errors import RunnerError
+from runner.model import resolve_model
+from runner.sink import LiveText, TranscriptSink
+from runner.supervisor import EXIT_FAILED, Supervisor
+from stages.base import StageError
+
+# Stages that read the model directory (weights or tekken.json); a host running none of them needs no model.
+MODEL_READING_STAGES = ("mel", "encoder", "decoder", "detokenize")
+TEXT_FORMAT = "text"
+
+HELP = """Transcribe speech with Voxtral Mini 4B Realtime, each pipeline stage running as its own process.
+
+PIPELINE is a YAML file naming the model, the stages (device, host, parameters) and the queues between them;
+the repository's pipeline.yaml is the single-machine default and documents every key.
+
+\b
+Examples:
+  voxtral-run pipeline.yaml --input talk.wav                  live text in the terminal
+  voxtral-run pipeline.yaml --input talk.flac --output talk.srt --format srt
+  arecord -f S16_LE -r 16000 | voxtral-run pipeline.yaml --input - --rate 16000
+  voxtral-run pipeline.yaml --input mic                       (see --list-devices)
+  voxtral-run pipeline.yaml --set encoder.device=cuda:1 --set decoder.dtype=float32
+  voxtral-run pipeline.yaml --stages encoder,decoder          this host's part of a multi-host run
+
+Ctrl-C stops the capture and writes what was transcribed so far; a second Ctrl-C stops at once.
+"""
+
+app = typer.Typer(add_completion=False, rich_markup_mode=None, context_settings={"help_option_names": ["-h", "--help"]})
+
+
+def _list_devices() -> None:
+    from stages.capture import list_input_devices
+
+    for device in list_input_devices():
+        print(f"{device['index']:3d}  {device['name']}  ({device['channels']} ch, {device['default_rate']} Hz)")
+
+
+def _local_nodes(stages: str | None, nodes: list[str]) -> list[str]:
+    if stages is None:
+        return nodes
+    chosen = [name.strip() for name in stages.split(",") if name.strip()]
+    for name in chosen:
+        if name not in nodes:
+            raise RunnerError(f"--stages: unknown stage '{name}' (this pipeline has {', '.join(nodes)})")
+    if not chosen:
+        raise RunnerError("--stages: give at least one stage name")
+    return chosen
+
+
+@app.command(help=HELP)
+def run(
+    pipeline: Annotated[
+        Path | None, typer.Argument(metavar="PIPELINE", help="Pipeline YAML file.", show_default=False)
+    ] = None,
+    model: Annotated[
+        str | None, typer.Option(help="Model directory or Hugging Face repo id (overrides the YAML's model).")
+    ] = None,
+    input: Annotated[
+        str | None,
+        typer.Option("--input", "-i", help="Audio file (WAV, FLAC, OGG), '-' for stdin (raw s16le or WAV), or 'mic'."),
+    ] = None,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Write the transcript to this file (live text still shows).")
+    ] = None,
+    format: Annotated[str, typer.Option("--format", "-f", help="Transcript format: text, jsonl, srt or vtt.")] = (
+        TEXT_FORMAT
+    ),
+    delay_ms: Annotated[
+        int | None, typer.Option(help="Transcription delay in ms (80..2400; default: the YAML's, else the model's).")
+    ] = None,
+    rate: Annotated[int | None, typer.Option(help="Sample rate of raw stdin audio, or the microphone's rate.")] = None,
+    channels: Annotated[int | None, typer.Option(help="Channels of raw stdin audio or of the microphone.")] = None,
+    realtime: Annotated[
+        bool, typer.Option("--realtime", help="Feed an audio file at real-time pace, as if it were live.")
+    ] = False,
+    mic_device: Annotated[
+        str | None, typer.Option(help="Microphone to use with --input mic: index or name (see --list-devices).")
+    ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            metavar="STAGE.KEY=VALUE",
+            help="Override a stage setting, stage.key=value (repeatable): encoder.device=cuda:1.",
+        ),
+    ] = None,
+    stages: Annotated[
+        str | None,
+        typer.Option(
+            metavar="A,B", help="Run only these stages (comma-separated; 'output' is the transcript sink) on this host."
+        ),
+    ] = None,
+    list_devices: Annotated[bool, typer.Option("--list-devices", help="List microphones and exit.")] = False,
+) -> None:
+    console = Console(stderr=True, highlight=False)
+    try:
+        if list_devices:
+            _list_devices()
+            return
+        if pipeline is None:
+            raise RunnerError("missing PIPELINE (a pipeline YAML file; see --help)")
+        config = load_pipeline(pipeline, set_ or [])
+        capture_params = {
+            "input": input,
+            "rate": rate,
+            "channels": channels,
+            "realtime": realtime or None,
+            "mic_device": int(mic_device) if mic_device and mic_device.isdigit() else mic_device,
+        }
+        config.stages[SOURCE].params.update({key: value for key, value in capture_params.items() if value is not None})
+        if model is not None:
+            config.model = model
+        if delay_ms is not None:
+            config.delay_ms = delay_ms
+        local = _local_nodes(stages, config.chain())
+        needs_model = any(name in MODEL_READING_STAGES and config.stages[name].impl is None for name in local)
+        model_dir = resolve_model(config.model) if needs_model else None
+        sink = None
+        if SINK in local:
+            from stages.output import FORMATS, open_writer
+
+            if format not in FORMATS:
+                raise RunnerError(f"--format: unknown format '{format}' (choose from {', '.join(FORMATS)})")
+            if output is None and format == TEXT_FORMAT:
+                sink = TranscriptSink(None, live=LiveText(sys.stdout))  # the live text is the transcript
+            elif output is None:
+                sink = TranscriptSink(open_writer(format, None, sys.stdout))
+            else:
+                sink = TranscriptSink(open_writer(format, output), live=LiveText(sys.stdout))
+        status = Supervisor(config, local=local, model_dir=model_dir, sink=sink, console=console).run()
+    except (RunnerError, StageError) as error:
+        console.print(f"voxtral-run: error: {error}", soft_wrap=True, markup=False)
+        raise typer.Exit(EXIT_FAILED) from None
+    raise typer.Exit(status)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

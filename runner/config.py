@@ -1,0 +1,205 @@
+"""pipeline.yaml: schema, validation with one-line errors naming the bad key, overrides, and edge endpoints."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from runner.edges import EdgeSpec, Policy
+from runner.errors import RunnerError
+
+DEFAULT_MODEL = "mistralai/Voxtral-Mini-4B-Realtime-2602"
+# Stage names the runner knows how to build; the model stages come from stages.factory, capture from the runner.
+KNOWN_STAGES = ("capture", "resample", "mel", "encoder", "decoder", "detokenize")
+SOURCE = "capture"  # the stage that produces audio: the only one without an input queue
+SINK = "output"  # the runner's own node that receives the final events and writes the transcript
+RUNNER_STAGE_KEYS = ("device", "host", "throttle_ms", "impl")  # set directly by --set; others go to params
+DEFAULT_BASE_PORT = 5550
+LOOPBACK = "127.0.0.1"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class StageConfig(_Strict):
+    """One stage: where it runs and the parameters its constructor takes."""
+
+    device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?)$")
+    host: str | None = None
+    params: dict[str, Any] = Field(default_factory=dict)
+    throttle_ms: float = Field(0.0, ge=0)
+    impl: str | None = Field(None, pattern=r"^[\w.]+:[\w.]+$")
+
+
+class OutputConfig(_Strict):
+    """The runner's sink (live text and the transcript file): only its host for tcp placement."""
+
+    host: str | None = None
+
+
+class QueueConfig(_Strict):
+    """An edge between two nodes: capacity in messages, policy when full, optional port or endpoint."""
+
+    source: str = Field(alias="from")
+    target: str = Field(alias="to")
+    capacity: int = Field(ge=1)
+    policy: Policy = Policy.BLOCK
+    port: int | None = Field(None, ge=1, le=65535)
+    endpoint: str | None = Field(None, pattern=r"^(ipc|tcp)://.+$")
+
+
+class Pipeline(_Strict):
+    """A whole pipeline.yaml: model, delay, stages, queues, transport."""
+
+    model: str = DEFAULT_MODEL
+    delay_ms: int | None = Field(None, ge=1)
+    transport: Literal["auto", "tcp"] = "auto"
+    base_port: int = Field(DEFAULT_BASE_PORT, ge=1, le=65535)
+    startup_timeout_s: float = Field(600.0, gt=0)
+    stages: dict[str, StageConfig]
+    output: OutputConfig = Field(default_factory=OutputConfig)
+    queues: list[QueueConfig]
+
+    @model_validator(mode="after")
+    def _check_graph(self) -> Pipeline:
+        for name, stage in self.stages.items():
+            if name not in KNOWN_STAGES and stage.impl is None:
+                raise _KeyError(f"stages.{name}", f"unknown stage (choose from {', '.join(KNOWN_STAGES)})")
+        if SOURCE not in self.stages:
+            raise _KeyError("stages", f"no '{SOURCE}' stage")
+        nodes = [*self.stages, SINK]
+        inputs: dict[str, int] = {}
+        outputs: dict[str, int] = {}
+        for index, queue in enumerate(self.queues):
+            where = f"queues[{index}]"
+            for key, node, seen in (("from", queue.source, outputs), ("to", queue.target, inputs)):
+                if node not in nodes:
+                    raise _KeyError(f"{where}.{key}", f"unknown stage '{node}'")
+                if node in seen:
+                    raise _KeyError(f"{where}.{key}", f"'{node}' already has a queue (queues[{seen[node]}])")
+                seen[node] = index
+            if queue.source == SINK or queue.target == SOURCE:
+                raise _KeyError(where, f"queues flow from {SOURCE} to {SINK}, not {queue.source} -> {queue.target}")
+            if queue.policy is not Policy.BLOCK and queue.source != SOURCE:
+                raise _KeyError(f"{where}.policy", f"only the queue out of {SOURCE} may drop")
+            if queue.policy is Policy.DROP_OLDEST and queue.capacity < 2:
+                raise _KeyError(f"{where}.capacity", "drop_oldest needs a capacity of at least 2")
+        node, visited = SOURCE, {SOURCE}
+        while node != SINK:
+            if node not in outputs:
+                raise _KeyError("queues", f"no queue out of '{node}'")
+            node = self.queues[outputs[node]].target
+            visited.add(node)
+        for name in self.stages:
+            if name not in visited:
+                raise _KeyError(f"stages.{name}", f"not on the queues' path from {SOURCE} to {SINK}")
+        return self
+
+    def chain(self) -> list[str]:
+        """Node names in data order, from capture to the output sink."""
+        by_source = {queue.source: queue.target for queue in self.queues}
+        nodes = [SOURCE]
+        while nodes[-1] != SINK:
+            nodes.append(by_source[nodes[-1]])
+        return nodes
+
+
+class _KeyError(ValueError):
+    """A graph problem found after field validation, reported under `key`."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(message)
+        self.key = key
+
+
+def _format_location(location: tuple) -> str:
+    parts: list[str] = []
+    for part in location:
+        if isinstance(part, int):
+            parts[-1] += f"[{part}]"
+        else:
+            parts.append(str(part))
+    return ".".join(parts)
+
+
+def _one_line_validation_error(source: str, error: ValidationError) -> RunnerError:
+    first = error.errors()[0]
+    cause = first.get("ctx", {}).get("error")
+    if isinstance(cause, _KeyError):
+        key, message = cause.key, str(cause)
+    else:
+        key = _format_location(first["loc"]) or "(top level)"
+        message = "unknown key" if first["type"] == "extra_forbidden" else first["msg"]
+    more = error.error_count() - 1
+    return RunnerError(f"{source}: {key}: {message}" + (f" (and {more} more problems)" if more else ""))
+
+
+def apply_override(raw: dict, assignment: str) -> None:
+    """Apply one `--set stage.key=value` to the raw YAML mapping (value parsed as YAML: 5, true, cuda:1)."""
+    target, sep, text = assignment.partition("=")
+    stage, dot, key = target.partition(".")
+    if not sep or not dot or not key:
+        raise RunnerError(f"--set {assignment}: expected stage.key=value")
+    stages = raw.get("stages")
+    if not isinstance(stages, dict) or stage not in stages:
+        raise RunnerError(f"--set {assignment}: no stage '{stage}' in the pipeline")
+    value = yaml.safe_load(text) if text else None
+    entry = stages[stage] if isinstance(stages[stage], dict) else {}
+    stages[stage] = entry
+    if key in RUNNER_STAGE_KEYS:
+        entry[key] = value
+    else:
+        entry.setdefault("params", {})[key] = value
+
+
+def load_pipeline(path: Path, overrides: list[str] = ()) -> Pipeline:
+    """Read and validate a pipeline file, applying `--set` overrides first; RunnerError on any problem."""
+    try:
+        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except OSError as error:
+        raise RunnerError(f"{path}: cannot read the pipeline ({error.strerror})") from None
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        problem = getattr(error, "problem", None) or "syntax error"
+        raise RunnerError(f"{path}: invalid YAML{where}: {problem}") from None
+    if not isinstance(raw, dict):
+        raise RunnerError(f"{path}: expected a mapping of pipeline keys at the top level")
+    for assignment in overrides:
+        apply_override(raw, assignment)
+    try:
+        return Pipeline.model_validate(raw)
+    except ValidationError as error:
+        raise _one_line_validation_error(str(path), error) from None
+
+
+def _bind_address(host: str) -> str:
+    """ZeroMQ binds interfaces, not names: an IP literal binds that address, a host name binds all."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return "*"
+    return host
+
+
+def plan_edges(pipeline: Pipeline, local: set[str], run_dir: Path) -> list[EdgeSpec]:
+    """Endpoints for every queue: ipc:// in `run_dir` when this invocation runs both ends (transport auto),
+    otherwise tcp:// at the receiving node's host; a queue's `endpoint` overrides both."""
+    hosts = {name: stage.host for name, stage in pipeline.stages.items()} | {SINK: pipeline.output.host}
+    specs = []
+    for index, queue in enumerate(pipeline.queues):
+        if queue.endpoint is not None:
+            bind = connect = queue.endpoint
+        elif pipeline.transport == "auto" and {queue.source, queue.target} <= local:
+            bind = connect = f"ipc://{run_dir / f'{index}-{queue.source}-{queue.target}'}"
+        else:
+            host = hosts[queue.target] or LOOPBACK
+            port = queue.port or pipeline.base_port + index
+            bind, connect = f"tcp://{_bind_address(host)}:{port}", f"tcp://{host}:{port}"
+        specs.append(EdgeSpec(queue.source, queue.target, bind, connect, queue.capacity, queue.policy))
+    return specs

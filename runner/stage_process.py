@@ -1,0 +1,306 @@
+"""One pipeline stage as an OS process: build the stage core, report ready, then receive, call, send.
+
+A stage process talks to its runner over its own control socket (loading, ready, error, end of stream,
+stats; start and stop back), apart from the data queues, so control never waits behind data.
+"""
+
+from __future__ import annotations
+
+import importlib
+import multiprocessing
+import os
+import signal
+import sys
+import time
+import traceback
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import zmq
+from setproctitle import setproctitle
+
+from runner.config import SOURCE
+from runner.edges import LINGER_MS, EdgeReceiver, EdgeSender, EdgeSpec, Policy
+from runner.metrics import StageMetrics
+from runner.wire import Envelope, Kind
+from stages.base import Source, Stage, StageError
+
+PROCESS_TITLE = "voxtral-run: {name}"
+# Settings of the capture stage (pipeline.yaml params or the command line's --input, --rate, ...).
+CAPTURE_PARAMS = ("input", "rate", "channels", "realtime", "chunk_ms", "mic_device")
+STDIN_INPUT = "-"
+MIC_INPUT = "mic"
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """Everything a stage process needs, picklable for the spawn start method."""
+
+    name: str
+    control: str  # the runner's control endpoint
+    output_edge: EdgeSpec
+    input_edge: EdgeSpec | None = None  # None for the capture stage
+    device: str = "cpu"
+    params: dict[str, Any] = field(default_factory=dict)
+    impl: str | None = None
+    throttle_ms: float = 0.0
+    model_dir: Path | None = None
+    delay_ms: int | None = None
+
+
+def pack(message: dict) -> bytes:
+    return msgpack.packb(message, use_bin_type=True)
+
+
+def unpack(data: bytes) -> dict:
+    return msgpack.unpackb(data, raw=False)
+
+
+def one_line(text: object) -> str:
+    return " ".join(str(text).split())
+
+
+def describe_exception(error: BaseException) -> str:
+    """An unexpected exception on one line: type, message and the innermost source location."""
+    frames = traceback.extract_tb(error.__traceback__)
+    where = f" (at {Path(frames[-1].filename).name}:{frames[-1].lineno})" if frames else ""
+    return f"{type(error).__name__}: {one_line(error)}{where}"
+
+
+def build_source(params: dict[str, Any]) -> tuple[Source, bool]:
+    """The capture source for `params` and whether it is live (a microphone, or a file paced in real time)."""
+    from stages.capture import DEFAULT_CHUNK_MS, FileSource, MicSource, StdinSource
+
+    unknown = sorted(set(params) - set(CAPTURE_PARAMS))
+    if unknown:
+        raise StageError(f"stage '{SOURCE}': unknown setting '{unknown[0]}' (choose from {', '.join(CAPTURE_PARAMS)})")
+    source_input = params.get("input")
+    chunk_ms = params.get("chunk_ms", DEFAULT_CHUNK_MS)
+    realtime = bool(params.get("realtime", False))
+    if source_input is None:
+        raise StageError("no audio input: give --input FILE, --input - (stdin) or --input mic")
+    source_input = str(source_input)
+    if realtime and source_input in (STDIN_INPUT, MIC_INPUT):
+        raise StageError("--realtime paces audio files; stdin and microphones already arrive in real time")
+    channels = params.get("channels", 1)
+    if source_input == STDIN_INPUT:
+        stdin = os.fdopen(os.dup(0), "rb")  # the spawned process keeps the runner's fd 0
+        source: Source = StdinSource(stdin, rate=params.get("rate"), channels=channels, chunk_ms=chunk_ms)
+    elif source_input == MIC_INPUT:
+        source = MicSource(params.get("mic_device"), rate=params.get("rate"), channels=channels, chunk_ms=chunk_ms)
+    else:
+        source = FileSource(source_input, chunk_ms=chunk_ms, realtime=realtime)
+    return source, source.live or realtime
+
+
+def build_core(spec: StageSpec) -> Stage | Source:
+    """The stage core: an `impl` class if given, the capture source, or a model stage from the factory."""
+    if spec.impl is not None:
+        module_name, _, attribute = spec.impl.partition(":")
+        try:
+            factory = getattr(importlib.import_module(module_name), attribute)
+        except (ImportError, AttributeError) as error:
+            raise StageError(f"impl {spec.impl}: cannot import ({one_line(error)})") from None
+        return factory(**spec.params)
+    if spec.name == SOURCE:
+        source, live = build_source(spec.params)
+        if spec.output_edge.policy is not Policy.BLOCK and not live:
+            source.close()
+            raise StageError(
+                f"queue {spec.output_edge.name}: policy {spec.output_edge.policy.value} needs a live capture "
+                "(--input mic, or a file with --realtime)"
+            )
+        return source
+    from stages.factory import build_stage
+
+    return build_stage(
+        spec.name, model_dir=spec.model_dir, device=spec.device, delay_ms=spec.delay_ms, params=spec.params
+    )
+
+
+class _Stop(Exception):
+    """The runner said stop, or the runner is gone."""
+
+
+class _CaptureInterrupted(Exception):
+    """SIGINT while the capture waited for audio: end the stream now."""
+
+
+class StageProcess:
+    """The process loop around one stage core: handshake, data loop, end of stream, stop."""
+
+    def __init__(self, spec: StageSpec):
+        self.spec = spec
+        self.context = zmq.Context()
+        self.control = self.context.socket(zmq.DEALER)
+        self.control.setsockopt(zmq.IDENTITY, spec.name.encode())
+        self.control.setsockopt(zmq.LINGER, LINGER_MS)
+        self.control.connect(spec.control)
+        parent = multiprocessing.parent_process()
+        self.parent_sentinel = parent.sentinel if parent is not None else None
+        self.metrics = StageMetrics()
+        self.receiver: EdgeReceiver | None = None
+        self.sender: EdgeSender | None = None
+        self.source: Source | None = None
+        self._output_seq: dict[str, int] = {}
+        self._capture_reading = False
+        self._capture_interrupted = False
+
+    def report(self, kind: str, **fields: Any) -> None:
+        self.control.send(pack({"type": kind, **fields}))
+
+    def run(self) -> int:
+        """Run until stopped; the exit status (0, or 1 after reporting an error)."""
+        try:
+            self.report("loading")
+            started = time.perf_counter()
+            if self.spec.input_edge is not None:
+                self.receiver = EdgeReceiver(self.context, self.spec.input_edge)
+            core = build_core(self.spec)
+            watched = [self.control] + ([self.parent_sentinel] if self.parent_sentinel is not None else [])
+            self.sender = EdgeSender(
+                self.context, self.spec.output_edge, interrupts=watched, on_interrupt=self._check_control
+            )
+            self.report("ready", load_s=time.perf_counter() - started)
+            self._wait_for("start")
+            if isinstance(core, Source):
+                self.source = core
+                self._capture(core)
+                self._wait_for("stop")
+            else:
+                self._serve(core)
+            return 0
+        except _Stop:
+            return 0
+        except (StageError, OSError) as error:
+            self.report("error", message=one_line(error))
+            return 1
+        except Exception as error:  # noqa: BLE001 - any failure must reach the runner as one line
+            self.report("error", message=describe_exception(error))
+            return 1
+        finally:
+            self._report_stats()
+            self._close()
+
+    def _report_stats(self) -> None:
+        stats: dict[str, Any] = {"metrics": self.metrics.summary()}
+        if self.sender is not None:
+            stats |= {"edge": self.sender.spec.name, "sent": self.sender.sent, "dropped": self.sender.dropped}
+            stats["policy"] = self.sender.spec.policy.value
+        if self.source is not None:
+            stats["overflows"] = getattr(self.source, "overflows", 0)
+        self.report("stats", **stats)
+
+    def _close(self) -> None:
+        if self.source is not None:
+            self.source.close()
+        for end in (self.receiver, self.sender):
+            if end is not None:
+                end.close()
+        self.control.close()
+        self.context.term()
+
+    def _check_control(self) -> None:
+        """Handle waiting control messages without blocking; raise _Stop on stop or when the runner died."""
+        if self.parent_sentinel is not None and zmq.select([self.parent_sentinel], [], [], 0)[0]:
+            raise _Stop()
+        while self.control.poll(0, zmq.POLLIN):
+            if unpack(self.control.recv())["type"] == "stop":
+                raise _Stop()
+
+    def _wait_for(self, kind: str) -> None:
+        """Block until the runner sends `kind` (stop always ends the wait with _Stop)."""
+        poller = zmq.Poller()
+        poller.register(self.control, zmq.POLLIN)
+        if self.parent_sentinel is not None:
+            poller.register(self.parent_sentinel, zmq.POLLIN)
+        while True:
+            events = dict(poller.poll())
+            if self.parent_sentinel in events:
+                raise _Stop()
+            message = unpack(self.control.recv())
+            if message["type"] == "stop":
+                raise _Stop()
+            if message["type"] == kind:
+                return
+
+    def _send(self, stream_id: str, capture_time: float, kind: Kind, item: Any = None) -> int:
+        seq = self._output_seq.get(stream_id, 0)
+        self._output_seq[stream_id] = seq + 1
+        return self.sender.send(Envelope(stream_id, seq, capture_time, kind, item))
+
+    def _serve(self, stage: Stage) -> None:
+        poller = zmq.Poller()
+        for pollable in (self.control, self.receiver.socket, self.parent_sentinel):
+            if pollable is not None:
+                poller.register(pollable, zmq.POLLIN)
+        while True:
+            events = dict(poller.poll())
+            if self.receiver.socket in events:
+                envelope = self.receiver.receive()
+                if envelope is not None:
+                    self._handle(stage, envelope)
+            if any(ready is not self.receiver.socket for ready in events):
+                self._check_control()
+
+    def _handle(self, stage: Stage, envelope: Envelope) -> None:
+        wait_s = max(0.0, time.time() - envelope.sent_time)
+        if self.spec.throttle_ms:
+            time.sleep(self.spec.throttle_ms / 1000)
+        started = time.perf_counter()
+        if envelope.kind is Kind.DATA:
+            outputs = stage.push(envelope.stream_id, envelope.item)
+        else:
+            outputs = stage.finish(envelope.stream_id)
+        service_s = time.perf_counter() - started
+        out_bytes = sum(self._send(envelope.stream_id, envelope.capture_time, Kind.DATA, item) for item in outputs)
+        self.metrics.record(wait_s, service_s, out_bytes)
+        if envelope.kind is Kind.EOS:
+            self._send(envelope.stream_id, envelope.capture_time, Kind.EOS)
+            self._output_seq.pop(envelope.stream_id, None)
+            self.report("eos", stream=envelope.stream_id)
+
+    def _on_sigint(self, signum: int, frame: Any) -> None:
+        # Interrupt a wait for audio at once; a send in progress finishes, then the loop ends the stream.
+        self._capture_interrupted = True
+        if self._capture_reading:
+            raise _CaptureInterrupted()
+
+    def _capture(self, source: Source) -> None:
+        """Send the source's chunks as one stream; on its end or on SIGINT, close it and send end of stream."""
+        stream_id = uuid.uuid4().hex[:8]
+        signal.signal(signal.SIGINT, self._on_sigint)
+        chunks = iter(source.chunks())
+        capture_time = time.time()
+        try:
+            while not self._capture_interrupted:
+                self._capture_reading = True
+                try:
+                    chunk = next(chunks, None)
+                finally:
+                    self._capture_reading = False
+                if chunk is None:
+                    break
+                capture_time = time.time()
+                self._check_control()
+                if self.spec.throttle_ms:
+                    time.sleep(self.spec.throttle_ms / 1000)
+                started = time.perf_counter()
+                out_bytes = self._send(stream_id, capture_time, Kind.DATA, chunk)
+                self.metrics.record(0.0, time.perf_counter() - started, out_bytes)
+        except _CaptureInterrupted:
+            pass
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        source.close()
+        self._send(stream_id, capture_time, Kind.EOS)
+        self.report("eos", stream=stream_id)
+
+
+def stage_main(spec: StageSpec) -> None:
+    """Entry point of a spawned stage process."""
+    setproctitle(PROCESS_TITLE.format(name=spec.name))
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group; the runner decides
+    sys.exit(StageProcess(spec).run())
