@@ -135,7 +135,8 @@ def _load_special_ids(data: dict, num_special: int, path: Path) -> dict[str, int
         token_id = _get(entry, "rank", int, path, where=f"special_tokens[{index}].")
         name = _get(entry, "token_str", str, path, where=f"special_tokens[{index}].")
         if not 0 <= token_id < num_special:
-            raise CheckpointError(f"{path}: special_tokens[{index}].rank {token_id} is outside 0..{num_special - 1}")
+            last = num_special - 1
+            raise CheckpointError(f"{path}: special_tokens[{index}].rank {token_id} is outside 0..{last}")
         special_ids[name] = token_id
     missing = [name for name in REQUIRED_SPECIAL_TOKENS if name not in special_ids]
     if missing:
@@ -151,12 +152,12 @@ def _load_audio(data: dict, path: Path) -> TekkenAudio:
             raise CheckpointError(f"{path}: audio.{key} is {value}, this engine supports only {expected}")
     audio_format = _get(data, "audio.transcription_format", str, path)
     if audio_format != STREAMING_FORMAT:
-        raise CheckpointError(f"{path}: audio.transcription_format is {audio_format!r}, expected {STREAMING_FORMAT!r}")
+        problem = f"audio.transcription_format {audio_format!r} is not {STREAMING_FORMAT!r}"
+        raise CheckpointError(f"{path}: {problem}")
     delay_ms = _get(data, "audio.transcription_delay_ms", _NUMBER, path)
     if delay_ms <= 0 or delay_ms % MS_PER_TOKEN != 0:
-        raise CheckpointError(
-            f"{path}: audio.transcription_delay_ms is {delay_ms}, must be a positive multiple of {MS_PER_TOKEN:g} ms"
-        )
+        rule = f"must be a positive multiple of {MS_PER_TOKEN:g} ms"
+        raise CheckpointError(f"{path}: audio.transcription_delay_ms is {delay_ms}, {rule}")
     if not MIN_DELAY_MS <= delay_ms <= MAX_DELAY_MS:
         raise CheckpointError(
             f"{path}: audio.transcription_delay_ms is {delay_ms}, outside {MIN_DELAY_MS}..{MAX_DELAY_MS} ms"

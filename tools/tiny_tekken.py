@@ -157,7 +157,13 @@ def write_tiny_tekken(
     Path(path).write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
 
 
-def write_streaming_tekken(source: Path, path: Path, *, delay_ms: int = 480, left_pad_tokens: int = 32) -> None:
+def write_streaming_tekken(
+    source: Path,
+    path: Path,
+    *,
+    delay_ms: int = 480,
+    left_pad_tokens: int = 32,
+) -> None:
     """Write `source`'s vocab and config (e.g. mistral-common's bundled tekken_240911.json, a real
     150000-token vocab) with this model's special tokens and the streaming audio block."""
     audio = audio_block(delay_ms, left_pad_tokens)
@@ -180,7 +186,12 @@ def main() -> None:
     audio_options = {"delay_ms": args.delay_ms, "left_pad_tokens": args.left_pad_tokens}
     try:
         if args.vocab_from is None:
-            write_tiny_tekken(args.output, num_normal_tokens=args.num_normal_tokens, seed=args.seed, **audio_options)
+            write_tiny_tekken(
+                args.output,
+                num_normal_tokens=args.num_normal_tokens,
+                seed=args.seed,
+                **audio_options,
+            )
         else:
             write_streaming_tekken(args.vocab_from, args.output, **audio_options)
     except (OSError, ValueError, KeyError) as err:

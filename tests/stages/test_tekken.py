@@ -42,7 +42,12 @@ def test_tiny_tekken_loads_with_real_ids_and_options(
     tmp_path: Path, num_normal_tokens: int, delay_ms: int, left_pad_tokens: int, expected_delay_tokens: int
 ) -> None:
     path = tmp_path / "tekken.json"
-    write_tiny_tekken(path, num_normal_tokens=num_normal_tokens, delay_ms=delay_ms, left_pad_tokens=left_pad_tokens)
+    options = {
+        "num_normal_tokens": num_normal_tokens,
+        "delay_ms": delay_ms,
+        "left_pad_tokens": left_pad_tokens,
+    }
+    write_tiny_tekken(path, **options)
     tekken = load_tekken(path)
     assert (tekken.num_special, tekken.vocab_size) == (1000, 1000 + num_normal_tokens)
     assert len(tekken.token_bytes) == num_normal_tokens
@@ -98,7 +103,7 @@ def test_tiny_tekken_loads_in_mistral_common(tiny_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("delay_ms", "left_pad_tokens"), [(480, 32), (560, 16), (2400, 32)])
-def test_mistral_common_streaming_prompt_uses_our_ids(tmp_path: Path, delay_ms: int, left_pad_tokens: int) -> None:
+def test_mistral_common_prompt_uses_our_ids(tmp_path: Path, delay_ms: int, left_pad_tokens: int) -> None:
     path = tmp_path / "tekken.json"
     write_tiny_tekken(path, num_normal_tokens=300, delay_ms=delay_ms, left_pad_tokens=left_pad_tokens)
     tekken = load_tekken(path)
@@ -257,7 +262,7 @@ BROKEN_FILES = {
     "no format": (_delete("audio.transcription_format"), "missing key audio.transcription_format"),
     "instruct format": (
         _set("audio.transcription_format", "instruct"),
-        "audio.transcription_format is 'instruct', expected 'streaming'",
+        "audio.transcription_format 'instruct' is not 'streaming'",
     ),
     "sample rate": (
         _set("audio.sampling_rate", 24000),

@@ -103,7 +103,8 @@ def text_as_streamed_ids(draw: st.DrawFn, real: tuple[Tekken, Tekkenizer]) -> tu
     """Valid text, tokenized by the reference BPE, some tokens exploded into single bytes (splitting
     characters), with special tokens dropped in anywhere (also between the bytes of one character)."""
     tekken, reference = real
-    text = draw(st.text(st.characters(exclude_categories=("Cs",), exclude_characters=REPLACEMENT), max_size=30))
+    characters = st.characters(exclude_categories=("Cs",), exclude_characters=REPLACEMENT)
+    text = draw(st.text(characters, max_size=30))
     specials = st.sampled_from([tekken.streaming_pad_id, tekken.streaming_word_id, tekken.bos_id, 500])
     ids: list[int] = []
     for token_id in reference.encode(text, bos=False, eos=False):
@@ -150,7 +151,7 @@ def test_special_token_between_the_bytes_of_one_character(real: tuple[Tekken, Te
 
 
 @pytest.mark.parametrize("num_bytes", [1, 2, 3])
-def test_flush_turns_an_incomplete_character_into_replacement(real: tuple[Tekken, Tekkenizer], num_bytes: int) -> None:
+def test_flush_replaces_an_incomplete_character(real: tuple[Tekken, Tekkenizer], num_bytes: int) -> None:
     tekken, reference = real
     ids = [byte_id(tekken, value) for value in "🎤".encode()[:num_bytes]]
     detokenizer = IncrementalDetokenizer(tekken)
@@ -202,7 +203,13 @@ def test_stage_events_carry_times_and_ids(tekken: Tekken) -> None:
     stage = DetokenizeStage(tekken)
     events = stage.push("s", np.array(ids, dtype=np.int32))
     assert events == [
-        {"type": "delta", "text": "a", "token_ids": [pad, a], "start_s": token_time(1), "end_s": token_time(2)},
+        {
+            "type": "delta",
+            "text": "a",
+            "token_ids": [pad, a],
+            "start_s": token_time(1),
+            "end_s": token_time(2),
+        },
         {
             "type": "delta",
             "text": "é",
@@ -226,7 +233,7 @@ def test_stage_events_carry_times_and_ids(tekken: Tekken) -> None:
 
 
 def test_delta_starts_at_the_token_that_began_its_character(tekken: Tekken) -> None:
-    """A token ending in a lead byte gives its complete text at once; the character it began is timed from it."""
+    """A token ending in a lead byte gives its text at once; the character it began is timed from it."""
     split = next(
         rank + tekken.num_special
         for rank, token in enumerate(tekken.token_bytes)
@@ -293,7 +300,8 @@ def test_interleaved_streams_are_independent(tekken: Tekken, partial: list[int])
     rng = np.random.default_rng(7)
     pool = [tekken.streaming_pad_id, tekken.streaming_word_id, *partial[:200], *range(1000, 1300)]
     streams = {name: rng.choice(pool, size=60).tolist() for name in ("left", "right")}
-    chunked = {name: split_at(ids, set(rng.integers(1, 60, size=12).tolist())) for name, ids in streams.items()}
+    cuts = {name: set(rng.integers(1, 60, size=12).tolist()) for name in streams}
+    chunked = {name: split_at(ids, cuts[name]) for name, ids in streams.items()}
     stage = DetokenizeStage(tekken)
     events: dict[str, list[dict]] = {name: [] for name in streams}
     for index in range(max(len(chunks) for chunks in chunked.values())):
