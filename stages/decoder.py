@@ -13,7 +13,17 @@ from torch import nn
 from stages.audio import ENCODER_FRAMES_PER_TOKEN
 from stages.base import Stage, StageError
 from stages.checkpoint import ADAPTER_PREFIX, DECODER_PREFIXES, TOKEN_EMBEDDING, ModelDir, ModelParams
-from stages.layers import Attention, FeedForward, RMSNorm, RollingKVCache, RotaryEmbedding
+from stages.graphs import StepGraphs
+from stages.layers import (
+    Attention,
+    FeedForward,
+    KVCache,
+    RMSNorm,
+    RollingKVCache,
+    RotaryEmbedding,
+    StaticKVCache,
+    fuse_projections,
+)
 from stages.tekken import Tekken
 
 TIME_EMBEDDING_THETA = 10_000.0
@@ -50,7 +60,7 @@ class DecoderLayer(nn.Module):
         positions: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        cache: RollingKVCache,
+        cache: KVCache,
         ffn_scale: torch.Tensor,
     ) -> torch.Tensor:
         x = x + self.attention(self.attention_norm(x), positions, cos, sin, cache)
@@ -89,13 +99,12 @@ class TextDecoder(nn.Module):
         self,
         audio: torch.Tensor,
         token_ids: torch.Tensor,
-        start: int,
-        caches: list[RollingKVCache],
+        positions: torch.Tensor,
+        caches: list[KVCache],
         ffn_scales: list[torch.Tensor],
     ) -> torch.Tensor:
-        """Hidden states [T, dim] (final norm applied) for positions start..start+T-1; updates the caches."""
+        """Hidden states [T, dim] (final norm applied) at `positions` [T]; updates the caches."""
         x = audio + self.tok_embeddings(token_ids)
-        positions = torch.arange(start, start + x.shape[0], device=x.device)
         cos, sin = self.rope.cos_sin(positions, x.dtype)
         for layer, cache, scale in zip(self.layers, caches, ffn_scales, strict=True):
             x = layer(x, positions, cos, sin, cache, scale)
@@ -120,6 +129,7 @@ def load_text_decoder(model: ModelDir, *, dtype: torch.dtype, device: str | torc
         decoder = TextDecoder(model.params)
     decoder.load_state_dict(renamed, assign=True)
     decoder.rope = RotaryEmbedding(model.params.decoder.head_dim, model.params.decoder.rope_theta).to(device)
+    fuse_projections(decoder)
     return decoder.eval()
 
 
@@ -128,33 +138,88 @@ def streaming_prompt(tekken: Tekken, num_delay_tokens: int) -> list[int]:
     return [tekken.bos_id] + [tekken.streaming_pad_id] * (tekken.audio.streaming_n_left_pad_tokens + num_delay_tokens)
 
 
+PREFILL_BLOCK = 64  # positions decoded in one call at most (the longest prompt is 33 + 30 delay tokens)
+
+
+@dataclass
+class DecoderStep:
+    """Fixed buffers of one stream's one-position step, and its CUDA graphs per cache span."""
+
+    audio: torch.Tensor  # [1, dim] adapter vector in
+    token: torch.Tensor  # [1] previous token in, greedy token out (stays on the device between steps)
+    position: torch.Tensor  # [1]
+    graphs: StepGraphs
+
+
 @dataclass
 class DecoderState:
     """Per-stream decoder state: frames awaiting a group of 4, adapter vectors awaiting the prompt, caches."""
 
-    caches: list[RollingKVCache]
+    caches: list[KVCache]
     frames: list[torch.Tensor] = field(default_factory=list)
     pending: list[torch.Tensor] = field(default_factory=list)
     next_position: int = 0
     last_token: int | None = None
     ended: bool = False  # EOS generated: later positions are ignored
+    step: DecoderStep | None = None
 
 
 class DecoderStage(Stage):
-    """Streaming adapter + decoder: encoder frames in, greedy token ids (int64 arrays) out, one per position."""
+    """Streaming adapter + decoder: encoder frames in, greedy token ids (int64 arrays) out, one per position.
+
+    `static_cache` preallocates ring caches; `cuda_graphs` (needs static caches on a GPU) replays each
+    one-position step as a CUDA graph, the only host synchronisation being the read of the token id.
+    """
 
     name = "decoder"
 
-    def __init__(self, decoder: TextDecoder, tekken: Tekken, num_delay_tokens: int) -> None:
+    def __init__(
+        self,
+        decoder: TextDecoder,
+        tekken: Tekken,
+        num_delay_tokens: int,
+        *,
+        static_cache: bool = False,
+        cuda_graphs: bool = False,
+    ) -> None:
+        if cuda_graphs and not (static_cache and decoder.tok_embeddings.weight.is_cuda):
+            raise StageError("decoder: cuda_graphs needs a CUDA device and cache: static")
         self.decoder = decoder
         self.prompt = streaming_prompt(tekken, num_delay_tokens)
+        if len(self.prompt) > PREFILL_BLOCK:
+            raise StageError(f"decoder: a prompt of {len(self.prompt)} positions exceeds {PREFILL_BLOCK}")
         self.eos_id = tekken.eos_id
         self.ffn_scales = decoder.ffn_scales(num_delay_tokens)
+        self.static_cache = static_cache
+        self.cuda_graphs = cuda_graphs
         self._states: dict[str, DecoderState] = {}
 
     def _new_state(self) -> DecoderState:
-        window = self.decoder.params.decoder.sliding_window
-        return DecoderState(caches=[RollingKVCache(window) for _ in self.decoder.layers])
+        dec = self.decoder.params.decoder
+        weight = self.decoder.tok_embeddings.weight
+        shape = (dec.sliding_window, PREFILL_BLOCK, dec.n_kv_heads, dec.head_dim)
+        caches: list[KVCache] = [
+            StaticKVCache(*shape, dtype=weight.dtype, device=weight.device)
+            if self.static_cache
+            else RollingKVCache(dec.sliding_window)
+            for _ in self.decoder.layers
+        ]
+        state = DecoderState(caches=caches)
+        if self.cuda_graphs:
+            state.step = self._graph_step(state)
+        return state
+
+    def _graph_step(self, state: DecoderState) -> DecoderStep:
+        weight = self.decoder.tok_embeddings.weight
+        audio = weight.new_zeros(1, weight.shape[1])
+        token = torch.zeros(1, dtype=torch.long, device=weight.device)
+        position = torch.zeros(1, dtype=torch.long, device=weight.device)
+
+        def step() -> None:
+            hidden = self.decoder(audio, token, position, state.caches, self.ffn_scales)
+            token.copy_(self.decoder.logits(hidden).argmax(-1))
+
+        return DecoderStep(audio, token, position, StepGraphs(step))
 
     def push(self, stream_id: str, item: np.ndarray) -> list[np.ndarray]:
         frames = np.asarray(item)
@@ -185,23 +250,43 @@ class DecoderStage(Stage):
         if state.next_position < prompt_len:
             if state.next_position + len(state.pending) < prompt_len:
                 return tokens
-            count = prompt_len - state.next_position
-            audio = torch.stack(state.pending[:count])
-            ids = torch.tensor(self.prompt[state.next_position :], device=audio.device)
+            audio = torch.stack(state.pending[:prompt_len])
+            ids = torch.tensor(self.prompt, device=audio.device)
             tokens.append(self._run(state, audio, ids))
-            del state.pending[:count]
+            del state.pending[:prompt_len]
         while state.pending and not state.ended:
             audio = state.pending.pop(0)[None]
-            ids = torch.tensor([state.last_token], device=audio.device)
-            tokens.append(self._run(state, audio, ids))
+            if state.step is None:
+                ids = torch.tensor([state.last_token], device=audio.device)
+                tokens.append(self._run(state, audio, ids))
+            else:
+                tokens.append(self._replay(state, audio))
         if state.ended:
             state.pending.clear()
         return tokens
 
     def _run(self, state: DecoderState, audio: torch.Tensor, ids: torch.Tensor) -> int:
-        hidden = self.decoder(audio, ids, state.next_position, state.caches, self.ffn_scales)
-        state.next_position += audio.shape[0]
-        token = int(self.decoder.logits(hidden[-1]).argmax())
+        count = audio.shape[0]
+        for cache in state.caches:
+            cache.prepare(state.next_position + count)
+        positions = torch.arange(state.next_position, state.next_position + count, device=audio.device)
+        hidden = self.decoder(audio, ids, positions, state.caches, self.ffn_scales)
+        greedy = self.decoder.logits(hidden[-1:]).argmax(-1)
+        if state.step is not None:
+            state.step.token.copy_(greedy)
+        return self._advance(state, count, int(greedy))
+
+    def _replay(self, state: DecoderState, audio: torch.Tensor) -> int:
+        step = state.step
+        for cache in state.caches:
+            cache.prepare(state.next_position + 1)
+        step.audio.copy_(audio)
+        step.position.fill_(state.next_position)
+        step.graphs(state.caches[0].span)
+        return self._advance(state, 1, int(step.token))
+
+    def _advance(self, state: DecoderState, count: int, token: int) -> int:
+        state.next_position += count
         state.last_token = token
         state.ended = token == self.eos_id
         return token

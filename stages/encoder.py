@@ -9,10 +9,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stages.audio import CONV_STRIDE, NUM_MEL_BINS
+from stages.audio import CONV_STRIDE, ENCODER_FRAMES_PER_TOKEN, NUM_MEL_BINS
 from stages.base import Stage, StageError
 from stages.checkpoint import ENCODER_PREFIX, ModelDir, TransformerParams
-from stages.layers import Attention, FeedForward, RMSNorm, RollingKVCache, RotaryEmbedding
+from stages.graphs import StepGraphs
+from stages.layers import (
+    Attention,
+    FeedForward,
+    KVCache,
+    RMSNorm,
+    RollingKVCache,
+    RotaryEmbedding,
+    StaticKVCache,
+    fuse_projections,
+)
 
 CONV_KERNEL = 3
 CONV1_CONTEXT = CONV_KERNEL - 1  # left pad of the stride-1 conv: (k - 1) + 1 - stride
@@ -37,7 +47,7 @@ class EncoderLayer(nn.Module):
         self.feed_forward = FeedForward(params)
 
     def forward(
-        self, x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: RollingKVCache
+        self, x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache
     ) -> torch.Tensor:
         x = x + self.attention(self.attention_norm(x), positions, cos, sin, cache)
         return x + self.feed_forward(self.ffn_norm(x))
@@ -52,12 +62,23 @@ class _Transformer(nn.Module):
 
 @dataclass
 class EncoderState:
-    """Per-stream encoder state: conv tails, one rolling KV cache per layer, and the next frame position."""
+    """Per-stream encoder state: conv tails, one KV cache per layer, and the next frame position."""
 
     mel_tail: torch.Tensor
     conv1_tail: torch.Tensor
-    caches: list[RollingKVCache]
+    caches: list[KVCache]
     next_position: int = 0
+    step: EncoderStep | None = None  # CUDA-graph buffers of the 4-frame step, when graphs are used
+
+
+@dataclass
+class EncoderStep:
+    """Fixed buffers of one stream's 4-frame (80 ms) encoder step, and its graphs per cache span."""
+
+    frames: torch.Tensor  # [4, dim] stem frames in
+    positions: torch.Tensor  # [4]
+    out: torch.Tensor  # [4, dim] encoder frames out
+    graphs: StepGraphs
 
 
 class AudioEncoder(nn.Module):
@@ -70,13 +91,22 @@ class AudioEncoder(nn.Module):
         self.transformer = _Transformer(params)
         self.rope = RotaryEmbedding(params.head_dim, params.rope_theta)
 
-    def new_state(self) -> EncoderState:
+    def new_state(self, *, static_cache: bool = False) -> EncoderState:
         """Fresh stream state: zero conv context (the reference's causal left padding), empty caches."""
         ref = self.conv_layers[0].conv.weight
+        p = self.params
+        caches: list[KVCache] = [
+            StaticKVCache(
+                p.sliding_window, DEFAULT_BLOCK_FRAMES, p.n_kv_heads, p.head_dim, dtype=ref.dtype, device=ref.device
+            )
+            if static_cache
+            else RollingKVCache(p.sliding_window)
+            for _ in range(p.n_layers)
+        ]
         return EncoderState(
             mel_tail=ref.new_zeros(CONV1_CONTEXT, NUM_MEL_BINS),
-            conv1_tail=ref.new_zeros(CONV2_CONTEXT, self.params.dim),
-            caches=[RollingKVCache(self.params.sliding_window) for _ in range(self.params.n_layers)],
+            conv1_tail=ref.new_zeros(CONV2_CONTEXT, p.dim),
+            caches=caches,
         )
 
     def conv_stem(self, mel: torch.Tensor, state: EncoderState) -> torch.Tensor:
@@ -96,18 +126,47 @@ class AudioEncoder(nn.Module):
         state.conv1_tail = buf[CONV_STRIDE * pairs :]
         return c2
 
-    def transform(self, x: torch.Tensor, state: EncoderState, block_frames: int = DEFAULT_BLOCK_FRAMES) -> torch.Tensor:
+    def layers(self, x: torch.Tensor, positions: torch.Tensor, caches: list[KVCache]) -> torch.Tensor:
+        """The transformer and final norm over frames x [T, dim] at `positions` [T]; updates the caches."""
+        cos, sin = self.rope.cos_sin(positions, x.dtype)
+        for layer, cache in zip(self.transformer.layers, caches, strict=True):
+            x = layer(x, positions, cos, sin, cache)
+        return self.transformer.norm(x)
+
+    def transform(self, x: torch.Tensor, state: EncoderState) -> torch.Tensor:
         """Run the transformer over new stem frames [m, dim] at the stream's next absolute positions."""
         outputs = []
-        for start in range(0, x.shape[0], block_frames):
-            block = x[start : start + block_frames]
-            positions = torch.arange(state.next_position, state.next_position + block.shape[0], device=x.device)
-            cos, sin = self.rope.cos_sin(positions, block.dtype)
-            for layer, cache in zip(self.transformer.layers, state.caches, strict=True):
-                block = layer(block, positions, cos, sin, cache)
-            outputs.append(self.transformer.norm(block))
-            state.next_position += block.shape[0]
+        for start in range(0, x.shape[0], DEFAULT_BLOCK_FRAMES):
+            block = x[start : start + DEFAULT_BLOCK_FRAMES]
+            count = block.shape[0]
+            for cache in state.caches:
+                cache.prepare(state.next_position + count)
+            if state.step is not None and count == ENCODER_FRAMES_PER_TOKEN:
+                outputs.append(self._graphed_step(block, state).clone())
+            else:
+                positions = torch.arange(state.next_position, state.next_position + count, device=x.device)
+                outputs.append(self.layers(block, positions, state.caches))
+            state.next_position += count
         return torch.cat(outputs) if outputs else x.new_zeros(0, self.params.dim)
+
+    def _graphed_step(self, block: torch.Tensor, state: EncoderState) -> torch.Tensor:
+        step = state.step
+        step.frames.copy_(block)
+        step.positions.copy_(torch.arange(state.next_position, state.next_position + len(block)), non_blocking=True)
+        step.graphs(state.caches[0].span)
+        return step.out
+
+    def enable_graphs(self, state: EncoderState) -> None:
+        """Give a static-cache stream CUDA-graph buffers for its 80 ms steps."""
+        ref = self.conv_layers[0].conv.weight
+        frames = ref.new_zeros(ENCODER_FRAMES_PER_TOKEN, self.params.dim)
+        positions = torch.zeros(ENCODER_FRAMES_PER_TOKEN, dtype=torch.long, device=ref.device)
+        out = torch.zeros_like(frames)
+
+        def step() -> None:
+            out.copy_(self.layers(frames, positions, state.caches))
+
+        state.step = EncoderStep(frames, positions, out, StepGraphs(step))
 
     @torch.inference_mode()
     def forward(self, mel: torch.Tensor, state: EncoderState) -> torch.Tensor:
@@ -122,16 +181,25 @@ def load_audio_encoder(model: ModelDir, *, dtype: torch.dtype, device: str | tor
         encoder = AudioEncoder(model.params.encoder)
     encoder.load_state_dict({name[len(ENCODER_PREFIX) :]: t for name, t in tensors.items()}, assign=True)
     encoder.rope = RotaryEmbedding(model.params.encoder.head_dim, model.params.encoder.rope_theta).to(device)
+    fuse_projections(encoder)
     return encoder.eval()
 
 
 class EncoderStage(Stage):
-    """Streaming encoder: mel frames [k, 128] in, encoder frames [m, dim] (float32) out, per stream."""
+    """Streaming encoder: mel frames [k, 128] in, encoder frames [m, dim] (float32) out, per stream.
+
+    `static_cache` preallocates ring caches; `cuda_graphs` (needs static caches on a GPU) replays each
+    80 ms step as a CUDA graph.
+    """
 
     name = "encoder"
 
-    def __init__(self, encoder: AudioEncoder) -> None:
+    def __init__(self, encoder: AudioEncoder, *, static_cache: bool = False, cuda_graphs: bool = False) -> None:
+        if cuda_graphs and not (static_cache and encoder.conv_layers[0].conv.weight.is_cuda):
+            raise StageError("encoder: cuda_graphs needs a CUDA device and cache: static")
         self.encoder = encoder
+        self.static_cache = static_cache
+        self.cuda_graphs = cuda_graphs
         self._states: dict[str, EncoderState] = {}
 
     def push(self, stream_id: str, item: np.ndarray) -> list[np.ndarray]:
@@ -140,7 +208,9 @@ class EncoderStage(Stage):
             raise StageError(f"encoder: expected mel frames of shape [k, {NUM_MEL_BINS}], got {list(mel.shape)}")
         state = self._states.get(stream_id)
         if state is None:
-            state = self._states[stream_id] = self.encoder.new_state()
+            state = self._states[stream_id] = self.encoder.new_state(static_cache=self.static_cache)
+            if self.cuda_graphs:
+                self.encoder.enable_graphs(state)
         weight = self.encoder.conv_layers[0].conv.weight
         frames = self.encoder(torch.from_numpy(mel).to(device=weight.device, dtype=weight.dtype), state)
         if frames.shape[0] == 0:

@@ -23,8 +23,8 @@ MODEL_STAGE_KINDS = ("encoder", "decoder")
 STAGE_PARAMS: dict[str, tuple[str, ...]] = {
     "resample": (),
     "mel": (),
-    "encoder": ("dtype",),
-    "decoder": ("dtype",),
+    "encoder": ("dtype", "cache", "cuda_graphs"),
+    "decoder": ("dtype", "cache", "cuda_graphs"),
     "detokenize": (),
 }
 
@@ -81,8 +81,14 @@ def build_stage(
         return MelStage(model.tekken.audio.streaming_n_left_pad_tokens, delay)
     if kind == "detokenize":
         return DetokenizeStage(model.tekken)
-    # bf16 is the published weights' dtype and what the reference runs on GPUs; fp32 is exact on CPUs.
-    dtype = torch_dtype(params.get("dtype", "bfloat16" if target.type == "cuda" else "float32"))
+    # On a GPU: bf16 (the published weights' dtype, as the reference runs), static ring caches and CUDA
+    # graphs. On a CPU: fp32, exact against the reference, and caches that grow as they go.
+    on_gpu = target.type == "cuda"
+    dtype = torch_dtype(params.get("dtype", "bfloat16" if on_gpu else "float32"))
+    cache = params.get("cache", "static" if on_gpu else "dynamic")
+    if cache not in ("static", "dynamic"):
+        raise StageError(f"stage '{kind}': cache must be static or dynamic, got {cache!r}")
+    fast = {"static_cache": cache == "static", "cuda_graphs": bool(params.get("cuda_graphs", on_gpu))}
     if kind == "encoder":
-        return EncoderStage(load_audio_encoder(model, dtype=dtype, device=target))
-    return DecoderStage(load_text_decoder(model, dtype=dtype, device=target), model.tekken, delay)
+        return EncoderStage(load_audio_encoder(model, dtype=dtype, device=target), **fast)
+    return DecoderStage(load_text_decoder(model, dtype=dtype, device=target), model.tekken, delay, **fast)

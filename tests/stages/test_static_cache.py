@@ -1,0 +1,74 @@
+"""The GPU fast path's static ring caches, run on the CPU: same ids and same attention as the dynamic ones."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from stages.audio import SAMPLES_PER_TOKEN
+from stages.base import StageError
+from stages.checkpoint import TransformerParams
+from stages.factory import build_stage
+from stages.layers import MIN_SPAN, Attention, RollingKVCache, RotaryEmbedding, StaticKVCache, span_for
+from stages.transcribe import MODEL_CHAIN, run_chain, transcript_of
+from tests.conftest import speechlike_audio
+
+PARAMS = TransformerParams(
+    dim=32, n_layers=1, head_dim=8, hidden_dim=64, n_heads=4, n_kv_heads=2, rope_theta=1e6, norm_eps=1e-5,
+    sliding_window=10, use_biases=True,
+)  # fmt: skip
+
+
+def chain(model_dir, cache: str):
+    settings = {"encoder": {"cache": cache}, "decoder": {"cache": cache}}
+    return [build_stage(kind, model_dir=model_dir, params=settings.get(kind)) for kind in MODEL_CHAIN]
+
+
+@pytest.mark.parametrize("chunk", [SAMPLES_PER_TOKEN, 10**7], ids=["80ms-chunks", "one-chunk"])
+def test_static_cache_gives_the_dynamic_ids(small_window_model_dir, chunk) -> None:
+    audio = speechlike_audio(6.0, seed=9)
+    pieces = [audio[i : i + chunk] for i in range(0, len(audio), chunk)]
+    dynamic = transcript_of(run_chain(chain(small_window_model_dir, "dynamic"), "s", pieces)).token_ids
+    static = transcript_of(run_chain(chain(small_window_model_dir, "static"), "s", pieces)).token_ids
+    assert len(set(dynamic)) >= 3
+    assert static == dynamic
+
+
+def test_static_attention_equals_dynamic_across_wraps() -> None:
+    """Blocks of 1..5 positions through a ring of window-1+5 slots, many times around it."""
+    torch.manual_seed(0)
+    attention = Attention(PARAMS)
+    attention.fuse()
+    rope = RotaryEmbedding(PARAMS.head_dim, PARAMS.rope_theta)
+    dynamic = RollingKVCache(PARAMS.sliding_window)
+    static = StaticKVCache(
+        PARAMS.sliding_window, 5, PARAMS.n_kv_heads, PARAMS.head_dim, dtype=torch.float32, device="cpu"
+    )
+    position = 0
+    with torch.inference_mode():
+        for block in [1, 5, 3, 2, 5, 4, 1, 1, 5, 5, 5, 2, 3] * 3:
+            x = torch.randn(block, PARAMS.dim)
+            positions = torch.arange(position, position + block)
+            cos, sin = rope.cos_sin(positions, x.dtype)
+            static.prepare(position + block)
+            expected = attention(x, positions, cos, sin, dynamic)
+            got = attention(x, positions, cos, sin, static)
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+            position += block
+            assert len(static) == len(dynamic) == min(position, PARAMS.sliding_window - 1)
+
+
+def test_span_reads_the_filled_prefix_rounded_up_until_the_ring_wraps() -> None:
+    assert span_for(1, 8255) == MIN_SPAN
+    assert span_for(MIN_SPAN + 1, 8255) == 2 * MIN_SPAN
+    assert span_for(5000, 8255) == 8192
+    assert span_for(8200, 8255) == 8255
+    assert span_for(10**6, 8255) == 8255
+    assert span_for(3, 20) == 20
+
+
+def test_cuda_graphs_need_a_gpu_and_static_caches(tiny_model_dir) -> None:
+    with pytest.raises(StageError, match="cuda_graphs needs a CUDA device"):
+        build_stage("decoder", model_dir=tiny_model_dir, params={"cuda_graphs": True})
+    with pytest.raises(StageError, match="cache must be static or dynamic"):
+        build_stage("encoder", model_dir=tiny_model_dir, params={"cache": "ring"})
