@@ -7,24 +7,37 @@ layout is renamed and its q/k rows un-permuted back to the interleaved RoPE orde
 from __future__ import annotations
 
 import json
+import math
 import re
+import reprlib
 import struct
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
-from stages.audio import ENCODER_FRAMES_PER_TOKEN, FRAME_RATE, HOP_LENGTH, NUM_MEL_BINS, SAMPLE_RATE, WINDOW_SIZE
+from stages.audio import (
+    ENCODER_FRAMES_PER_TOKEN,
+    FRAME_RATE,
+    GLOBAL_LOG_MEL_MAX,
+    HOP_LENGTH,
+    NUM_MEL_BINS,
+    SAMPLE_RATE,
+    WINDOW_SIZE,
+)
 from stages.base import CheckpointError
-from stages.tekken import Tekken, load_tekken
+from stages.tekken import STREAMING_FORMAT, Tekken, load_tekken
 
 PARAMS_FILE = "params.json"
 TEKKEN_FILE = "tekken.json"
 CONSOLIDATED_FILE = "consolidated.safetensors"
 HF_CONFIG_FILE = "config.json"
+HF_WEIGHTS_FILE = "model.safetensors"
+HF_INDEX_FILE = "model.safetensors.index.json"
+HF_MODEL_TYPE = "voxtral_realtime"
 
 # Tensor-name prefixes of the Mistral layout; a stage loads only the parts it runs.
 EMBEDDING_MODULE = "mm_streams_embeddings.embedding_module."
@@ -38,6 +51,7 @@ DECODER_PREFIXES = (ADAPTER_PREFIX, TOKEN_EMBEDDING, DECODER_LAYERS_PREFIX, DECO
 ADA_NORM_DIM = 32  # bottleneck of the delay conditioning MLP; the reference hard-codes it
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+HEADER_LENGTH_BYTES = 8  # a safetensors file opens with its header length, u64 little-endian
 _SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
 
@@ -74,50 +88,96 @@ class ModelParams:
         return self.encoder.dim * self.downsample_factor
 
 
-def _field(obj: Mapping[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
-    if key not in obj:
-        raise CheckpointError(f"{where}: missing key '{key}'")
-    value = obj[key]
-    if isinstance(value, bool) and kind is not bool:
-        raise CheckpointError(f"{where}: key '{key}' must be {_kind_name(kind)}, got {value!r}")
-    if not isinstance(value, kind):
-        raise CheckpointError(f"{where}: key '{key}' must be {_kind_name(kind)}, got {value!r}")
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and value <= 0:
-        raise CheckpointError(f"{where}: key '{key}' must be positive, got {value!r}")
+# Dotted keys of params.json (spec 2.1): the top level is the text decoder.
+ENCODER_ARGS = "multimodal.whisper_model_args.encoder_args"
+AUDIO_ENCODING_ARGS = ENCODER_ARGS + ".audio_encoding_args"
+DOWNSAMPLE_FACTOR = "multimodal.whisper_model_args.downsample_args.downsample_factor"
+DEFAULT_MAX_LENGTH = 131072  # what the HF conversion assumes when params.json gives no length
+
+_REQUIRED = object()
+_NUMBER = (int, float)
+_JSON_KINDS = {bool: "a boolean", int: "an integer", str: "a string", dict: "an object", _NUMBER: "a number"}
+
+
+def _get(raw: Mapping[str, Any], key: str, kind: type | tuple[type, ...], path: Path, default: Any = _REQUIRED) -> Any:
+    """The value at dotted `key` of a JSON object, of JSON type `kind` (a boolean is never a number)."""
+    value: Any = raw
+    parts = key.split(".")
+    for depth, part in enumerate(parts):
+        if not isinstance(value, dict):
+            raise CheckpointError(
+                f"{path}: key '{'.'.join(parts[:depth])}' must be an object, got {reprlib.repr(value)}"
+            )
+        if part not in value:
+            if default is not _REQUIRED:
+                return default
+            raise CheckpointError(f"{path}: missing key '{key}'")
+        value = value[part]
+    if isinstance(value, bool) != (kind is bool) or not isinstance(value, kind):
+        raise CheckpointError(f"{path}: key '{key}' must be {_JSON_KINDS[kind]}, got {reprlib.repr(value)}")
     return value
 
 
-def _kind_name(kind: type | tuple[type, ...]) -> str:
-    kinds = kind if isinstance(kind, tuple) else (kind,)
-    return " or ".join(k.__name__ for k in kinds)
+def _positive(raw: Mapping[str, Any], key: str, path: Path, default: Any = _REQUIRED) -> int | float:
+    value = _get(raw, key, _NUMBER, path, default)
+    if value <= 0:
+        raise CheckpointError(f"{path}: key '{key}' must be positive, got {value!r}")
+    return value
 
 
-def _stack_params(obj: Mapping[str, Any], where: str, *, use_biases: bool) -> TransformerParams:
-    number = (int, float)
+def _count(raw: Mapping[str, Any], key: str, path: Path, default: Any = _REQUIRED) -> int:
+    """A positive whole number; 8192.0 counts (the HF conversion casts windows to int), 8192.5 does not."""
+    value = _positive(raw, key, path, default)
+    if isinstance(value, float) and not value.is_integer():
+        raise CheckpointError(f"{path}: key '{key}' must be a whole number, got {value!r}")
+    return int(value)
+
+
+def _expect(
+    raw: Mapping[str, Any], key: str, kind: type | tuple[type, ...], expected: Any, path: Path, why: str
+) -> None:
+    """A key whose value is fixed for this model (a flag or a front-end constant)."""
+    value = _get(raw, key, kind, path)
+    if value != expected:
+        raise CheckpointError(f"{path}: key '{key}' must be {json.dumps(expected)} ({why}), got {json.dumps(value)}")
+
+
+def _stack_params(
+    raw: Mapping[str, Any], keys: Mapping[str, str], path: Path, *, use_biases: bool
+) -> TransformerParams:
+    """One stack's settings; `keys` maps each TransformerParams field to its dotted key in the file."""
     params = TransformerParams(
-        dim=_field(obj, "dim", int, where),
-        n_layers=_field(obj, "n_layers", int, where),
-        head_dim=_field(obj, "head_dim", int, where),
-        hidden_dim=_field(obj, "hidden_dim", int, where),
-        n_heads=_field(obj, "n_heads", int, where),
-        n_kv_heads=_field(obj, "n_kv_heads", int, where),
-        rope_theta=float(_field(obj, "rope_theta", number, where)),
-        norm_eps=float(_field(obj, "norm_eps", number, where)),
-        sliding_window=int(_field(obj, "sliding_window", number, where)),
+        dim=_count(raw, keys["dim"], path),
+        n_layers=_count(raw, keys["n_layers"], path),
+        head_dim=_count(raw, keys["head_dim"], path),
+        hidden_dim=_count(raw, keys["hidden_dim"], path),
+        n_heads=_count(raw, keys["n_heads"], path),
+        n_kv_heads=_count(raw, keys["n_kv_heads"], path),
+        rope_theta=float(_positive(raw, keys["rope_theta"], path)),
+        norm_eps=float(_positive(raw, keys["norm_eps"], path)),
+        sliding_window=_count(raw, keys["sliding_window"], path),
         use_biases=use_biases,
     )
     if params.n_heads % params.n_kv_heads:
-        raise CheckpointError(f"{where}: n_heads {params.n_heads} is not a multiple of n_kv_heads {params.n_kv_heads}")
+        raise CheckpointError(
+            f"{path}: key '{keys['n_heads']}' ({params.n_heads}) must be a multiple of "
+            f"'{keys['n_kv_heads']}' ({params.n_kv_heads})"
+        )
     if params.head_dim % 2:
-        raise CheckpointError(f"{where}: head_dim {params.head_dim} must be even for RoPE")
+        raise CheckpointError(f"{path}: key '{keys['head_dim']}' must be even for RoPE, got {params.head_dim}")
     return params
 
 
+_STACK_FIELDS = tuple(field.name for field in fields(TransformerParams) if field.name != "use_biases")
+
+
 def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise CheckpointError(f"{path}: file not found")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: file not found") from None
+    except OSError as err:
+        raise CheckpointError(f"{path}: cannot read ({err.strerror})") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{path}: not valid JSON ({err})") from None
     if not isinstance(data, dict):
@@ -126,106 +186,97 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def parse_params(path: Path) -> ModelParams:
-    """Read and validate params.json (spec section 2.1); the only reader of that file."""
+    """Read and validate params.json (spec section 2.1); the only reader of that file.
+
+    model_parallel and the encoder's vocab_size, use_cache and max_source_positions play no part in
+    inference and are not checked.
+    """
+    path = Path(path)
     raw = _read_json(path)
-    where = str(path)
-    if not _field(raw, "causal", bool, where):
-        raise CheckpointError(f"{where}: key 'causal' must be true for the realtime model")
-    if _field(raw, "use_biases", bool, where):
-        raise CheckpointError(f"{where}: key 'use_biases' must be false (the decoder has no biases)")
-    if not _field(raw, "tied_embeddings", bool, where):
-        raise CheckpointError(f"{where}: key 'tied_embeddings' must be true (the LM head is the embedding)")
-    if not _field(raw, "ada_rms_norm_t_cond", bool, where):
-        raise CheckpointError(f"{where}: key 'ada_rms_norm_t_cond' must be true (delay conditioning)")
-    ada_dim = _field(raw, "ada_rms_norm_t_cond_dim", int, where)
-    decoder = _stack_params(raw, where, use_biases=False)
-    vocab_size = _field(raw, "vocab_size", int, where)
-    max_length = int(raw.get("model_max_length", raw.get("max_seq_len", 131072)))
+    _expect(raw, "causal", bool, True, path, "the realtime decoder is causal")
+    _expect(raw, "use_biases", bool, False, path, "the decoder has no biases")
+    _expect(raw, "tied_embeddings", bool, True, path, "the LM head is the token embedding")
+    _expect(raw, "ada_rms_norm_t_cond", bool, True, path, "the decoder is delay-conditioned")
+    decoder = _stack_params(raw, {name: name for name in _STACK_FIELDS}, path, use_biases=False)
 
-    multimodal = _field(raw, "multimodal", dict, where)
-    whisper = _field(multimodal, "whisper_model_args", dict, where + " multimodal")
-    enc_where = where + " multimodal.whisper_model_args.encoder_args"
-    enc = _field(whisper, "encoder_args", dict, where + " multimodal.whisper_model_args")
-    if not _field(enc, "causal", bool, enc_where):
-        raise CheckpointError(f"{enc_where}: key 'causal' must be true for the realtime encoder")
-    if _field(enc, "pos_embed", str, enc_where) != "rope":
-        raise CheckpointError(f"{enc_where}: key 'pos_embed' must be 'rope', got {enc['pos_embed']!r}")
-    for key, expected in (("ffn_type", "swiglu"), ("norm_type", "rms_norm")):
-        if enc.get(key, expected) != expected:
-            raise CheckpointError(f"{enc_where}: key '{key}' must be '{expected}', got {enc[key]!r}")
-    encoder = _stack_params(enc, enc_where, use_biases=_field(enc, "use_biases", bool, enc_where))
-    if not encoder.use_biases:
-        raise CheckpointError(f"{enc_where}: key 'use_biases' must be true (wq, wv, wo and w2 have biases)")
+    enc = ENCODER_ARGS + "."
+    _expect(raw, enc + "causal", bool, True, path, "the realtime encoder is causal")
+    _expect(raw, enc + "use_biases", bool, True, path, "wq, wv, wo and w2 have biases")
+    _expect(raw, enc + "pos_embed", str, "rope", path, "the encoder uses RoPE")
+    _expect(raw, enc + "ffn_type", str, "swiglu", path, "the encoder FFN is SwiGLU")
+    _expect(raw, enc + "norm_type", str, "rms_norm", path, "the encoder uses RMSNorm")
+    encoder = _stack_params(raw, {name: enc + name for name in _STACK_FIELDS}, path, use_biases=True)
     if encoder.n_kv_heads != encoder.n_heads:
-        raise CheckpointError(f"{enc_where}: n_kv_heads must equal n_heads (the encoder is multi-head)")
+        raise CheckpointError(
+            f"{path}: key '{enc}n_kv_heads' must equal n_heads {encoder.n_heads} (the encoder is multi-head), "
+            f"got {encoder.n_kv_heads}"
+        )
 
-    audio_where = enc_where + ".audio_encoding_args"
-    audio = _field(enc, "audio_encoding_args", dict, enc_where)
+    audio = AUDIO_ENCODING_ARGS + "."
     for key, expected in (
         ("sampling_rate", SAMPLE_RATE),
         ("frame_rate", FRAME_RATE),
         ("num_mel_bins", NUM_MEL_BINS),
         ("hop_length", HOP_LENGTH),
         ("window_size", WINDOW_SIZE),
+        ("global_log_mel_max", GLOBAL_LOG_MEL_MAX),
     ):
-        if _field(audio, key, (int, float), audio_where) != expected:
-            raise CheckpointError(f"{audio_where}: key '{key}' is {audio[key]!r}, this engine supports {expected}")
-    downsample = _field(_field(whisper, "downsample_args", dict, where), "downsample_factor", int, where)
-    if downsample != ENCODER_FRAMES_PER_TOKEN:
+        _expect(raw, audio + key, _NUMBER, expected, path, "the front end this engine computes")
+    _expect(raw, audio + "transcription_format", str, STREAMING_FORMAT, path, "the realtime model streams")
+    chunk_length = _get(raw, AUDIO_ENCODING_ARGS, dict, path).get("chunk_length_s")
+    if chunk_length is not None:
         raise CheckpointError(
-            f"{where}: downsample_factor is {downsample}, the audio frame rate needs {ENCODER_FRAMES_PER_TOKEN}"
+            f"{path}: key '{audio}chunk_length_s' must be null (the streaming format), got {json.dumps(chunk_length)}"
         )
+    _expect(raw, DOWNSAMPLE_FACTOR, int, ENCODER_FRAMES_PER_TOKEN, path, "encoder frames per decoder position")
+    max_length = _count(raw, "max_seq_len", path, default=DEFAULT_MAX_LENGTH)
     return ModelParams(
         decoder=decoder,
         encoder=encoder,
-        vocab_size=vocab_size,
-        downsample_factor=downsample,
-        ada_norm_dim=ada_dim,
-        model_max_length=max_length,
+        vocab_size=_count(raw, "vocab_size", path),
+        downsample_factor=ENCODER_FRAMES_PER_TOKEN,
+        ada_norm_dim=_count(raw, "ada_rms_norm_t_cond_dim", path),
+        model_max_length=_count(raw, "model_max_length", path, default=max_length),
     )
+
+
+_HF_STACK_KEYS = {
+    "dim": "hidden_size",
+    "n_layers": "num_hidden_layers",
+    "head_dim": "head_dim",
+    "hidden_dim": "intermediate_size",
+    "n_heads": "num_attention_heads",
+    "n_kv_heads": "num_key_value_heads",
+    "rope_theta": "rope_parameters.rope_theta",
+    "norm_eps": "rms_norm_eps",
+    "sliding_window": "sliding_window",
+}
 
 
 def parse_hf_config(path: Path) -> ModelParams:
     """Read a Hugging Face config.json of the same model into ModelParams (spec section 2.3 mapping)."""
+    path = Path(path)
     raw = _read_json(path)
-    where = str(path)
-    if raw.get("model_type") != "voxtral_realtime":
-        raise CheckpointError(f"{where}: key 'model_type' must be 'voxtral_realtime', got {raw.get('model_type')!r}")
+    _expect(raw, "model_type", str, HF_MODEL_TYPE, path, "the Voxtral Realtime architecture")
+    _expect(raw, "downsample_factor", int, ENCODER_FRAMES_PER_TOKEN, path, "encoder frames per decoder position")
+    if not _get(raw, "tie_word_embeddings", bool, path, default=True):
+        raise CheckpointError(f"{path}: key 'tie_word_embeddings' must be true (the LM head is the token embedding)")
 
-    def stack(cfg: Mapping[str, Any], cfg_where: str, *, use_biases: bool, default_kv: bool) -> TransformerParams:
-        rope = cfg.get("rope_parameters") or {}
-        theta = rope.get("rope_theta", cfg.get("rope_theta"))
-        if theta is None:
-            raise CheckpointError(f"{cfg_where}: missing key 'rope_parameters.rope_theta'")
-        kv = cfg.get("num_key_value_heads") if not default_kv else cfg.get("num_attention_heads")
-        mapped = {
-            "dim": cfg.get("hidden_size"),
-            "n_layers": cfg.get("num_hidden_layers"),
-            "head_dim": cfg.get("head_dim"),
-            "hidden_dim": cfg.get("intermediate_size"),
-            "n_heads": cfg.get("num_attention_heads"),
-            "n_kv_heads": kv,
-            "rope_theta": theta,
-            "norm_eps": cfg.get("rms_norm_eps"),
-            "sliding_window": cfg.get("sliding_window"),
-        }
-        missing = [k for k, v in mapped.items() if v is None]
-        if missing:
-            raise CheckpointError(f"{cfg_where}: missing value for '{missing[0]}'")
-        return _stack_params(mapped, cfg_where, use_biases=use_biases)
+    def stack_keys(config: str) -> dict[str, str]:
+        keys = {name: f"{config}.{hf_key}" for name, hf_key in _HF_STACK_KEYS.items()}
+        if _get(raw, f"{config}.rope_parameters", dict, path, default=None) is None:
+            keys["rope_theta"] = f"{config}.rope_theta"  # configs written before rope_parameters existed
+        return keys
 
-    text = _field(raw, "text_config", dict, where)
-    audio = _field(raw, "audio_config", dict, where)
-    downsample = int(raw.get("downsample_factor", ENCODER_FRAMES_PER_TOKEN))
-    if downsample != ENCODER_FRAMES_PER_TOKEN:
-        raise CheckpointError(f"{where}: downsample_factor is {downsample}, expected {ENCODER_FRAMES_PER_TOKEN}")
+    audio_keys = stack_keys("audio_config")
+    audio_keys["n_kv_heads"] = audio_keys["n_heads"]  # the encoder config aliases the two
     return ModelParams(
-        decoder=stack(text, where + " text_config", use_biases=False, default_kv=False),
-        encoder=stack(audio, where + " audio_config", use_biases=True, default_kv=True),
-        vocab_size=_field(text, "vocab_size", int, where + " text_config"),
-        downsample_factor=downsample,
+        decoder=_stack_params(raw, stack_keys("text_config"), path, use_biases=False),
+        encoder=_stack_params(raw, audio_keys, path, use_biases=True),
+        vocab_size=_count(raw, "text_config.vocab_size", path),
+        downsample_factor=ENCODER_FRAMES_PER_TOKEN,
         ada_norm_dim=ADA_NORM_DIM,
-        model_max_length=int(text.get("max_position_embeddings", 131072)),
+        model_max_length=_count(raw, "text_config.max_position_embeddings", path, default=DEFAULT_MAX_LENGTH),
     )
 
 
@@ -296,31 +347,48 @@ def read_safetensors_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]
     try:
         size = path.stat().st_size
         with path.open("rb") as handle:
-            prefix = handle.read(8)
-            if len(prefix) < 8:
-                raise CheckpointError(f"{path}: truncated safetensors file (no header)")
+            prefix = handle.read(HEADER_LENGTH_BYTES)
+            if len(prefix) < HEADER_LENGTH_BYTES:
+                raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, no header)")
             (header_len,) = struct.unpack("<Q", prefix)
-            if header_len > size - 8:
-                raise CheckpointError(f"{path}: truncated or corrupt safetensors file (header runs past the end)")
+            data_len = size - HEADER_LENGTH_BYTES - header_len
+            if data_len < 0:
+                raise CheckpointError(f"{path}: truncated safetensors file (the header runs past the end)")
             header = json.loads(handle.read(header_len))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: file not found") from None
     except OSError as err:
         raise CheckpointError(f"{path}: cannot read ({err.strerror})") from None
     except (json.JSONDecodeError, UnicodeDecodeError):
-        raise CheckpointError(f"{path}: corrupt safetensors file (header is not JSON)") from None
-    data_len = size - 8 - header_len
+        raise CheckpointError(f"{path}: corrupt safetensors file (the header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors file (the header is not a JSON object)")
     tensors: dict[str, tuple[str, tuple[int, ...]]] = {}
+    data_end = 0
     for name, info in header.items():
         if name == "__metadata__":
             continue
         try:
-            begin, end = info["data_offsets"]
-            dtype, shape = info["dtype"], tuple(int(d) for d in info["shape"])
+            begin, end = (int(offset) for offset in info["data_offsets"])
+            dtype, shape = str(info["dtype"]), tuple(int(d) for d in info["shape"])
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(f"{path}: corrupt safetensors header entry for tensor '{name}'") from None
         if end > data_len:
-            raise CheckpointError(f"{path}: truncated safetensors file (tensor '{name}' ends past the end of the file)")
+            raise CheckpointError(f"{path}: truncated safetensors file (tensor '{name}' ends past the end)")
+        if dtype in _SAFETENSORS_DTYPES and not 0 <= begin <= end == begin + _nbytes(dtype, shape):
+            raise CheckpointError(
+                f"{path}: corrupt safetensors file (tensor '{name}' has offsets {begin}..{end}, "
+                f"its {dtype} shape {list(shape)} needs {_nbytes(dtype, shape)} bytes)"
+            )
         tensors[name] = (dtype, shape)
+        data_end = max(data_end, end)
+    if data_end < data_len:
+        raise CheckpointError(f"{path}: corrupt safetensors file ({data_len - data_end} bytes after the last tensor)")
     return tensors
+
+
+def _nbytes(dtype: str, shape: tuple[int, ...]) -> int:
+    return math.prod(shape) * _SAFETENSORS_DTYPES[dtype].itemsize
 
 
 def _hf_to_mistral_name(hf_name: str) -> str | None:
@@ -381,8 +449,8 @@ def unpermute_rope_rows(tensor: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 
 class ModelDir:
-    """A model directory in the Mistral layout (params.json, consolidated.safetensors, tekken.json)
-    or the Hugging Face layout (config.json, model*.safetensors, tekken.json)."""
+    """A model directory in the Mistral layout (params.json, consolidated.safetensors, tekken.json) or the
+    Hugging Face layout (config.json, model.safetensors or the shards its index lists, tekken.json)."""
 
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
@@ -397,9 +465,7 @@ class ModelDir:
         elif (self.path / HF_CONFIG_FILE).is_file():
             self.layout = "hf"
             self.params = parse_hf_config(self.path / HF_CONFIG_FILE)
-            weight_files = sorted(self.path.glob("model*.safetensors"))
-            if not weight_files:
-                raise CheckpointError(f"{self.path}: no model*.safetensors next to config.json")
+            weight_files = self._hf_weight_files()
         else:
             raise CheckpointError(f"{self.path}: neither {PARAMS_FILE} nor {HF_CONFIG_FILE} found")
         self.tekken: Tekken = load_tekken(self.path / TEKKEN_FILE)
@@ -410,7 +476,21 @@ class ModelDir:
             )
         self._index = self._index_tensors(weight_files)
 
-    def _index_tensors(self, files: Iterable[Path]) -> dict[str, _TensorEntry]:
+    def _hf_weight_files(self) -> list[Path]:
+        index_file = self.path / HF_INDEX_FILE
+        if not index_file.is_file():
+            single = self.path / HF_WEIGHTS_FILE
+            if not single.is_file():
+                raise CheckpointError(f"{single}: file not found (nor {HF_INDEX_FILE})")
+            return [single]
+        weight_map = _get(_read_json(index_file), "weight_map", dict, index_file)
+        files = sorted({self.path / str(shard) for shard in weight_map.values()})
+        for file in files:
+            if not file.is_file():
+                raise CheckpointError(f"{file}: file not found (listed in {index_file.name})")
+        return files
+
+    def _index_tensors(self, files: list[Path]) -> dict[str, _TensorEntry]:
         expected = expected_tensor_shapes(self.params)
         index: dict[str, _TensorEntry] = {}
         for file in files:
@@ -426,12 +506,24 @@ class ModelDir:
                     raise CheckpointError(
                         f"{file}: tensor '{stored}' has shape {list(shape)}, params imply {list(expected[name])}"
                     )
+                if name in index:
+                    raise CheckpointError(
+                        f"{file}: tensor '{stored}' is also stored as '{index[name].stored_name}' "
+                        f"in {index[name].file.name}"
+                    )
                 index[name] = _TensorEntry(file, stored, shape)
         missing = [name for name in expected if name not in index]
         if missing:
-            where = files if self.layout == "hf" else [self.path / CONSOLIDATED_FILE]
-            raise CheckpointError(f"{where[0]}: missing tensor '{missing[0]}' ({len(missing)} missing in all)")
+            where = files[0] if len(files) == 1 else self.path
+            mistral_name = " (Mistral name)" if self.layout == "hf" else ""
+            raise CheckpointError(
+                f"{where}: missing tensor '{missing[0]}'{mistral_name} ({len(missing)} missing in all)"
+            )
         return index
+
+    def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor's Mistral name and shape (from the file headers; nothing is loaded)."""
+        return {name: entry.shape for name, entry in self._index.items()}
 
     def load_tensors(
         self, prefixes: Iterable[str], *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
@@ -449,7 +541,7 @@ class ModelDir:
                     for name in names:
                         tensor = handle.get_tensor(self._index[name].stored_name)
                         tensors[name] = self._to_mistral_order(name, tensor).to(device=device, dtype=dtype)
-            except (OSError, RuntimeError, ValueError) as err:
+            except (OSError, RuntimeError, ValueError, SafetensorError) as err:
                 raise CheckpointError(f"{file}: cannot read tensors ({str(err).splitlines()[0]})") from None
         return tensors
 

@@ -137,7 +137,7 @@ ADAPTER_GAIN = 3.0
 
 def random_tensor(name: str, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
     """Random weights scaled so activations keep unit size and the greedy output varies with the audio."""
-    noise = torch.randn(shape, generator=generator)
+    noise = torch.randn(shape, generator=generator, device=generator.device)
     if name.endswith("norm.weight"):
         return 1 + 0.1 * noise
     if name.endswith(".bias"):
@@ -149,16 +149,19 @@ def random_tensor(name: str, shape: tuple[int, ...], generator: torch.Generator)
 
 
 def write_tiny_checkpoint(
-    out_dir: Path, spec: CheckpointSpec = TINY, *, seed: int = 0, dtype: str = "float32"
+    out_dir: Path, spec: CheckpointSpec = TINY, *, seed: int = 0, dtype: str = "float32", device: str = "cpu"
 ) -> Path:
-    """Write params.json, consolidated.safetensors and tekken.json for `spec` into `out_dir`; returns it."""
+    """Write params.json, consolidated.safetensors and tekken.json for `spec` into `out_dir`; returns it.
+
+    `device` is where the random numbers are drawn (a GPU makes the real size take seconds, not minutes).
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / PARAMS_FILE).write_text(json.dumps(params_json(spec), indent=2) + "\n")
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator(device=device).manual_seed(seed)
     target = torch_dtype(dtype)
     tensors = {
-        name: random_tensor(name, shape, generator).to(target)
+        name: random_tensor(name, shape, generator).to(target).cpu()
         for name, shape in sorted(expected_tensor_shapes(parse_params(out_dir / PARAMS_FILE)).items())
     }
     save_file(tensors, str(out_dir / CONSOLIDATED_FILE))
@@ -179,12 +182,15 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--real-size", action="store_true", help="the published model's shapes (8.9 GB in bf16)")
+    parser.add_argument("--device", default="cpu", help="where to draw the random weights (cpu, cuda)")
     for item in fields(CheckpointSpec):
         parser.add_argument("--" + item.name.replace("_", "-"), type=int, default=None)
     args = parser.parse_args()
     base = REAL_SIZE if args.real_size else TINY
     overrides = {k: getattr(args, k) for k in asdict(base) if getattr(args, k) is not None}
-    out = write_tiny_checkpoint(args.out_dir, replace(base, **overrides), seed=args.seed, dtype=args.dtype)
+    out = write_tiny_checkpoint(
+        args.out_dir, replace(base, **overrides), seed=args.seed, dtype=args.dtype, device=args.device
+    )
     print(f"wrote {out}")
 
 

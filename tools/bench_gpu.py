@@ -1,0 +1,277 @@
+"""GPU benchmark of voxtral-run against its memory-bandwidth floor and against transformers, in one command.
+
+On a machine with a CUDA GPU: writes (or takes) a full-size random checkpoint in the real layout, measures
+the copy bandwidth, the cold load to first token, per-80 ms encoder and decoder step times on a long stream,
+transformers' streaming generate on the same weights, and bf16 logits against transformers' bf16 logits.
+Prints one table last and writes every figure as JSON.
+
+Run from the repository root: `python -m tools.bench_gpu [--model DIR] [--seconds 60] [--json OUT.json]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from stages.audio import SAMPLE_RATE, SAMPLES_PER_TOKEN, delay_tokens, pad_audio
+from stages.checkpoint import DECODER_PREFIXES, ENCODER_PREFIX, ModelDir
+from stages.decoder import streaming_prompt
+from stages.factory import build_stage, open_model
+from stages.mel import log_mel_frames
+from tools.make_tiny_checkpoint import REAL_SIZE, write_tiny_checkpoint
+
+BYTES_PER_BF16 = 2
+
+
+def synthetic_speechlike(seconds: float, seed: int = 0) -> np.ndarray:
+    """Deterministic audio whose spectrum changes every 160 ms (no real speech exists on the machine)."""
+    rng = np.random.default_rng(seed)
+    n = int(seconds * SAMPLE_RATE)
+    t = np.arange(n) / SAMPLE_RATE
+    audio = np.zeros(n)
+    for start in range(0, n, 2 * SAMPLES_PER_TOKEN):
+        part = slice(start, start + 2 * SAMPLES_PER_TOKEN)
+        loud, pitch = rng.choice([0.0, 0.05, 0.3]), rng.uniform(100, 3000)
+        audio[part] = loud * (0.5 * np.sin(2 * np.pi * pitch * t[part]) + 0.3 * rng.standard_normal(len(t[part])))
+    return (np.round(np.clip(audio, -1, 1) * 32767) / 32768).astype(np.float32)
+
+
+def copy_bandwidth(device: torch.device) -> float:
+    """Device-to-device copy rate in bytes/s, counting bytes read plus written (median of 20)."""
+    src = torch.empty(2 * 1024**3, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(23):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1000)
+    del src, dst
+    return 2 * 2 * 1024**3 / statistics.median(times[3:])
+
+
+def weight_bytes(model: ModelDir) -> dict[str, int]:
+    """Bytes of weights the encoder reads per 80 ms (its transformer) and the decoder per step (its layers,
+    the adapter and the whole token-embedding matrix, which is also the LM head)."""
+    shapes = model.tensor_shapes()
+
+    def count(*prefixes: str) -> int:
+        return sum(int(np.prod(shape)) for name, shape in shapes.items() if name.startswith(prefixes))
+
+    return {
+        "encoder": count(ENCODER_PREFIX + "transformer.") * BYTES_PER_BF16,
+        "decoder": count(*DECODER_PREFIXES) * BYTES_PER_BF16,
+    }
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q))
+
+
+def run_stream(stages: list, audio: np.ndarray, stream_id: str) -> dict:
+    """Push 80 ms chunks through mel/encoder/decoder; time each stage's work per chunk (synchronised)."""
+    mel, encoder, decoder = stages
+    enc_times, dec_times, tokens = [], [], []
+    first_token_s = None
+    start = time.perf_counter()
+    for offset in range(0, len(audio), SAMPLES_PER_TOKEN):
+        frames = mel.push(stream_id, audio[offset : offset + SAMPLES_PER_TOKEN])
+        t0 = time.perf_counter()
+        enc_out = [out for item in frames for out in encoder.push(stream_id, item)]
+        torch.cuda.synchronize()
+        t1 = time.perf_counter()
+        ids = [out for item in enc_out for out in decoder.push(stream_id, item)]
+        torch.cuda.synchronize()
+        t2 = time.perf_counter()
+        new = [int(i) for arr in ids for i in arr]
+        if new and first_token_s is None:
+            first_token_s = t2 - start
+        # Steady state only: one 80 ms step of each (the prompt's prefill is a one-off).
+        if sum(len(f) for f in enc_out) == 4 and len(new) == 1:
+            enc_times.append(t1 - t0)
+            dec_times.append(t2 - t1)
+        tokens.extend(new)
+    for stage in stages:
+        stage.finish(stream_id)
+    return {
+        "wall_s": time.perf_counter() - start,
+        "encoder_ms": [1000 * t for t in enc_times],
+        "decoder_ms": [1000 * t for t in dec_times],
+        "tokens": tokens,
+        "first_token_s": first_token_s,
+    }
+
+
+def transformers_streaming(hf_model, audio: np.ndarray, model: ModelDir, num_delay: int, device) -> dict:
+    """transformers' own streaming generate (first chunk, then 8 mel frames per step), timed per token."""
+    left = model.tekken.audio.streaming_n_left_pad_tokens
+    mel = log_mel_frames(pad_audio(audio, left, num_delay))
+    prompt = streaming_prompt(model.tekken, num_delay)
+    first = len(prompt) * 8
+
+    def chunks():
+        yield torch.from_numpy(mel[:first].T[None].copy()).to(device, torch.bfloat16)
+        for start in range(first, mel.shape[0] - 7, 8):
+            yield torch.from_numpy(mel[start : start + 8].T[None].copy()).to(device, torch.bfloat16)
+
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = hf_model.generate(
+            input_ids=torch.tensor([prompt], device=device),
+            input_features=chunks(),
+            num_delay_tokens=num_delay,
+            do_sample=False,
+        )
+    torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    generated = out.shape[1] - len(prompt)
+    return {"ms_per_token": 1000 * elapsed / max(generated, 1), "tokens": generated}
+
+
+def logits_agreement(hf_model, model_dir: Path, audio: np.ndarray, num_delay: int, device, ids: list[int]) -> dict:
+    """Teacher-forced bf16 logits, ours vs transformers', on the ids our decoder generated."""
+    from stages.layers import StaticKVCache
+
+    model = open_model(model_dir)
+    left = model.tekken.audio.streaming_n_left_pad_tokens
+    mel = log_mel_frames(pad_audio(audio, left, num_delay))
+    prompt = streaming_prompt(model.tekken, num_delay)
+    sequence = torch.tensor((prompt + ids)[: mel.shape[0] // 8], device=device)
+    encoder = build_stage("encoder", model_dir=model_dir, device=str(device), params={"cuda_graphs": False})
+    decoder = build_stage("decoder", model_dir=model_dir, device=str(device), params={"cuda_graphs": False})
+    with torch.inference_mode():
+        frames = torch.from_numpy(encoder.push("tf", mel)[0]).to(device, torch.bfloat16)
+        dec = decoder.decoder
+        params = model.params.decoder
+        caches = [
+            StaticKVCache(params.sliding_window, len(sequence), params.n_kv_heads, params.head_dim,
+                          dtype=torch.bfloat16, device=device)
+            for _ in dec.layers
+        ]  # fmt: skip
+        for cache in caches:
+            cache.prepare(len(sequence))
+        audio_embeds = dec.adapt(frames)[: len(sequence)]
+        positions = torch.arange(len(sequence), device=device)
+        ours = dec.logits(dec(audio_embeds, sequence, positions, caches, decoder.ffn_scales)).float()
+        features = torch.from_numpy(mel.T[None].copy()).to(device, torch.bfloat16)
+        theirs = (
+            hf_model(input_ids=sequence[None], input_features=features, num_delay_tokens=num_delay)
+            .logits[0, : len(sequence)]
+            .float()
+        )
+    relative = (ours - theirs).abs().max(-1).values / theirs.abs().max(-1).values
+    agree = (ours.argmax(-1) == theirs.argmax(-1)).float().mean()
+    return {
+        "max_relative": float(relative.max()),
+        "median_relative": float(relative.median()),
+        "greedy_agreement": float(agree),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, help="a model directory; default: write a random real-size one")
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/voxtral-bench"))
+    parser.add_argument("--seconds", type=float, default=60.0, help="length of the long stream")
+    parser.add_argument("--hf-seconds", type=float, default=12.0, help="audio for transformers' streaming run")
+    parser.add_argument("--json", type=Path, default=Path("bench_gpu.json"))
+    parser.add_argument("--skip-transformers", action="store_true")
+    args = parser.parse_args()
+    device = torch.device("cuda", 0)
+    results: dict = {"gpu": torch.cuda.get_device_name(device), "torch": torch.__version__}
+
+    model_dir = args.model
+    if model_dir is None:
+        model_dir = args.workdir / "model"
+        if not (model_dir / "consolidated.safetensors").exists():
+            t = time.perf_counter()
+            write_tiny_checkpoint(model_dir, REAL_SIZE, seed=0, dtype="bfloat16", device="cuda")
+            results["write_checkpoint_s"] = time.perf_counter() - t
+    results["copy_bandwidth_GBps"] = copy_bandwidth(device) / 1e9
+
+    # Cold start: open the directory, load both model stages to the GPU, first token out.
+    audio = synthetic_speechlike(args.seconds)
+    t = time.perf_counter()
+    model = open_model(model_dir.resolve())
+    stages = [build_stage(kind, model_dir=model_dir, device="cuda:0") for kind in ("mel", "encoder", "decoder")]
+    load_s = time.perf_counter() - t
+    warm = run_stream(stages, audio[: int(2 * SAMPLE_RATE)], "cold")
+    results["load_s"] = load_s
+    results["cold_start_to_first_token_s"] = load_s + warm["first_token_s"]
+
+    # The CUDA-graph path must give exactly the ids of the same code run eagerly.
+    check_audio = audio[: int(10 * SAMPLE_RATE)]
+    graphed = run_stream(stages, check_audio, "graphed")["tokens"]
+    eager = {"cuda_graphs": False}
+    eager_stages = [stages[0]] + [
+        build_stage(kind, model_dir=model_dir, device="cuda:0", params=eager) for kind in ("encoder", "decoder")
+    ]
+    results["graph_ids_equal_eager"] = graphed == run_stream(eager_stages, check_audio, "eager")["tokens"]
+    del eager_stages
+
+    stream = run_stream(stages, audio, "long")
+    floors = {k: v / (results["copy_bandwidth_GBps"] * 1e9) * 1000 for k, v in weight_bytes(model).items()}
+    for part in ("encoder", "decoder"):
+        times = stream[f"{part}_ms"]
+        results[part] = {
+            "p50_ms": percentile(times, 50),
+            "p95_ms": percentile(times, 95),
+            "floor_ms": floors[part],
+            "p50_over_floor": percentile(times, 50) / floors[part],
+            "steps": len(times),
+        }
+    results["real_time_factor"] = stream["wall_s"] / args.seconds
+    results["distinct_ids"] = len(set(stream["tokens"]))
+    step_ms = results["encoder"]["p50_ms"] + results["decoder"]["p50_ms"]
+
+    if not args.skip_transformers:
+        from tools.hf_reference import hf_model_for
+
+        hf_model = hf_model_for(model_dir, dtype=torch.bfloat16, device="cuda")
+        hf_audio = audio[: int(args.hf_seconds * SAMPLE_RATE)]
+        num_delay = delay_tokens(model.tekken.audio.transcription_delay_ms)
+        transformers_streaming(hf_model, hf_audio[:SAMPLE_RATE], model, num_delay, device)  # warm-up
+        results["transformers"] = transformers_streaming(hf_model, hf_audio, model, num_delay, device)
+        results["speedup_vs_transformers"] = results["transformers"]["ms_per_token"] / step_ms
+        short = run_stream(stages, hf_audio, "short")
+        results["bf16_logits"] = logits_agreement(hf_model, model_dir, hf_audio, num_delay, device, short["tokens"])
+        del hf_model
+
+    args.json.write_text(json.dumps(results, indent=2))
+    rows = [
+        ("GPU", results["gpu"]),
+        ("copy bandwidth", f"{results['copy_bandwidth_GBps']:.0f} GB/s"),
+        ("load, then first token", f"{results['load_s']:.1f} s, {results['cold_start_to_first_token_s']:.1f} s"),
+    ]
+    for part in ("encoder", "decoder"):
+        r = results[part]
+        rows.append(
+            (f"{part} per 80 ms", f"p50 {r['p50_ms']:.2f} ms, p95 {r['p95_ms']:.2f} ms, floor {r['floor_ms']:.2f} ms "
+             f"({r['p50_over_floor']:.2f}x)")
+        )  # fmt: skip
+    rows.append(("CUDA-graph ids == eager ids", str(results["graph_ids_equal_eager"])))
+    rows.append(("real-time factor", f"{results['real_time_factor']:.3f} ({args.seconds:.0f} s stream)"))
+    if "transformers" in results:
+        rows.append(("transformers streaming", f"{results['transformers']['ms_per_token']:.1f} ms/token"))
+        rows.append(("speed-up vs transformers", f"{results['speedup_vs_transformers']:.1f}x"))
+        lg = results["bf16_logits"]
+        rows.append(
+            ("bf16 logits vs transformers", f"max rel {lg['max_relative']:.2e}, median {lg['median_relative']:.2e}, "
+             f"greedy agreement {100 * lg['greedy_agreement']:.1f}%")
+        )  # fmt: skip
+    print()
+    for name, value in rows:
+        print(f"{name:<30} {value}")
+
+
+if __name__ == "__main__":
+    main()
