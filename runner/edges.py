@@ -115,6 +115,7 @@ class EdgeSender:
         self._on_interrupt = on_interrupt
         self.sent = 0
         self.dropped = 0
+        self.peak_depth = 0  # most messages ever in the edge (unacknowledged plus pending): at most capacity
 
     def send(self, envelope: Envelope) -> int:
         """Send (or queue, or drop, as the policy says) one envelope; return its size in bytes.
@@ -137,12 +138,17 @@ class EdgeSender:
                 self._pending.popleft()
                 self.dropped += 1
             self._pending.append(frames)
+            self._note_depth()
         return sum(len(frame) if isinstance(frame, bytes) else frame.nbytes for frame in frames)
 
     def _put(self, frames: list) -> None:
         self.socket.send_multipart(frames, copy=False)
         self._credits -= 1
         self.sent += 1
+        self._note_depth()
+
+    def _note_depth(self) -> None:
+        self.peak_depth = max(self.peak_depth, self.spec.window - self._credits + len(self._pending))
 
     def _take_credits(self) -> None:
         while self.socket.poll(0, zmq.POLLIN):

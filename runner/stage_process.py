@@ -189,7 +189,7 @@ class StageProcess:
         stats: dict[str, Any] = {"metrics": self.metrics.summary()}
         if self.sender is not None:
             stats |= {"edge": self.sender.spec.name, "sent": self.sender.sent, "dropped": self.sender.dropped}
-            stats["policy"] = self.sender.spec.policy.value
+            stats |= {"policy": self.sender.spec.policy.value, "peak_depth": self.sender.peak_depth}
         if self.source is not None:
             stats["overflows"] = getattr(self.source, "overflows", 0)
         self.report("stats", **stats)

@@ -47,7 +47,7 @@ def encode(envelope: Envelope) -> list[bytes | np.ndarray]:
         if isinstance(value, np.ndarray):
             if value.dtype.hasobject:
                 raise WireError(f"cannot send an array of dtype {value.dtype}")
-            array = np.ascontiguousarray(value)
+            array = value if value.flags.c_contiguous else value.copy(order="C")
             arrays.append(array)
             meta = msgpack.packb([len(arrays) - 1, array.dtype.str, list(array.shape)])
             return msgpack.ExtType(_ARRAY_EXT, meta)
