@@ -169,6 +169,7 @@ class DecoderStage(Stage):
 
     `static_cache` preallocates ring caches; `cuda_graphs` (needs static caches on a GPU) replays each
     one-position step as a CUDA graph, the only host synchronisation being the read of the token id.
+    `stop_at_eos=False` keeps decoding after EOS.
     """
 
     name = "decoder"
@@ -181,6 +182,7 @@ class DecoderStage(Stage):
         *,
         static_cache: bool = False,
         cuda_graphs: bool = False,
+        stop_at_eos: bool = True,
     ) -> None:
         if cuda_graphs and not (static_cache and decoder.tok_embeddings.weight.is_cuda):
             raise StageError("decoder: cuda_graphs needs a CUDA device and cache: static")
@@ -188,7 +190,8 @@ class DecoderStage(Stage):
         self.prompt = streaming_prompt(tekken, num_delay_tokens)
         if len(self.prompt) > PREFILL_BLOCK:
             raise StageError(f"decoder: a prompt of {len(self.prompt)} positions exceeds {PREFILL_BLOCK}")
-        self.eos_id = tekken.eos_id
+        # Without stopping, EOS is fed back like any token (benchmarks need steps to go on).
+        self.eos_id = tekken.eos_id if stop_at_eos else None
         self.ffn_scales = decoder.ffn_scales(num_delay_tokens)
         self.static_cache = static_cache
         self.cuda_graphs = cuda_graphs

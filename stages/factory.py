@@ -24,7 +24,7 @@ STAGE_PARAMS: dict[str, tuple[str, ...]] = {
     "resample": (),
     "mel": (),
     "encoder": ("dtype", "cache", "cuda_graphs"),
-    "decoder": ("dtype", "cache", "cuda_graphs"),
+    "decoder": ("dtype", "cache", "cuda_graphs", "stop_at_eos"),
     "detokenize": (),
 }
 
@@ -91,4 +91,5 @@ def build_stage(
     fast = {"static_cache": cache == "static", "cuda_graphs": bool(params.get("cuda_graphs", on_gpu))}
     if kind == "encoder":
         return EncoderStage(load_audio_encoder(model, dtype=dtype, device=target), **fast)
-    return DecoderStage(load_text_decoder(model, dtype=dtype, device=target), model.tekken, delay, **fast)
+    decoder = load_text_decoder(model, dtype=dtype, device=target)
+    return DecoderStage(decoder, model.tekken, delay, stop_at_eos=bool(params.get("stop_at_eos", True)), **fast)

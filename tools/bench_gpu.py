@@ -162,7 +162,8 @@ def logits_agreement(hf_model, model_dir: Path, audio: np.ndarray, num_delay: in
         audio_embeds = dec.adapt(frames)[: len(sequence)]
         positions = torch.arange(len(sequence), device=device)
         ours = dec.logits(dec(audio_embeds, sequence, positions, caches, decoder.ffn_scales)).float()
-        features = torch.from_numpy(mel.T[None].copy()).to(device, torch.bfloat16)
+        # transformers needs exactly 8 mel frames per input id (a stream that hit EOS is shorter).
+        features = torch.from_numpy(mel[: 8 * len(sequence)].T[None].copy()).to(device, torch.bfloat16)
         theirs = (
             hf_model(input_ids=sequence[None], input_features=features, num_delay_tokens=num_delay)
             .logits[0, : len(sequence)]
@@ -177,6 +178,16 @@ def logits_agreement(hf_model, model_dir: Path, audio: np.ndarray, num_delay: in
     }
 
 
+def profile_steps(stages: list, audio: np.ndarray) -> None:
+    """Print the GPU kernels of a few steady-state 80 ms steps, most expensive first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    run_stream(stages, audio[: int(4 * SAMPLE_RATE)], "profile-warm")
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        run_stream(stages, audio[: int(4 * SAMPLE_RATE)], "profile")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, help="a model directory; default: write a random real-size one")
@@ -185,10 +196,22 @@ def main() -> None:
     parser.add_argument("--hf-seconds", type=float, default=12.0, help="audio for transformers' streaming run")
     parser.add_argument("--json", type=Path, default=Path("bench_gpu.json"))
     parser.add_argument("--skip-transformers", action="store_true")
+    parser.add_argument("--profile", action="store_true", help="print the kernels of eager steps")
     args = parser.parse_args()
     device = torch.device("cuda", 0)
     results: dict = {"gpu": torch.cuda.get_device_name(device), "torch": torch.__version__}
+    try:
+        measure(args, device, results)
+    except BaseException:
+        # Keep what was measured before the failure.
+        args.json.write_text(json.dumps(results, indent=2))
+        print(json.dumps(results, indent=2))
+        raise
+    report(results, args)
 
+
+def measure(args: argparse.Namespace, device: torch.device, results: dict) -> None:
+    """Every measurement, filling `results` as it goes."""
     model_dir = args.model
     if model_dir is None:
         model_dir = args.workdir / "model"
@@ -202,7 +225,12 @@ def main() -> None:
     audio = synthetic_speechlike(args.seconds)
     t = time.perf_counter()
     model = open_model(model_dir.resolve())
-    stages = [build_stage(kind, model_dir=model_dir, device="cuda:0") for kind in ("mel", "encoder", "decoder")]
+    # Random weights may say EOS at any point; the benchmark needs the steps to go on.
+    settings = {"decoder": {"stop_at_eos": False}}
+    stages = [
+        build_stage(kind, model_dir=model_dir, device="cuda:0", params=settings.get(kind))
+        for kind in ("mel", "encoder", "decoder")
+    ]
     load_s = time.perf_counter() - t
     warm = run_stream(stages, audio[: int(2 * SAMPLE_RATE)], "cold")
     results["load_s"] = load_s
@@ -211,11 +239,16 @@ def main() -> None:
     # The CUDA-graph path must give exactly the ids of the same code run eagerly.
     check_audio = audio[: int(10 * SAMPLE_RATE)]
     graphed = run_stream(stages, check_audio, "graphed")["tokens"]
-    eager = {"cuda_graphs": False}
+    eager = {"encoder": {"cuda_graphs": False}, "decoder": {**settings["decoder"], "cuda_graphs": False}}
     eager_stages = [stages[0]] + [
-        build_stage(kind, model_dir=model_dir, device="cuda:0", params=eager) for kind in ("encoder", "decoder")
+        build_stage(kind, model_dir=model_dir, device="cuda:0", params=eager[kind]) for kind in ("encoder", "decoder")
     ]
-    results["graph_ids_equal_eager"] = graphed == run_stream(eager_stages, check_audio, "eager")["tokens"]
+    eager_run = run_stream(eager_stages, check_audio, "eager")
+    results["graph_ids_equal_eager"] = graphed == eager_run["tokens"]
+    results["eager_p50_ms"] = {p: percentile(eager_run[f"{p}_ms"], 50) for p in ("encoder", "decoder")}
+    print("graph ids equal eager:", results["graph_ids_equal_eager"], results["eager_p50_ms"], flush=True)
+    if args.profile:
+        profile_steps(eager_stages, check_audio)
     del eager_stages
 
     stream = run_stream(stages, audio, "long")
@@ -231,6 +264,7 @@ def main() -> None:
         }
     results["real_time_factor"] = stream["wall_s"] / args.seconds
     results["distinct_ids"] = len(set(stream["tokens"]))
+    print(json.dumps(results, indent=2), flush=True)
     step_ms = results["encoder"]["p50_ms"] + results["decoder"]["p50_ms"]
 
     if not args.skip_transformers:
@@ -246,6 +280,9 @@ def main() -> None:
         results["bf16_logits"] = logits_agreement(hf_model, model_dir, hf_audio, num_delay, device, short["tokens"])
         del hf_model
 
+
+def report(results: dict, args: argparse.Namespace) -> None:
+    """Write the JSON and print the summary table."""
     args.json.write_text(json.dumps(results, indent=2))
     rows = [
         ("GPU", results["gpu"]),
