@@ -104,7 +104,10 @@ def build_core(spec: StageSpec) -> Stage | Source:
             factory = getattr(importlib.import_module(module_name), attribute)
         except (ImportError, AttributeError) as error:
             raise StageError(f"impl {spec.impl}: cannot import ({one_line(error)})") from None
-        return factory(**spec.params)
+        try:
+            return factory(**spec.params)
+        except TypeError as error:  # settings that do not match the constructor
+            raise StageError(f"impl {spec.impl}: {one_line(error)}") from None
     if spec.name == SOURCE:
         source, live = build_source(spec.params)
         if spec.output_edge.policy is not Policy.BLOCK and not live:
@@ -139,8 +142,8 @@ class StageProcess:
         self.control.setsockopt(zmq.IDENTITY, spec.name.encode())
         self.control.setsockopt(zmq.LINGER, LINGER_MS)
         self.control.connect(spec.control)
-        parent = multiprocessing.parent_process()
-        self.parent_sentinel = parent.sentinel if parent is not None else None
+        self.parent = multiprocessing.parent_process()
+        self.parent_sentinel = self.parent.sentinel if self.parent is not None else None
         self.metrics = StageMetrics()
         self.receiver: EdgeReceiver | None = None
         self.sender: EdgeSender | None = None
@@ -150,7 +153,10 @@ class StageProcess:
         self._capture_interrupted = False
 
     def report(self, kind: str, **fields: Any) -> None:
-        self.control.send(pack({"type": kind, **fields}))
+        try:  # never wait on a runner that is gone
+            self.control.send(pack({"type": kind, **fields}), zmq.NOBLOCK)
+        except zmq.Again:
+            pass
 
     def run(self) -> int:
         """Run until stopped; the exit status (0, or 1 after reporting an error)."""
@@ -205,7 +211,7 @@ class StageProcess:
 
     def _check_control(self) -> None:
         """Handle waiting control messages without blocking; raise _Stop on stop or when the runner died."""
-        if self.parent_sentinel is not None and zmq.select([self.parent_sentinel], [], [], 0)[0]:
+        if self.parent is not None and not self.parent.is_alive():
             raise _Stop()
         while self.control.poll(0, zmq.POLLIN):
             if unpack(self.control.recv())["type"] == "stop":

@@ -1,0 +1,223 @@
+"""The multi-process runner on toy stages: transcripts, backpressure, drops, faults, Ctrl-C and bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile
+from rich.console import Console
+
+from runner.config import load_pipeline
+from runner.sink import TranscriptSink
+from runner.supervisor import EXIT_OK, Supervisor
+from stages.capture import FileSource
+from tests.runner.conftest import marked_processes, wait_until_gone, write_noise_wav, write_toy_pipeline
+from tests.runner.toy_stages import ToyTranscriber
+
+EXIT_TIME_S = 5.0
+
+
+def expected_ids(wav: Path) -> list[int]:
+    """What the toy transcriber gives in-process for the file's chunks."""
+    toy = ToyTranscriber()
+    for chunk in FileSource(wav).chunks():
+        toy.push("s", chunk)
+    return toy.finish("s")[-1]["token_ids"]
+
+
+def jsonl_events(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def one_error_line(stderr: bytes | str) -> str:
+    text = stderr.decode() if isinstance(stderr, bytes) else stderr
+    lines = [line for line in text.splitlines() if line.strip() and " ready in " not in line]
+    assert len(lines) == 1, text
+    assert lines[0].startswith("voxtral-run: error: ")
+    return lines[0]
+
+
+def test_jsonl_transcript_equals_in_process(runner, tmp_path):
+    wav = write_noise_wav(tmp_path / "a.wav", 1.0)
+    pipeline = write_toy_pipeline(tmp_path / "p.yaml")
+    result = runner.run(pipeline, "--input", wav, "--format", "jsonl")
+    assert result.returncode == 0, result.stderr
+    events = jsonl_events(result.stdout.decode())
+    assert [event["type"] for event in events] == ["delta"] * len(events[:-1]) + ["done"]
+    assert events[-1]["token_ids"] == expected_ids(wav)
+    assert wait_until_gone(runner.marker) == []
+
+
+class Collect:
+    """A transcript writer that keeps the events."""
+
+    def __init__(self):
+        self.events: list[dict] = []
+
+    def write(self, event: dict) -> None:
+        self.events.append(event)
+
+    def close(self) -> None:
+        pass
+
+
+def test_backpressure_blocks_upstream_without_loss(tmp_path):
+    wav = write_noise_wav(tmp_path / "a.wav", 1.0)
+    throttle_ms = 30
+    pipeline = load_pipeline(
+        write_toy_pipeline(tmp_path / "p.yaml", relay={"throttle_ms": throttle_ms}, capacity=1), []
+    )
+    pipeline.stages["capture"].params["input"] = str(wav)
+    collect = Collect()
+    supervisor = Supervisor(
+        pipeline, local=pipeline.chain(), model_dir=None, sink=TranscriptSink(collect), console=Console(quiet=True)
+    )
+    assert supervisor.run() == EXIT_OK
+    assert collect.events[-1]["token_ids"] == expected_ids(wav)  # nothing lost, order kept
+    capture = supervisor.stages["capture"].stats
+    assert capture["peak_depth"] <= 1  # the queue never held more than its capacity
+    assert supervisor.stages["relay"].stats["peak_depth"] <= 4
+    # The file is read far faster than the relay works, so each send waited for the relay to take a message.
+    assert capture["metrics"]["service_ms"]["p50"] > throttle_ms / 2
+    assert capture["dropped"] == 0
+
+
+def test_drop_policy_on_live_capture_counts_and_reports(runner, tmp_path):
+    wav = write_noise_wav(tmp_path / "a.wav", 1.5)
+    pipeline = write_toy_pipeline(tmp_path / "p.yaml", relay={"throttle_ms": 200}, capacity=2, policy="drop_oldest")
+    result = runner.run(pipeline, "--input", wav, "--realtime", "--format", "jsonl")
+    assert result.returncode == 0, result.stderr
+    [report] = [line for line in result.stderr.decode().splitlines() if "dropped" in line]
+    dropped = int(report.split("dropped ")[1].split()[0])
+    assert "queue capture -> relay (drop_oldest)" in report and dropped > 0
+    ids = jsonl_events(result.stdout.decode())[-1]["token_ids"]
+    everything = expected_ids(wav)
+    assert len(ids) + dropped == len(everything)
+    positions = [everything.index(token_id) for token_id in ids]
+    assert positions == sorted(positions)  # what arrived is in order, the rest was dropped
+
+
+def test_drop_policy_needs_a_live_capture(runner, tmp_path):
+    wav = write_noise_wav(tmp_path / "a.wav", 0.5)
+    pipeline = write_toy_pipeline(tmp_path / "p.yaml", policy="drop_newest")
+    result = runner.run(pipeline, "--input", wav)
+    assert result.returncode == 1
+    assert "needs a live capture" in one_error_line(result.stderr)
+
+
+def start_long_run(runner, tmp_path):
+    """A run of a 10 s file in real time, writing JSONL; returns it once deltas are being written."""
+    wav = write_noise_wav(tmp_path / "long.wav", 10.0)
+    out = tmp_path / "out.jsonl"
+    process = runner.start(
+        write_toy_pipeline(tmp_path / "p.yaml"), "--input", wav, "--realtime", "-o", out, "-f", "jsonl"
+    )
+    deadline = time.monotonic() + 30
+    while not (out.exists() and len(out.read_text().splitlines()) >= 3):
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.05)
+    return process, out
+
+
+def stage_pid(marker: str, name: str) -> int:
+    for pid in marked_processes(marker):
+        if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(f"voxtral-run: {name}".encode()):
+            return pid
+    raise AssertionError(f"no process titled 'voxtral-run: {name}'")
+
+
+def test_killed_stage_ends_the_run_naming_it(runner, tmp_path):
+    process, _ = start_long_run(runner, tmp_path)
+    killed_at = time.monotonic()
+    os.kill(stage_pid(runner.marker, "relay"), signal.SIGKILL)
+    _, stderr = process.communicate(timeout=EXIT_TIME_S + 5)
+    assert time.monotonic() - killed_at < EXIT_TIME_S
+    assert process.returncode == 1
+    assert "stage 'relay' died (killed by SIGKILL)" in stderr
+    assert wait_until_gone(runner.marker) == []
+
+
+def test_ctrl_c_stops_and_keeps_the_partial_transcript(runner, tmp_path):
+    process, out = start_long_run(runner, tmp_path)
+    interrupted_at = time.monotonic()
+    os.kill(process.pid, signal.SIGINT)
+    process.communicate(timeout=EXIT_TIME_S + 5)
+    assert time.monotonic() - interrupted_at < EXIT_TIME_S
+    assert process.returncode == 130
+    events = jsonl_events(out.read_text())
+    assert events[-1]["type"] == "done" and len(events) >= 4
+    delta_ids = [token_id for event in events[:-1] for token_id in event["token_ids"]]
+    assert events[-1]["token_ids"] == delta_ids
+    assert len(delta_ids) < 125  # stopped well before the 10 s (125 chunks) were read
+    assert wait_until_gone(runner.marker) == []
+
+
+def test_stage_error_mid_run_is_one_line(runner, tmp_path):
+    wav = write_noise_wav(tmp_path / "a.wav", 1.0)
+    pipeline = write_toy_pipeline(tmp_path / "p.yaml")
+    result = runner.run(pipeline, "--input", wav, "--set", "detokenize.fail_after=3")
+    assert result.returncode == 1
+    assert one_error_line(result.stderr) == "voxtral-run: error: stage 'detokenize' failed: toy failure after 3 chunks"
+    assert wait_until_gone(runner.marker) == []
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "expected"),
+    [
+        ("notes.wav", b"these are not audio samples\n", "not a readable audio file"),
+        ("empty.wav", b"", "not a readable audio file"),
+    ],
+)
+def test_bad_audio_file_is_one_line(runner, tmp_path, name, content, expected):
+    path = tmp_path / name
+    path.write_bytes(content)
+    result = runner.run(write_toy_pipeline(tmp_path / "p.yaml"), "--input", path)
+    assert result.returncode == 1
+    assert expected in one_error_line(result.stderr) and str(path) in result.stderr.decode()
+    assert wait_until_gone(runner.marker) == []
+
+
+def test_wav_without_frames_is_one_line(runner, tmp_path):
+    path = tmp_path / "silent.wav"
+    soundfile.write(path, np.zeros((0, 1), dtype=np.float32), 16000)
+    result = runner.run(write_toy_pipeline(tmp_path / "p.yaml"), "--input", path)
+    assert result.returncode == 1
+    assert "no audio frames" in one_error_line(result.stderr)
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--set", "capture.chunkms=40"], "stage 'capture': unknown setting 'chunkms'"),
+        (["--set", "relay.thrttle_ms=1"], "Passthrough() takes no arguments"),  # a stage parameter, not a runner key
+        (["--stages", "relay,nowhere"], "--stages: unknown stage 'nowhere'"),
+        (["--set", "relay.device=cuda:0:1"], "stages.relay.device: String should match pattern"),
+        (["--format", "docx"], "--format: unknown format 'docx'"),
+    ],
+)
+def test_bad_command_line_is_one_line(runner, tmp_path, args, expected):
+    wav = write_noise_wav(tmp_path / "a.wav", 0.2)
+    result = runner.run(write_toy_pipeline(tmp_path / "p.yaml"), "--input", wav, *args)
+    assert result.returncode == 1
+    assert expected in one_error_line(result.stderr)
+    assert wait_until_gone(runner.marker) == []
+
+
+def test_yaml_errors_are_one_line(runner, tmp_path):
+    pipeline = write_toy_pipeline(tmp_path / "p.yaml")
+    text = pipeline.read_text()
+    for broken, expected in [
+        (text.replace("capacity: 4", "capacity: 0", 1), "queues[0].capacity"),
+        (text + "colour: blue\n", "colour: unknown key"),
+        (text.replace("stages:\n", "stages:\n  transcoder: {}\n", 1), "stages.transcoder: unknown stage"),
+    ]:
+        pipeline.write_text(broken)
+        result = runner.run(pipeline, "--input", "x.wav")
+        assert result.returncode == 1
+        assert expected in one_error_line(result.stderr)
