@@ -22,6 +22,7 @@ from stages.layers import (
     RollingKVCache,
     RotaryEmbedding,
     StaticKVCache,
+    attention_bias,
     fuse_projections,
 )
 from stages.tekken import Tekken
@@ -57,13 +58,13 @@ class DecoderLayer(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        positions: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
+        rotations: torch.Tensor,
         cache: KVCache,
+        index: int,
+        bias: torch.Tensor,
         ffn_scale: torch.Tensor,
     ) -> torch.Tensor:
-        x = x + self.attention(self.attention_norm(x), positions, cos, sin, cache)
+        x = x + self.attention(self.attention_norm(x), rotations, cache, index, bias)
         return x + self.feed_forward(self.ffn_norm(x) * ffn_scale)
 
 
@@ -100,14 +101,18 @@ class TextDecoder(nn.Module):
         audio: torch.Tensor,
         token_ids: torch.Tensor,
         positions: torch.Tensor,
-        caches: list[KVCache],
+        cache: KVCache,
         ffn_scales: list[torch.Tensor],
     ) -> torch.Tensor:
-        """Hidden states [T, dim] (final norm applied) at `positions` [T]; updates the caches."""
+        """Hidden states [T, dim] (final norm applied) at `positions` [T]; updates the cache."""
         x = audio + self.tok_embeddings(token_ids)
-        cos, sin = self.rope.cos_sin(positions, x.dtype)
-        for layer, cache, scale in zip(self.layers, caches, ffn_scales, strict=True):
-            x = layer(x, positions, cos, sin, cache, scale)
+        rotations = self.rope.rotations(positions)
+        dec = self.params.decoder
+        bias = attention_bias(positions, cache.begin(positions), dec.sliding_window, x.dtype)
+        bias = bias.repeat(dec.n_heads // dec.n_kv_heads, 1)  # one row per (query group member, position)
+        for index, (layer, scale) in enumerate(zip(self.layers, ffn_scales, strict=True)):
+            x = layer(x, rotations, cache, index, bias, scale)
+        cache.end()
         return self.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -155,7 +160,7 @@ class DecoderStep:
 class DecoderState:
     """Per-stream decoder state: frames awaiting a group of 4, adapter vectors awaiting the prompt, caches."""
 
-    caches: list[KVCache]
+    cache: KVCache
     frames: list[torch.Tensor] = field(default_factory=list)
     pending: list[torch.Tensor] = field(default_factory=list)
     next_position: int = 0
@@ -200,14 +205,13 @@ class DecoderStage(Stage):
     def _new_state(self) -> DecoderState:
         dec = self.decoder.params.decoder
         weight = self.decoder.tok_embeddings.weight
-        shape = (dec.sliding_window, PREFILL_BLOCK, dec.n_kv_heads, dec.head_dim)
-        caches: list[KVCache] = [
+        shape = (dec.sliding_window, PREFILL_BLOCK, dec.n_layers, dec.n_kv_heads, dec.head_dim)
+        cache: KVCache = (
             StaticKVCache(*shape, dtype=weight.dtype, device=weight.device)
             if self.static_cache
-            else RollingKVCache(dec.sliding_window)
-            for _ in self.decoder.layers
-        ]
-        state = DecoderState(caches=caches)
+            else RollingKVCache(dec.sliding_window, dec.n_layers)
+        )
+        state = DecoderState(cache=cache)
         if self.cuda_graphs:
             state.step = self._graph_step(state)
         return state
@@ -219,7 +223,7 @@ class DecoderStage(Stage):
         position = torch.zeros(1, dtype=torch.long, device=weight.device)
 
         def step() -> None:
-            hidden = self.decoder(audio, token, position, state.caches, self.ffn_scales)
+            hidden = self.decoder(audio, token, position, state.cache, self.ffn_scales)
             token.copy_(self.decoder.logits(hidden).argmax(-1))
 
         return DecoderStep(audio, token, position, StepGraphs(step))
@@ -270,10 +274,9 @@ class DecoderStage(Stage):
 
     def _run(self, state: DecoderState, audio: torch.Tensor, ids: torch.Tensor) -> int:
         count = audio.shape[0]
-        for cache in state.caches:
-            cache.prepare(state.next_position + count)
+        state.cache.prepare(state.next_position + count)
         positions = torch.arange(state.next_position, state.next_position + count, device=audio.device)
-        hidden = self.decoder(audio, ids, positions, state.caches, self.ffn_scales)
+        hidden = self.decoder(audio, ids, positions, state.cache, self.ffn_scales)
         greedy = self.decoder.logits(hidden[-1:]).argmax(-1)
         if state.step is not None:
             state.step.token.copy_(greedy)
@@ -281,11 +284,10 @@ class DecoderStage(Stage):
 
     def _replay(self, state: DecoderState, audio: torch.Tensor) -> int:
         step = state.step
-        for cache in state.caches:
-            cache.prepare(state.next_position + 1)
+        state.cache.prepare(state.next_position + 1)
         step.audio.copy_(audio)
         step.position.fill_(state.next_position)
-        step.graphs(state.caches[0].span)
+        step.graphs(state.cache.span)
         return self._advance(state, 1, int(step.token))
 
     def _advance(self, state: DecoderState, count: int, token: int) -> int:

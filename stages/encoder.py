@@ -21,6 +21,7 @@ from stages.layers import (
     RollingKVCache,
     RotaryEmbedding,
     StaticKVCache,
+    attention_bias,
     fuse_projections,
 )
 
@@ -47,9 +48,9 @@ class EncoderLayer(nn.Module):
         self.feed_forward = FeedForward(params)
 
     def forward(
-        self, x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache
+        self, x: torch.Tensor, rotations: torch.Tensor, cache: KVCache, index: int, bias: torch.Tensor
     ) -> torch.Tensor:
-        x = x + self.attention(self.attention_norm(x), positions, cos, sin, cache)
+        x = x + self.attention(self.attention_norm(x), rotations, cache, index, bias)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -62,11 +63,11 @@ class _Transformer(nn.Module):
 
 @dataclass
 class EncoderState:
-    """Per-stream encoder state: conv tails, one KV cache per layer, and the next frame position."""
+    """Per-stream encoder state: conv tails, the KV cache of every layer, and the next frame position."""
 
     mel_tail: torch.Tensor
     conv1_tail: torch.Tensor
-    caches: list[KVCache]
+    cache: KVCache
     next_position: int = 0
     step: EncoderStep | None = None  # CUDA-graph buffers of the 4-frame step, when graphs are used
 
@@ -95,18 +96,16 @@ class AudioEncoder(nn.Module):
         """Fresh stream state: zero conv context (the reference's causal left padding), empty caches."""
         ref = self.conv_layers[0].conv.weight
         p = self.params
-        caches: list[KVCache] = [
-            StaticKVCache(
-                p.sliding_window, DEFAULT_BLOCK_FRAMES, p.n_kv_heads, p.head_dim, dtype=ref.dtype, device=ref.device
-            )
+        shape = (p.sliding_window, DEFAULT_BLOCK_FRAMES, p.n_layers, p.n_kv_heads, p.head_dim)
+        cache: KVCache = (
+            StaticKVCache(*shape, dtype=ref.dtype, device=ref.device)
             if static_cache
-            else RollingKVCache(p.sliding_window)
-            for _ in range(p.n_layers)
-        ]
+            else RollingKVCache(p.sliding_window, p.n_layers)
+        )
         return EncoderState(
             mel_tail=ref.new_zeros(CONV1_CONTEXT, NUM_MEL_BINS),
             conv1_tail=ref.new_zeros(CONV2_CONTEXT, p.dim),
-            caches=caches,
+            cache=cache,
         )
 
     def conv_stem(self, mel: torch.Tensor, state: EncoderState) -> torch.Tensor:
@@ -126,11 +125,13 @@ class AudioEncoder(nn.Module):
         state.conv1_tail = buf[CONV_STRIDE * pairs :]
         return c2
 
-    def layers(self, x: torch.Tensor, positions: torch.Tensor, caches: list[KVCache]) -> torch.Tensor:
-        """The transformer and final norm over frames x [T, dim] at `positions` [T]; updates the caches."""
-        cos, sin = self.rope.cos_sin(positions, x.dtype)
-        for layer, cache in zip(self.transformer.layers, caches, strict=True):
-            x = layer(x, positions, cos, sin, cache)
+    def layers(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """The transformer and final norm over frames x [T, dim] at `positions` [T]; updates the cache."""
+        rotations = self.rope.rotations(positions)
+        bias = attention_bias(positions, cache.begin(positions), self.params.sliding_window, x.dtype)
+        for index, layer in enumerate(self.transformer.layers):
+            x = layer(x, rotations, cache, index, bias)
+        cache.end()
         return self.transformer.norm(x)
 
     def transform(self, x: torch.Tensor, state: EncoderState) -> torch.Tensor:
@@ -139,13 +140,12 @@ class AudioEncoder(nn.Module):
         for start in range(0, x.shape[0], DEFAULT_BLOCK_FRAMES):
             block = x[start : start + DEFAULT_BLOCK_FRAMES]
             count = block.shape[0]
-            for cache in state.caches:
-                cache.prepare(state.next_position + count)
+            state.cache.prepare(state.next_position + count)
             if state.step is not None and count == ENCODER_FRAMES_PER_TOKEN:
                 outputs.append(self._graphed_step(block, state).clone())
             else:
                 positions = torch.arange(state.next_position, state.next_position + count, device=x.device)
-                outputs.append(self.layers(block, positions, state.caches))
+                outputs.append(self.layers(block, positions, state.cache))
             state.next_position += count
         return torch.cat(outputs) if outputs else x.new_zeros(0, self.params.dim)
 
@@ -153,7 +153,7 @@ class AudioEncoder(nn.Module):
         step = state.step
         step.frames.copy_(block)
         step.positions.copy_(torch.arange(state.next_position, state.next_position + len(block)), non_blocking=True)
-        step.graphs(state.caches[0].span)
+        step.graphs(state.cache.span)
         return step.out
 
     def enable_graphs(self, state: EncoderState) -> None:
@@ -164,7 +164,7 @@ class AudioEncoder(nn.Module):
         out = torch.zeros_like(frames)
 
         def step() -> None:
-            out.copy_(self.layers(frames, positions, state.caches))
+            out.copy_(self.layers(frames, positions, state.cache))
 
         state.step = EncoderStep(frames, positions, out, StepGraphs(step))
 

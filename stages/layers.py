@@ -18,8 +18,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return self.weight * normed.to(x.dtype)
 
 
@@ -31,85 +30,111 @@ class RotaryEmbedding(nn.Module):
         exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
         self.register_buffer("inv_freq", 1.0 / (theta**exponents), persistent=False)
 
-    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin [T, head_dim/2], computed in fp32 and cast to the activation dtype (as the reference)."""
+    def rotations(self, positions: torch.Tensor) -> torch.Tensor:
+        """cos + i sin of every position's angles [T, head_dim/2], complex64 (angles in fp32, as the reference)."""
         angles = positions.float()[:, None] * self.inv_freq.float()[None, :]
-        return angles.cos().to(dtype), angles.sin().to(dtype)
+        return torch.polar(torch.ones_like(angles), angles)
 
     @staticmethod
-    def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Rotate x [T, H, head_dim] by the angles of its positions."""
-        pairs = x.unflatten(-1, (-1, 2))
-        even, odd = pairs[..., 0], pairs[..., 1]
-        cos, sin = cos[:, None, :], sin[:, None, :]
-        return torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1).flatten(-2)
+    def apply(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
+        """Rotate x [T, H, head_dim]: each pair (2i, 2i+1) is one complex number, turned in fp32."""
+        pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+        return torch.view_as_real(pairs * rotations[:, None, :]).flatten(-2).to(x.dtype)
+
+
+def attention_bias(
+    positions: torch.Tensor, key_positions: torch.Tensor, window: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """Additive mask [T, S]: 0 where key j is within the sliding window of query i (0 <= i - j < window)."""
+    distance = positions[:, None] - key_positions[None, :]
+    visible = (distance >= 0) & (distance < window)
+    return torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill_(~visible, float("-inf"))
 
 
 class RollingKVCache:
-    """Keys and values of one attention layer for one stream, keeping only the last `window - 1` positions.
+    """Keys and values of every layer for one stream, keeping only the last `window - 1` positions.
 
     The query itself is the window's last member, so older keys can never be attended again. Grows by
-    concatenation: simple and exact, the CPU default.
+    concatenation: simple and exact, the CPU default. Per forward: `begin`, then `extend` per layer, `end`.
     """
 
-    def __init__(self, window: int) -> None:
+    def __init__(self, window: int, n_layers: int) -> None:
         self.window = window
-        self.keys: torch.Tensor | None = None  # [T, H_kv, head_dim], RoPE already applied
-        self.values: torch.Tensor | None = None
-        self.positions: torch.Tensor | None = None  # [T] absolute positions
+        self.keys: list[torch.Tensor | None] = [None] * n_layers  # [T, H_kv, head_dim], RoPE applied
+        self.values: list[torch.Tensor | None] = [None] * n_layers
+        self.positions: torch.Tensor | None = None  # [T] absolute positions, shared by all layers
+        self._key_positions: torch.Tensor | None = None
 
     def prepare(self, total_positions: int) -> None:
         """Nothing to do: this cache sizes itself as it goes (see StaticKVCache.prepare)."""
 
-    def extend(
-        self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Return cached + new keys, values and positions, then keep only what later queries can still see."""
-        if self.keys is not None:
-            keys = torch.cat((self.keys, keys))
-            values = torch.cat((self.values, values))
-            positions = torch.cat((self.positions, positions))
+    def begin(self, positions: torch.Tensor) -> torch.Tensor:
+        """Start a forward over new `positions`; return the positions of the keys every layer will see."""
+        previous = self.positions
+        self._key_positions = positions if previous is None else torch.cat((previous, positions))
+        return self._key_positions
+
+    def extend(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cached + new keys and values of a layer; keeps only what later queries can still see."""
+        if self.keys[layer] is not None:
+            keys = torch.cat((self.keys[layer], keys))
+            values = torch.cat((self.values[layer], values))
         keep = self.window - 1
-        self.keys, self.values, self.positions = keys[-keep:], values[-keep:], positions[-keep:]
-        return keys, values, positions
+        self.keys[layer], self.values[layer] = keys[-keep:], values[-keep:]
+        return keys, values
+
+    def end(self) -> None:
+        """Finish the forward: trim the shared positions like the keys."""
+        self.positions = self._key_positions[-(self.window - 1) :]
 
     def __len__(self) -> int:
-        return 0 if self.keys is None else self.keys.shape[0]
+        return 0 if self.positions is None else self.positions.shape[0]
 
 
 MIN_SPAN = 64  # smallest slice of a static cache attention reads; spans double from here
+SLOT_ALIGNMENT = 64  # static capacities are whole multiples, which attention kernels read best
 
 
 class StaticKVCache:
-    """A preallocated ring of slots (slot = position % capacity) for one layer and stream: fixed addresses
-    for CUDA graphs, and attention reads only the filled prefix (rounded up to a power of two) until the
-    ring wraps. `capacity = window - 1 + block` so a block of new keys never overwrites one it still needs.
+    """Preallocated rings of slots (slot = position % capacity) for every layer of one stream: fixed
+    addresses for CUDA graphs, and attention reads only the filled prefix (rounded up to a power of two)
+    until the ring wraps. Capacity covers `window - 1 + block`, so a block of new keys never overwrites one
+    it still needs.
     """
 
-    def __init__(self, window: int, block: int, n_kv_heads: int, head_dim: int, *, dtype, device) -> None:
+    def __init__(
+        self, window: int, block: int, n_layers: int, n_kv_heads: int, head_dim: int, *, dtype, device
+    ) -> None:
         self.window = window
-        self.capacity = window - 1 + block
-        self.keys = torch.zeros(self.capacity, n_kv_heads, head_dim, dtype=dtype, device=device)
+        self.capacity = -(-(window - 1 + block) // SLOT_ALIGNMENT) * SLOT_ALIGNMENT
+        self.keys = torch.zeros(n_layers, self.capacity, n_kv_heads, head_dim, dtype=dtype, device=device)
         self.values = torch.zeros_like(self.keys)
         # Empty slots hold a position no query is ever within the window of.
         self.positions = torch.full((self.capacity,), -2 * self.capacity - window, dtype=torch.long, device=device)
         self.filled = 0
         self.span = 0
+        self._slots: torch.Tensor | None = None
 
     def prepare(self, total_positions: int) -> None:
-        """Set the slice the next call reads, for a stream that will then hold `total_positions` positions."""
+        """Host-side bookkeeping before a forward after which the stream holds `total_positions` positions:
+        sets the slice the forward reads (and so which CUDA graph serves it)."""
         self.filled = min(total_positions, self.capacity)
         self.span = span_for(total_positions, self.capacity)
 
-    def extend(
-        self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Write the new keys into their slots; return the slots attention reads (the mask drops stale ones)."""
-        slots = positions % self.capacity
-        self.keys.index_copy_(0, slots, keys)
-        self.values.index_copy_(0, slots, values)
-        self.positions.index_copy_(0, slots, positions)
-        return self.keys[: self.span], self.values[: self.span], self.positions[: self.span]
+    def begin(self, positions: torch.Tensor) -> torch.Tensor:
+        """Write the new positions into their slots; return the key positions of the slice attention reads."""
+        self._slots = positions % self.capacity
+        self.positions.index_copy_(0, self._slots, positions)
+        return self.positions[: self.span]
+
+    def extend(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write a layer's new keys and values; return its slice (the mask drops stale and empty slots)."""
+        self.keys[layer].index_copy_(0, self._slots, keys)
+        self.values[layer].index_copy_(0, self._slots, values)
+        return self.keys[layer, : self.span], self.values[layer, : self.span]
+
+    def end(self) -> None:
+        """Nothing to trim: the ring overwrites what no query can see any more."""
 
     def __len__(self) -> int:
         return min(self.filled, self.window - 1)
@@ -141,8 +166,7 @@ class Attention(nn.Module):
         self.wv = nn.Linear(params.dim, kv_dim, bias=bias)
         self.wo = nn.Linear(q_dim, params.dim, bias=bias)
         self.n_heads, self.n_kv_heads, self.head_dim = params.n_heads, params.n_kv_heads, params.head_dim
-        self.window = params.sliding_window
-        self.split = (q_dim, kv_dim, kv_dim)
+        self.group = params.n_heads // params.n_kv_heads
 
     def fuse(self) -> None:
         """One [q; k; v] projection instead of three: one weight read, one kernel (k gets a zero bias)."""
@@ -155,27 +179,22 @@ class Attention(nn.Module):
         del self.wq, self.wk, self.wv
 
     def forward(
-        self,
-        x: torch.Tensor,
-        positions: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        cache: KVCache,
+        self, x: torch.Tensor, rotations: torch.Tensor, cache: KVCache, layer: int, bias: torch.Tensor
     ) -> torch.Tensor:
-        """x [T, dim] at absolute `positions` [T]; attends to the cache and itself; updates the cache."""
-        length = x.shape[0]
-        q, k, v = self.wqkv(x).split(self.split, dim=-1)
-        q = RotaryEmbedding.apply(q.view(length, self.n_heads, self.head_dim), cos, sin)
-        k = RotaryEmbedding.apply(k.view(length, self.n_kv_heads, self.head_dim), cos, sin)
-        v = v.view(length, self.n_kv_heads, self.head_dim)
-        keys, values, key_positions = cache.extend(k, v, positions)
-        distance = positions[:, None] - key_positions[None, :]
-        mask = (distance >= 0) & (distance < self.window)
-        group = self.n_heads // self.n_kv_heads
+        """x [T, dim]; `bias` [group * T, S] from `attention_bias`, tiled per query group; updates the cache."""
+        length, heads, kv_heads, head_dim = x.shape[0], self.n_heads, self.n_kv_heads, self.head_dim
+        qk, v = self.wqkv(x).split(((heads + kv_heads) * head_dim, kv_heads * head_dim), dim=-1)
+        qk = RotaryEmbedding.apply(qk.view(length, heads + kv_heads, head_dim), rotations)
+        q, k = qk.split((heads, kv_heads), dim=1)
+        keys, values = cache.extend(layer, k, v.view(length, kv_heads, head_dim))
+        # Query head n reads KV head n // group: stack each group's queries along the sequence axis, so
+        # attention runs on the KV heads as they are (no repeated keys).
+        q = q.reshape(length, kv_heads, self.group, head_dim).permute(1, 2, 0, 3).reshape(kv_heads, -1, head_dim)
         out = F.scaled_dot_product_attention(
-            q.transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1), attn_mask=mask, enable_gqa=group > 1
-        )
-        return self.wo(out.transpose(0, 1).reshape(length, self.n_heads * self.head_dim))
+            q[None], keys.transpose(0, 1)[None], values.transpose(0, 1)[None], attn_mask=bias[None, None]
+        )[0]
+        out = out.view(kv_heads, self.group, length, head_dim).permute(2, 0, 1, 3).reshape(length, heads * head_dim)
+        return self.wo(out)
 
 
 class FeedForward(nn.Module):

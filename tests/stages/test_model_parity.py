@@ -78,8 +78,8 @@ def test_teacher_forced_logits_match_transformers(checkpoint_factory, hf_oracle,
         encoder = load_audio_encoder(model, dtype=torch.float32, device="cpu")
         decoder = load_text_decoder(model, dtype=torch.float32, device="cpu")
         frames = encoder(torch.from_numpy(mel), encoder.new_state())
-        caches = [RollingKVCache(model.params.decoder.sliding_window) for _ in decoder.layers]
-        hidden = decoder(decoder.adapt(frames), ids, torch.arange(len(ids)), caches, decoder.ffn_scales(num_delay))
+        cache = RollingKVCache(model.params.decoder.sliding_window, model.params.decoder.n_layers)
+        hidden = decoder(decoder.adapt(frames), ids, torch.arange(len(ids)), cache, decoder.ffn_scales(num_delay))
         logits = decoder.logits(hidden)
 
     assert logits.shape == expected.shape

@@ -9,7 +9,15 @@ from stages.audio import SAMPLES_PER_TOKEN
 from stages.base import StageError
 from stages.checkpoint import TransformerParams
 from stages.factory import build_stage
-from stages.layers import MIN_SPAN, Attention, RollingKVCache, RotaryEmbedding, StaticKVCache, span_for
+from stages.layers import (
+    MIN_SPAN,
+    Attention,
+    RollingKVCache,
+    RotaryEmbedding,
+    StaticKVCache,
+    attention_bias,
+    span_for,
+)
 from stages.transcribe import MODEL_CHAIN, run_chain, transcript_of
 from tests.conftest import speechlike_audio
 
@@ -35,27 +43,30 @@ def test_static_cache_gives_the_dynamic_ids(small_window_model_dir, chunk) -> No
 
 
 def test_static_attention_equals_dynamic_across_wraps() -> None:
-    """Blocks of 1..5 positions through a ring of window-1+5 slots, many times around it."""
+    """Blocks of 1..5 positions through a ring of window-1+5 (aligned up) slots, many times around it."""
     torch.manual_seed(0)
     attention = Attention(PARAMS)
     attention.fuse()
     rope = RotaryEmbedding(PARAMS.head_dim, PARAMS.rope_theta)
-    dynamic = RollingKVCache(PARAMS.sliding_window)
-    static = StaticKVCache(
-        PARAMS.sliding_window, 5, PARAMS.n_kv_heads, PARAMS.head_dim, dtype=torch.float32, device="cpu"
-    )
+    window = PARAMS.sliding_window
+    dynamic = RollingKVCache(window, 1)
+    static = StaticKVCache(window, 5, 1, PARAMS.n_kv_heads, PARAMS.head_dim, dtype=torch.float32, device="cpu")
     position = 0
     with torch.inference_mode():
-        for block in [1, 5, 3, 2, 5, 4, 1, 1, 5, 5, 5, 2, 3] * 3:
+        for block in [1, 5, 3, 2, 5, 4, 1, 1, 5, 5, 5, 2, 3] * 12:
             x = torch.randn(block, PARAMS.dim)
             positions = torch.arange(position, position + block)
-            cos, sin = rope.cos_sin(positions, x.dtype)
-            static.prepare(position + block)
-            expected = attention(x, positions, cos, sin, dynamic)
-            got = attention(x, positions, cos, sin, static)
-            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+            rotations = rope.rotations(positions)
+            outputs = []
+            for cache in (dynamic, static):
+                cache.prepare(position + block)
+                bias = attention_bias(positions, cache.begin(positions), window, x.dtype).repeat(2, 1)
+                outputs.append(attention(x, rotations, cache, 0, bias))
+                cache.end()
+            torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-5, atol=1e-6)
             position += block
-            assert len(static) == len(dynamic) == min(position, PARAMS.sliding_window - 1)
+            assert len(static) == len(dynamic) == min(position, window - 1)
+    assert position > 2 * static.capacity  # the ring wrapped more than once
 
 
 def test_span_reads_the_filled_prefix_rounded_up_until_the_ring_wraps() -> None:
