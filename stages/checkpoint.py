@@ -134,10 +134,17 @@ def _count(raw: Mapping[str, Any], key: str, path: Path, default: Any = _REQUIRE
 
 
 def _expect(
-    raw: Mapping[str, Any], key: str, kind: type | tuple[type, ...], expected: Any, path: Path, why: str
+    raw: Mapping[str, Any],
+    key: str,
+    kind: type | tuple[type, ...],
+    expected: Any,
+    path: Path,
+    why: str,
+    *,
+    optional: bool = False,
 ) -> None:
-    """A key whose value is fixed for this model (a flag or a front-end constant)."""
-    value = _get(raw, key, kind, path)
+    """A key whose value is fixed for this model (a flag or a front-end constant); `optional`: may be absent."""
+    value = _get(raw, key, kind, path, expected if optional else _REQUIRED)
     if value != expected:
         raise CheckpointError(f"{path}: key '{key}' must be {json.dumps(expected)} ({why}), got {json.dumps(value)}")
 
@@ -258,9 +265,10 @@ def parse_hf_config(path: Path) -> ModelParams:
     path = Path(path)
     raw = _read_json(path)
     _expect(raw, "model_type", str, HF_MODEL_TYPE, path, "the Voxtral Realtime architecture")
-    _expect(raw, "downsample_factor", int, ENCODER_FRAMES_PER_TOKEN, path, "encoder frames per decoder position")
-    if not _get(raw, "tie_word_embeddings", bool, path, default=True):
-        raise CheckpointError(f"{path}: key 'tie_word_embeddings' must be true (the LM head is the token embedding)")
+    # Both keys default to these values in transformers' config class, so a config may leave them out.
+    frames_per_position = "encoder frames per decoder position"
+    _expect(raw, "downsample_factor", int, ENCODER_FRAMES_PER_TOKEN, path, frames_per_position, optional=True)
+    _expect(raw, "tie_word_embeddings", bool, True, path, "the LM head is the token embedding", optional=True)
 
     def stack_keys(config: str) -> dict[str, str]:
         keys = {name: f"{config}.{hf_key}" for name, hf_key in _HF_STACK_KEYS.items()}
