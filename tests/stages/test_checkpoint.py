@@ -264,12 +264,12 @@ def test_hf_layout_gives_identical_encoder_frames_and_logits(tiny_model_dir: Pat
         encoder = load_audio_encoder(model, dtype=torch.float32, device="cpu")
         decoder = load_text_decoder(model, dtype=torch.float32, device="cpu")
         frames = encoder(mel, encoder.new_state())
-        caches = [RollingKVCache(model.params.decoder.sliding_window) for _ in decoder.layers]
+        cache = RollingKVCache(model.params.decoder.sliding_window, model.params.decoder.n_layers)
         with torch.inference_mode():
             audio_vectors = decoder.adapt(frames[: 4 * len(token_ids)])
             positions = torch.arange(len(token_ids))
             hidden = decoder(
-                audio_vectors, token_ids, positions, caches, decoder.ffn_scales(tekken.audio.num_delay_tokens)
+                audio_vectors, token_ids, positions, cache, decoder.ffn_scales(tekken.audio.num_delay_tokens)
             )
             logits.append(decoder.logits(hidden))
     assert logits[0].shape == (len(token_ids), tekken.vocab_size)

@@ -127,9 +127,7 @@ def test_one_sample_chunks_emit_each_frame_once_its_look_ahead_arrives() -> None
     for count in range(1, len(audio) + 1):
         emitted += stage.push("s", audio[count - 1 : count])
         available = left_pad + count
-        ready = sum(
-            1 for t in range(available // HOP_LENGTH + 1) if HOP_LENGTH * t + WINDOW_SIZE // 2 <= available
-        )
+        ready = sum(1 for t in range(available // HOP_LENGTH + 1) if HOP_LENGTH * t + WINDOW_SIZE // 2 <= available)
         assert sum(len(frames) for frames in emitted) == ready
     emitted += stage.finish("s")
     expected = log_mel_frames(pad_stream(audio, LEFT_PAD_TOKENS, DELAY_TOKENS))
@@ -191,9 +189,7 @@ def test_interleaved_streams_equal_each_alone() -> None:
     assert stage.streams() == ["b"]
     outputs["b"] += stage.finish("b")
     alone_a = stream_through(MelStage(LEFT_PAD_TOKENS, DELAY_TOKENS), "x", first, [700])
-    alone_b = stream_through(
-        MelStage(LEFT_PAD_TOKENS, DELAY_TOKENS), "x", second, [333] * steps + [len(second)]
-    )
+    alone_b = stream_through(MelStage(LEFT_PAD_TOKENS, DELAY_TOKENS), "x", second, [333] * steps + [len(second)])
     np.testing.assert_array_equal(np.concatenate(outputs["a"]), alone_a)
     np.testing.assert_array_equal(np.concatenate(outputs["b"]), alone_b)
 
