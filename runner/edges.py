@@ -77,11 +77,17 @@ class EdgeReceiver:
         """Take one waiting message (call when the socket is readable); None for a sender's hello."""
         frames = self.socket.recv_multipart()
         if frames == [_HELLO]:
-            self.socket.send(_CREDIT.pack(self.spec.window))
+            self._grant(self.spec.window)
             return None
-        self.socket.send(_CREDIT.pack(1))
+        self._grant(1)
         self.received += 1
         return decode(frames)
+
+    def _grant(self, credits: int) -> None:
+        try:  # a sender that already left (it sent its end of stream) needs no credit: never wait for it
+            self.socket.send(_CREDIT.pack(credits), zmq.NOBLOCK)
+        except zmq.Again:
+            pass
 
     def close(self) -> None:
         self.socket.close()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
 import numpy as np
 import pytest
 import zmq
@@ -122,3 +125,19 @@ def test_payload_survives_the_hop(context, tmp_path):
     assert (message.stream_id, message.seq, message.capture_time) == ("stream", 7, 123.5)
     np.testing.assert_array_equal(message.item["samples"], item["samples"])
     assert message.item["sample_rate"] == 44100
+
+
+def test_receiver_never_waits_on_a_sender_that_left(context, tmp_path):
+    """The last message of a sender that already closed is still taken; its credit goes nowhere, at once."""
+    receiver, sender = make_edge(context, tmp_path, 2, Policy.BLOCK)
+    receive_all(receiver)
+    sender._wait_for_credit()
+    sender.send(envelope(0, Kind.EOS))
+    sender.socket.close(linger=1000)
+    time.sleep(0.2)  # the connection is gone before the receiver takes the message
+    taken = []
+    worker = threading.Thread(target=lambda: taken.extend(receive_all(receiver)), daemon=True)
+    worker.start()  # the receiver's socket is used by this thread alone from here on
+    worker.join(timeout=5)
+    assert not worker.is_alive(), "the receiver blocked granting a credit to a sender that left"
+    assert [message.kind for message in taken] == [Kind.EOS]
