@@ -14,6 +14,7 @@ from enum import Enum
 
 import zmq
 
+from runner.errors import RunnerError
 from runner.wire import Envelope, Kind, decode, encode
 
 LINGER_MS = 1000  # how long a closing socket may still try to deliver queued messages
@@ -70,7 +71,7 @@ class EdgeReceiver:
             self.socket.bind(spec.bind)
         except zmq.ZMQError as error:
             self.socket.close(linger=0)
-            raise OSError(f"queue {spec.name}: cannot bind {spec.bind} ({error.strerror})") from None
+            raise RunnerError(f"queue {spec.name}: cannot bind {spec.bind} ({error.strerror})") from None
         self.received = 0
 
     def receive(self) -> Envelope | None:

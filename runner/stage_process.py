@@ -24,6 +24,7 @@ from setproctitle import setproctitle
 
 from runner.config import SOURCE
 from runner.edges import LINGER_MS, EdgeReceiver, EdgeSender, EdgeSpec, Policy
+from runner.errors import RunnerError
 from runner.metrics import StageMetrics
 from runner.wire import Envelope, Kind
 from stages.base import Source, Stage, StageError
@@ -181,7 +182,7 @@ class StageProcess:
             return 0
         except _Stop:
             return 0
-        except (StageError, OSError) as error:
+        except (StageError, RunnerError, OSError) as error:
             self.report("error", message=one_line(error))
             return 1
         except Exception as error:  # noqa: BLE001 - any failure must reach the runner as one line
@@ -309,4 +310,5 @@ def stage_main(spec: StageSpec) -> None:
     """Entry point of a spawned stage process."""
     setproctitle(PROCESS_TITLE.format(name=spec.name))
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group; the runner decides
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # stdout carries the transcript: stages print to stderr
     sys.exit(StageProcess(spec).run())

@@ -45,9 +45,9 @@ class StageState:
 
     process: multiprocessing.Process
     status: str = "starting"
-    loading_since: float = field(default_factory=time.monotonic)
-    error: str | None = None
-    stats: dict = field(default_factory=dict)
+    started: float = field(default_factory=time.monotonic)
+    load_s: float | None = None
+    stats: dict = field(default_factory=dict)  # the stage's last report: queue counts, drops, metrics
 
 
 def _exit_description(exitcode: int | None) -> str:
@@ -74,8 +74,13 @@ class Supervisor:
         self.model_dir = model_dir
         self.console = console
         self.stages: dict[str, StageState] = {}
-        self.interrupts = 0
+        self.interrupts = 0  # SIGINT/SIGTERM received during the run
         self._stopping = False
+        self.context: zmq.Context | None = None
+        self.control: zmq.Socket | None = None  # ROUTER: one DEALER per local stage, identified by name
+        self.sink_receiver: EdgeReceiver | None = None
+        self.poller = zmq.Poller()
+        self._wake_read: socket.socket | None = None  # readable when a signal arrived (set_wakeup_fd)
 
     # --- setup ---
 
@@ -110,14 +115,6 @@ class Supervisor:
         finally:
             signal.signal(signal.SIGINT, previous)
 
-    def _install_signals(self) -> tuple[socket.socket, socket.socket]:
-        wake_read, wake_write = socket.socketpair()
-        wake_write.setblocking(False)
-        signal.set_wakeup_fd(wake_write.fileno(), warn_on_full_buffer=False)
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(signum, self._on_signal)
-        return wake_read, wake_write
-
     def _on_signal(self, signum: int, frame: object) -> None:
         self.interrupts += 1
 
@@ -127,27 +124,29 @@ class Supervisor:
         """Run this host's stages to the end of the stream; the process exit status."""
         run_dir = Path(tempfile.mkdtemp(prefix="voxtral-run-"))
         self.context = zmq.Context()
-        self.sink_receiver = None
         self.control = self.context.socket(zmq.ROUTER)
         self.control.setsockopt(zmq.LINGER, 0)
         control_endpoint = f"ipc://{run_dir / 'control'}"
         self.control.bind(control_endpoint)
+        # Signals only count and wake the poll; the loops decide what they mean at each point of the run.
         old_handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
-        old_wakeup = signal.set_wakeup_fd(-1)
-        wake_read, wake_write = self._install_signals()
+        self._wake_read, wake_write = socket.socketpair()
+        wake_write.setblocking(False)
+        old_wakeup = signal.set_wakeup_fd(wake_write.fileno(), warn_on_full_buffer=False)
+        for signum in old_handlers:
+            signal.signal(signum, self._on_signal)
         status = EXIT_FAILED
         try:
             self._spawn(run_dir, control_endpoint)
-            self.poller = zmq.Poller()
-            for pollable in [self.control, wake_read.fileno(), *(s.process.sentinel for s in self.stages.values())]:
-                self.poller.register(pollable, zmq.POLLIN)
+            pollables = [self.control, self._wake_read.fileno(), *(s.process.sentinel for s in self.stages.values())]
             if self.sink_receiver is not None:
-                self.poller.register(self.sink_receiver.socket, zmq.POLLIN)
-            self._wake_fd = wake_read.fileno()
-            self._handshake(wake_read)
+                pollables.append(self.sink_receiver.socket)
+            for pollable in pollables:
+                self.poller.register(pollable, zmq.POLLIN)
+            self._handshake()
             for name in self.stages:
                 self._send_control(name, "start")
-            status = self._stream(wake_read)
+            status = self._stream()
         except Interrupted:
             status = EXIT_INTERRUPTED
         finally:
@@ -158,7 +157,7 @@ class Supervisor:
             signal.set_wakeup_fd(old_wakeup)
             for signum, handler in old_handlers.items():
                 signal.signal(signum, handler)
-            wake_read.close()
+            self._wake_read.close()
             wake_write.close()
             if self.sink_receiver is not None:
                 self.sink_receiver.close()
@@ -183,17 +182,14 @@ class Supervisor:
             state = self.stages[name]
             kind = message["type"]
             if kind == "error":
-                state.error = message["message"]
                 if not self._stopping:
-                    raise RunnerError(f"stage '{name}' failed: {state.error}")
+                    raise RunnerError(f"stage '{name}' failed: {message['message']}")
             elif kind == "stats":
                 state.stats = message
             else:
                 state.status = kind
-                if kind == "loading":
-                    state.loading_since = time.monotonic()
-                elif kind == "ready":
-                    state.stats["load_s"] = message["load_s"]
+                if kind == "ready":
+                    state.load_s = message["load_s"]
 
     def _check_processes(self, events: dict) -> None:
         """Fail the run, naming the stage, if any stage process ended on its own."""
@@ -203,9 +199,9 @@ class Supervisor:
                 state.process.join()
                 raise RunnerError(f"stage '{name}' died ({_exit_description(state.process.exitcode)})")
 
-    def _take_signals(self, wake_read: socket.socket, events: dict) -> None:
-        if self._wake_fd in events:
-            wake_read.recv(4096)
+    def _take_signals(self, events: dict) -> None:
+        if self._wake_read.fileno() in events:
+            self._wake_read.recv(4096)
 
     def _progress_line(self) -> str:
         now = time.monotonic()
@@ -214,10 +210,10 @@ class Supervisor:
             if state.status == "ready":
                 parts.append(f"[green]{name} ready[/]")
             else:
-                parts.append(f"{name} {state.status} {now - state.loading_since:.1f} s")
+                parts.append(f"{name} {state.status} {now - state.started:.1f} s")
         return "starting stages: " + ", ".join(parts)
 
-    def _handshake(self, wake_read: socket.socket) -> None:
+    def _handshake(self) -> None:
         """Wait until every local stage reports ready (progress on a terminal), failing on error or timeout."""
         started = time.monotonic()
         deadline = started + self.pipeline.startup_timeout_s
@@ -231,7 +227,7 @@ class Supervisor:
                         f"(startup_timeout_s): {', '.join(waiting)}"
                     )
                 events = self._poll(min(PROGRESS_REFRESH_S, deadline - now))
-                self._take_signals(wake_read, events)
+                self._take_signals(events)
                 if self.interrupts:
                     raise Interrupted()
                 self._drain_control()
@@ -241,7 +237,7 @@ class Supervisor:
             names = ", ".join(self.stages)
             self.console.print(f"voxtral-run: ready in {time.monotonic() - started:.1f} s ({names})", highlight=False)
 
-    def _stream(self, wake_read: socket.socket) -> int:
+    def _stream(self) -> int:
         """Receive events until every local stage and the sink have seen the end of the stream."""
         waiting = set(self.stages) | ({SINK} if self.sink is not None else set())
         drain_deadline: float | None = None
@@ -252,7 +248,7 @@ class Supervisor:
                 self.console.print("voxtral-run: stopped before the end of the stream was drained", highlight=False)
                 return EXIT_INTERRUPTED
             events = self._poll(timeout)
-            self._take_signals(wake_read, events)
+            self._take_signals(events)
             if self.interrupts > handled_interrupts:
                 handled_interrupts = self.interrupts
                 if handled_interrupts > 1:
