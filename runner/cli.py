@@ -102,6 +102,12 @@ def run(
             metavar="A,B", help="Run only these stages (comma-separated; 'output' is the transcript sink) on this host."
         ),
     ] = None,
+    profile: Annotated[
+        Path | None,
+        typer.Option(
+            metavar="FILE", help="Time every item in every stage: a table at the end, a Chrome trace in FILE."
+        ),
+    ] = None,
     list_devices: Annotated[bool, typer.Option("--list-devices", help="List microphones and exit.")] = False,
 ) -> None:
     console = Console(stderr=True, highlight=False)
@@ -139,7 +145,8 @@ def run(
                 sink = TranscriptSink(open_writer(format, None, sys.stdout))
             else:
                 sink = TranscriptSink(open_writer(format, output), live=LiveText(sys.stdout))
-        status = Supervisor(config, local=local, model_dir=model_dir, sink=sink, console=console).run()
+        supervisor = Supervisor(config, local=local, model_dir=model_dir, sink=sink, console=console, profile=profile)
+        status = supervisor.run()
     except (RunnerError, StageError) as error:
         console.print(f"voxtral-run: error: {error}", soft_wrap=True, markup=False)
         raise typer.Exit(EXIT_FAILED) from None

@@ -25,7 +25,7 @@ from setproctitle import setproctitle
 from runner.config import SOURCE
 from runner.edges import LINGER_MS, EdgeReceiver, EdgeSender, EdgeSpec, Policy
 from runner.errors import RunnerError
-from runner.metrics import StageMetrics
+from runner.metrics import ItemRecord, StageMetrics
 from runner.wire import Envelope, Kind
 from stages.base import Source, Stage, StageError
 
@@ -50,6 +50,7 @@ class StageSpec:
     throttle_ms: float = 0.0
     model_dir: Path | None = None
     delay_ms: int | None = None
+    profile: bool = False  # also time the GPU per item and send every item's record for the trace
 
 
 def pack(message: dict) -> bytes:
@@ -125,6 +126,26 @@ def build_core(spec: StageSpec) -> Stage | Source:
     )
 
 
+class CudaTimer:
+    """GPU time of one stage call, from CUDA events recorded around it on the stage's device."""
+
+    def __init__(self, device: str):
+        import torch
+
+        self._start = torch.cuda.Event(enable_timing=True)
+        self._end = torch.cuda.Event(enable_timing=True)
+        self._stream = lambda: torch.cuda.current_stream(torch.device(device))
+
+    def start(self) -> None:
+        self._start.record(self._stream())
+
+    def stop(self) -> float:
+        """Seconds between start and now on the device (waits for the device to get there)."""
+        self._end.record(self._stream())
+        self._end.synchronize()
+        return self._start.elapsed_time(self._end) / 1000
+
+
 class _Stop(Exception):
     """The runner said stop, or the runner is gone."""
 
@@ -146,6 +167,7 @@ class StageProcess:
         self.parent = multiprocessing.parent_process()
         self.parent_sentinel = self.parent.sentinel if self.parent is not None else None
         self.metrics = StageMetrics()
+        self.device_timer: CudaTimer | None = None
         self.receiver: EdgeReceiver | None = None
         self.sender: EdgeSender | None = None
         self.source: Source | None = None
@@ -167,6 +189,8 @@ class StageProcess:
             if self.spec.input_edge is not None:
                 self.receiver = EdgeReceiver(self.context, self.spec.input_edge)
             core = build_core(self.spec)
+            if self.spec.profile and self.spec.device.startswith("cuda"):  # per-item GPU time costs a sync
+                self.device_timer = CudaTimer(self.spec.device)
             watched = [self.control] + ([self.parent_sentinel] if self.parent_sentinel is not None else [])
             self.sender = EdgeSender(
                 self.context, self.spec.output_edge, interrupts=watched, on_interrupt=self._check_control
@@ -194,6 +218,8 @@ class StageProcess:
 
     def _report_stats(self) -> None:
         stats: dict[str, Any] = {"metrics": self.metrics.summary()}
+        if self.spec.profile:
+            stats["records"] = [record.as_list() for record in self.metrics.records]
         if self.sender is not None:
             stats |= {"edge": self.sender.spec.name, "sent": self.sender.sent, "dropped": self.sender.dropped}
             stats |= {"policy": self.sender.spec.policy.value, "peak_depth": self.sender.peak_depth}
@@ -254,17 +280,22 @@ class StageProcess:
                 self._check_control()
 
     def _handle(self, stage: Stage, envelope: Envelope) -> None:
-        wait_s = max(0.0, time.time() - envelope.sent_time)
-        if self.spec.throttle_ms:
-            time.sleep(self.spec.throttle_ms / 1000)
+        began = time.time()
+        wait_s = max(0.0, began - envelope.sent_time)
+        if self.device_timer is not None:
+            self.device_timer.start()
         started = time.perf_counter()
+        if self.spec.throttle_ms:  # a deliberately slow stage: the sleep counts as service time
+            time.sleep(self.spec.throttle_ms / 1000)
         if envelope.kind is Kind.DATA:
             outputs = stage.push(envelope.stream_id, envelope.item)
         else:
             outputs = stage.finish(envelope.stream_id)
         service_s = time.perf_counter() - started
+        device_s = self.device_timer.stop() if self.device_timer is not None else None
         out_bytes = sum(self._send(envelope.stream_id, envelope.capture_time, Kind.DATA, item) for item in outputs)
-        self.metrics.record(wait_s, service_s, out_bytes)
+        send_s = time.perf_counter() - started - service_s
+        self.metrics.record(ItemRecord(began, wait_s, service_s, send_s, out_bytes, envelope.capture_time, device_s))
         if envelope.kind is Kind.EOS:
             self._send(envelope.stream_id, envelope.capture_time, Kind.EOS)
             self._output_seq.pop(envelope.stream_id, None)
@@ -295,9 +326,10 @@ class StageProcess:
                 self._check_control()
                 if self.spec.throttle_ms:
                     time.sleep(self.spec.throttle_ms / 1000)
-                started = time.perf_counter()
+                began, started = time.time(), time.perf_counter()
                 out_bytes = self._send(stream_id, capture_time, Kind.DATA, chunk)
-                self.metrics.record(0.0, time.perf_counter() - started, out_bytes)
+                send_s = time.perf_counter() - started
+                self.metrics.record(ItemRecord(began, 0.0, 0.0, send_s, out_bytes, capture_time))
         except _CaptureInterrupted:
             pass
         signal.signal(signal.SIGINT, signal.SIG_IGN)

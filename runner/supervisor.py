@@ -22,6 +22,7 @@ from rich.console import Console
 from runner.config import SINK, SOURCE, Pipeline, plan_edges
 from runner.edges import EdgeReceiver, Policy
 from runner.errors import RunnerError
+from runner.metrics import format_table, write_chrome_trace
 from runner.sink import TranscriptSink
 from runner.stage_process import StageSpec, pack, stage_main, unpack
 from runner.wire import Kind
@@ -67,12 +68,14 @@ class Supervisor:
         model_dir: Path | None,
         sink: TranscriptSink | None,
         console: Console,
+        profile: Path | None = None,
     ):
         self.pipeline = pipeline
         self.local_stages = [name for name in pipeline.chain() if name in local and name != SINK]
         self.sink = sink if SINK in local else None
         self.model_dir = model_dir
         self.console = console
+        self.profile = profile
         self.stages: dict[str, StageState] = {}
         self.interrupts = 0  # SIGINT/SIGTERM received during the run
         self._stopping = False
@@ -108,6 +111,7 @@ class Supervisor:
                     throttle_ms=config.throttle_ms,
                     model_dir=self.model_dir,
                     delay_ms=self.pipeline.delay_ms,
+                    profile=self.profile is not None,
                 )
                 process = spawn.Process(target=stage_main, args=(spec,), name=f"voxtral-run: {name}")
                 process.start()
@@ -154,6 +158,8 @@ class Supervisor:
             if self.sink is not None:
                 self.sink.close()
             self._report_losses()
+            if self.profile is not None:
+                self._write_profile()
             signal.set_wakeup_fd(old_wakeup)
             for signum, handler in old_handlers.items():
                 signal.signal(signum, handler)
@@ -291,6 +297,13 @@ class Supervisor:
         for state in self.stages.values():
             state.process.join()
         self._drain_control()
+
+    def _write_profile(self) -> None:
+        """The per-stage table on stderr and the Chrome trace file."""
+        stats = {name: state.stats for name, state in self.stages.items()}
+        self.console.print(format_table(stats), highlight=False, markup=False, soft_wrap=True)
+        write_chrome_trace(self.profile, {name: report.get("records", []) for name, report in stats.items()})
+        self.console.print(f"voxtral-run: trace written to {self.profile} (open it in Perfetto)", highlight=False)
 
     def _report_losses(self) -> None:
         """Print the drops of every drop-policy queue and the capture's input overflows."""

@@ -84,7 +84,7 @@ def test_backpressure_blocks_upstream_without_loss(tmp_path):
     assert capture["peak_depth"] <= 1  # the queue never held more than its capacity
     assert supervisor.stages["relay"].stats["peak_depth"] <= 4
     # The file is read far faster than the relay works, so each send waited for the relay to take a message.
-    assert capture["metrics"]["service_ms"]["p50"] > throttle_ms / 2
+    assert capture["metrics"]["send_ms"]["p50"] > throttle_ms / 2
     assert capture["dropped"] == 0
 
 
@@ -221,3 +221,25 @@ def test_yaml_errors_are_one_line(runner, tmp_path):
         result = runner.run(pipeline, "--input", "x.wav")
         assert result.returncode == 1
         assert expected in one_error_line(result.stderr)
+
+
+def test_profile_writes_a_table_and_a_chrome_trace(runner, tmp_path):
+    wav = write_noise_wav(tmp_path / "a.wav", 0.8)  # 10 chunks
+    trace = tmp_path / "trace.json"
+    pipeline = write_toy_pipeline(tmp_path / "p.yaml", relay={"throttle_ms": 20})
+    result = runner.run(pipeline, "--input", wav, "--profile", trace)
+    assert result.returncode == 0, result.stderr
+    table = {line.split()[0]: line.split() for line in result.stderr.decode().splitlines() if line[:1].isalpha()}
+    assert table["capture"][1] == "10" and table["relay"][1] == "11"  # items: chunks, plus end of stream after
+    assert 15 < float(table["relay"][4]) < 200  # service p50 (ms) shows the 20 ms throttle
+    events = json.loads(trace.read_text())["traceEvents"]
+    tracks = {event["args"]["name"]: event["tid"] for event in events if event["name"] == "thread_name"}
+    assert list(tracks) == ["capture", "relay", "detokenize"]
+    slices = [event for event in events if event["ph"] == "X" and event["name"] == "relay"]
+    assert len(slices) == 11 and all(slice_["tid"] == tracks["relay"] for slice_ in slices)
+    # Each chunk's capture time links its slices across the stages (a flow per frame).
+    flows = {}
+    for event in events:
+        if event["ph"] in "st":
+            flows.setdefault(event["id"], set()).add(event["tid"])
+    assert sum(tids == set(tracks.values()) for tids in flows.values()) >= 10
