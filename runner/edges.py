@@ -15,7 +15,7 @@ from enum import Enum
 import zmq
 
 from runner.errors import RunnerError
-from runner.wire import Envelope, Kind, decode, encode
+from runner.wire import Envelope, Kind, decode, encode, payload_bytes
 
 LINGER_MS = 1000  # how long a closing socket may still try to deliver queued messages
 _HELLO = b""  # first frame a sender puts on an edge; the receiver answers with the initial credits
@@ -72,7 +72,6 @@ class EdgeReceiver:
         except zmq.ZMQError as error:
             self.socket.close(linger=0)
             raise RunnerError(f"queue {spec.name}: cannot bind {spec.bind} ({error.strerror})") from None
-        self.received = 0
 
     def receive(self) -> Envelope | None:
         """Take one waiting message (call when the socket is readable); None for a sender's hello."""
@@ -81,7 +80,6 @@ class EdgeReceiver:
             self._grant(self.spec.window)
             return None
         self._grant(1)
-        self.received += 1
         return decode(frames)
 
     def _grant(self, credits: int) -> None:
@@ -146,7 +144,7 @@ class EdgeSender:
                 self.dropped += 1
             self._pending.append(frames)
             self._note_depth()
-        return sum(len(frame) if isinstance(frame, bytes) else frame.nbytes for frame in frames)
+        return payload_bytes(frames)
 
     def _put(self, frames: list) -> None:
         self.socket.send_multipart(frames, copy=False)

@@ -119,7 +119,7 @@ def build_core(spec: StageSpec) -> Stage | Source:
                 "(--input mic, or a file with --realtime)"
             )
         return source
-    from stages.factory import build_stage
+    from stages.factory import build_stage  # imports torch: only processes running a model stage pay for it
 
     return build_stage(
         spec.name, model_dir=spec.model_dir, device=spec.device, delay_ms=spec.delay_ms, params=spec.params
