@@ -110,7 +110,7 @@ def run(
     ] = None,
     list_devices: Annotated[bool, typer.Option("--list-devices", help="List microphones and exit.")] = False,
 ) -> None:
-    console = Console(stderr=True, highlight=False)
+    console = Console(stderr=True, highlight=False, soft_wrap=True)
     try:
         if list_devices:
             _list_devices()
