@@ -11,10 +11,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from runner.edges import EdgeSpec, Policy
 from runner.errors import RunnerError
+from stages.factory import STAGE_KINDS
 
 DEFAULT_MODEL = "mistralai/Voxtral-Mini-4B-Realtime-2602"
 # Stage names the runner knows how to build; the model stages come from stages.factory, capture from the runner.
-KNOWN_STAGES = ("capture", "resample", "mel", "encoder", "decoder", "detokenize")
+KNOWN_STAGES = STAGE_KINDS
 SOURCE = "capture"  # the stage that produces audio: the only one without an input queue
 SINK = "output"  # the runner's own node that receives the final events and writes the transcript
 RUNNER_STAGE_KEYS = ("device", "host", "throttle_ms", "impl")  # set directly by --set; others go to params

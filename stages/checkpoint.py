@@ -29,10 +29,9 @@ from stages.audio import (
     WINDOW_SIZE,
 )
 from stages.base import CheckpointError
-from stages.tekken import STREAMING_FORMAT, Tekken, load_tekken
+from stages.tekken import STREAMING_FORMAT, TEKKEN_FILE, Tekken, load_tekken
 
 PARAMS_FILE = "params.json"
-TEKKEN_FILE = "tekken.json"
 CONSOLIDATED_FILE = "consolidated.safetensors"
 HF_CONFIG_FILE = "config.json"
 HF_WEIGHTS_FILE = "model.safetensors"

@@ -4,21 +4,21 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from stages.audio import delay_tokens
 from stages.base import Stage, StageError
-from stages.checkpoint import ModelDir, torch_dtype
-from stages.decoder import DecoderStage, load_text_decoder
-from stages.encoder import EncoderStage, load_audio_encoder
-from stages.mel import MelStage
-from stages.resample import ResampleStage
-from stages.tokenizer import DetokenizeStage
+from stages.tekken import TEKKEN_FILE, Tekken, load_tekken
+
+if TYPE_CHECKING:
+    import torch
+
+    from stages.checkpoint import ModelDir
+
+# Model stages import torch and the model code only when built, so the resample, detokenize and capture
+# processes start in a fraction of a second.
 
 STAGE_KINDS = ("capture", "resample", "mel", "encoder", "decoder", "detokenize")
-MODEL_STAGE_KINDS = ("encoder", "decoder")
 # Settings each kind accepts in pipeline.yaml beyond device (capture is built by the runner).
 STAGE_PARAMS: dict[str, tuple[str, ...]] = {
     "resample": (),
@@ -32,11 +32,15 @@ STAGE_PARAMS: dict[str, tuple[str, ...]] = {
 @functools.lru_cache(maxsize=4)
 def open_model(model_dir: Path) -> ModelDir:
     """Open (and validate) a model directory once per process."""
+    from stages.checkpoint import ModelDir
+
     return ModelDir(model_dir)
 
 
 def resolve_device(device: str) -> torch.device:
     """A torch device for a placement string (cpu, cuda, cuda:N), checked to exist on this host."""
+    import torch
+
     try:
         resolved = torch.device(device)
     except RuntimeError:
@@ -52,9 +56,16 @@ def resolve_device(device: str) -> torch.device:
     return resolved
 
 
-def num_delay_tokens(model: ModelDir, delay_ms: float | None) -> int:
+def _tekken(model_dir: Path) -> Tekken:
+    path = Path(model_dir)
+    if not path.is_dir():
+        raise StageError(f"{path}: model directory not found")
+    return load_tekken(path / TEKKEN_FILE)
+
+
+def num_delay_tokens(tekken: Tekken, delay_ms: float | None) -> int:
     """Delay in tokens: the given delay, or tekken.json's transcription_delay_ms when None."""
-    return delay_tokens(model.tekken.audio.transcription_delay_ms if delay_ms is None else delay_ms)
+    return delay_tokens(tekken.audio.transcription_delay_ms if delay_ms is None else delay_ms)
 
 
 def build_stage(
@@ -72,15 +83,26 @@ def build_stage(
     unknown = sorted(set(params) - set(STAGE_PARAMS[kind]))
     if unknown:
         raise StageError(f"stage '{kind}': unknown setting '{unknown[0]}'")
-    target = resolve_device(device)
+    target = resolve_device(device) if kind in ("encoder", "decoder") else None
     if kind == "resample":
+        from stages.resample import ResampleStage
+
         return ResampleStage()
-    model = open_model(Path(model_dir).resolve())
-    delay = num_delay_tokens(model, delay_ms)
+    tekken = _tekken(model_dir)
+    delay = num_delay_tokens(tekken, delay_ms)
     if kind == "mel":
-        return MelStage(model.tekken.audio.streaming_n_left_pad_tokens, delay)
+        from stages.mel import MelStage
+
+        return MelStage(tekken.audio.streaming_n_left_pad_tokens, delay)
     if kind == "detokenize":
-        return DetokenizeStage(model.tekken)
+        from stages.tokenizer import DetokenizeStage
+
+        return DetokenizeStage(tekken)
+    from stages.checkpoint import torch_dtype
+    from stages.decoder import DecoderStage, load_text_decoder
+    from stages.encoder import EncoderStage, load_audio_encoder
+
+    model = open_model(Path(model_dir).resolve())
     # On a GPU: bf16 (the published weights' dtype, as the reference runs), static ring caches and CUDA
     # graphs. On a CPU: fp32, exact against the reference, and caches that grow as they go.
     on_gpu = target.type == "cuda"

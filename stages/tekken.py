@@ -23,6 +23,8 @@ from stages.audio import (
 )
 from stages.base import CheckpointError
 
+TEKKEN_FILE = "tekken.json"  # its name in a model directory
+
 BOS = "<s>"
 EOS = "</s>"
 STREAMING_PAD = "[STREAMING_PAD]"
