@@ -137,44 +137,50 @@ def transformers_streaming(hf_model, audio: np.ndarray, model: ModelDir, num_del
     return {"ms_per_token": 1000 * elapsed / max(generated, 1), "tokens": generated}
 
 
-def logits_agreement(hf_model, model_dir: Path, audio: np.ndarray, num_delay: int, device, ids: list[int]) -> dict:
-    """Teacher-forced bf16 logits, ours vs transformers', on the ids our decoder generated."""
-    from stages.layers import StaticKVCache
+def teacher_forced_logits(model_dir: Path, mel: np.ndarray, sequence: torch.Tensor, dtype: str) -> torch.Tensor:
+    """Our logits [T, vocab] (as float32) for a whole id sequence over its audio, run as one block."""
+    from stages.layers import RollingKVCache
 
-    model = open_model(model_dir)
-    left = model.tekken.audio.streaming_n_left_pad_tokens
-    mel = log_mel_frames(pad_audio(audio, left, num_delay))
-    prompt = streaming_prompt(model.tekken, num_delay)
-    sequence = torch.tensor((prompt + ids)[: mel.shape[0] // 8], device=device)
-    encoder = build_stage("encoder", model_dir=model_dir, device=str(device), params={"cuda_graphs": False})
-    decoder = build_stage("decoder", model_dir=model_dir, device=str(device), params={"cuda_graphs": False})
+    device = sequence.device
+    settings = {"dtype": dtype, "cache": "dynamic", "cuda_graphs": False}
+    encoder = build_stage("encoder", model_dir=model_dir, device=str(device), params=settings)
+    decoder = build_stage("decoder", model_dir=model_dir, device=str(device), params=settings)
+    dec = decoder.decoder
     with torch.inference_mode():
-        frames = torch.from_numpy(encoder.push("tf", mel)[0]).to(device, torch.bfloat16)
-        dec = decoder.decoder
-        params = model.params.decoder
-        caches = [
-            StaticKVCache(params.sliding_window, len(sequence), params.n_kv_heads, params.head_dim,
-                          dtype=torch.bfloat16, device=device)
-            for _ in dec.layers
-        ]  # fmt: skip
-        for cache in caches:
-            cache.prepare(len(sequence))
-        audio_embeds = dec.adapt(frames)[: len(sequence)]
+        frames = torch.from_numpy(encoder.push("tf", mel[: 8 * len(sequence)])[0]).to(device, dec.norm.weight.dtype)
+        cache = RollingKVCache(dec.params.decoder.sliding_window, len(dec.layers))
         positions = torch.arange(len(sequence), device=device)
-        ours = dec.logits(dec(audio_embeds, sequence, positions, caches, decoder.ffn_scales)).float()
-        # transformers needs exactly 8 mel frames per input id (a stream that hit EOS is shorter).
-        features = torch.from_numpy(mel[: 8 * len(sequence)].T[None].copy()).to(device, torch.bfloat16)
-        theirs = (
-            hf_model(input_ids=sequence[None], input_features=features, num_delay_tokens=num_delay)
-            .logits[0, : len(sequence)]
-            .float()
-        )
-    relative = (ours - theirs).abs().max(-1).values / theirs.abs().max(-1).values
-    agree = (ours.argmax(-1) == theirs.argmax(-1)).float().mean()
+        hidden = dec(dec.adapt(frames), sequence, positions, cache, decoder.ffn_scales)
+        return dec.logits(hidden).float()
+
+
+def compare_logits(logits: torch.Tensor, reference: torch.Tensor) -> dict:
+    """Relative error per position (max |difference| over max |reference|) and greedy agreement."""
+    relative = (logits - reference).abs().max(-1).values / reference.abs().max(-1).values
     return {
         "max_relative": float(relative.max()),
         "median_relative": float(relative.median()),
-        "greedy_agreement": float(agree),
+        "greedy_agreement": float((logits.argmax(-1) == reference.argmax(-1)).float().mean()),
+    }
+
+
+def logits_agreement(hf_model, model_dir: Path, audio: np.ndarray, num_delay: int, device, ids: list[int]) -> dict:
+    """Teacher-forced logits on the ids our decoder generated: our bf16 against transformers' bf16, and
+    both against our fp32 (which equals transformers' fp32 in the CPU tests)."""
+    model = open_model(model_dir.resolve())
+    mel = log_mel_frames(pad_audio(audio, model.tekken.audio.streaming_n_left_pad_tokens, num_delay))
+    prompt = streaming_prompt(model.tekken, num_delay)
+    sequence = torch.tensor((prompt + ids)[: mel.shape[0] // 8], device=device)
+    ours = teacher_forced_logits(model_dir, mel, sequence, "bfloat16")
+    reference = teacher_forced_logits(model_dir, mel, sequence, "float32")
+    with torch.inference_mode():
+        # transformers needs exactly 8 mel frames per input id (a stream that hit EOS is shorter).
+        features = torch.from_numpy(mel[: 8 * len(sequence)].T[None].copy()).to(device, torch.bfloat16)
+        theirs = hf_model(input_ids=sequence[None], input_features=features, num_delay_tokens=num_delay).logits[0]
+    return {
+        "ours_bf16_vs_transformers_bf16": compare_logits(ours, theirs.float()),
+        "ours_bf16_vs_fp32": compare_logits(ours, reference),
+        "transformers_bf16_vs_fp32": compare_logits(theirs.float(), reference),
     }
 
 
@@ -278,6 +284,7 @@ def measure(args: argparse.Namespace, device: torch.device, results: dict) -> No
         results["speedup_vs_transformers"] = results["transformers"]["ms_per_token"] / step_ms
         short = run_stream(stages, hf_audio, "short")
         results["bf16_logits"] = logits_agreement(hf_model, model_dir, hf_audio, num_delay, device, short["tokens"])
+        print(json.dumps(results["bf16_logits"], indent=2), flush=True)
         del hf_model
 
 
@@ -300,11 +307,11 @@ def report(results: dict, args: argparse.Namespace) -> None:
     if "transformers" in results:
         rows.append(("transformers streaming", f"{results['transformers']['ms_per_token']:.1f} ms/token"))
         rows.append(("speed-up vs transformers", f"{results['speedup_vs_transformers']:.1f}x"))
-        lg = results["bf16_logits"]
-        rows.append(
-            ("bf16 logits vs transformers", f"max rel {lg['max_relative']:.2e}, median {lg['median_relative']:.2e}, "
-             f"greedy agreement {100 * lg['greedy_agreement']:.1f}%")
-        )  # fmt: skip
+        for name, lg in results["bf16_logits"].items():
+            rows.append(
+                (name.replace("_", " "), f"max rel {lg['max_relative']:.2e}, median {lg['median_relative']:.2e}, "
+                 f"greedy agreement {100 * lg['greedy_agreement']:.1f}%")
+            )  # fmt: skip
     print()
     for name, value in rows:
         print(f"{name:<30} {value}")
