@@ -9,11 +9,11 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from runner.config import SINK, SOURCE, load_pipeline
+from runner.config import LOOPBACK, SINK, SOURCE, load_pipeline
 from runner.errors import RunnerError
 from runner.model import resolve_model
 from runner.sink import LiveText, TranscriptSink
-from runner.supervisor import EXIT_FAILED, Supervisor
+from runner.supervisor import EXIT_FAILED, Reporting, Supervisor
 from stages.base import StageError
 
 # Stages that read the model directory (weights or tekken.json); a host running none of them needs no model.
@@ -33,9 +33,13 @@ Examples:
   voxtral-run pipeline.yaml --input mic                       (see --list-devices)
   voxtral-run pipeline.yaml --set encoder.device=cuda:1 --set decoder.dtype=float32
   voxtral-run pipeline.yaml --stages encoder,decoder          this host's part of a multi-host run
+  voxtral-run pipeline.yaml --input talk.wav --profile trace.json --stats-json stats.json
 
-Ctrl-C stops the capture and writes what was transcribed so far; a second Ctrl-C stops at once.
+After every run a per-stage table goes to stderr: items, service and queue-wait percentiles, utilisation, queue
+peaks, drops, end-to-end latency and the bottleneck stage. Ctrl-C stops the capture and writes what was
+transcribed so far; a second Ctrl-C stops at once.
 """
+MAX_PORT = 65535
 
 app = typer.Typer(add_completion=False, rich_markup_mode=None, context_settings={"help_option_names": ["-h", "--help"]})
 
@@ -105,9 +109,30 @@ def run(
     profile: Annotated[
         Path | None,
         typer.Option(
-            metavar="FILE", help="Time every item in every stage: a table at the end, a Chrome trace in FILE."
+            metavar="FILE",
+            help="Write a Chrome trace to FILE (open in Perfetto or chrome://tracing): a track per stage, a slice "
+            "per item, each 80 ms frame followed across stages; tools/profile_report.py draws it as a PNG.",
         ),
     ] = None,
+    stats_every: Annotated[
+        float | None,
+        typer.Option(metavar="SECONDS", help="Also print the per-stage table every SECONDS while the run goes on."),
+    ] = None,
+    stats_json: Annotated[
+        Path | None,
+        typer.Option(metavar="FILE", help="Write the end-of-run figures (per stage and end to end) to FILE as JSON."),
+    ] = None,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            metavar="N",
+            help="Serve the same figures as Prometheus metrics on http://HOST:N/metrics during the run "
+            "(HOST: --metrics-host).",
+        ),
+    ] = None,
+    metrics_host: Annotated[
+        str, typer.Option(metavar="HOST", help="Address the metrics endpoint listens on.")
+    ] = LOOPBACK,
     list_devices: Annotated[bool, typer.Option("--list-devices", help="List microphones and exit.")] = False,
 ) -> None:
     console = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -117,6 +142,10 @@ def run(
             return
         if pipeline is None:
             raise RunnerError("missing PIPELINE (a pipeline YAML file; see --help)")
+        if stats_every is not None and not stats_every > 0:
+            raise RunnerError(f"--stats-every: give a positive number of seconds, not {stats_every:g}")
+        if metrics_port is not None and not 1 <= metrics_port <= MAX_PORT:
+            raise RunnerError(f"--metrics-port: give a port from 1 to {MAX_PORT}, not {metrics_port}")
         config = load_pipeline(pipeline, set_ or [])
         capture_params = {
             "input": input,
@@ -145,7 +174,10 @@ def run(
                 sink = TranscriptSink(open_writer(format, None, sys.stdout))
             else:
                 sink = TranscriptSink(open_writer(format, output), live=LiveText(sys.stdout))
-        supervisor = Supervisor(config, local=local, model_dir=model_dir, sink=sink, console=console, profile=profile)
+        reporting = Reporting(profile, stats_every, stats_json, metrics_port, metrics_host)
+        supervisor = Supervisor(
+            config, local=local, model_dir=model_dir, sink=sink, console=console, reporting=reporting
+        )
         status = supervisor.run()
     except (RunnerError, StageError) as error:
         console.print(f"voxtral-run: error: {error}", soft_wrap=True, markup=False)

@@ -1,15 +1,84 @@
-"""Per-item measurements a stage process takes, the aggregates it reports, and the run's profile outputs."""
+"""Per-item measurements a stage process takes, the aggregates it reports, and the run's outputs: the per-stage
+table, the figures as JSON, and the Chrome trace."""
 
 from __future__ import annotations
 
-import json
-import time
+import math
 from dataclasses import dataclass, field
-from pathlib import Path
-
-import numpy as np
 
 PERCENTILES = (50, 95, 99)
+TIMES = ("wait", "service", "send", "device")  # the per-item durations a stage keeps histograms of
+# Log-spaced histogram buckets: a percentile read as its bucket's geometric middle is within 1.2 % (half a
+# bucket) of the exact one, in fixed memory however long the run.
+BUCKETS_PER_DECADE = 100
+SMALLEST_S = 1e-6  # durations at or below this fall in bucket 0, read as 0
+MS = 1000.0
+US = 1e6
+TRACE_PID = 1
+ROUND_US, ROUND_MS = 3, 6  # trace times to the nanosecond: shorter files, no lost precision
+E2E_COUNTER = "end-to-end latency ms"  # a counter track in the trace: each delta's latency as it arrives
+
+
+def bucket_of(seconds: float) -> int:
+    """The histogram bucket holding a duration: bucket k > 0 covers (upper_bound(k - 1), upper_bound(k)]."""
+    if seconds <= SMALLEST_S:
+        return 0
+    return math.ceil(math.log10(seconds / SMALLEST_S) * BUCKETS_PER_DECADE - 1e-9)
+
+
+def upper_bound(index: float) -> float:
+    """Upper edge of bucket `index` in seconds (a fractional index gives a point inside the bucket)."""
+    return SMALLEST_S * 10 ** (index / BUCKETS_PER_DECADE)
+
+
+class LogHistogram:
+    """Durations counted in log-spaced buckets: percentiles and cumulative counts in fixed memory."""
+
+    def __init__(self, counts: dict[int, int] | None = None, total: float = 0.0, maximum: float = 0.0):
+        self.counts = counts if counts is not None else {}
+        self.count = sum(self.counts.values())
+        self.total = total
+        self.maximum = maximum
+
+    def add(self, seconds: float) -> None:
+        index = bucket_of(seconds)
+        self.counts[index] = self.counts.get(index, 0) + 1
+        self.count += 1
+        self.total += seconds
+        self.maximum = max(self.maximum, seconds)
+
+    def percentile(self, p: float) -> float:
+        """The p-th percentile (nearest rank) in seconds, read as its bucket's middle and capped at the maximum."""
+        if not self.count:
+            raise ValueError("percentile of an empty histogram")
+        rank = max(1, math.ceil(p * self.count / 100 - 1e-9))
+        seen = 0
+        for index in sorted(self.counts):
+            seen += self.counts[index]
+            if seen >= rank:
+                return 0.0 if index == 0 else min(self.maximum, upper_bound(index - 0.5))
+        raise AssertionError("ranks beyond the count")  # unreachable: the counts sum to self.count
+
+    def count_at_most(self, bound: float) -> int:
+        """How many durations are at most `bound`; exact when `bound` is a bucket edge (see upper_bound)."""
+        last = bucket_of(bound)
+        return sum(count for index, count in self.counts.items() if index <= last)
+
+    def to_wire(self) -> list:
+        """A msgpack-friendly form (msgpack maps from a stage need string keys, so the buckets are pairs)."""
+        return [self.total, self.maximum, sorted(self.counts.items())]
+
+    @classmethod
+    def from_wire(cls, data: list) -> LogHistogram:
+        total, maximum, pairs = data
+        return cls({int(index): int(count) for index, count in pairs}, total, maximum)
+
+    def copy(self) -> LogHistogram:
+        return LogHistogram(dict(self.counts), self.total, self.maximum)
+
+
+def percentiles_ms(histogram: LogHistogram) -> dict[str, float]:
+    return {f"p{p}": histogram.percentile(p) * MS for p in PERCENTILES}
 
 
 @dataclass
@@ -17,93 +86,215 @@ class ItemRecord:
     """One item through a stage: when its service began (wall clock), and how long each part took."""
 
     start: float
-    wait_s: float  # in the input queue: from the sender's send to the start of service
+    wait_s: float | None  # in the input queue, from the sender's send to the start of service (None: no input)
     service_s: float  # the stage call (push or finish)
-    send_s: float  # putting the outputs on the output queue, blocked time included (backpressure)
-    out_bytes: int
-    capture_time: float  # of the audio the item covers: follows a frame from capture to text
-    device_s: float | None = None  # GPU time of the stage call (CUDA events), None on CPU
+    send_s: float = 0.0  # putting the outputs on the output queue, blocked time included (backpressure)
+    out_bytes: int = 0
+    capture_time: float = 0.0  # of the audio the item covers: follows a frame from capture to text
+    device_s: float | None = None  # GPU time of the stage call (CUDA events), None on CPU or until known
+    end_of_stream: bool = False  # the stream's end (the stage's flush), not an 80 ms frame
 
     def as_list(self) -> list:
-        return [self.start, self.wait_s, self.service_s, self.send_s, self.out_bytes, self.capture_time, self.device_s]
+        return [
+            self.start,
+            self.wait_s,
+            self.service_s,
+            self.send_s,
+            self.out_bytes,
+            self.capture_time,
+            self.device_s,
+            self.end_of_stream,
+        ]
 
 
-@dataclass
 class StageMetrics:
-    """All items of one stage process; summarised for the end-of-run table, listed for the trace."""
+    """Everything one stage process measured: counters and histograms for the table and the live figures, and,
+    when profiling, every item's record for the trace."""
 
-    records: list[ItemRecord] = field(default_factory=list)
-    started: float = field(default_factory=time.time)
+    def __init__(self, keep_records: bool = False):
+        self.keep_records = keep_records
+        self.items = 0
+        self.out_bytes = 0
+        self.busy_s = 0.0
+        self.histograms = {name: LogHistogram() for name in TIMES}
+        self.records: list[ItemRecord] = []
 
     def record(self, item: ItemRecord) -> None:
-        self.records.append(item)
+        self.items += 1
+        self.out_bytes += item.out_bytes
+        self.busy_s += item.service_s
+        if item.wait_s is not None:
+            self.histograms["wait"].add(item.wait_s)
+        self.histograms["service"].add(item.service_s)
+        self.histograms["send"].add(item.send_s)
+        if self.keep_records:
+            self.records.append(item)
 
-    def summary(self) -> dict:
-        """Count, bytes, utilisation, and wait/service/send/device percentiles in ms (msgpack-friendly)."""
-        elapsed = max(time.time() - self.started, 1e-9)
-        busy = sum(record.service_s for record in self.records)
-        result: dict = {
-            "items": len(self.records),
-            "out_bytes": sum(record.out_bytes for record in self.records),
-            "utilisation": busy / elapsed,
-        }
-        columns = {
-            "wait_ms": [record.wait_s for record in self.records],
-            "service_ms": [record.service_s for record in self.records],
-            "send_ms": [record.send_s for record in self.records],
-            "device_ms": [record.device_s for record in self.records if record.device_s is not None],
-        }
-        for key, values in columns.items():
-            if values:
-                points = np.percentile(np.asarray(values) * 1000, PERCENTILES)
-                result[key] = {f"p{p}": float(v) for p, v in zip(PERCENTILES, points, strict=True)}
+    def add_device_time(self, item: ItemRecord, seconds: float) -> None:
+        """The GPU time of an item's stage call, known once the device has passed the call's end."""
+        item.device_s = seconds
+        self.histograms["device"].add(seconds)
+
+    def snapshot(self) -> dict:
+        """The figures a stage reports (msgpack-friendly): counts, busy time, percentiles in ms, histograms."""
+        result: dict = {"items": self.items, "out_bytes": self.out_bytes, "busy_s": self.busy_s}
+        for name, histogram in self.histograms.items():
+            if histogram.count:
+                result[f"{name}_ms"] = percentiles_ms(histogram)
+        result["histograms"] = {name: histogram.to_wire() for name, histogram in self.histograms.items()}
         return result
 
 
-def format_table(stats: dict[str, dict]) -> str:
-    """The end-of-run per-stage table (times in ms) from each stage's last report."""
+def estimate_clock_offset(samples: list[tuple[float, float, float]]) -> float:
+    """A peer's wall clock minus ours, NTP-style, from (we sent, it replied, we received) round trips: the reply
+    is taken to have been made halfway through the round trip, and the shortest round trip bounds the error."""
+    sent, replied, received = min(samples, key=lambda sample: sample[2] - sample[0])
+    return replied - (sent + received) / 2
 
-    def percentile(summary: dict, key: str, p: int) -> str:
-        return f"{summary[key][f'p{p}']:.2f}" if key in summary else "-"
 
-    header = (
-        f"{'stage':<11} {'items':>6} {'wait p50':>9} {'wait p99':>9} {'svc p50':>8} {'svc p95':>8} {'svc p99':>8} "
-        f"{'dev p50':>8} {'send p99':>9} {'util':>5} {'depth':>5} {'drops':>5}"
-    )
-    lines = [header]
-    for name, report in stats.items():
-        summary = report.get("metrics", {})
+@dataclass
+class RunFigures:
+    """What the runner knows of a run at one moment: each local stage's last report (its metrics snapshot and
+    output queue), the end-to-end latencies seen at the sink, and the stream's wall time."""
+
+    stages: dict[str, dict]
+    wall_s: float
+    e2e: LogHistogram | None = None  # None where this host runs no sink
+    delay_ms: int | None = None
+    clock_offsets: dict[str, float] = field(default_factory=dict)  # stage wall clock minus the runner's, s
+
+    def utilisation(self, name: str) -> float:
+        """Busy time over the stream's wall time."""
+        return self.stages[name].get("metrics", {}).get("busy_s", 0.0) / max(self.wall_s, 1e-9)
+
+    def bottleneck(self) -> str | None:
+        """The busiest stage: the one whose service time limits the rate (None before any item)."""
+        busy = {
+            name: self.utilisation(name) for name in self.stages if self.stages[name].get("metrics", {}).get("items")
+        }
+        return max(busy, key=busy.__getitem__) if busy else None
+
+    def to_json(self) -> dict:
+        """Per stage and end to end, for --stats-json (times in ms)."""
+        stages = {}
+        for name, report in self.stages.items():
+            metrics = report.get("metrics", {})
+            entry = {key: value for key, value in metrics.items() if key != "histograms"}
+            entry["utilisation"] = self.utilisation(name)
+            entry["clock_offset_ms"] = self.clock_offsets.get(name, 0.0) * MS
+            if "edge" in report:
+                entry["queue"] = {key: report[key] for key in QUEUE_KEYS if key in report}
+            if "overflows" in report:
+                entry["overflows"] = report["overflows"]
+            stages[name] = entry
+        result: dict = {"wall_s": self.wall_s, "delay_ms": self.delay_ms, "bottleneck": self.bottleneck()}
+        result["stages"] = stages
+        if self.e2e is not None:
+            result["end_to_end_ms"] = {"count": self.e2e.count} | (percentiles_ms(self.e2e) if self.e2e.count else {})
+        return result
+
+
+# What a stage reports about its output queue.
+QUEUE_KEYS = ("edge", "policy", "capacity", "sent", "dropped", "depth", "peak_depth")
+
+
+def format_table(figures: RunFigures) -> str:
+    """The per-stage table (times in ms), the end-to-end latency and the bottleneck, as printed after a run."""
+
+    def percentile(metrics: dict, key: str, p: int) -> str:
+        return f"{metrics[key][f'p{p}']:.2f}" if key in metrics else "-"
+
+    columns = [("stage", 11), ("items", 6), ("busy s", 7), ("util", 5)]
+    columns += [(f"svc p{p}", 8) for p in PERCENTILES] + [(f"wait p{p}", 9) for p in PERCENTILES]
+    columns += [("dev p50", 8), ("send p99", 9), ("queue", 7), ("drops", 6)]
+    lines = [
+        f"per-stage figures over the {figures.wall_s:.2f} s stream (times in ms)",
+        " ".join(
+            f"{title:<{width}}" if index == 0 else f"{title:>{width}}" for index, (title, width) in enumerate(columns)
+        ),
+    ]
+    for name, report in figures.stages.items():
+        metrics = report.get("metrics", {})
+        cells = [name, str(metrics.get("items", 0)), f"{metrics.get('busy_s', 0.0):.2f}"]
+        cells.append(f"{figures.utilisation(name):.0%}")
+        cells += [percentile(metrics, "service_ms", p) for p in PERCENTILES]
+        cells += [percentile(metrics, "wait_ms", p) for p in PERCENTILES]
+        cells += [percentile(metrics, "device_ms", 50), percentile(metrics, "send_ms", 99)]
+        cells.append(f"{report['peak_depth']}/{report['capacity']}" if "capacity" in report else "-")
+        cells.append(str(report.get("dropped", 0)))
         lines.append(
-            f"{name:<11} {summary.get('items', 0):>6} {percentile(summary, 'wait_ms', 50):>9} "
-            f"{percentile(summary, 'wait_ms', 99):>9} {percentile(summary, 'service_ms', 50):>8} "
-            f"{percentile(summary, 'service_ms', 95):>8} {percentile(summary, 'service_ms', 99):>8} "
-            f"{percentile(summary, 'device_ms', 50):>8} {percentile(summary, 'send_ms', 99):>9} "
-            f"{summary.get('utilisation', 0.0):>5.0%} {report.get('peak_depth', 0):>5} {report.get('dropped', 0):>5}"
+            " ".join(
+                f"{cell:<{width}}" if index == 0 else f"{cell:>{width}}"
+                for index, (cell, (_, width)) in enumerate(zip(cells, columns, strict=True))
+            )
         )
+    lines.append(
+        "items: messages taken (80 ms frames, then the stream's end); util: busy / wall time; "
+        "queue: peak/capacity of the stage's output queue"
+    )
+    if figures.e2e is not None:
+        delay = f"{figures.delay_ms} ms" if figures.delay_ms is not None else "model's"
+        if figures.e2e.count:
+            points = ", ".join(f"{key} {value:.2f}" for key, value in percentiles_ms(figures.e2e).items())
+            lines.append(
+                f"end-to-end latency, audio captured to its text here, beyond the {delay} delay: {points} ms "
+                f"({figures.e2e.count} deltas)"
+            )
+        else:
+            lines.append("end-to-end latency: no text arrived")
+    bottleneck = figures.bottleneck()
+    if bottleneck is not None:
+        lines.append(f"bottleneck: {bottleneck} (busy {figures.utilisation(bottleneck):.0%} of the stream)")
     return "\n".join(lines)
 
 
-def write_chrome_trace(path: Path, records: dict[str, list[list]]) -> None:
-    """A Chrome trace (Perfetto, chrome://tracing): one track per stage, a slice per item (plus one while it
-    waited on a full queue), and flow arrows following each frame by its capture time from stage to stage."""
-    events: list[dict] = [{"ph": "M", "name": "process_name", "pid": 1, "tid": 0, "args": {"name": "voxtral-run"}}]
-    first_seen: dict[float, int] = {}  # capture time -> flow id
-    for track, (name, items) in enumerate(records.items(), start=1):
-        events.append({"ph": "M", "name": "thread_name", "pid": 1, "tid": track, "args": {"name": name}})
-        events.append({"ph": "M", "name": "thread_sort_index", "pid": 1, "tid": track, "args": {"sort_index": track}})
-        for start, wait_s, service_s, send_s, out_bytes, capture_time, device_s in items:
-            begin_us = start * 1e6
-            args = {"wait_ms": wait_s * 1e3, "out_bytes": out_bytes, "capture_time": capture_time}
+def chrome_trace(
+    tracks: dict[str, list[list]],
+    *,
+    origin: float,
+    clock_offsets: dict[str, float] | None = None,
+    sink: list[list[float]] | None = None,
+    metadata: dict | None = None,
+) -> dict:
+    """A Chrome trace (Perfetto, chrome://tracing) of stage records (ItemRecord.as_list, by stage in pipeline
+    order): one track per stage, a slice per item and one while its send was blocked, a flow per frame (its
+    capture time) from stage to stage, and the sink's arrivals ([arrival, capture_time]) as a latency counter.
+
+    Times are in µs from `origin` (the runner's wall clock); each stage's are first moved onto the runner's clock
+    by its offset (stage clock minus runner clock), so stages on other hosts line up."""
+    offsets = clock_offsets or {}
+    events: list[dict] = [{"ph": "M", "name": "process_name", "pid": TRACE_PID, "args": {"name": "voxtral-run"}}]
+    frames: dict[float, list[tuple[int, float]]] = {}  # capture time -> (track, ts) of each span of the frame
+    for track, (name, records) in enumerate(tracks.items(), start=1):
+        events.append({"ph": "M", "name": "thread_name", "pid": TRACE_PID, "tid": track, "args": {"name": name}})
+        sort = {"sort_index": track}
+        events.append({"ph": "M", "name": "thread_sort_index", "pid": TRACE_PID, "tid": track, "args": sort})
+        shift = origin + offsets.get(name, 0.0)
+        for start, wait_s, service_s, send_s, out_bytes, capture_time, device_s, end_of_stream in records:
+            ts = round((start - shift) * US, ROUND_US)
+            args = {"out_bytes": out_bytes, "frame_ms": round((capture_time - origin) * MS, ROUND_MS)}
+            if wait_s is not None:
+                args["wait_ms"] = round(wait_s * MS, ROUND_MS)
             if device_s is not None:
-                args["device_ms"] = device_s * 1e3
-            slice_event = {"ph": "X", "name": name, "pid": 1, "tid": track, "ts": begin_us, "dur": service_s * 1e6}
-            events.append(slice_event | {"args": args})
+                args["device_ms"] = round(device_s * MS, ROUND_MS)
+            if end_of_stream:
+                args["end_of_stream"] = True
+            dur = round(service_s * US, ROUND_US)
+            events.append({"ph": "X", "name": name, "pid": TRACE_PID, "tid": track, "ts": ts, "dur": dur, "args": args})
             if send_s > 0:
-                blocked = {"ph": "X", "name": "send", "pid": 1, "tid": track, "ts": begin_us + service_s * 1e6}
-                events.append(blocked | {"dur": send_s * 1e6})
-            flow_id = first_seen.setdefault(capture_time, len(first_seen) + 1)
-            phase = "s" if track == 1 else "t"
-            events.append(
-                {"ph": phase, "name": "frame", "cat": "frame", "id": flow_id, "pid": 1, "tid": track, "ts": begin_us}
-            )
-    path.write_text(json.dumps({"traceEvents": events, "displayTimeUnit": "ms"}))
+                blocked = {"ph": "X", "name": "send", "pid": TRACE_PID, "tid": track, "ts": round(ts + dur, ROUND_US)}
+                events.append(blocked | {"dur": round(send_s * US, ROUND_US)})
+            if not end_of_stream:
+                frames.setdefault(capture_time, []).append((track, ts))
+    for arrival, capture_time in sink or []:
+        latency = {"latency_ms": round((arrival - capture_time) * MS, ROUND_MS)}
+        ts = round((arrival - origin) * US, ROUND_US)
+        events.append({"ph": "C", "name": E2E_COUNTER, "pid": TRACE_PID, "ts": ts, "args": latency})
+    # A flow starts at a frame's first span and steps through the rest (Perfetto draws each step's arrow).
+    chains = [sorted(spans) for spans in frames.values() if len(spans) > 1]  # pipeline order, then time
+    for flow_id, spans in enumerate(chains, start=1):
+        for step, (span_track, ts) in enumerate(spans):
+            phase = "s" if step == 0 else "t"
+            flow = {"ph": phase, "name": "frame", "cat": "frame", "id": flow_id, "pid": TRACE_PID, "tid": span_track}
+            events.append(flow | {"ts": ts, "bp": "e"})
+    return {"traceEvents": events, "displayTimeUnit": "ms", "otherData": {"origin": origin} | (metadata or {})}

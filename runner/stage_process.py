@@ -14,6 +14,8 @@ import sys
 import time
 import traceback
 import uuid
+from collections import deque
+from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,7 +52,8 @@ class StageSpec:
     throttle_ms: float = 0.0
     model_dir: Path | None = None
     delay_ms: int | None = None
-    profile: bool = False  # also time the GPU per item and send every item's record for the trace
+    profile: bool = False  # also send every item's record, for the trace
+    report_every_s: float | None = None  # report figures while running this often (live table, metrics endpoint)
 
 
 def pack(message: dict) -> bytes:
@@ -70,6 +73,11 @@ def describe_exception(error: BaseException) -> str:
     frames = traceback.extract_tb(error.__traceback__)
     where = f" (at {Path(frames[-1].filename).name}:{frames[-1].lineno})" if frames else ""
     return f"{type(error).__name__}: {one_line(error)}{where}"
+
+
+def is_paced(source: Source, params: dict[str, Any]) -> bool:
+    """Whether the source's chunks arrive at the audio's pace (a microphone, or a file with `realtime`)."""
+    return source.live or bool(params.get("realtime", False))
 
 
 def build_source(params: dict[str, Any]) -> tuple[Source, bool]:
@@ -95,7 +103,7 @@ def build_source(params: dict[str, Any]) -> tuple[Source, bool]:
         source = MicSource(params.get("mic_device"), rate=params.get("rate"), channels=channels, chunk_ms=chunk_ms)
     else:
         source = FileSource(source_input, chunk_ms=chunk_ms, realtime=realtime)
-    return source, source.live or realtime
+    return source, is_paced(source, params)
 
 
 def build_core(spec: StageSpec) -> Stage | Source:
@@ -127,23 +135,39 @@ def build_core(spec: StageSpec) -> Stage | Source:
 
 
 class CudaTimer:
-    """GPU time of one stage call, from CUDA events recorded around it on the stage's device."""
+    """GPU time of each stage call, from CUDA events recorded around it on the stage's device. An item's time is
+    read once the device has passed its end event (polled, never waited for), so timing adds no synchronisation."""
 
-    def __init__(self, device: str):
+    def __init__(self, device: str, metrics: StageMetrics):
         import torch
 
-        self._start = torch.cuda.Event(enable_timing=True)
-        self._end = torch.cuda.Event(enable_timing=True)
+        self._event = lambda: torch.cuda.Event(enable_timing=True)
         self._stream = lambda: torch.cuda.current_stream(torch.device(device))
+        self._metrics = metrics
+        self._start: Any = None
+        self._pending: deque[tuple[ItemRecord, Any, Any]] = deque()  # (record, start event, end event)
 
     def start(self) -> None:
+        self._start = self._event()
         self._start.record(self._stream())
 
-    def stop(self) -> float:
-        """Seconds between start and now on the device (waits for the device to get there)."""
-        self._end.record(self._stream())
-        self._end.synchronize()
-        return self._start.elapsed_time(self._end) / 1000
+    def stop(self, record: ItemRecord) -> None:
+        """Mark the end of the call `record` describes; its device time arrives in the metrics later."""
+        end = self._event()
+        end.record(self._stream())
+        self._pending.append((record, self._start, end))
+        self.collect()
+
+    def collect(self, *, wait: bool = False) -> None:
+        """Read the times of the calls the device has finished (of all of them, waiting for it, when `wait`)."""
+        while self._pending:
+            record, start, end = self._pending[0]
+            if wait:
+                end.synchronize()
+            elif not end.query():
+                return
+            self._pending.popleft()
+            self._metrics.add_device_time(record, start.elapsed_time(end) / 1000)
 
 
 class _Stop(Exception):
@@ -166,8 +190,9 @@ class StageProcess:
         self.control.connect(spec.control)
         self.parent = multiprocessing.parent_process()
         self.parent_sentinel = self.parent.sentinel if self.parent is not None else None
-        self.metrics = StageMetrics()
+        self.metrics = StageMetrics(keep_records=spec.profile)
         self.device_timer: CudaTimer | None = None
+        self._next_report = time.monotonic() + spec.report_every_s if spec.report_every_s else None
         self.receiver: EdgeReceiver | None = None
         self.sender: EdgeSender | None = None
         self.source: Source | None = None
@@ -189,8 +214,8 @@ class StageProcess:
             if self.spec.input_edge is not None:
                 self.receiver = EdgeReceiver(self.context, self.spec.input_edge)
             core = build_core(self.spec)
-            if self.spec.profile and self.spec.device.startswith("cuda"):  # per-item GPU time costs a sync
-                self.device_timer = CudaTimer(self.spec.device)
+            if self.spec.device.startswith("cuda"):
+                self.device_timer = CudaTimer(self.spec.device, self.metrics)
             watched = [self.control] + ([self.parent_sentinel] if self.parent_sentinel is not None else [])
             self.sender = EdgeSender(
                 self.context, self.spec.output_edge, interrupts=watched, on_interrupt=self._check_control
@@ -199,7 +224,7 @@ class StageProcess:
             self._wait_for("start")
             if isinstance(core, Source):
                 self.source = core
-                self._capture(core)
+                self._capture(core, paced=is_paced(core, self.spec.params))
                 self._wait_for("stop")
             else:
                 self._serve(core)
@@ -216,16 +241,36 @@ class StageProcess:
             self._report_stats()
             self._close()
 
-    def _report_stats(self) -> None:
-        stats: dict[str, Any] = {"metrics": self.metrics.summary()}
-        if self.spec.profile:
+    def _report_stats(self, *, final: bool = True) -> None:
+        """Send the figures so far; the final report also carries every record when profiling."""
+        if final and self.device_timer is not None:
+            with suppress(RuntimeError):  # a failed device loses its last times, not the report
+                self.device_timer.collect(wait=True)
+        stats: dict[str, Any] = {"metrics": self.metrics.snapshot()}
+        if final and self.spec.profile:
             stats["records"] = [record.as_list() for record in self.metrics.records]
         if self.sender is not None:
-            stats |= {"edge": self.sender.spec.name, "sent": self.sender.sent, "dropped": self.sender.dropped}
-            stats |= {"policy": self.sender.spec.policy.value, "peak_depth": self.sender.peak_depth}
+            edge = self.sender.spec
+            stats |= {"edge": edge.name, "policy": edge.policy.value, "capacity": edge.capacity}
+            stats |= {"sent": self.sender.sent, "dropped": self.sender.dropped, "peak_depth": self.sender.peak_depth}
         if self.source is not None:
             stats["overflows"] = getattr(self.source, "overflows", 0)
         self.report("stats", **stats)
+
+    def _report_timeout_ms(self) -> int | None:
+        """How long a wait may last before the next live report is due (None: no live reports)."""
+        if self._next_report is None:
+            return None
+        return max(0, int((self._next_report - time.monotonic()) * 1000))
+
+    def _report_at_end_of_stream(self) -> None:
+        if self._next_report is not None:  # live figures complete at once, not at the next report
+            self._report_stats(final=False)
+
+    def _report_if_due(self) -> None:
+        if self._next_report is not None and time.monotonic() >= self._next_report:
+            self._next_report = time.monotonic() + self.spec.report_every_s
+            self._report_stats(final=False)
 
     def _close(self) -> None:
         if self.source is not None:
@@ -257,6 +302,8 @@ class StageProcess:
             message = unpack(self.control.recv())
             if message["type"] == "stop":
                 raise _Stop()
+            if message["type"] == "clock":  # the runner estimates this process's clock offset from the reply
+                self.report("clock", sent=message["sent"], replied=time.time())
             if message["type"] == kind:
                 return
 
@@ -271,13 +318,14 @@ class StageProcess:
             if pollable is not None:
                 poller.register(pollable, zmq.POLLIN)
         while True:
-            events = dict(poller.poll())
+            events = dict(poller.poll(self._report_timeout_ms()))
             if self.receiver.socket in events:
                 envelope = self.receiver.receive()
                 if envelope is not None:
                     self._handle(stage, envelope)
             if any(ready is not self.receiver.socket for ready in events):
                 self._check_control()
+            self._report_if_due()
 
     def _handle(self, stage: Stage, envelope: Envelope) -> None:
         began = time.time()
@@ -292,14 +340,20 @@ class StageProcess:
         else:
             outputs = stage.finish(envelope.stream_id)
         service_s = time.perf_counter() - started
-        device_s = self.device_timer.stop() if self.device_timer is not None else None
-        out_bytes = sum(self._send(envelope.stream_id, envelope.capture_time, Kind.DATA, item) for item in outputs)
-        send_s = time.perf_counter() - started - service_s
-        self.metrics.record(ItemRecord(began, wait_s, service_s, send_s, out_bytes, envelope.capture_time, device_s))
+        end_of_stream = envelope.kind is Kind.EOS
+        record = ItemRecord(began, wait_s, service_s, capture_time=envelope.capture_time, end_of_stream=end_of_stream)
+        if self.device_timer is not None:
+            self.device_timer.stop(record)
+        record.out_bytes = sum(
+            self._send(envelope.stream_id, envelope.capture_time, Kind.DATA, item) for item in outputs
+        )
+        record.send_s = time.perf_counter() - started - service_s
+        self.metrics.record(record)
         if envelope.kind is Kind.EOS:
             self._send(envelope.stream_id, envelope.capture_time, Kind.EOS)
             self._output_seq.pop(envelope.stream_id, None)
             self.report("eos", stream=envelope.stream_id)
+            self._report_at_end_of_stream()
 
     def _on_sigint(self, signum: int, frame: Any) -> None:
         # Interrupt a wait for audio at once; a send in progress finishes, then the loop ends the stream.
@@ -307,8 +361,10 @@ class StageProcess:
         if self._capture_reading:
             raise _CaptureInterrupted()
 
-    def _capture(self, source: Source) -> None:
-        """Send the source's chunks as one stream; on its end or on SIGINT, close it and send end of stream."""
+    def _capture(self, source: Source, *, paced: bool) -> None:
+        """Send the source's chunks as one stream; on its end or on SIGINT, close it and send end of stream.
+
+        Its service time is reading a chunk (not when `paced`: then reading is waiting for the audio)."""
         stream_id = uuid.uuid4().hex[:8]
         signal.signal(signal.SIGINT, self._on_sigint)
         chunks = iter(source.chunks())
@@ -316,6 +372,7 @@ class StageProcess:
         try:
             while not self._capture_interrupted:
                 self._capture_reading = True
+                read_began = time.time()
                 try:
                     chunk = next(chunks, None)
                 finally:
@@ -323,19 +380,23 @@ class StageProcess:
                 if chunk is None:
                     break
                 capture_time = time.time()
+                began = capture_time if paced else read_began
                 self._check_control()
                 if self.spec.throttle_ms:
                     time.sleep(self.spec.throttle_ms / 1000)
-                began, started = time.time(), time.perf_counter()
-                out_bytes = self._send(stream_id, capture_time, Kind.DATA, chunk)
-                send_s = time.perf_counter() - started
-                self.metrics.record(ItemRecord(began, 0.0, 0.0, send_s, out_bytes, capture_time))
+                record = ItemRecord(began, None, time.time() - began, capture_time=capture_time)
+                started = time.perf_counter()
+                record.out_bytes = self._send(stream_id, capture_time, Kind.DATA, chunk)
+                record.send_s = time.perf_counter() - started
+                self.metrics.record(record)
+                self._report_if_due()
         except _CaptureInterrupted:
             pass
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         source.close()
         self._send(stream_id, capture_time, Kind.EOS)
         self.report("eos", stream=stream_id)
+        self._report_at_end_of_stream()
 
 
 def stage_main(spec: StageSpec) -> None:

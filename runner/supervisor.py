@@ -2,16 +2,20 @@
 
 The supervisor owns a control ROUTER socket (one DEALER per stage), watches every stage process by its
 sentinel, performs the startup handshake, receives the final events, and always shuts every process down.
+It also gathers the stages' figures: the table after every run, and on request a live table, the figures as
+JSON, a Chrome trace and a Prometheus endpoint.
 """
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import shutil
 import signal
 import socket
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,13 +23,20 @@ from pathlib import Path
 import zmq
 from rich.console import Console
 
-from runner.config import SINK, SOURCE, Pipeline, plan_edges
+from runner.config import LOOPBACK, SINK, SOURCE, Pipeline, plan_edges
 from runner.edges import EdgeReceiver, Policy
 from runner.errors import RunnerError
-from runner.metrics import format_table, write_chrome_trace
+from runner.metrics import (
+    LogHistogram,
+    RunFigures,
+    chrome_trace,
+    estimate_clock_offset,
+    format_table,
+)
+from runner.prometheus import REPORT_EVERY_S, MetricsEndpoint
 from runner.sink import TranscriptSink
 from runner.stage_process import StageSpec, pack, stage_main, unpack
-from runner.wire import Kind
+from runner.wire import Envelope, Kind
 
 DRAIN_TIMEOUT_S = 3.0  # after Ctrl-C, how long the end of stream may take to pass every stage
 STOP_GRACE_S = 1.0  # how long a stage may take to exit after "stop" before it is terminated
@@ -34,6 +45,26 @@ PROGRESS_REFRESH_S = 0.25
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_INTERRUPTED = 130  # the shell's convention for a run ended by SIGINT
+CLOCK_PINGS = 4  # control round trips per stage before the start; the shortest gives its clock offset
+
+
+@dataclass(frozen=True)
+class Reporting:
+    """What a run reports besides the table printed at its end: a Chrome trace, a live table, the figures as
+    JSON, a Prometheus endpoint."""
+
+    trace: Path | None = None
+    stats_every_s: float | None = None
+    stats_json: Path | None = None
+    metrics_port: int | None = None
+    metrics_host: str = LOOPBACK
+
+    @property
+    def report_every_s(self) -> float | None:
+        """How often stages report while running (None: only at the end)."""
+        intervals = [self.stats_every_s] if self.stats_every_s is not None else []
+        intervals += [REPORT_EVERY_S] if self.metrics_port is not None else []
+        return min(intervals, default=None)
 
 
 class Interrupted(Exception):
@@ -49,6 +80,12 @@ class StageState:
     started: float = field(default_factory=time.monotonic)
     load_s: float | None = None
     stats: dict = field(default_factory=dict)  # the stage's last report: queue counts, drops, metrics
+    clock_samples: list[tuple[float, float, float]] = field(default_factory=list)  # (sent, replied, received)
+
+    @property
+    def clock_offset(self) -> float:
+        """The stage's wall clock minus the runner's, in seconds."""
+        return estimate_clock_offset(self.clock_samples) if self.clock_samples else 0.0
 
 
 def _exit_description(exitcode: int | None) -> str:
@@ -68,15 +105,21 @@ class Supervisor:
         model_dir: Path | None,
         sink: TranscriptSink | None,
         console: Console,
-        profile: Path | None = None,
+        reporting: Reporting = Reporting(),
     ):
         self.pipeline = pipeline
         self.local_stages = [name for name in pipeline.chain() if name in local and name != SINK]
         self.sink = sink if SINK in local else None
         self.model_dir = model_dir
         self.console = console
-        self.profile = profile
+        self.reporting = reporting
         self.stages: dict[str, StageState] = {}
+        self.e2e = LogHistogram() if self.sink is not None else None  # latency of each delta at the sink
+        self.sink_arrivals: list[list[float]] = []  # [arrival, capture time] per delta, for the trace
+        self.stream_started: float | None = None  # wall clock, when the stages were told to start
+        self.stream_ended: float | None = None
+        self._figures_lock = threading.Lock()  # the metrics endpoint reads the figures from its own thread
+        self.metrics_endpoint: MetricsEndpoint | None = None
         self.interrupts = 0  # SIGINT/SIGTERM received during the run
         self._stopping = False
         self.context: zmq.Context | None = None
@@ -111,11 +154,13 @@ class Supervisor:
                     throttle_ms=config.throttle_ms,
                     model_dir=self.model_dir,
                     delay_ms=self.pipeline.delay_ms,
-                    profile=self.profile is not None,
+                    profile=self.reporting.trace is not None,
+                    report_every_s=self.reporting.report_every_s,
                 )
                 process = spawn.Process(target=stage_main, args=(spec,), name=f"voxtral-run: {name}")
                 process.start()
-                self.stages[name] = StageState(process)
+                with self._figures_lock:
+                    self.stages[name] = StageState(process)
         finally:
             signal.signal(signal.SIGINT, previous)
 
@@ -140,7 +185,12 @@ class Supervisor:
         for signum in old_handlers:
             signal.signal(signum, self._on_signal)
         status = EXIT_FAILED
+        streamed = False
         try:
+            if self.reporting.metrics_port is not None:
+                self.metrics_endpoint = MetricsEndpoint(
+                    self.reporting.metrics_host, self.reporting.metrics_port, self.figures
+                )
             self._spawn(run_dir, control_endpoint)
             pollables = [self.control, self._wake_read.fileno(), *(s.process.sentinel for s in self.stages.values())]
             if self.sink_receiver is not None:
@@ -148,18 +198,21 @@ class Supervisor:
             for pollable in pollables:
                 self.poller.register(pollable, zmq.POLLIN)
             self._handshake()
+            self.stream_started = time.time()
             for name in self.stages:
                 self._send_control(name, "start")
             status = self._stream()
+            self.stream_ended = time.time()
+            streamed = True
         except Interrupted:
             status = EXIT_INTERRUPTED
         finally:
             self._shutdown()
+            if self.metrics_endpoint is not None:
+                self.metrics_endpoint.close()
             if self.sink is not None:
                 self.sink.close()
             self._report_losses()
-            if self.profile is not None:
-                self._write_profile()
             signal.set_wakeup_fd(old_wakeup)
             for signum, handler in old_handlers.items():
                 signal.signal(signum, handler)
@@ -170,10 +223,15 @@ class Supervisor:
             self.control.close()
             self.context.term()
             shutil.rmtree(run_dir, ignore_errors=True)
+        if streamed:  # a run that failed says so in one line, without figures
+            self._report_run()
         return status
 
-    def _send_control(self, name: str, kind: str) -> None:
-        self.control.send_multipart([name.encode(), pack({"type": kind})])
+    def _send_control(self, name: str, kind: str, **fields: object) -> None:
+        self.control.send_multipart([name.encode(), pack({"type": kind, **fields})])
+
+    def _ping(self, name: str) -> None:
+        self._send_control(name, "clock", sent=time.time())
 
     def _poll(self, timeout_s: float | None) -> dict:
         timeout_ms = None if timeout_s is None else max(0, int(timeout_s * 1000))
@@ -192,10 +250,15 @@ class Supervisor:
                     raise RunnerError(f"stage '{name}' failed: {message['message']}")
             elif kind == "stats":
                 state.stats = message
+            elif kind == "clock":
+                state.clock_samples.append((message["sent"], message["replied"], time.time()))
+                if len(state.clock_samples) < CLOCK_PINGS:
+                    self._ping(name)
             else:
                 state.status = kind
                 if kind == "ready":
                     state.load_s = message["load_s"]
+                    self._ping(name)
 
     def _check_processes(self, events: dict) -> None:
         """Fail the run, naming the stage, if any stage process ended on its own."""
@@ -219,15 +282,20 @@ class Supervisor:
                 parts.append(f"{name} {state.status} {now - state.started:.1f} s")
         return "starting stages: " + ", ".join(parts)
 
+    @staticmethod
+    def _started_up(state: StageState) -> bool:
+        """Ready, and its clock offset measured."""
+        return state.status == "ready" and len(state.clock_samples) >= CLOCK_PINGS
+
     def _handshake(self) -> None:
-        """Wait until every local stage reports ready (progress on a terminal), failing on error or timeout."""
+        """Wait until every local stage is ready and its clock offset measured (progress on a terminal), failing on
+        error or timeout."""
         started = time.monotonic()
         deadline = started + self.pipeline.startup_timeout_s
         with self.console.status(self._progress_line()) as status:
-            while any(state.status != "ready" for state in self.stages.values()):
+            while waiting := [name for name, state in self.stages.items() if not self._started_up(state)]:
                 now = time.monotonic()
                 if now >= deadline:
-                    waiting = [name for name, state in self.stages.items() if state.status != "ready"]
                     raise RunnerError(
                         f"stages not ready after {self.pipeline.startup_timeout_s:g} s "
                         f"(startup_timeout_s): {', '.join(waiting)}"
@@ -247,13 +315,21 @@ class Supervisor:
         """Receive events until every local stage and the sink have seen the end of the stream."""
         waiting = set(self.stages) | ({SINK} if self.sink is not None else set())
         drain_deadline: float | None = None
+        every = self.reporting.stats_every_s
+        next_table = time.monotonic() + every if every is not None else None
         handled_interrupts = 0
         while waiting:
-            timeout = None if drain_deadline is None else drain_deadline - time.monotonic()
-            if timeout is not None and timeout <= 0:
+            now = time.monotonic()
+            if drain_deadline is not None and drain_deadline <= now:
                 self.console.print("voxtral-run: stopped before the end of the stream was drained", highlight=False)
                 return EXIT_INTERRUPTED
-            events = self._poll(timeout)
+            if next_table is not None and next_table <= now:
+                figures = self.figures()
+                self.console.print(f"voxtral-run: figures at {figures.wall_s:.1f} s", highlight=False)
+                self._print_table(figures)
+                next_table = max(next_table + every, now)
+            deadlines = [deadline for deadline in (drain_deadline, next_table) if deadline is not None]
+            events = self._poll(min(deadlines) - now if deadlines else None)
             self._take_signals(events)
             if self.interrupts > handled_interrupts:
                 handled_interrupts = self.interrupts
@@ -268,9 +344,22 @@ class Supervisor:
                 envelope = self.sink_receiver.receive()
                 if envelope is not None and envelope.kind is Kind.DATA:
                     self.sink.write(envelope.item)
+                    self._note_arrival(envelope)
                 elif envelope is not None:
                     waiting.discard(SINK)
         return EXIT_INTERRUPTED if handled_interrupts else EXIT_OK
+
+    def _note_arrival(self, envelope: Envelope) -> None:
+        """Count a delta's end-to-end latency: its arrival here minus the capture time of the audio chunk whose
+        processing emitted it. The token a chunk triggers describes audio captured `delay` before that chunk, so
+        this is the latency beyond the configured delay, as intended."""
+        if not isinstance(envelope.item, dict) or envelope.item.get("type") != "delta":
+            return
+        arrival = time.time()
+        with self._figures_lock:
+            self.e2e.add(arrival - envelope.capture_time)
+        if self.reporting.trace is not None:
+            self.sink_arrivals.append([arrival, envelope.capture_time])
 
     def _stop_capture(self) -> None:
         """Ctrl-C: the capture stops reading and ends the stream, which then drains through the stages."""
@@ -298,12 +387,40 @@ class Supervisor:
             state.process.join()
         self._drain_control()
 
-    def _write_profile(self) -> None:
-        """The per-stage table on stderr and the Chrome trace file."""
-        stats = {name: state.stats for name, state in self.stages.items()}
-        self.console.print(format_table(stats), highlight=False, markup=False, soft_wrap=True)
-        write_chrome_trace(self.profile, {name: report.get("records", []) for name, report in stats.items()})
-        self.console.print(f"voxtral-run: trace written to {self.profile} (open it in Perfetto)", highlight=False)
+    # --- figures ---
+
+    def figures(self) -> RunFigures:
+        """The run's figures now: the stages' last reports, the sink's latencies, the stream's wall time."""
+        with self._figures_lock:
+            started = self.stream_started
+            wall_s = (self.stream_ended or time.time()) - started if started is not None else 0.0
+            return RunFigures(
+                stages={name: state.stats for name, state in self.stages.items()},
+                wall_s=wall_s,
+                e2e=self.e2e.copy() if self.e2e is not None else None,
+                delay_ms=self.pipeline.delay_ms,
+                clock_offsets={name: state.clock_offset for name, state in self.stages.items()},
+            )
+
+    def _print_table(self, figures: RunFigures) -> None:
+        self.console.print(format_table(figures), highlight=False, markup=False, soft_wrap=True)
+
+    def _report_run(self) -> None:
+        """After the stream: the table on stderr, and the JSON figures and the trace where asked for."""
+        figures = self.figures()
+        self._print_table(figures)
+        if self.reporting.stats_json is not None:
+            _write(self.reporting.stats_json, "--stats-json", json.dumps(figures.to_json(), indent=2))
+        if self.reporting.trace is not None:
+            trace = chrome_trace(
+                {name: state.stats.get("records", []) for name, state in self.stages.items()},
+                origin=self.stream_started,
+                clock_offsets=figures.clock_offsets,
+                sink=self.sink_arrivals if self.sink is not None else None,
+                metadata={"delay_ms": self.pipeline.delay_ms},
+            )
+            _write(self.reporting.trace, "--profile", json.dumps(trace))
+            self.console.print(f"voxtral-run: trace written to {self.reporting.trace} (open it in Perfetto)")
 
     def _report_losses(self) -> None:
         """Print the drops of every drop-policy queue and the capture's input overflows."""
@@ -317,3 +434,10 @@ class Supervisor:
                 )
             if stats.get("overflows"):
                 self.console.print(f"voxtral-run: capture input overflows: {stats['overflows']}", highlight=False)
+
+
+def _write(path: Path, flag: str, text: str) -> None:
+    try:
+        path.write_text(text)
+    except OSError as error:
+        raise RunnerError(f"{flag} {path}: cannot write ({error.strerror})") from None
