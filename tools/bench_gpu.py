@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -194,6 +196,38 @@ def profile_steps(stages: list, audio: np.ndarray) -> None:
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30), flush=True)
 
 
+def run_pipeline(pipeline: Path, model_dir: Path, wav: Path, out_dir: Path) -> dict:
+    """The multi-process pipeline on a file fed at real-time pace: its ids and its end-of-run figures."""
+    jsonl, stats = out_dir / f"{pipeline.stem}.jsonl", out_dir / f"{pipeline.stem}.stats.json"
+    command = [
+        sys.executable, "-m", "runner", str(pipeline), "--model", str(model_dir), "--input", str(wav),
+        "--realtime", "--format", "jsonl", "--output", str(jsonl), "--stats-json", str(stats),
+        "--set", "decoder.stop_at_eos=false",
+    ]  # fmt: skip
+    subprocess.run(command, check=True, timeout=600, stdout=subprocess.DEVNULL)
+    done = json.loads(jsonl.read_text().splitlines()[-1])
+    figures = json.loads(stats.read_text())
+    service = {name: figures["stages"][name]["service_ms"]["p50"] for name in ("encoder", "decoder")}  # per 80 ms item
+    return {"token_ids": done["token_ids"], "end_to_end_ms": figures.get("end_to_end_ms"), "service_p50_ms": service}
+
+
+def pipelines(model_dir: Path, audio: np.ndarray, workdir: Path, results: dict) -> None:
+    """Single-GPU pipeline latency, and the two-GPU placement's ids against it when two GPUs exist."""
+    import soundfile
+
+    wav = workdir / "stream.wav"
+    soundfile.write(wav, audio, SAMPLE_RATE, subtype="PCM_16")
+    single = run_pipeline(Path("pipeline.yaml"), model_dir, wav, workdir)
+    results["pipeline"] = {k: v for k, v in single.items() if k != "token_ids"}
+    print("pipeline:", json.dumps(results["pipeline"]), flush=True)
+    if torch.cuda.device_count() >= 2:
+        two = run_pipeline(Path("examples/two-gpus.yaml"), model_dir, wav, workdir)
+        results["two_gpus"] = {k: v for k, v in two.items() if k != "token_ids"}
+        results["two_gpus"]["ids_equal_single_gpu"] = two["token_ids"] == single["token_ids"]
+        results["two_gpus"]["tokens"] = len(two["token_ids"])
+        print("two GPUs:", json.dumps(results["two_gpus"]), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, help="a model directory; default: write a random real-size one")
@@ -203,6 +237,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=Path("bench_gpu.json"))
     parser.add_argument("--skip-transformers", action="store_true")
     parser.add_argument("--profile", action="store_true", help="print the kernels of eager steps")
+    parser.add_argument("--pipeline-seconds", type=float, default=20.0, help="audio for the pipeline runs (0: skip)")
     args = parser.parse_args()
     device = torch.device("cuda", 0)
     results: dict = {"gpu": torch.cuda.get_device_name(device), "torch": torch.__version__}
@@ -286,6 +321,10 @@ def measure(args: argparse.Namespace, device: torch.device, results: dict) -> No
         results["bf16_logits"] = logits_agreement(hf_model, model_dir, hf_audio, num_delay, device, short["tokens"])
         print(json.dumps(results["bf16_logits"], indent=2), flush=True)
         del hf_model
+    del stages
+    torch.cuda.empty_cache()
+    if args.pipeline_seconds > 0:
+        pipelines(model_dir, audio[: int(args.pipeline_seconds * SAMPLE_RATE)], args.workdir, results)
 
 
 def report(results: dict, args: argparse.Namespace) -> None:
@@ -312,6 +351,21 @@ def report(results: dict, args: argparse.Namespace) -> None:
                 (name.replace("_", " "), f"max rel {lg['max_relative']:.2e}, median {lg['median_relative']:.2e}, "
                  f"greedy agreement {100 * lg['greedy_agreement']:.1f}%")
             )  # fmt: skip
+    if "pipeline" in results:
+        e2e = results["pipeline"]["end_to_end_ms"] or {}
+        service = results["pipeline"]["service_p50_ms"]
+        rows.append(
+            ("pipeline end-to-end (--realtime)", f"p50 {e2e.get('p50', float('nan')):.2f} ms, p95 "
+             f"{e2e.get('p95', float('nan')):.2f} ms beyond the delay; stage service p50 encoder "
+             f"{service['encoder']:.2f} ms, decoder {service['decoder']:.2f} ms")
+        )  # fmt: skip
+    if "two_gpus" in results:
+        two = results["two_gpus"]
+        rows.append(("two GPUs: ids == one GPU", f"{two['ids_equal_single_gpu']} ({two['tokens']} tokens)"))
+        rows.append(
+            ("two GPUs: service p50", f"encoder {two['service_p50_ms']['encoder']:.2f} ms, decoder "
+             f"{two['service_p50_ms']['decoder']:.2f} ms, end-to-end p95 {two['end_to_end_ms'].get('p95', 0):.2f} ms")
+        )  # fmt: skip
     print()
     for name, value in rows:
         print(f"{name:<30} {value}")
