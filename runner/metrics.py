@@ -147,9 +147,11 @@ class StageMetrics:
 
 def estimate_clock_offset(samples: list[tuple[float, float, float]]) -> float:
     """A peer's wall clock minus ours, NTP-style, from (we sent, it replied, we received) round trips: the reply
-    is taken to have been made halfway through the round trip, and the shortest round trip bounds the error."""
+    is taken to have been made halfway through the shortest round trip. An offset within half that round trip
+    cannot be told from none (a peer on our own clock always measures so), so it counts as 0."""
     sent, replied, received = min(samples, key=lambda sample: sample[2] - sample[0])
-    return replied - (sent + received) / 2
+    offset = replied - (sent + received) / 2
+    return offset if abs(offset) > (received - sent) / 2 else 0.0
 
 
 @dataclass
