@@ -16,9 +16,19 @@ import matplotlib.image
 import numpy as np
 import pytest
 import soundfile
+import torch
 from prometheus_client.parser import text_string_to_metric_families
 
-from runner.metrics import BUCKETS_PER_DECADE, LogHistogram, chrome_trace, estimate_clock_offset, upper_bound
+from runner.metrics import (
+    BUCKETS_PER_DECADE,
+    ItemRecord,
+    LogHistogram,
+    StageMetrics,
+    chrome_trace,
+    estimate_clock_offset,
+    upper_bound,
+)
+from runner.stage_process import CudaTimer
 from stages.audio import SAMPLES_PER_TOKEN
 from tests.runner.conftest import REPO, Runner, wait_until_gone, write_noise_wav, write_toy_pipeline
 from tests.runner.test_pipeline_model import ON_CPU, PIPELINE
@@ -121,6 +131,51 @@ def test_clock_offset_from_round_trips_and_the_trace_corrected_by_it():
         chrome_trace({"local": local, "remote": [r[:] for r in remote]}, origin=origin + 5)["traceEvents"]
     )
     assert all(spans[1]["ts"] - spans[0]["ts"] > offset * 1e6 / 2 for spans in uncorrected.values())
+
+
+class FakeCudaEvent:
+    """A CUDA event on a fake device whose clock and progress the test sets."""
+
+    clock = 0.0  # the device time an event recorded now gets
+    done_until = -1.0  # the device has passed every event recorded up to this time
+    synchronized = 0
+
+    def __init__(self, enable_timing: bool):
+        assert enable_timing
+
+    def record(self, stream: object) -> None:
+        self.time = FakeCudaEvent.clock
+
+    def query(self) -> bool:
+        return self.time <= FakeCudaEvent.done_until
+
+    def synchronize(self) -> None:
+        FakeCudaEvent.synchronized += 1
+
+    def elapsed_time(self, end: FakeCudaEvent) -> float:
+        return (end.time - self.time) * 1000  # ms, as torch gives it
+
+
+def test_device_times_are_read_without_waiting_for_the_device(monkeypatch):
+    for name, value in (("clock", 0.0), ("done_until", -1.0), ("synchronized", 0)):
+        monkeypatch.setattr(FakeCudaEvent, name, value)
+    monkeypatch.setattr(torch.cuda, "Event", FakeCudaEvent)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device: None)
+    metrics = StageMetrics()
+    timer = CudaTimer("cuda:0", metrics)
+    records = [ItemRecord(0.0, 0.0, 0.001) for _ in range(3)]
+    for index, record in enumerate(records):  # each call takes 4 ms on the device, which is still busy
+        FakeCudaEvent.clock = index * 0.01
+        timer.start()
+        FakeCudaEvent.clock += 0.004
+        timer.stop(record)
+    assert [record.device_s for record in records] == [None] * 3 and FakeCudaEvent.synchronized == 0
+    FakeCudaEvent.done_until = 0.015  # the device has finished the first two calls
+    timer.collect()
+    assert [record.device_s for record in records[:2]] == pytest.approx([0.004, 0.004]) and records[2].device_s is None
+    assert FakeCudaEvent.synchronized == 0
+    timer.collect(wait=True)  # the end of the run may wait for the last one
+    assert records[2].device_s == pytest.approx(0.004) and metrics.histograms["device"].count == 3
 
 
 # --- toy stages over processes ---
