@@ -18,7 +18,7 @@ DEFAULT_MODEL = "mistralai/Voxtral-Mini-4B-Realtime-2602"
 KNOWN_STAGES = STAGE_KINDS
 SOURCE = "capture"  # the stage that produces audio: the only one without an input queue
 SINK = "output"  # the runner's own node that receives the final events and writes the transcript
-RUNNER_STAGE_KEYS = ("device", "host", "throttle_ms", "impl")  # set directly by --set; others go to params
+RUNNER_STAGE_KEYS = ("device", "host", "throttle_ms", "threads", "impl")  # set directly by --set; others go to params
 DEFAULT_BASE_PORT = 5550
 LOOPBACK = "127.0.0.1"
 
@@ -34,6 +34,9 @@ class StageConfig(_Strict):
     host: str | None = None
     params: dict[str, Any] = Field(default_factory=dict)
     throttle_ms: float = Field(0.0, ge=0)
+    # CPU threads of the stage's process (torch and its OpenMP pool). One by default: several stage processes
+    # share the host's cores, and spinning thread pools fighting over them slow every stage many times over.
+    threads: int = Field(1, ge=1)
     impl: str | None = Field(None, pattern=r"^[\w.]+:[\w.]+$")
 
 

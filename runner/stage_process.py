@@ -50,6 +50,7 @@ class StageSpec:
     params: dict[str, Any] = field(default_factory=dict)
     impl: str | None = None
     throttle_ms: float = 0.0
+    threads: int = 1
     model_dir: Path | None = None
     delay_ms: int | None = None
     profile: bool = False  # also send every item's record, for the trace
@@ -402,6 +403,9 @@ class StageProcess:
 def stage_main(spec: StageSpec) -> None:
     """Entry point of a spawned stage process."""
     setproctitle(PROCESS_TITLE.format(name=spec.name))
+    # Before anything imports torch: its thread pools read these once.
+    for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[variable] = str(spec.threads)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group; the runner decides
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # stdout carries the transcript: stages print to stderr
     sys.exit(StageProcess(spec).run())

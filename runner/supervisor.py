@@ -152,6 +152,7 @@ class Supervisor:
                     params=config.params,
                     impl=config.impl,
                     throttle_ms=config.throttle_ms,
+                    threads=config.threads,
                     model_dir=self.model_dir,
                     delay_ms=self.pipeline.delay_ms,
                     profile=self.reporting.trace is not None,
