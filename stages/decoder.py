@@ -226,7 +226,7 @@ class DecoderStage(Stage):
             hidden = self.decoder(audio, token, position, state.cache, self.ffn_scales)
             token.copy_(self.decoder.logits(hidden).argmax(-1))
 
-        return DecoderStep(audio, token, position, StepGraphs(step))
+        return DecoderStep(audio, token, position, StepGraphs(step, weight.device))
 
     def push(self, stream_id: str, item: np.ndarray) -> list[np.ndarray]:
         frames = np.asarray(item)

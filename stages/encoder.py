@@ -166,7 +166,7 @@ class AudioEncoder(nn.Module):
         def step() -> None:
             out.copy_(self.layers(frames, positions, state.cache))
 
-        state.step = EncoderStep(frames, positions, out, StepGraphs(step))
+        state.step = EncoderStep(frames, positions, out, StepGraphs(step, ref.device))
 
     @torch.inference_mode()
     def forward(self, mel: torch.Tensor, state: EncoderState) -> torch.Tensor:

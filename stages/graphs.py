@@ -11,14 +11,20 @@ class StepGraphs:
     """Runs `step` (which reads and writes only fixed buffers) as a CUDA graph captured lazily per key.
 
     The first call for a key runs the step eagerly on a side stream (warm-up, as capture requires; its
-    results are the real ones), then captures it; later calls replay the graph.
+    results are the real ones), then captures it; later calls replay the graph. Capture and replay run with
+    the step's device current: streams belong to a device, and a stream of another GPU would capture nothing.
     """
 
-    def __init__(self, step: Callable[[], None]) -> None:
+    def __init__(self, step: Callable[[], None], device: torch.device) -> None:
         self.step = step
+        self.device = device
         self._graphs: dict[Hashable, torch.cuda.CUDAGraph] = {}
 
     def __call__(self, key: Hashable) -> None:
+        with torch.cuda.device(self.device):
+            self._run(key)
+
+    def _run(self, key: Hashable) -> None:
         graph = self._graphs.get(key)
         if graph is not None:
             graph.replay()
