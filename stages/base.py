@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 # An item is a numpy array (audio samples, mel frames, encoder frames, token ids) or a dict of
@@ -17,6 +19,22 @@ class StageError(Exception):
 
 class CheckpointError(StageError):
     """A model directory that cannot be loaded: missing file, bad field, missing/extra/misshapen tensor."""
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON file whose top level is an object; any problem is a one-line CheckpointError naming the file."""
+    try:
+        with Path(path).open("rb") as file:
+            data = json.load(file)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: file not found") from None
+    except OSError as err:
+        raise CheckpointError(f"{path}: cannot read ({err.strerror})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: top level must be a JSON object")
+    return data
 
 
 class Stage(ABC):
@@ -38,6 +56,20 @@ class Stage(ABC):
     def streams(self) -> list[str]:
         """Ids of the streams this stage currently holds state for."""
         return []
+
+
+class PerStreamStage(Stage):
+    """A stage whose per-stream state lives in one dict keyed by stream id."""
+
+    def __init__(self) -> None:
+        self._states: dict[str, Any] = {}
+
+    def streams(self) -> list[str]:
+        return list(self._states)
+
+    def state(self, stream_id: str) -> Any:
+        """The live state of a stream (for inspection, e.g. of cache sizes)."""
+        return self._states[stream_id]
 
 
 class Source(ABC):

@@ -28,7 +28,7 @@ from stages.audio import (
     SAMPLE_RATE,
     WINDOW_SIZE,
 )
-from stages.base import CheckpointError
+from stages.base import CheckpointError, read_json_object
 from stages.tekken import STREAMING_FORMAT, TEKKEN_FILE, Tekken, load_tekken
 
 PARAMS_FILE = "params.json"
@@ -177,20 +177,6 @@ def _stack_params(
 _STACK_FIELDS = tuple(field.name for field in fields(TransformerParams) if field.name != "use_biases")
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: file not found") from None
-    except OSError as err:
-        raise CheckpointError(f"{path}: cannot read ({err.strerror})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
-    return data
-
-
 def parse_params(path: Path) -> ModelParams:
     """Read and validate params.json (spec section 2.1); the only reader of that file.
 
@@ -198,7 +184,7 @@ def parse_params(path: Path) -> ModelParams:
     inference and are not checked.
     """
     path = Path(path)
-    raw = _read_json(path)
+    raw = read_json_object(path)
     _expect(raw, "causal", bool, True, path, "the realtime decoder is causal")
     _expect(raw, "use_biases", bool, False, path, "the decoder has no biases")
     _expect(raw, "tied_embeddings", bool, True, path, "the LM head is the token embedding")
@@ -262,7 +248,7 @@ _HF_STACK_KEYS = {
 def parse_hf_config(path: Path) -> ModelParams:
     """Read a Hugging Face config.json of the same model into ModelParams (spec section 2.3 mapping)."""
     path = Path(path)
-    raw = _read_json(path)
+    raw = read_json_object(path)
     _expect(raw, "model_type", str, HF_MODEL_TYPE, path, "the Voxtral Realtime architecture")
     # Both keys default to these values in transformers' config class, so a config may leave them out.
     frames_per_position = "encoder frames per decoder position"
@@ -490,7 +476,7 @@ class ModelDir:
             if not single.is_file():
                 raise CheckpointError(f"{single}: file not found (nor {HF_INDEX_FILE})")
             return [single]
-        weight_map = _get(_read_json(index_file), "weight_map", dict, index_file)
+        weight_map = _get(read_json_object(index_file), "weight_map", dict, index_file)
         files = sorted({self.path / str(shard) for shard in weight_map.values()})
         for file in files:
             if not file.is_file():

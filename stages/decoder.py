@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from stages.audio import ENCODER_FRAMES_PER_TOKEN
-from stages.base import Stage, StageError
+from stages.base import PerStreamStage, StageError
 from stages.checkpoint import ADAPTER_PREFIX, DECODER_PREFIXES, TOKEN_EMBEDDING, ModelDir, ModelParams
 from stages.graphs import StepGraphs
 from stages.layers import (
@@ -169,7 +169,7 @@ class DecoderState:
     step: DecoderStep | None = None
 
 
-class DecoderStage(Stage):
+class DecoderStage(PerStreamStage):
     """Streaming adapter + decoder: encoder frames in, greedy token ids (int64 arrays) out, one per position.
 
     `static_cache` preallocates ring caches; `cuda_graphs` (needs static caches on a GPU) replays each
@@ -198,9 +198,9 @@ class DecoderStage(Stage):
         # Without stopping, EOS is fed back like any token (benchmarks need steps to go on).
         self.eos_id = tekken.eos_id if stop_at_eos else None
         self.ffn_scales = decoder.ffn_scales(num_delay_tokens)
+        super().__init__()
         self.static_cache = static_cache
         self.cuda_graphs = cuda_graphs
-        self._states: dict[str, DecoderState] = {}
 
     def _new_state(self) -> DecoderState:
         dec = self.decoder.params.decoder
@@ -300,10 +300,3 @@ class DecoderStage(Stage):
         # Every complete position was decoded on arrival; a partial group of frames carries no position.
         self._states.pop(stream_id, None)
         return []
-
-    def streams(self) -> list[str]:
-        return list(self._states)
-
-    def state(self, stream_id: str) -> DecoderState:
-        """The live state of a stream (for inspection of cache sizes)."""
-        return self._states[stream_id]

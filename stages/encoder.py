@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from stages.audio import CONV_STRIDE, ENCODER_FRAMES_PER_TOKEN, NUM_MEL_BINS
-from stages.base import Stage, StageError
+from stages.base import PerStreamStage, StageError
 from stages.checkpoint import ENCODER_PREFIX, ModelDir, TransformerParams
 from stages.graphs import StepGraphs
 from stages.layers import (
@@ -185,7 +185,7 @@ def load_audio_encoder(model: ModelDir, *, dtype: torch.dtype, device: str | tor
     return encoder.eval()
 
 
-class EncoderStage(Stage):
+class EncoderStage(PerStreamStage):
     """Streaming encoder: mel frames [k, 128] in, encoder frames [m, dim] (float32) out, per stream.
 
     `static_cache` preallocates ring caches; `cuda_graphs` (needs static caches on a GPU) replays each
@@ -198,9 +198,9 @@ class EncoderStage(Stage):
         if cuda_graphs and not (static_cache and encoder.conv_layers[0].conv.weight.is_cuda):
             raise StageError("encoder: cuda_graphs needs a CUDA device and cache: static")
         self.encoder = encoder
+        super().__init__()
         self.static_cache = static_cache
         self.cuda_graphs = cuda_graphs
-        self._states: dict[str, EncoderState] = {}
 
     def push(self, stream_id: str, item: np.ndarray) -> list[np.ndarray]:
         mel = np.asarray(item)
@@ -221,10 +221,3 @@ class EncoderStage(Stage):
         # Causal: nothing is held back that more input would not have released; an odd stem frame is dropped.
         self._states.pop(stream_id, None)
         return []
-
-    def streams(self) -> list[str]:
-        return list(self._states)
-
-    def state(self, stream_id: str) -> EncoderState:
-        """The live state of a stream (for inspection of cache sizes)."""
-        return self._states[stream_id]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import reprlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,7 @@ from stages.audio import (
     WINDOW_SIZE,
     delay_tokens,
 )
-from stages.base import CheckpointError
+from stages.base import CheckpointError, read_json_object
 
 TEKKEN_FILE = "tekken.json"  # its name in a model directory
 
@@ -190,17 +189,7 @@ def _load_audio(data: dict, path: Path) -> TekkenAudio:
 def load_tekken(path: Path) -> Tekken:
     """Read and check a tekken.json; any problem is a one-line CheckpointError naming the file and key."""
     path = Path(path)
-    try:
-        with path.open("rb") as file:
-            data = json.load(file)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: file not found") from None
-    except OSError as err:
-        raise CheckpointError(f"{path}: cannot read ({err.strerror})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: top level must be a JSON object")
+    data = read_json_object(path)
     vocab_size = _get(data, "config.default_vocab_size", int, path)
     num_special = _get(data, "config.default_num_special_tokens", int, path)
     if num_special <= 0 or vocab_size - num_special < NUM_BYTE_TOKENS:

@@ -57,6 +57,15 @@ def speechlike_audio(seconds: float, seed: int = 0) -> np.ndarray:
     return (np.round(np.clip(audio, -1, 1) * 32767) / 32768).astype(np.float32)
 
 
+def is_utf8(token: bytes) -> bool:
+    """Whether some bytes are whole UTF-8 text."""
+    try:
+        token.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 @pytest.fixture(scope="session")
 def hf_oracle():
     """Factory: model dir -> transformers model with the same weights (cached per directory)."""

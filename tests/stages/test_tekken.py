@@ -21,6 +21,7 @@ from mistral_common.tokens.tokenizers.tekken import Tekkenizer
 from stages.audio import SAMPLE_RATE
 from stages.base import CheckpointError
 from stages.tekken import load_tekken
+from tests.conftest import is_utf8
 from tools.tiny_tekken import write_streaming_tekken, write_tiny_tekken
 
 BUNDLED_TEKKEN = Path(mistral_common.__file__).parent / "data" / "tekken_240911.json"
@@ -64,13 +65,6 @@ def test_tiny_tekken_loads_with_real_ids_and_options(
 def test_tiny_tekken_has_merges_that_split_characters(tiny_path: Path) -> None:
     merges = load_tekken(tiny_path).token_bytes[256:]
     assert len(set(merges)) == len(merges) and all(len(token) > 1 for token in merges)
-
-    def is_utf8(token: bytes) -> bool:
-        try:
-            token.decode("utf-8")
-        except UnicodeDecodeError:
-            return False
-        return True
 
     partial = [token for token in merges if not is_utf8(token)]
     assert any(0xC0 <= token[-1] for token in partial)  # ends with the lead byte of a character

@@ -15,6 +15,7 @@ from stages.audio import SAMPLE_RATE, SAMPLES_PER_TOKEN
 from stages.base import StageError
 from stages.tekken import Tekken, load_tekken
 from stages.tokenizer import DetokenizeStage, IncrementalDetokenizer
+from tests.conftest import is_utf8
 from tools.tiny_tekken import write_streaming_tekken
 
 BUNDLED_TEKKEN = Path(mistral_common.__file__).parent / "data" / "tekken_240911.json"
@@ -43,14 +44,6 @@ def partial(tekken: Tekken) -> list[int]:
 def byte_id(tekken: Tekken, value: int) -> int:
     """The id of the single-byte token `value` (ranks 0..255 are the bytes)."""
     return tekken.num_special + value
-
-
-def is_utf8(token: bytes) -> bool:
-    try:
-        token.decode("utf-8")
-    except UnicodeDecodeError:
-        return False
-    return True
 
 
 def partial_ids(tekken: Tekken) -> list[int]:
