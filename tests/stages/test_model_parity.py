@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from stages.audio import delay_tokens, pad_audio
-from stages.checkpoint import ModelDir
+from stages.checkpoint import CONSOLIDATED_FILE, TOKEN_EMBEDDING, ModelDir
 from stages.decoder import load_text_decoder, streaming_prompt
 from stages.encoder import load_audio_encoder
+from stages.factory import build_stage
 from stages.layers import RollingKVCache
 from stages.mel import log_mel_frames
-from stages.transcribe import transcribe_audio
+from stages.transcribe import MODEL_CHAIN, run_chain, transcribe_audio, transcript_of
 from tests.conftest import SMALL_WINDOWS, speechlike_audio
 from tools.make_tiny_checkpoint import TINY, CheckpointSpec
 
@@ -94,3 +99,42 @@ def test_delay_conditioning_changes_the_output(tiny_model_dir) -> None:
     decoder = load_text_decoder(model, dtype=torch.float32, device="cpu")
     scales_480, scales_80 = decoder.ffn_scales(delay_tokens(480)), decoder.ffn_scales(delay_tokens(80))
     assert all(not torch.allclose(a, b) for a, b in zip(scales_480, scales_80, strict=True))
+
+
+@pytest.fixture(scope="module")
+def eos_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny model with its EOS embedding (also its LM-head row) doubled: it says EOS mid-stream."""
+    out = tmp_path_factory.mktemp("eos-model")
+    for file in tiny_model_dir.iterdir():
+        shutil.copy(file, out)
+    tensors = load_file(str(out / CONSOLIDATED_FILE))
+    tensors[TOKEN_EMBEDDING][ModelDir(tiny_model_dir).tekken.eos_id] *= 2
+    save_file(tensors, str(out / CONSOLIDATED_FILE))
+    return out
+
+
+def test_decoding_stops_at_eos_like_transformers(eos_model_dir, hf_oracle) -> None:
+    tekken = ModelDir(eos_model_dir).tekken
+    audio = speechlike_audio(AUDIO_SECONDS, 0)
+    num_delay = delay_tokens(480)
+    prompt = streaming_prompt(tekken, num_delay)
+    expected, features = reference_generate(
+        hf_oracle(eos_model_dir), audio, tekken.audio.streaming_n_left_pad_tokens, num_delay, prompt
+    )
+    assert expected[-1] == tekken.eos_id and len(expected) < features.shape[-1] // 8 - len(prompt)
+
+    assert transcribe_audio(audio, model_dir=eos_model_dir).token_ids == expected
+    # Streamed in 80 ms chunks, nothing more comes after EOS either.
+    assert transcribe_audio(audio, model_dir=eos_model_dir, chunk_samples=1280).token_ids == expected
+
+
+def test_decoding_past_eos_when_asked(eos_model_dir) -> None:
+    chain = [
+        build_stage(kind, model_dir=eos_model_dir, params={"stop_at_eos": False} if kind == "decoder" else None)
+        for kind in MODEL_CHAIN
+    ]
+    audio = speechlike_audio(AUDIO_SECONDS, 0)
+    ids = transcript_of(run_chain(chain, "s", [audio])).token_ids
+    stopped = transcribe_audio(audio, model_dir=eos_model_dir).token_ids
+    assert ids[: len(stopped)] == stopped  # the same ids up to and including EOS ...
+    assert len(ids) > len(stopped)  # ... then EOS is fed back and decoding goes on
