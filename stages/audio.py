@@ -67,9 +67,3 @@ def pad_audio(audio: np.ndarray, left_pad_tokens: int, num_delay_tokens: int) ->
 def pad_stream(audio: np.ndarray, left_pad_tokens: int, num_delay_tokens: int) -> np.ndarray:
     """The whole padded stream the pipeline's stages see for `audio` (one token shorter than `pad_audio`)."""
     return _pad(audio, left_pad_tokens, stream_right_pad_samples(len(audio), num_delay_tokens))
-
-
-def quantize_pcm16(audio: np.ndarray) -> np.ndarray:
-    """The 16-bit WAV round trip the reference applies offline: floor(x * 32768) / 32768, clipped."""
-    scaled = np.floor(np.asarray(audio, dtype=np.float64) * 32768.0)
-    return (np.clip(scaled, -32768, 32767) / 32768.0).astype(np.float32)
