@@ -11,6 +11,7 @@ from typing import Any
 # An item is a numpy array (audio samples, mel frames, encoder frames, token ids) or a dict of
 # msgpack-friendly values whose leaves may be numpy arrays (audio chunks with their rate, text events).
 Item = Any
+WARM_UP_STREAM = "__warm-up__"  # the stream id of `PerStreamStage.push_and_forget`
 
 
 class StageError(Exception):
@@ -70,6 +71,12 @@ class PerStreamStage(Stage):
     def state(self, stream_id: str) -> Any:
         """The live state of a stream (for inspection, e.g. of cache sizes)."""
         return self._states[stream_id]
+
+    def push_and_forget(self, item: Item) -> None:
+        """Push one item through a stream that is dropped straight after: a warm-up that compiles and
+        captures the stage's step code before real streams arrive."""
+        self.push(WARM_UP_STREAM, item)
+        self._states.pop(WARM_UP_STREAM, None)
 
 
 class Source(ABC):

@@ -15,14 +15,15 @@ from stages.base import PerStreamStage, StageError
 from stages.checkpoint import ADAPTER_PREFIX, DECODER_PREFIXES, TOKEN_EMBEDDING, ModelDir, ModelParams
 from stages.graphs import StepGraphs
 from stages.layers import (
-    Attention,
-    FeedForward,
+    EAGER,
+    Block,
     KVCache,
     RMSNorm,
     RollingKVCache,
     RotaryEmbedding,
     StaticKVCache,
     attention_bias,
+    compiled_block_functions,
     fuse_projections,
 )
 from stages.tekken import Tekken
@@ -39,33 +40,16 @@ def time_conditioning(num_delay_tokens: int, dim: int, dtype: torch.dtype, devic
     return torch.cat((angles.cos(), angles.sin()))
 
 
-class DecoderLayer(nn.Module):
-    """Pre-norm decoder block; the FFN input is scaled by (1 + s), s from the delay conditioning."""
+class DecoderLayer(Block):
+    """Decoder block; its FFN input is scaled by (1 + s), s from the delay conditioning."""
 
     def __init__(self, params: ModelParams) -> None:
-        super().__init__()
-        dec = params.decoder
-        self.attention_norm = RMSNorm(dec.dim, dec.norm_eps)
-        self.attention = Attention(dec)
-        self.ffn_norm = RMSNorm(dec.dim, dec.norm_eps)
-        self.feed_forward = FeedForward(dec)
+        super().__init__(params.decoder)
         self.ada_rms_norm_t_cond = nn.Sequential(
-            nn.Linear(dec.dim, params.ada_norm_dim, bias=False),
+            nn.Linear(params.decoder.dim, params.ada_norm_dim, bias=False),
             nn.GELU(),
-            nn.Linear(params.ada_norm_dim, dec.dim, bias=False),
+            nn.Linear(params.ada_norm_dim, params.decoder.dim, bias=False),
         )
-
-    def forward(
-        self,
-        x: torch.Tensor,
-        rotations: torch.Tensor,
-        cache: KVCache,
-        index: int,
-        bias: torch.Tensor,
-        ffn_scale: torch.Tensor,
-    ) -> torch.Tensor:
-        x = x + self.attention(self.attention_norm(x), rotations, cache, index, bias)
-        return x + self.feed_forward(self.ffn_norm(x) * ffn_scale)
 
 
 class TextDecoder(nn.Module):
@@ -84,6 +68,11 @@ class TextDecoder(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(params) for _ in range(dec.n_layers))
         self.norm = RMSNorm(dec.dim, dec.norm_eps)
         self.rope = RotaryEmbedding(dec.head_dim, dec.rope_theta)
+        self.step_functions = EAGER  # see `compile_steps`
+
+    def compile_steps(self) -> None:
+        """Run the one-position step's blocks as compiled code (see `compiled_block_functions`)."""
+        self.step_functions = compiled_block_functions()
 
     def ffn_scales(self, num_delay_tokens: int) -> list[torch.Tensor]:
         """(1 + s_j) for every layer: constant for a delay, so computed once, not per step."""
@@ -106,12 +95,14 @@ class TextDecoder(nn.Module):
     ) -> torch.Tensor:
         """Hidden states [T, dim] (final norm applied) at `positions` [T]; updates the cache."""
         x = audio + self.tok_embeddings(token_ids)
-        rotations = self.rope.rotations(positions)
+        rotations = self.rope.rotations(positions, x.dtype)
         dec = self.params.decoder
         bias = attention_bias(positions, cache.begin(positions), dec.sliding_window, x.dtype)
         bias = bias.repeat(dec.n_heads // dec.n_kv_heads, 1)  # one row per (query group member, position)
+        # Compiled code serves the one-position step only; the prompt's block runs eager.
+        functions = self.step_functions if x.shape[0] == 1 else EAGER
         for index, (layer, scale) in enumerate(zip(self.layers, ffn_scales, strict=True)):
-            x = layer(x, rotations, cache, index, bias, scale)
+            x = layer(x, rotations, cache, index, bias, scale, functions)
         cache.end()
         return self.norm(x)
 
@@ -227,6 +218,15 @@ class DecoderStage(PerStreamStage):
             token.copy_(self.decoder.logits(hidden).argmax(-1))
 
         return DecoderStep(audio, token, position, StepGraphs(step, weight.device))
+
+    def warm_up(self) -> None:
+        """Compile and capture the one-position step now: silence through the prompt and one step more."""
+        frames = (len(self.prompt) + 1) * ENCODER_FRAMES_PER_TOKEN
+        eos_id, self.eos_id = self.eos_id, None  # an EOS from the prompt would end the warm-up before its step
+        try:
+            self.push_and_forget(np.zeros((frames, self.decoder.params.encoder.dim), dtype=np.float32))
+        finally:
+            self.eos_id = eos_id
 
     def push(self, stream_id: str, item: np.ndarray) -> list[np.ndarray]:
         frames = np.asarray(item)

@@ -9,19 +9,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stages.audio import CONV_STRIDE, ENCODER_FRAMES_PER_TOKEN, NUM_MEL_BINS
+from stages.audio import CONV_STRIDE, ENCODER_FRAMES_PER_TOKEN, MEL_FRAMES_PER_TOKEN, NUM_MEL_BINS
 from stages.base import PerStreamStage, StageError
 from stages.checkpoint import ENCODER_PREFIX, ModelDir, TransformerParams
 from stages.graphs import StepGraphs
 from stages.layers import (
-    Attention,
-    FeedForward,
+    EAGER,
+    Block,
     KVCache,
     RMSNorm,
     RollingKVCache,
     RotaryEmbedding,
     StaticKVCache,
     attention_bias,
+    compiled_block_functions,
     fuse_projections,
 )
 
@@ -37,27 +38,10 @@ class _Conv(nn.Module):
         self.conv = nn.Conv1d(in_dim, out_dim, CONV_KERNEL)
 
 
-class EncoderLayer(nn.Module):
-    """Pre-norm encoder block: sliding-window multi-head attention then SwiGLU, both residual."""
-
-    def __init__(self, params: TransformerParams) -> None:
-        super().__init__()
-        self.attention_norm = RMSNorm(params.dim, params.norm_eps)
-        self.attention = Attention(params)
-        self.ffn_norm = RMSNorm(params.dim, params.norm_eps)
-        self.feed_forward = FeedForward(params)
-
-    def forward(
-        self, x: torch.Tensor, rotations: torch.Tensor, cache: KVCache, index: int, bias: torch.Tensor
-    ) -> torch.Tensor:
-        x = x + self.attention(self.attention_norm(x), rotations, cache, index, bias)
-        return x + self.feed_forward(self.ffn_norm(x))
-
-
 class _Transformer(nn.Module):
     def __init__(self, params: TransformerParams) -> None:
         super().__init__()
-        self.layers = nn.ModuleList(EncoderLayer(params) for _ in range(params.n_layers))
+        self.layers = nn.ModuleList(Block(params) for _ in range(params.n_layers))
         self.norm = RMSNorm(params.dim, params.norm_eps)
 
 
@@ -91,6 +75,11 @@ class AudioEncoder(nn.Module):
         self.conv_layers = nn.ModuleList([_Conv(NUM_MEL_BINS, params.dim), _Conv(params.dim, params.dim)])
         self.transformer = _Transformer(params)
         self.rope = RotaryEmbedding(params.head_dim, params.rope_theta)
+        self.step_functions = EAGER  # see `compile_steps`
+
+    def compile_steps(self) -> None:
+        """Run the 80 ms step's blocks as compiled code (see `compiled_block_functions`)."""
+        self.step_functions = compiled_block_functions()
 
     def new_state(self, *, static_cache: bool = False) -> EncoderState:
         """Fresh stream state: zero conv context (the reference's causal left padding), empty caches."""
@@ -127,10 +116,12 @@ class AudioEncoder(nn.Module):
 
     def layers(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """The transformer and final norm over frames x [T, dim] at `positions` [T]; updates the cache."""
-        rotations = self.rope.rotations(positions)
+        rotations = self.rope.rotations(positions, x.dtype)
         bias = attention_bias(positions, cache.begin(positions), self.params.sliding_window, x.dtype)
+        # Compiled code serves the 80 ms step's shape only; other block lengths (a file's first push) run eager.
+        functions = self.step_functions if x.shape[0] == ENCODER_FRAMES_PER_TOKEN else EAGER
         for index, layer in enumerate(self.transformer.layers):
-            x = layer(x, rotations, cache, index, bias)
+            x = layer(x, rotations, cache, index, bias, functions=functions)
         cache.end()
         return self.transformer.norm(x)
 
@@ -201,6 +192,10 @@ class EncoderStage(PerStreamStage):
         super().__init__()
         self.static_cache = static_cache
         self.cuda_graphs = cuda_graphs
+
+    def warm_up(self) -> None:
+        """Compile and capture the 80 ms step now rather than in the first stream's first step."""
+        self.push_and_forget(np.zeros((MEL_FRAMES_PER_TOKEN, NUM_MEL_BINS), dtype=np.float32))
 
     def push(self, stream_id: str, item: np.ndarray) -> list[np.ndarray]:
         mel = np.asarray(item)

@@ -23,8 +23,8 @@ STAGE_KINDS = ("capture", "resample", "mel", "encoder", "decoder", "detokenize")
 STAGE_PARAMS: dict[str, tuple[str, ...]] = {
     "resample": (),
     "mel": (),
-    "encoder": ("dtype", "cache", "cuda_graphs"),
-    "decoder": ("dtype", "cache", "cuda_graphs", "stop_at_eos"),
+    "encoder": ("dtype", "cache", "cuda_graphs", "compile"),
+    "decoder": ("dtype", "cache", "cuda_graphs", "compile", "stop_at_eos"),
     "detokenize": (),
 }
 
@@ -103,15 +103,26 @@ def build_stage(
     from stages.encoder import EncoderStage, load_audio_encoder
 
     model = open_model(Path(model_dir).resolve())
-    # On a GPU: bf16 (the published weights' dtype, as the reference runs), static ring caches and CUDA
-    # graphs. On a CPU: fp32, exact against the reference, and caches that grow as they go.
+    # On a GPU: bf16 (the published weights' dtype, as the reference runs), static ring caches, compiled
+    # steps and CUDA graphs. On a CPU: fp32, exact against the reference, and caches that grow as they go.
     on_gpu = target.type == "cuda"
     dtype = torch_dtype(params.get("dtype", "bfloat16" if on_gpu else "float32"))
     cache = params.get("cache", "static" if on_gpu else "dynamic")
     if cache not in ("static", "dynamic"):
         raise StageError(f"stage '{kind}': cache must be static or dynamic, got {cache!r}")
     fast = {"static_cache": cache == "static", "cuda_graphs": bool(params.get("cuda_graphs", on_gpu))}
+    compiled = bool(params.get("compile", on_gpu))
     if kind == "encoder":
-        return EncoderStage(load_audio_encoder(model, dtype=dtype, device=target), **fast)
-    decoder = load_text_decoder(model, dtype=dtype, device=target)
-    return DecoderStage(decoder, model.tekken, delay, stop_at_eos=bool(params.get("stop_at_eos", True)), **fast)
+        encoder = load_audio_encoder(model, dtype=dtype, device=target)
+        if compiled:
+            encoder.compile_steps()
+        stage: EncoderStage | DecoderStage = EncoderStage(encoder, **fast)
+    else:
+        decoder = load_text_decoder(model, dtype=dtype, device=target)
+        if compiled:
+            decoder.compile_steps()
+        stop_at_eos = bool(params.get("stop_at_eos", True))
+        stage = DecoderStage(decoder, model.tekken, delay, stop_at_eos=stop_at_eos, **fast)
+    if compiled:
+        stage.warm_up()  # compiling takes seconds: do it before the stage reports ready, not in a stream
+    return stage

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -9,9 +13,15 @@ from torch import nn
 from stages.checkpoint import TransformerParams
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm under the spec's dtype rule (11.9): normalise in fp32, round to the activation dtype, then
+    scale by the weight in that dtype."""
+    full = x.float()
+    return weight * (full * torch.rsqrt(full.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
 class RMSNorm(nn.Module):
-    """RMSNorm in one fused kernel (fp32 statistics). The reference rounds to the activation dtype before
-    scaling by the weight; in fp32 that is the same, in bf16 it differs by at most one rounding."""
+    """RMSNorm with a learned scale (see `rms_norm`)."""
 
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -19,7 +29,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        return rms_norm(x, self.weight, self.eps)
 
 
 class RotaryEmbedding(nn.Module):
@@ -30,16 +40,18 @@ class RotaryEmbedding(nn.Module):
         exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
         self.register_buffer("inv_freq", 1.0 / (theta**exponents), persistent=False)
 
-    def rotations(self, positions: torch.Tensor) -> torch.Tensor:
-        """cos + i sin of every position's angles [T, head_dim/2], complex64 (angles in fp32, as the reference)."""
+    def rotations(self, positions: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """cos and sin of every position's angles, [2, T, head_dim/2]: computed in fp32, then rounded to the
+        activation dtype (spec 11.9)."""
         angles = positions.float()[:, None] * self.inv_freq.float()[None, :]
-        return torch.polar(torch.ones_like(angles), angles)
+        return torch.stack((angles.cos(), angles.sin())).to(dtype)
 
     @staticmethod
     def apply(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
-        """Rotate x [T, H, head_dim]: each pair (2i, 2i+1) is one complex number, turned in fp32."""
-        pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
-        return torch.view_as_real(pairs * rotations[:, None, :]).flatten(-2).to(x.dtype)
+        """Rotate x [T, H, head_dim] in its own dtype, each product rounded as the reference's rotate-half."""
+        cos, sin = rotations[0][:, None], rotations[1][:, None]
+        even, odd = x.unflatten(-1, (-1, 2)).unbind(-1)
+        return torch.stack((even * cos - odd * sin, odd * cos + even * sin), dim=-1).flatten(-2)
 
 
 def attention_bias(
@@ -74,7 +86,10 @@ class RollingKVCache:
         self._key_positions = positions if previous is None else torch.cat((previous, positions))
         return self._key_positions
 
-    def extend(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def slot_buffers(self, layer: int) -> None:
+        """None: this cache takes new keys and values by concatenation in `attended`."""
+
+    def attended(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Cached + new keys and values of a layer; keeps only what later queries can still see."""
         if self.keys[layer] is not None:
             keys = torch.cat((self.keys[layer], keys))
@@ -127,10 +142,14 @@ class StaticKVCache:
         self.positions.index_copy_(0, self._slots, positions)
         return self.positions[: self.span]
 
-    def extend(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write a layer's new keys and values; return its slice (the mask drops stale and empty slots)."""
-        self.keys[layer].index_copy_(0, self._slots, keys)
-        self.values[layer].index_copy_(0, self._slots, values)
+    def slot_buffers(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A layer's key and value rings and the slots of this forward's positions, where `attention_inputs`
+        writes the new keys and values (in the same kernel that computes them, when compiled)."""
+        return self.keys[layer], self.values[layer], self._slots
+
+    def attended(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The slice of a layer's rings attention reads (the new keys and values are in their slots already;
+        the mask drops stale and empty slots)."""
         return self.keys[layer, : self.span], self.values[layer, : self.span]
 
     def end(self) -> None:
@@ -178,22 +197,30 @@ class Attention(nn.Module):
             self.wqkv.bias = nn.Parameter(torch.cat((self.wq.bias, zeros, self.wv.bias)), requires_grad=False)
         del self.wq, self.wk, self.wv
 
-    def forward(
-        self, x: torch.Tensor, rotations: torch.Tensor, cache: KVCache, layer: int, bias: torch.Tensor
-    ) -> torch.Tensor:
-        """x [T, dim]; `bias` [group * T, S] from `attention_bias`, tiled per query group; updates the cache."""
-        length, heads, kv_heads, head_dim = x.shape[0], self.n_heads, self.n_kv_heads, self.head_dim
-        qk, v = self.wqkv(x).split(((heads + kv_heads) * head_dim, kv_heads * head_dim), dim=-1)
+    def project(self, h: torch.Tensor, rotations: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Normed input h [T, dim] -> queries stacked per KV head [kv_heads, group * T, head_dim], and keys and
+        values [T, kv_heads, head_dim]; RoPE applied to queries and keys."""
+        length, heads, kv_heads, head_dim = h.shape[0], self.n_heads, self.n_kv_heads, self.head_dim
+        qk, v = self.wqkv(h).split(((heads + kv_heads) * head_dim, kv_heads * head_dim), dim=-1)
         qk = RotaryEmbedding.apply(qk.view(length, heads + kv_heads, head_dim), rotations)
         q, k = qk.split((heads, kv_heads), dim=1)
-        keys, values = cache.extend(layer, k, v.view(length, kv_heads, head_dim))
-        # Query head n reads KV head n // group: stack each group's queries along the sequence axis, so
-        # attention runs on the KV heads as they are (no repeated keys).
+        # Query head n reads KV head n // group: stacking each group's queries along the sequence axis lets
+        # attention run on the KV heads as they are (no repeated keys).
         q = q.reshape(length, kv_heads, self.group, head_dim).permute(1, 2, 0, 3).reshape(kv_heads, -1, head_dim)
-        out = F.scaled_dot_product_attention(
+        return q, k, v.view(length, kv_heads, head_dim)
+
+    @staticmethod
+    def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """Stacked queries against keys and values [S, kv_heads, head_dim]; `bias` [group * T, S] from
+        `attention_bias`, tiled per query group. Returns [kv_heads, group * T, head_dim]."""
+        return F.scaled_dot_product_attention(
             q[None], keys.transpose(0, 1)[None], values.transpose(0, 1)[None], attn_mask=bias[None, None]
         )[0]
-        out = out.view(kv_heads, self.group, length, head_dim).permute(2, 0, 1, 3).reshape(length, heads * head_dim)
+
+    def output(self, attended: torch.Tensor) -> torch.Tensor:
+        """The output projection of `attend`'s result, back in position-major order [T, dim]."""
+        kv_heads, head_dim = self.n_kv_heads, self.head_dim
+        out = attended.view(kv_heads, self.group, -1, head_dim).permute(2, 0, 1, 3).flatten(1)
         return self.wo(out)
 
 
@@ -219,6 +246,81 @@ class FeedForward(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.w13(x).chunk(2, dim=-1)
         return self.w2(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: attention then SwiGLU, both residual; the decoder scales the FFN input."""
+
+    def __init__(self, params: TransformerParams) -> None:
+        super().__init__()
+        self.attention_norm = RMSNorm(params.dim, params.norm_eps)
+        self.attention = Attention(params)
+        self.ffn_norm = RMSNorm(params.dim, params.norm_eps)
+        self.feed_forward = FeedForward(params)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rotations: torch.Tensor,
+        cache: KVCache,
+        index: int,
+        bias: torch.Tensor,
+        ffn_scale: torch.Tensor | None = None,
+        functions: BlockFunctions | None = None,
+    ) -> torch.Tensor:
+        """x [T, dim] at the positions `rotations` and `bias` were made for; layer `index` of `cache`."""
+        functions = functions or EAGER
+        q, k, v = functions.attention_inputs(self, x, rotations, cache.slot_buffers(index))
+        keys, values = cache.attended(index, k, v)
+        return functions.attention_output_and_ffn(self, x, Attention.attend(q, keys, values, bias), ffn_scale)
+
+
+def attention_inputs(
+    block: Block,
+    x: torch.Tensor,
+    rotations: torch.Tensor,
+    slot_buffers: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The block's half before attention: norm, q/k/v and RoPE; writes keys and values into a static cache's
+    slots when given them."""
+    q, k, v = block.attention.project(block.attention_norm(x), rotations)
+    if slot_buffers is not None:
+        keys, values, slots = slot_buffers
+        keys.index_copy_(0, slots, k)
+        values.index_copy_(0, slots, v)
+    return q, k, v
+
+
+def attention_output_and_ffn(
+    block: Block, x: torch.Tensor, attended: torch.Tensor, ffn_scale: torch.Tensor | None
+) -> torch.Tensor:
+    """The block's half after attention: output projection, residual, FFN norm (times the scale), SwiGLU,
+    residual."""
+    x = x + block.attention.output(attended)
+    h = block.ffn_norm(x)
+    if ffn_scale is not None:
+        h = h * ffn_scale
+    return x + block.feed_forward(h)
+
+
+class BlockFunctions(NamedTuple):
+    """The two halves of a block around attention, eager or compiled."""
+
+    attention_inputs: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    attention_output_and_ffn: Callable[..., torch.Tensor]
+
+
+EAGER = BlockFunctions(attention_inputs, attention_output_and_ffn)
+
+
+@functools.cache
+def compiled_block_functions() -> BlockFunctions:
+    """Both halves compiled by inductor, once per process and shared by every layer of the same shapes: the
+    norms, RoPE, cache writes, biases, activations and residual adds fuse into a few kernels between the
+    matrix products. Roundings are kept where eager rounds, so the compiled path computes what eager does.
+    Attention itself stays outside, so one compilation serves every cache span."""
+    options = {"emulate_precision_casts": True}
+    return BlockFunctions(*(torch.compile(f, fullgraph=True, dynamic=False, options=options) for f in EAGER))
 
 
 def fuse_projections(module: nn.Module) -> None:

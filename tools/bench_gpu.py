@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -146,7 +148,7 @@ def teacher_forced_logits(model_dir: Path, mel: np.ndarray, sequence: torch.Tens
     from stages.layers import RollingKVCache
 
     device = sequence.device
-    settings = {"dtype": dtype, "cache": "dynamic", "cuda_graphs": False}
+    settings = {"dtype": dtype, "cache": "dynamic", "cuda_graphs": False, "compile": False}
     encoder = build_stage("encoder", model_dir=model_dir, device=str(device), params=settings)
     decoder = build_stage("decoder", model_dir=model_dir, device=str(device), params=settings)
     dec = decoder.decoder
@@ -195,7 +197,7 @@ def profile_steps(stages: list, audio: np.ndarray) -> None:
     run_stream(stages, audio[: int(4 * SAMPLE_RATE)], "profile-warm")
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         run_stream(stages, audio[: int(4 * SAMPLE_RATE)], "profile")
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30), flush=True)
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=45), flush=True)
 
 
 def run_pipeline(pipeline: Path, model_dir: Path, wav: Path, out_dir: Path) -> dict:
@@ -266,7 +268,11 @@ def main() -> None:
     parser.add_argument("--skip-transformers", action="store_true")
     parser.add_argument("--profile", action="store_true", help="print the kernels of eager steps")
     parser.add_argument("--pipeline-seconds", type=float, default=20.0, help="audio for the pipeline runs (0: skip)")
+    parser.add_argument("--cold-start-only", action="store_true", help="print load and first-token time as JSON")
     args = parser.parse_args()
+    if args.cold_start_only:
+        print(json.dumps(first_token(args.model)))
+        return
     device = torch.device("cuda", 0)
     results: dict = {"gpu": torch.cuda.get_device_name(device), "torch": torch.__version__}
     try:
@@ -277,6 +283,39 @@ def main() -> None:
         print(json.dumps(results, indent=2))
         raise
     report(results, args)
+
+
+def cold_start(model_dir: Path, compile_cache: Path) -> dict:
+    """Load to first token in a fresh process (as a pipeline stage starts), with the given compile cache."""
+    command = [sys.executable, "-m", "tools.bench_gpu", "--model", str(model_dir), "--cold-start-only"]
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(compile_cache)}
+    done = subprocess.run(command, check=True, timeout=600, capture_output=True, text=True, env=env)
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+def first_token(model_dir: Path) -> dict:
+    """Open the directory, build the mel, encoder and decoder stages on the GPU, run until the first token."""
+    start = time.perf_counter()
+    stages = [build_stage(kind, model_dir=model_dir, device="cuda:0") for kind in ("mel", "encoder", "decoder")]
+    load_s = time.perf_counter() - start
+    warm = run_stream(stages, synthetic_speechlike(2.0), "cold")
+    return {"load_s": load_s, "first_token_s": load_s + warm["first_token_s"]}
+
+
+def model_stages(model_dir: Path, **settings) -> list:
+    """Mel, encoder and decoder stages on cuda:0 with the given encoder and decoder settings."""
+    decoder = {"stop_at_eos": False, **settings}  # random weights may say EOS anywhere; steps must go on
+    params = {"mel": None, "encoder": settings, "decoder": decoder}
+    return [build_stage(kind, model_dir=model_dir, device="cuda:0", params=params[kind]) for kind in params]
+
+
+def variant(stages: list, audio: np.ndarray, reference: dict) -> dict:
+    """Step times of a stage set on a short stream, and how its ids and encoder frames compare to a run's."""
+    run = run_stream(stages, audio, "variant")
+    figures = {f"{part}_p50_ms": percentile(run[f"{part}_ms"], 50) for part in ("encoder", "decoder")}
+    figures["ids_equal"] = run["tokens"] == reference["tokens"]
+    figures["encoder_max_abs_diff"] = float(np.abs(run["encoder_frames"] - reference["encoder_frames"]).max())
+    return figures
 
 
 def measure(args: argparse.Namespace, device: torch.device, results: dict) -> None:
@@ -290,37 +329,30 @@ def measure(args: argparse.Namespace, device: torch.device, results: dict) -> No
             results["write_checkpoint_s"] = time.perf_counter() - t
     results["copy_bandwidth_GBps"] = copy_bandwidth(device) / 1e9
 
-    # Cold start: open the directory, load both model stages to the GPU, first token out.
-    audio = synthetic_speechlike(args.seconds)
-    t = time.perf_counter()
-    model = open_model(model_dir.resolve())
-    # Random weights may say EOS at any point; the benchmark needs the steps to go on.
-    settings = {"decoder": {"stop_at_eos": False}}
-    stages = [
-        build_stage(kind, model_dir=model_dir, device="cuda:0", params=settings.get(kind))
-        for kind in ("mel", "encoder", "decoder")
-    ]
-    load_s = time.perf_counter() - t
-    warm = run_stream(stages, audio[: int(2 * SAMPLE_RATE)], "cold")
-    results["load_s"] = load_s
-    results["cold_start_to_first_token_s"] = load_s + warm["first_token_s"]
+    # Cold start in fresh processes: first with an empty compile cache (a first run on a machine), then
+    # with the cache that run left (every later start). This process then uses that cache too.
+    compile_cache = args.workdir / "compile-cache"
+    shutil.rmtree(compile_cache, ignore_errors=True)
+    results["cold_start"] = {when: cold_start(model_dir, compile_cache) for when in ("empty_cache", "warm_cache")}
+    print("cold start:", json.dumps(results["cold_start"]), flush=True)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(compile_cache)
 
-    # The CUDA-graph path must give exactly the ids of the same code run eagerly.
+    audio = synthetic_speechlike(args.seconds)
+    model = open_model(model_dir.resolve())
+    stages = model_stages(model_dir)
+    # The same code without CUDA graphs, and without compiling: what each of the two is worth, and that
+    # neither changes what is computed.
     check_audio = audio[: int(10 * SAMPLE_RATE)]
     graphed = run_stream(stages, check_audio, "graphed")
-    eager = {"encoder": {"cuda_graphs": False}, "decoder": {**settings["decoder"], "cuda_graphs": False}}
-    eager_stages = [stages[0]] + [
-        build_stage(kind, model_dir=model_dir, device="cuda:0", params=eager[kind]) for kind in ("encoder", "decoder")
-    ]
-    eager_run = run_stream(eager_stages, check_audio, "eager")
-    results["graph_ids_equal_eager"] = graphed["tokens"] == eager_run["tokens"]
-    # Random weights give near-constant ids; the encoder frames are the sharper check of the graphed path.
-    results["graph_encoder_max_abs_diff"] = float(np.abs(graphed["encoder_frames"] - eager_run["encoder_frames"]).max())
-    results["eager_p50_ms"] = {p: percentile(eager_run[f"{p}_ms"], 50) for p in ("encoder", "decoder")}
-    print("graph ids equal eager:", results["graph_ids_equal_eager"], results["eager_p50_ms"], flush=True)
-    if args.profile:
-        profile_steps(eager_stages, check_audio)
-    del eager_stages
+    results["variants"] = {}
+    for name, settings in {"no_cuda_graphs": {"cuda_graphs": False}, "not_compiled": {"compile": False}}.items():
+        other = model_stages(model_dir, **settings)
+        results["variants"][name] = variant(other, check_audio, graphed)
+        if args.profile and name == "no_cuda_graphs":
+            profile_steps(other, check_audio)
+        del other
+        torch.cuda.empty_cache()
+    print("variants:", json.dumps(results["variants"]), flush=True)
 
     stream = run_stream(stages, audio, "long")
     floors = {k: v / (results["copy_bandwidth_GBps"] * 1e9) * 1000 for k, v in weight_bytes(model).items()}
@@ -363,18 +395,23 @@ def report(results: dict, args: argparse.Namespace) -> None:
     rows = [
         ("GPU", results["gpu"]),
         ("copy bandwidth", f"{results['copy_bandwidth_GBps']:.0f} GB/s"),
-        ("load, then first token", f"{results['load_s']:.1f} s, {results['cold_start_to_first_token_s']:.1f} s"),
     ]
+    for when, figures in results["cold_start"].items():
+        rows.append(
+            (f"cold start, {when.replace('_', ' ')}", f"load {figures['load_s']:.1f} s, first token "
+             f"{figures['first_token_s']:.1f} s")
+        )  # fmt: skip
     for part in ("encoder", "decoder"):
         r = results[part]
         rows.append(
             (f"{part} per 80 ms", f"p50 {r['p50_ms']:.2f} ms, p95 {r['p95_ms']:.2f} ms, floor {r['floor_ms']:.2f} ms "
              f"({r['p50_over_floor']:.2f}x)")
         )  # fmt: skip
-    rows.append(
-        ("CUDA graphs vs eager", f"ids equal: {results['graph_ids_equal_eager']}, encoder frames max |diff| "
-         f"{results['graph_encoder_max_abs_diff']:.2e}")
-    )  # fmt: skip
+    for name, v in results["variants"].items():
+        rows.append(
+            (name.replace("_", " "), f"p50 encoder {v['encoder_p50_ms']:.2f} ms, decoder {v['decoder_p50_ms']:.2f} "
+             f"ms; ids equal: {v['ids_equal']}, encoder frames max |diff| {v['encoder_max_abs_diff']:.2e}")
+        )  # fmt: skip
     rows.append(("real-time factor", f"{results['real_time_factor']:.3f} ({args.seconds:.0f} s stream)"))
     if "transformers" in results:
         rows.append(("transformers streaming", f"{results['transformers']['ms_per_token']:.1f} ms/token"))

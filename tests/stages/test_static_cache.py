@@ -11,11 +11,12 @@ from stages.checkpoint import TransformerParams
 from stages.factory import build_stage
 from stages.layers import (
     MIN_SPAN,
-    Attention,
+    Block,
     RollingKVCache,
     RotaryEmbedding,
     StaticKVCache,
     attention_bias,
+    fuse_projections,
     span_for,
 )
 from stages.transcribe import MODEL_CHAIN, run_chain, transcript_of
@@ -43,10 +44,11 @@ def test_static_cache_gives_the_dynamic_ids(small_window_model_dir, chunk) -> No
 
 
 def test_static_attention_equals_dynamic_across_wraps() -> None:
-    """Blocks of 1..5 positions through a ring of window-1+5 (aligned up) slots, many times around it."""
+    """Blocks of 1..5 positions through a transformer block and a ring of window-1+5 (aligned up) slots,
+    many times around it."""
     torch.manual_seed(0)
-    attention = Attention(PARAMS)
-    attention.fuse()
+    layer = Block(PARAMS)
+    fuse_projections(layer)
     rope = RotaryEmbedding(PARAMS.head_dim, PARAMS.rope_theta)
     window = PARAMS.sliding_window
     dynamic = RollingKVCache(window, 1)
@@ -56,12 +58,12 @@ def test_static_attention_equals_dynamic_across_wraps() -> None:
         for block in [1, 5, 3, 2, 5, 4, 1, 1, 5, 5, 5, 2, 3] * 12:
             x = torch.randn(block, PARAMS.dim)
             positions = torch.arange(position, position + block)
-            rotations = rope.rotations(positions)
+            rotations = rope.rotations(positions, x.dtype)
             outputs = []
             for cache in (dynamic, static):
                 cache.prepare(position + block)
                 bias = attention_bias(positions, cache.begin(positions), window, x.dtype).repeat(2, 1)
-                outputs.append(attention(x, rotations, cache, 0, bias))
+                outputs.append(layer(x, rotations, cache, 0, bias))
                 cache.end()
             torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-5, atol=1e-6)
             position += block
