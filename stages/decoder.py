@@ -98,7 +98,6 @@ class TextDecoder(nn.Module):
         rotations = self.rope.rotations(positions, x.dtype)
         dec = self.params.decoder
         bias = attention_bias(positions, cache.begin(positions), dec.sliding_window, x.dtype)
-        bias = bias.repeat(dec.n_heads // dec.n_kv_heads, 1)  # one row per (query group member, position)
         # Compiled code serves the one-position step only; the prompt's block runs eager.
         functions = self.step_functions if x.shape[0] == 1 else EAGER
         for index, (layer, scale) in enumerate(zip(self.layers, ffn_scales, strict=True)):

@@ -185,7 +185,6 @@ class Attention(nn.Module):
         self.wv = nn.Linear(params.dim, kv_dim, bias=bias)
         self.wo = nn.Linear(q_dim, params.dim, bias=bias)
         self.n_heads, self.n_kv_heads, self.head_dim = params.n_heads, params.n_kv_heads, params.head_dim
-        self.group = params.n_heads // params.n_kv_heads
 
     def fuse(self) -> None:
         """One [q; k; v] projection instead of three: one weight read, one kernel (k gets a zero bias)."""
@@ -198,30 +197,29 @@ class Attention(nn.Module):
         del self.wq, self.wk, self.wv
 
     def project(self, h: torch.Tensor, rotations: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Normed input h [T, dim] -> queries stacked per KV head [kv_heads, group * T, head_dim], and keys and
-        values [T, kv_heads, head_dim]; RoPE applied to queries and keys."""
+        """Normed input h [T, dim] -> queries [heads, T, head_dim], and keys and values [T, kv_heads, head_dim];
+        RoPE applied to queries and keys."""
         length, heads, kv_heads, head_dim = h.shape[0], self.n_heads, self.n_kv_heads, self.head_dim
         qk, v = self.wqkv(h).split(((heads + kv_heads) * head_dim, kv_heads * head_dim), dim=-1)
         qk = RotaryEmbedding.apply(qk.view(length, heads + kv_heads, head_dim), rotations)
         q, k = qk.split((heads, kv_heads), dim=1)
-        # Query head n reads KV head n // group: stacking each group's queries along the sequence axis lets
-        # attention run on the KV heads as they are (no repeated keys).
-        q = q.reshape(length, kv_heads, self.group, head_dim).permute(1, 2, 0, 3).reshape(kv_heads, -1, head_dim)
-        return q, k, v.view(length, kv_heads, head_dim)
+        return q.transpose(0, 1), k, v.view(length, kv_heads, head_dim)
 
     @staticmethod
     def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        """Stacked queries against keys and values [S, kv_heads, head_dim]; `bias` [group * T, S] from
-        `attention_bias`, tiled per query group. Returns [kv_heads, group * T, head_dim]."""
+        """Queries [heads, T, head_dim] against keys and values [S, kv_heads, head_dim] with `bias` [T, S] from
+        `attention_bias`; query head n reads KV head n // group, without repeating keys. -> [heads, T, head_dim]"""
         return F.scaled_dot_product_attention(
-            q[None], keys.transpose(0, 1)[None], values.transpose(0, 1)[None], attn_mask=bias[None, None]
+            q[None],
+            keys.transpose(0, 1)[None],
+            values.transpose(0, 1)[None],
+            attn_mask=bias[None, None],
+            enable_gqa=q.shape[0] != keys.shape[1],
         )[0]
 
     def output(self, attended: torch.Tensor) -> torch.Tensor:
         """The output projection of `attend`'s result, back in position-major order [T, dim]."""
-        kv_heads, head_dim = self.n_kv_heads, self.head_dim
-        out = attended.view(kv_heads, self.group, -1, head_dim).permute(2, 0, 1, 3).flatten(1)
-        return self.wo(out)
+        return self.wo(attended.transpose(0, 1).flatten(1))
 
 
 class FeedForward(nn.Module):

@@ -62,7 +62,7 @@ def test_static_attention_equals_dynamic_across_wraps() -> None:
             outputs = []
             for cache in (dynamic, static):
                 cache.prepare(position + block)
-                bias = attention_bias(positions, cache.begin(positions), window, x.dtype).repeat(2, 1)
+                bias = attention_bias(positions, cache.begin(positions), window, x.dtype)
                 outputs.append(layer(x, rotations, cache, 0, bias))
                 cache.end()
             torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-5, atol=1e-6)

@@ -1,0 +1,36 @@
+"""The compiled step path (inductor, here its CPU backend) computes what the eager path does."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from stages.audio import SAMPLES_PER_TOKEN
+from stages.factory import build_stage
+from stages.transcribe import MODEL_CHAIN, run_chain, transcript_of
+from tests.conftest import speechlike_audio
+
+
+def chain(model_dir, **settings):
+    params = {"encoder": settings, "decoder": settings}
+    return [build_stage(kind, model_dir=model_dir, params=params.get(kind)) for kind in MODEL_CHAIN]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cache", ["static", "dynamic"])
+def test_compiled_steps_give_the_eager_ids_and_frames(small_window_model_dir, cache) -> None:
+    """80 ms chunks: every encoder step and every decoder step after the prompt runs compiled code, through
+    several wraps of the small windows' static rings (or the growing caches)."""
+    audio = speechlike_audio(6.0, seed=4)
+    pieces = [audio[i : i + SAMPLES_PER_TOKEN] for i in range(0, len(audio), SAMPLES_PER_TOKEN)]
+    eager = chain(small_window_model_dir, cache=cache)
+    compiled = chain(small_window_model_dir, cache=cache, compile=True)
+    assert compiled[1].encoder.step_functions is not eager[1].encoder.step_functions
+    # The warm-up that compiled the steps left no stream behind.
+    assert compiled[1].streams() == [] and compiled[2].streams() == []
+    eager_frames = np.concatenate(run_chain(eager[:2], "s", pieces))
+    compiled_frames = np.concatenate(run_chain(compiled[:2], "s", pieces))
+    np.testing.assert_allclose(compiled_frames, eager_frames, rtol=1e-4, atol=1e-5)
+    eager_ids = transcript_of(run_chain(eager, "s", pieces)).token_ids
+    assert len(set(eager_ids)) >= 3
+    assert transcript_of(run_chain(compiled, "s", pieces)).token_ids == eager_ids
