@@ -27,6 +27,7 @@ from stages.audio import SAMPLE_RATE, SAMPLES_PER_TOKEN, delay_tokens, pad_audio
 from stages.checkpoint import DECODER_PREFIXES, ENCODER_PREFIX, ModelDir
 from stages.decoder import streaming_prompt
 from stages.factory import build_stage, open_model
+from stages.graphs import StepGraphs
 from stages.mel import log_mel_frames
 from tools.make_tiny_checkpoint import REAL_SIZE, write_tiny_checkpoint
 
@@ -266,7 +267,7 @@ def main() -> None:
     parser.add_argument("--hf-seconds", type=float, default=12.0, help="audio for transformers' streaming run")
     parser.add_argument("--json", type=Path, default=Path("bench_gpu.json"))
     parser.add_argument("--skip-transformers", action="store_true")
-    parser.add_argument("--profile", action="store_true", help="print the kernels of eager steps")
+    parser.add_argument("--profile", action="store_true", help="print the kernels of the steps, run without graphs")
     parser.add_argument("--pipeline-seconds", type=float, default=20.0, help="audio for the pipeline runs (0: skip)")
     parser.add_argument("--cold-start-only", action="store_true", help="print load and first-token time as JSON")
     args = parser.parse_args()
@@ -318,6 +319,33 @@ def variant(stages: list, audio: np.ndarray, reference: dict) -> dict:
     return figures
 
 
+def matmul_only_ms(stages: list) -> dict:
+    """Per step, the layers' matrix products alone (rows as in a step: 4 in the encoder, 1 in the decoder),
+    replayed as one CUDA graph: what cuBLAS makes of the weight reads, before any other kernel."""
+    encoder, decoder = stages[1].encoder, stages[2].decoder
+    figures = {}
+    for part, blocks, rows in (("encoder", encoder.transformer.layers, 4), ("decoder", decoder.layers, 1)):
+        x = torch.randn(rows, blocks[0].attention.wqkv.in_features, device="cuda:0", dtype=torch.bfloat16)
+
+        def step(blocks=blocks, x=x) -> None:
+            for block in blocks:
+                attention, ffn = block.attention, block.feed_forward
+                out = attention.wo(attention.wqkv(x)[:, : attention.wo.in_features])
+                ffn.w2(ffn.w13(out)[:, : ffn.w2.in_features])
+
+        graphs = StepGraphs(step, torch.device("cuda:0"))
+        graphs("only")  # warm-up and capture
+        times = []
+        for _ in range(50):
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            graphs("only")
+            torch.cuda.synchronize()
+            times.append(1000 * (time.perf_counter() - start))
+        figures[part] = percentile(times, 50)
+    return figures
+
+
 def measure(args: argparse.Namespace, device: torch.device, results: dict) -> None:
     """Every measurement, filling `results` as it goes."""
     model_dir = args.model
@@ -354,6 +382,7 @@ def measure(args: argparse.Namespace, device: torch.device, results: dict) -> No
         torch.cuda.empty_cache()
     print("variants:", json.dumps(results["variants"]), flush=True)
 
+    results["matmul_only_p50_ms"] = matmul_only_ms(stages)
     stream = run_stream(stages, audio, "long")
     floors = {k: v / (results["copy_bandwidth_GBps"] * 1e9) * 1000 for k, v in weight_bytes(model).items()}
     for part in ("encoder", "decoder"):
@@ -407,6 +436,8 @@ def report(results: dict, args: argparse.Namespace) -> None:
             (f"{part} per 80 ms", f"p50 {r['p50_ms']:.2f} ms, p95 {r['p95_ms']:.2f} ms, floor {r['floor_ms']:.2f} ms "
              f"({r['p50_over_floor']:.2f}x)")
         )  # fmt: skip
+    only = results["matmul_only_p50_ms"]
+    rows.append(("matrix products alone", f"encoder {only['encoder']:.2f} ms, decoder layers {only['decoder']:.2f} ms"))
     for name, v in results["variants"].items():
         rows.append(
             (name.replace("_", " "), f"p50 encoder {v['encoder_p50_ms']:.2f} ms, decoder {v['decoder_p50_ms']:.2f} "
