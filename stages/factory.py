@@ -124,5 +124,12 @@ def build_stage(
         stop_at_eos = bool(params.get("stop_at_eos", True))
         stage = DecoderStage(decoder, model.tekken, delay, stop_at_eos=stop_at_eos, **fast)
     if compiled:
-        stage.warm_up()  # compiling takes seconds: do it before the stage reports ready, not in a stream
+        try:
+            stage.warm_up()  # compiling takes seconds: do it before the stage reports ready, not in a stream
+        except Exception as error:  # inductor's failures (no compiler, no Triton) are long and many-lined
+            first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            raise StageError(
+                f"stage '{kind}': torch.compile failed ({type(error).__name__}: {first_line}); "
+                "set compile: false to run without it"
+            ) from None
     return stage

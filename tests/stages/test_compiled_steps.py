@@ -5,8 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+import stages.encoder
 from stages.audio import SAMPLES_PER_TOKEN
+from stages.base import StageError
 from stages.factory import build_stage
+from stages.layers import EAGER, BlockFunctions
 from stages.transcribe import MODEL_CHAIN, run_chain, transcript_of
 from tests.conftest import speechlike_audio
 
@@ -34,3 +37,16 @@ def test_compiled_steps_give_the_eager_ids_and_frames(small_window_model_dir, ca
     eager_ids = transcript_of(run_chain(eager, "s", pieces)).token_ids
     assert len(set(eager_ids)) >= 3
     assert transcript_of(run_chain(compiled, "s", pieces)).token_ids == eager_ids
+
+
+def test_a_failing_compiler_is_one_line_naming_the_stage_and_the_way_out(tiny_model_dir, monkeypatch) -> None:
+    def broken(*args, **kwargs):
+        raise RuntimeError("InductorError: no working C++ compiler found\nmany more lines")
+
+    monkeypatch.setattr(stages.encoder, "compiled_block_functions", lambda: BlockFunctions(broken, EAGER[1]))
+    with pytest.raises(StageError) as failure:
+        build_stage("encoder", model_dir=tiny_model_dir, params={"compile": True})
+    message = str(failure.value)
+    assert "\n" not in message
+    assert "stage 'encoder': torch.compile failed" in message and "no working C++ compiler" in message
+    assert "compile: false" in message
