@@ -9,7 +9,7 @@ import stages.encoder
 from stages.audio import SAMPLES_PER_TOKEN
 from stages.base import StageError
 from stages.factory import build_stage
-from stages.layers import EAGER, BlockFunctions
+from stages.layers import EAGER
 from stages.transcribe import MODEL_CHAIN, run_chain, transcript_of
 from tests.conftest import speechlike_audio
 
@@ -43,7 +43,7 @@ def test_a_failing_compiler_is_one_line_naming_the_stage_and_the_way_out(tiny_mo
     def broken(*args, **kwargs):
         raise RuntimeError("InductorError: no working C++ compiler found\nmany more lines")
 
-    monkeypatch.setattr(stages.encoder, "compiled_block_functions", lambda: BlockFunctions(broken, EAGER[1]))
+    monkeypatch.setattr(stages.encoder, "compiled_block_functions", lambda: EAGER._replace(attention_inputs=broken))
     with pytest.raises(StageError) as failure:
         build_stage("encoder", model_dir=tiny_model_dir, params={"compile": True})
     message = str(failure.value)

@@ -1,0 +1,155 @@
+"""Attention of a step's few queries over a KV cache as two Triton kernels, split over the keys.
+
+A streaming step has 4 query rows per KV head (the encoder's 4 frames, or the decoder's 4 query heads of a
+group at one position), too few for a library attention kernel to fill the GPU: cuDNN takes about 20 us
+per encoder layer over 1024 cached keys, which take 2 us to read. Here every (KV head, slice of keys) pair is a program
+that leaves a partial softmax; a second kernel merges the slices of each row.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only torch builds come without Triton; then only SDPA serves attention
+    triton = None
+
+BLOCK_KEYS = 64  # keys per inner tile
+TARGET_PROGRAMS = 256  # about two programs per multiprocessor of an H100 or H200
+NUM_WARPS = 4  # the best of 2, 4 and 8 for both models' steps on an H200
+MAX_ROWS = 16  # query rows per KV head this path takes; tl.dot needs at least 16 rows, so fewer are padded
+LOG2_E = math.log2(math.e)
+
+
+def step_attention_available(device: torch.device) -> bool:
+    """Whether the kernels can run on tensors of `device`: a CUDA device, or Triton's CPU interpreter."""
+    if triton is None:
+        return False
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return device.type == "cuda" or isinstance(_partial_attention, InterpretedFunction)
+
+
+def key_splits(keys: int, kv_heads: int) -> tuple[int, int]:
+    """(slices, keys per slice) for `keys` keys: enough programs to fill the GPU, slices whole tiles long."""
+    tiles = -(-keys // BLOCK_KEYS)
+    wanted = max(1, min(tiles, -(-TARGET_PROGRAMS // kv_heads)))
+    per_split = -(-tiles // wanted) * BLOCK_KEYS
+    return -(-keys // per_split), per_split
+
+
+def step_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """What `Attention.attend` computes, for queries [heads, T, head_dim] with heads // kv_heads * T <= 16:
+    keys and values [S, kv_heads, head_dim], additive `bias` [T, S]. -> [heads, T, head_dim]"""
+    # The kernels index rows by stride and read each head's vector as one contiguous run.
+    q, keys, values, bias = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, keys, values, bias))
+    heads, length, head_dim = q.shape
+    n_keys, kv_heads = keys.shape[0], keys.shape[1]
+    group = heads // kv_heads
+    rows = group * length
+    splits, per_split = key_splits(n_keys, kv_heads)
+    partial = torch.empty(kv_heads, splits, rows, head_dim, dtype=torch.float32, device=q.device)
+    stats = torch.empty(kv_heads, splits, 2, rows, dtype=torch.float32, device=q.device)
+    # Written position-major, so the output projection's [T, heads * head_dim] view needs no copy.
+    out = torch.empty(length, heads, head_dim, dtype=q.dtype, device=q.device).transpose(0, 1)
+    # Triton launches on the current device; a stage may live on another GPU than that.
+    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+        _launch(q, keys, values, bias, partial, stats, out, splits, per_split)
+    return out
+
+
+def _launch(q, keys, values, bias, partial, stats, out, splits: int, per_split: int) -> None:
+    """Both kernels, on the current device."""
+    heads, length, head_dim = q.shape
+    n_keys, kv_heads = keys.shape[0], keys.shape[1]
+    group = heads // kv_heads
+    shape = {"LENGTH": length, "GROUP": group, "HEAD_DIM": head_dim}
+    strides = (*q.stride()[:2], *keys.stride()[:2], *values.stride()[:2], bias.stride(0))
+    _partial_attention[(kv_heads, splits)](
+        q, keys, values, bias, partial, stats, *strides, n_keys, per_split, 1 / math.sqrt(head_dim),
+        **_dot_types(q), LOG2_E=LOG2_E, ROWS=MAX_ROWS, BLOCK=BLOCK_KEYS, num_warps=NUM_WARPS, **shape,
+    )  # fmt: skip
+    _merge_splits[(kv_heads * group * length,)](
+        partial, stats, out, *out.stride()[:2], splits, SPLITS=triton.next_power_of_2(splits), **shape
+    )  # fmt: skip
+
+
+def _dot_types(q: torch.Tensor) -> dict:
+    """Operand type of the two matrix products: bf16 and fp16 on tensor cores, like flash attention; float32
+    exactly otherwise (and in Triton's CPU interpreter, whose products know no bf16)."""
+    if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
+        return {"DOT": tl.bfloat16 if q.dtype == torch.bfloat16 else tl.float16, "PRECISION": "tf32"}
+    return {"DOT": tl.float32, "PRECISION": "ieee"}
+
+
+if triton is not None:
+
+    @triton.jit
+    def _partial_attention(
+        q_ptr, k_ptr, v_ptr, bias_ptr, partial_ptr, stats_ptr,
+        q_head_stride, q_pos_stride, k_key_stride, k_head_stride, v_key_stride, v_head_stride, bias_stride,
+        n_keys, per_split, scale,
+        DOT: tl.constexpr, PRECISION: tl.constexpr, LOG2_E: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+        LENGTH: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+    ):  # fmt: skip
+        """One KV head's query rows (row = group member * LENGTH + position) over one slice of the keys: the
+        unnormalised output, the running maximum and the sum of exponentials, in base 2."""
+        kv_head, split, splits = tl.program_id(0), tl.program_id(1), tl.num_programs(1)
+        rows = tl.arange(0, ROWS)
+        live = rows < GROUP * LENGTH
+        head, pos = kv_head * GROUP + rows // LENGTH, rows % LENGTH
+        dims = tl.arange(0, HEAD_DIM)
+        q = tl.load(q_ptr + head[:, None] * q_head_stride + pos[:, None] * q_pos_stride + dims[None, :],
+                    mask=live[:, None], other=0.0).to(DOT)  # fmt: skip
+        # A finite floor: a slice wholly outside the window then yields weight 0 rather than NaN.
+        best = tl.full([ROWS], -1e30, tl.float32)
+        total = tl.zeros([ROWS], tl.float32)
+        acc = tl.zeros([ROWS, HEAD_DIM], tl.float32)
+        start = split * per_split
+        end = tl.minimum(start + per_split, n_keys)
+        for first in range(start, end, BLOCK):
+            key = first + tl.arange(0, BLOCK)
+            inside = key < end
+            k = tl.load(k_ptr + kv_head * k_head_stride + key[:, None] * k_key_stride + dims[None, :],
+                        mask=inside[:, None], other=0.0).to(DOT)  # fmt: skip
+            v = tl.load(v_ptr + kv_head * v_head_stride + key[:, None] * v_key_stride + dims[None, :],
+                        mask=inside[:, None], other=0.0).to(DOT)  # fmt: skip
+            bias = tl.load(bias_ptr + pos[:, None] * bias_stride + key[None, :],
+                           mask=live[:, None] & inside[None, :], other=float("-inf")).to(tl.float32)  # fmt: skip
+            scores = (tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale + bias) * LOG2_E
+            new_best = tl.maximum(best, tl.max(scores, 1))
+            weights = tl.exp2(scores - new_best[:, None])
+            decay = tl.exp2(best - new_best)
+            total = total * decay + tl.sum(weights, 1)
+            acc = acc * decay[:, None] + tl.dot(weights.to(DOT), v, input_precision=PRECISION)
+            best = new_best
+        out = (kv_head * splits + split) * GROUP * LENGTH
+        tl.store(partial_ptr + (out + rows[:, None]) * HEAD_DIM + dims[None, :], acc, mask=live[:, None])
+        tl.store(stats_ptr + out * 2 + rows, best, mask=live)
+        tl.store(stats_ptr + out * 2 + GROUP * LENGTH + rows, total, mask=live)
+
+    @triton.jit
+    def _merge_splits(
+        partial_ptr, stats_ptr, out_ptr, out_head_stride, out_pos_stride, splits,
+        LENGTH: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr,
+    ):  # fmt: skip
+        """One query row: the slices' outputs weighted by their share of the softmax, in the output dtype."""
+        row_id = tl.program_id(0)
+        rows = GROUP * LENGTH
+        kv_head, row = row_id // rows, row_id % rows
+        split = tl.arange(0, SPLITS)
+        used = split < splits
+        at = (kv_head * splits + split) * rows
+        best = tl.load(stats_ptr + at * 2 + row, mask=used, other=-1e30)
+        total = tl.load(stats_ptr + at * 2 + rows + row, mask=used, other=0.0)
+        weight = tl.exp2(best - tl.max(best, 0))
+        dims = tl.arange(0, HEAD_DIM)
+        acc = tl.load(partial_ptr + (at + row)[:, None] * HEAD_DIM + dims[None, :], mask=used[:, None], other=0.0)
+        merged = tl.sum(acc * weight[:, None], 0) / tl.sum(total * weight, 0)
+        head, pos = kv_head * GROUP + row // LENGTH, row % LENGTH
+        tl.store(out_ptr + head * out_head_stride + pos * out_pos_stride + dims, merged.to(out_ptr.dtype.element_ty))
