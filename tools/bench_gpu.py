@@ -28,6 +28,7 @@ from stages.checkpoint import DECODER_PREFIXES, ENCODER_PREFIX, ModelDir
 from stages.decoder import streaming_prompt
 from stages.factory import build_stage, open_model
 from stages.graphs import StepGraphs
+from stages.layers import Attention
 from stages.mel import log_mel_frames
 from tools.make_tiny_checkpoint import REAL_SIZE, write_tiny_checkpoint
 
@@ -315,6 +316,8 @@ def variant(stages: list, audio: np.ndarray, reference: dict) -> dict:
     run = run_stream(stages, audio, "variant")
     figures = {f"{part}_p50_ms": percentile(run[f"{part}_ms"], 50) for part in ("encoder", "decoder")}
     figures["ids_equal"] = run["tokens"] == reference["tokens"]
+    pairs = list(zip(run["tokens"], reference["tokens"], strict=False))  # a stream may end at EOS sooner
+    figures["ids_agreement"] = sum(a == b for a, b in pairs) / max(len(pairs), 1)
     figures["encoder_max_abs_diff"] = float(np.abs(run["encoder_frames"] - reference["encoder_frames"]).max())
     return figures
 
@@ -368,13 +371,17 @@ def measure(args: argparse.Namespace, device: torch.device, results: dict) -> No
     audio = synthetic_speechlike(args.seconds)
     model = open_model(model_dir.resolve())
     stages = model_stages(model_dir)
-    # The same code without CUDA graphs, and without compiling: what each of the two is worth, and that
-    # neither changes what is computed.
+    # The same code without CUDA graphs, without compiling, and with SDPA for the steps' attention: what each
+    # is worth, and how much each changes what is computed.
     check_audio = audio[: int(10 * SAMPLE_RATE)]
     graphed = run_stream(stages, check_audio, "graphed")
     results["variants"] = {}
-    for name, settings in {"no_cuda_graphs": {"cuda_graphs": False}, "not_compiled": {"compile": False}}.items():
+    settings_of = {"no_cuda_graphs": {"cuda_graphs": False}, "not_compiled": {"compile": False}, "sdpa_attention": {}}
+    for name, settings in settings_of.items():
         other = model_stages(model_dir, **settings)
+        if name == "sdpa_attention":
+            for network in (other[1].encoder, other[2].decoder):
+                network.step_functions = network.step_functions._replace(attend=Attention.attend)
         results["variants"][name] = variant(other, check_audio, graphed)
         if args.profile and name == "no_cuda_graphs":
             profile_steps(other, check_audio)
@@ -441,7 +448,8 @@ def report(results: dict, args: argparse.Namespace) -> None:
     for name, v in results["variants"].items():
         rows.append(
             (name.replace("_", " "), f"p50 encoder {v['encoder_p50_ms']:.2f} ms, decoder {v['decoder_p50_ms']:.2f} "
-             f"ms; ids equal: {v['ids_equal']}, encoder frames max |diff| {v['encoder_max_abs_diff']:.2e}")
+             f"ms; ids equal: {v['ids_equal']} ({100 * v['ids_agreement']:.1f}%), encoder frames max |diff| "
+             f"{v['encoder_max_abs_diff']:.2e}")
         )  # fmt: skip
     rows.append(("real-time factor", f"{results['real_time_factor']:.3f} ({args.seconds:.0f} s stream)"))
     if "transformers" in results:
