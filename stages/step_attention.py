@@ -16,6 +16,7 @@ import torch
 try:
     import triton
     import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
 except ImportError:  # CPU-only torch builds come without Triton; then only SDPA serves attention
     triton = None
 
@@ -28,11 +29,7 @@ LOG2_E = math.log2(math.e)
 
 def step_attention_available(device: torch.device) -> bool:
     """Whether the kernels can run on tensors of `device`: a CUDA device, or Triton's CPU interpreter."""
-    if triton is None:
-        return False
-    from triton.runtime.interpreter import InterpretedFunction
-
-    return device.type == "cuda" or isinstance(_partial_attention, InterpretedFunction)
+    return triton is not None and (device.type == "cuda" or _INTERPRETED)
 
 
 def key_splits(keys: int, kv_heads: int) -> tuple[int, int]:
@@ -153,3 +150,7 @@ if triton is not None:
         merged = tl.sum(acc * weight[:, None], 0) / tl.sum(total * weight, 0)
         head, pos = kv_head * GROUP + row // LENGTH, row % LENGTH
         tl.store(out_ptr + head * out_head_stride + pos * out_pos_stride + dims, merged.to(out_ptr.dtype.element_ty))
+
+
+# Set by TRITON_INTERPRET=1 when the kernels were defined: then they also run on CPU tensors.
+_INTERPRETED = triton is not None and isinstance(_partial_attention, InterpretedFunction)
