@@ -25,6 +25,9 @@ from stages.layers import (
     attention_bias,
     compiled_block_functions,
     fuse_projections,
+    matvec_block_functions,
+    matvec_serves,
+    warm_attention_spans,
 )
 from stages.tekken import Tekken
 
@@ -71,8 +74,9 @@ class TextDecoder(nn.Module):
         self.step_functions = EAGER  # see `compile_steps`
 
     def compile_steps(self) -> None:
-        """Run the one-position step's blocks as compiled code (see `compiled_block_functions`)."""
-        self.step_functions = compiled_block_functions()
+        """Run the one-position step's blocks as the fused one-row kernels where they run (see
+        `matvec_block_functions`), else as compiled code (`compiled_block_functions`)."""
+        self.step_functions = matvec_block_functions() if matvec_serves(self.layers) else compiled_block_functions()
 
     def ffn_scales(self, num_delay_tokens: int) -> list[torch.Tensor]:
         """(1 + s_j) for every layer: constant for a delay, so computed once, not per step."""
@@ -140,7 +144,7 @@ PREFILL_BLOCK = 64  # positions decoded in one call at most (the longest prompt 
 class DecoderStep:
     """Fixed buffers of one stream's one-position step, and its CUDA graphs per cache span."""
 
-    audio: torch.Tensor  # [1, dim] adapter vector in
+    frames: torch.Tensor  # [4, enc_dim] the position's encoder frames in (the adapter runs in the graph)
     token: torch.Tensor  # [1] previous token in, greedy token out (stays on the device between steps)
     position: torch.Tensor  # [1]
     graphs: StepGraphs
@@ -148,7 +152,8 @@ class DecoderStep:
 
 @dataclass
 class DecoderState:
-    """Per-stream decoder state: frames awaiting a group of 4, adapter vectors awaiting the prompt, caches."""
+    """Per-stream decoder state: frames awaiting a group of 4, groups awaiting decoding (the whole prompt's
+    first), caches."""
 
     cache: KVCache
     frames: list[torch.Tensor] = field(default_factory=list)
@@ -208,24 +213,29 @@ class DecoderStage(PerStreamStage):
 
     def _graph_step(self, state: DecoderState) -> DecoderStep:
         weight = self.decoder.tok_embeddings.weight
-        audio = weight.new_zeros(1, weight.shape[1])
+        frames = weight.new_zeros(ENCODER_FRAMES_PER_TOKEN, self.decoder.params.encoder.dim)
         token = torch.zeros(1, dtype=torch.long, device=weight.device)
         position = torch.zeros(1, dtype=torch.long, device=weight.device)
 
         def step() -> None:
-            hidden = self.decoder(audio, token, position, state.cache, self.ffn_scales)
+            hidden = self.decoder(self.decoder.adapt(frames), token, position, state.cache, self.ffn_scales)
             token.copy_(self.decoder.logits(hidden).argmax(-1))
 
-        return DecoderStep(audio, token, position, StepGraphs(step, weight.device))
+        return DecoderStep(frames, token, position, StepGraphs(step, weight.device))
 
     def warm_up(self) -> None:
-        """Compile and capture the one-position step now: silence through the prompt and one step more."""
+        """Compile and capture the one-position step now: silence through the prompt and one step more, then
+        attention at every span the cache can read (`warm_attention_spans`)."""
         frames = (len(self.prompt) + 1) * ENCODER_FRAMES_PER_TOKEN
         eos_id, self.eos_id = self.eos_id, None  # an EOS from the prompt would end the warm-up before its step
         try:
-            self.push_and_forget(np.zeros((frames, self.decoder.params.encoder.dim), dtype=np.float32))
+            state = self.push_and_forget(np.zeros((frames, self.decoder.params.encoder.dim), dtype=np.float32))
         finally:
             self.eos_id = eos_id
+        if isinstance(state.cache, StaticKVCache):
+            warm_attention_spans(
+                self.decoder.step_functions.attend, state.cache, self.decoder.params.decoder.n_heads, 1
+            )
 
     def push(self, stream_id: str, item: np.ndarray) -> list[np.ndarray]:
         frames = np.asarray(item)
@@ -246,7 +256,7 @@ class DecoderStage(PerStreamStage):
         if groups == 0:
             return []
         with torch.inference_mode():
-            state.pending.extend(self.decoder.adapt(buffered[:usable]).unbind(0))
+            state.pending.extend(buffered[:usable].unflatten(0, (groups, ENCODER_FRAMES_PER_TOKEN)).unbind(0))
             tokens = self._decode(state)
         return [np.asarray(tokens, dtype=np.int64)] if tokens else []
 
@@ -256,17 +266,17 @@ class DecoderStage(PerStreamStage):
         if state.next_position < prompt_len:
             if state.next_position + len(state.pending) < prompt_len:
                 return tokens
-            audio = torch.stack(state.pending[:prompt_len])
+            audio = self.decoder.adapt(torch.cat(state.pending[:prompt_len]))
             ids = torch.tensor(self.prompt, device=audio.device)
             tokens.append(self._run(state, audio, ids))
             del state.pending[:prompt_len]
         while state.pending and not state.ended:
-            audio = state.pending.pop(0)[None]
+            frames = state.pending.pop(0)
             if state.step is None:
-                ids = torch.tensor([state.last_token], device=audio.device)
-                tokens.append(self._run(state, audio, ids))
+                ids = torch.tensor([state.last_token], device=frames.device)
+                tokens.append(self._run(state, self.decoder.adapt(frames), ids))
             else:
-                tokens.append(self._replay(state, audio))
+                tokens.append(self._replay(state, frames))
         if state.ended:
             state.pending.clear()
         return tokens
@@ -281,10 +291,10 @@ class DecoderStage(PerStreamStage):
             state.step.token.copy_(greedy)
         return self._advance(state, count, int(greedy))
 
-    def _replay(self, state: DecoderState, audio: torch.Tensor) -> int:
+    def _replay(self, state: DecoderState, frames: torch.Tensor) -> int:
         step = state.step
         state.cache.prepare(state.next_position + 1)
-        step.audio.copy_(audio)
+        step.frames.copy_(frames)
         step.position.fill_(state.next_position)
         step.graphs(state.cache.span)
         return self._advance(state, 1, int(step.token))

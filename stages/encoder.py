@@ -24,6 +24,7 @@ from stages.layers import (
     attention_bias,
     compiled_block_functions,
     fuse_projections,
+    warm_attention_spans,
 )
 
 CONV_KERNEL = 3
@@ -200,8 +201,12 @@ class EncoderStage(PerStreamStage):
         self.cuda_graphs = cuda_graphs
 
     def warm_up(self) -> None:
-        """Compile and capture the 80 ms step now rather than in the first stream's first step."""
-        self.push_and_forget(np.zeros((MEL_FRAMES_PER_TOKEN, NUM_MEL_BINS), dtype=np.float32))
+        """Compile and capture the 80 ms step now rather than in the first stream's first step, and warm
+        attention at every span the cache can read (`warm_attention_spans`)."""
+        state = self.push_and_forget(np.zeros((MEL_FRAMES_PER_TOKEN, NUM_MEL_BINS), dtype=np.float32))
+        if isinstance(state.cache, StaticKVCache):
+            heads = self.encoder.params.n_heads
+            warm_attention_spans(self.encoder.step_functions.attend, state.cache, heads, ENCODER_FRAMES_PER_TOKEN)
 
     def push(self, stream_id: str, item: np.ndarray) -> list[np.ndarray]:
         mel = np.asarray(item)

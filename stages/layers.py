@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from stages.checkpoint import TransformerParams
+from stages.matvec import Norm, matvec, matvec_available
 from stages.step_attention import MAX_ROWS, step_attention, step_attention_available
 
 
@@ -143,7 +144,7 @@ class StaticKVCache:
         self.positions.index_copy_(0, self._slots, positions)
         return self.positions[: self.span]
 
-    def slot_buffers(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def slot_buffers(self, layer: int) -> SlotBuffers:
         """A layer's key and value rings and the slots of this forward's positions, where `attention_inputs`
         writes the new keys and values (in the same kernel that computes them, when compiled)."""
         return self.keys[layer], self.values[layer], self._slots
@@ -156,8 +157,25 @@ class StaticKVCache:
     def end(self) -> None:
         """Nothing to trim: the ring overwrites what no query can see any more."""
 
+    def spans(self) -> list[int]:
+        """Every span `prepare` can choose, smallest first."""
+        spans = [span_for(1, self.capacity)]
+        while spans[-1] < self.capacity:
+            spans.append(span_for(spans[-1] + 1, self.capacity))
+        return spans
+
     def __len__(self) -> int:
         return min(self.filled, self.window - 1)
+
+
+def warm_attention_spans(attend: Callable[..., torch.Tensor], cache: StaticKVCache, heads: int, rows: int) -> None:
+    """Run a step's `attend` on `rows` zero queries once at every span `cache` can read. Kernels specialise on
+    the span (the split-key kernels' slice count): the first call at a new span loads or compiles a variant,
+    100 to 250 ms on an H200, which a stream's first step there would otherwise wait for."""
+    keys, values = cache.keys[0], cache.values[0]
+    queries = keys.new_zeros(heads, rows, keys.shape[-1])
+    for span in cache.spans():
+        attend(queries, keys[:span], values[:span], keys.new_zeros(rows, span))
 
 
 def span_for(total_positions: int, capacity: int) -> int:
@@ -169,6 +187,10 @@ def span_for(total_positions: int, capacity: int) -> int:
 
 
 KVCache = RollingKVCache | StaticKVCache
+SlotBuffers = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # a layer's key and value rings, this forward's slots
+QKV = tuple[
+    torch.Tensor, torch.Tensor, torch.Tensor
+]  # queries [heads, T, head_dim], keys, values [T, kv_heads, head_dim]
 
 
 class Attention(nn.Module):
@@ -197,11 +219,11 @@ class Attention(nn.Module):
             self.wqkv.bias = nn.Parameter(torch.cat((self.wq.bias, zeros, self.wv.bias)), requires_grad=False)
         del self.wq, self.wk, self.wv
 
-    def project(self, h: torch.Tensor, rotations: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Normed input h [T, dim] -> queries [heads, T, head_dim], and keys and values [T, kv_heads, head_dim];
-        RoPE applied to queries and keys."""
-        length, heads, kv_heads, head_dim = h.shape[0], self.n_heads, self.n_kv_heads, self.head_dim
-        qk, v = self.wqkv(h).split(((heads + kv_heads) * head_dim, kv_heads * head_dim), dim=-1)
+    def heads(self, qkv: torch.Tensor, rotations: torch.Tensor) -> QKV:
+        """The q/k/v projection's output [T, (heads + 2 kv_heads) head_dim] -> queries [heads, T, head_dim], and
+        keys and values [T, kv_heads, head_dim]; RoPE applied to queries and keys."""
+        length, heads, kv_heads, head_dim = qkv.shape[0], self.n_heads, self.n_kv_heads, self.head_dim
+        qk, v = qkv.split(((heads + kv_heads) * head_dim, kv_heads * head_dim), dim=-1)
         qk = RotaryEmbedding.apply(qk.view(length, heads + kv_heads, head_dim), rotations)
         q, k = qk.split((heads, kv_heads), dim=1)
         return q.transpose(0, 1), k, v.view(length, kv_heads, head_dim)
@@ -218,9 +240,10 @@ class Attention(nn.Module):
             enable_gqa=q.shape[0] != keys.shape[1],
         )[0]
 
-    def output(self, attended: torch.Tensor) -> torch.Tensor:
-        """The output projection of `attend`'s result, back in position-major order [T, dim]."""
-        return self.wo(attended.transpose(0, 1).flatten(1))
+    @staticmethod
+    def position_major(attended: torch.Tensor) -> torch.Tensor:
+        """`attend`'s result [heads, T, head_dim] as the output projection's input [T, heads * head_dim]."""
+        return attended.transpose(0, 1).flatten(1)
 
 
 class FeedForward(nn.Module):
@@ -274,15 +297,15 @@ class Block(nn.Module):
         return functions.attention_output_and_ffn(self, x, functions.attend(q, keys, values, bias), ffn_scale)
 
 
-def attention_inputs(
-    block: Block,
-    x: torch.Tensor,
-    rotations: torch.Tensor,
-    slot_buffers: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def attention_inputs(block: Block, x: torch.Tensor, rotations: torch.Tensor, slot_buffers: SlotBuffers | None) -> QKV:
     """The block's half before attention: norm, q/k/v and RoPE; writes keys and values into a static cache's
     slots when given them."""
-    q, k, v = block.attention.project(block.attention_norm(x), rotations)
+    return heads_into_cache(block, block.attention.wqkv(block.attention_norm(x)), rotations, slot_buffers)
+
+
+def heads_into_cache(block: Block, qkv: torch.Tensor, rotations: torch.Tensor, slot_buffers: SlotBuffers | None) -> QKV:
+    """`attention_inputs` after the q/k/v product: heads, RoPE and the static cache's slots."""
+    q, k, v = block.attention.heads(qkv, rotations)
     if slot_buffers is not None:
         keys, values, slots = slot_buffers
         keys.index_copy_(0, slots, k)
@@ -295,7 +318,7 @@ def attention_output_and_ffn(
 ) -> torch.Tensor:
     """The block's half after attention: output projection, residual, FFN norm (times the scale), SwiGLU,
     residual."""
-    x = x + block.attention.output(attended)
+    x = x + block.attention.wo(Attention.position_major(attended))
     h = block.ffn_norm(x)
     if ffn_scale is not None:
         h = h * ffn_scale
@@ -314,12 +337,13 @@ def step_attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias:
 class BlockFunctions(NamedTuple):
     """A block's half before attention, attention itself and the half after it: eager or compiled."""
 
-    attention_inputs: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    attention_inputs: Callable[..., QKV]
     attend: Callable[..., torch.Tensor]
     attention_output_and_ffn: Callable[..., torch.Tensor]
 
 
 EAGER = BlockFunctions(attention_inputs, Attention.attend, attention_output_and_ffn)
+COMPILE_OPTIONS = {"emulate_precision_casts": True}  # round where eager rounds
 
 
 @functools.cache
@@ -328,12 +352,52 @@ def compiled_block_functions() -> BlockFunctions:
     norms, RoPE, cache writes, biases, activations and residual adds fuse into a few kernels between the
     matrix products. Roundings are kept where eager rounds, so the compiled path computes what eager does.
     Attention stays outside, as `step_attend`, so one compilation serves every cache span."""
-    options = {"emulate_precision_casts": True}
 
     def compiled(function: Callable) -> Callable:
-        return torch.compile(function, fullgraph=True, dynamic=False, options=options)
+        return torch.compile(function, fullgraph=True, dynamic=False, options=COMPILE_OPTIONS)
 
     return BlockFunctions(compiled(attention_inputs), step_attend, compiled(attention_output_and_ffn))
+
+
+def matvec_attention_inputs(
+    block: Block, x: torch.Tensor, rotations: torch.Tensor, slot_buffers: SlotBuffers | None
+) -> QKV:
+    """`attention_inputs` for one row: the norm in the q/k/v product's kernel, then the rest compiled."""
+    norm = block.attention_norm
+    qkv = matvec(x, block.attention.wqkv.weight, norm=Norm(norm.weight, norm.eps))
+    return _compiled_heads_into_cache()(block, qkv, rotations, slot_buffers)
+
+
+def matvec_attention_output_and_ffn(
+    block: Block, x: torch.Tensor, attended: torch.Tensor, ffn_scale: torch.Tensor | None
+) -> torch.Tensor:
+    """`attention_output_and_ffn` for one row as three kernels: the output product with the residual add, w1
+    and w3 with the FFN norm, its scale and SwiGLU, and w2 with the residual add."""
+    ffn = block.feed_forward
+    x = matvec(Attention.position_major(attended), block.attention.wo.weight, residual=x)
+    norm = Norm(block.ffn_norm.weight, block.ffn_norm.eps, ffn_scale)
+    return matvec(matvec(x, ffn.w13.weight, norm=norm, swiglu=True), ffn.w2.weight, residual=x)
+
+
+@functools.cache
+def _compiled_heads_into_cache() -> Callable[..., QKV]:
+    return torch.compile(heads_into_cache, fullgraph=True, dynamic=False, options=COMPILE_OPTIONS)
+
+
+def matvec_block_functions() -> BlockFunctions:
+    """The one-row step of blocks without biases as the `matvec` kernels, `step_attend` between: seven
+    kernels a layer."""
+    return BlockFunctions(matvec_attention_inputs, step_attend, matvec_attention_output_and_ffn)
+
+
+def matvec_serves(blocks: nn.ModuleList) -> bool:
+    """Whether `matvec_block_functions` can run these blocks' one-row steps: no biases, and a device the
+    kernels run on."""
+    first = blocks[0].attention.wqkv.weight
+    return matvec_available(first.device) and all(
+        block.attention.wqkv.bias is None and block.attention.wo.bias is None and block.feed_forward.w2.bias is None
+        for block in blocks
+    )
 
 
 def fuse_projections(module: nn.Module) -> None:

@@ -18,6 +18,7 @@ from stages.layers import (
     attention_bias,
     fuse_projections,
     span_for,
+    warm_attention_spans,
 )
 from stages.transcribe import MODEL_CHAIN, run_chain, transcript_of
 from tests.conftest import speechlike_audio
@@ -85,3 +86,24 @@ def test_cuda_graphs_need_a_gpu_and_static_caches(tiny_model_dir) -> None:
         build_stage("decoder", model_dir=tiny_model_dir, params={"cuda_graphs": True})
     with pytest.raises(StageError, match="cache must be static or dynamic"):
         build_stage("encoder", model_dir=tiny_model_dir, params={"cache": "ring"})
+
+
+def test_spans_are_every_span_a_forward_can_read() -> None:
+    cache = StaticKVCache(200, 5, 1, 2, 4, dtype=torch.float32, device="cpu")
+    assert cache.spans() == sorted({span_for(n, cache.capacity) for n in range(1, 3 * cache.capacity)})
+    assert cache.spans()[-1] == cache.capacity
+
+
+def test_warming_runs_attention_once_at_every_span() -> None:
+    """A stage's warm-up calls its step attention at each span, so no stream's step waits for a kernel
+    variant to load or compile."""
+    cache = StaticKVCache(300, 4, 2, 2, 8, dtype=torch.float32, device="cpu")
+    calls = []
+
+    def attend(q, keys, values, bias):
+        calls.append((tuple(q.shape), keys.shape[0], values.shape[0], tuple(bias.shape)))
+        return q
+
+    warm_attention_spans(attend, cache, heads=4, rows=3)
+    assert calls == [((4, 3, 8), span, span, (3, span)) for span in cache.spans()]
+    assert len(calls) > 2

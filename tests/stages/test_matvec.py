@@ -1,0 +1,127 @@
+"""The fused one-row matrix-product kernel (in Triton's CPU interpreter here) computes what the eager blocks do."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from stages.checkpoint import TransformerParams
+from stages.layers import (
+    EAGER,
+    Block,
+    RotaryEmbedding,
+    StaticKVCache,
+    attention_bias,
+    fuse_projections,
+    matvec_block_functions,
+    matvec_serves,
+    rms_norm,
+)
+from stages.matvec import MatvecConfig, Norm, matvec, matvec_available
+
+pytestmark = pytest.mark.skipif(
+    not matvec_available(torch.device("cpu")), reason="needs Triton (the dev extra installs it)"
+)
+
+EPS = 1e-5
+# Launches as on a GPU (one column per program, one or several tiles) and wider ones, as the interpreter runs.
+CONFIGS = [MatvecConfig(1, 32, 8), MatvecConfig(4, 16, 4), None]
+
+
+def tensors(n: int, k: int, dtype: torch.dtype, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """An input row, a weight, a norm weight, a scale and a residual row."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def random(*shape: int, scale: float = 1.0, offset: float = 0.0) -> torch.Tensor:
+        return (offset + scale * torch.randn(*shape, generator=generator)).to(dtype)
+
+    return random(1, k), random(n, k, scale=0.1), random(k, scale=0.1, offset=1.0), random(1, k), random(1, n)
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_each_fusion_equals_the_eager_ops_in_float32(config) -> None:
+    x, weight, norm_weight, scale, residual = tensors(96, 64, torch.float32)
+    normed = rms_norm(x, norm_weight, EPS)
+    cases = [
+        (matvec(x, weight, config=config), F.linear(x, weight)),
+        (matvec(x, weight, norm=Norm(norm_weight, EPS), config=config), F.linear(normed, weight)),
+        (matvec(x, weight, norm=Norm(norm_weight, EPS, scale), config=config), F.linear(normed * scale, weight)),
+        (matvec(x, weight, residual=residual, config=config), residual + F.linear(x, weight)),
+    ]
+    gate, up = F.linear(normed * scale, weight).chunk(2, dim=-1)
+    swiglu = matvec(x, weight, norm=Norm(norm_weight, EPS, scale), swiglu=True, config=config)
+    cases.append((swiglu, F.silu(gate) * up))
+    for ours, eager in cases:
+        assert ours.shape == eager.shape
+        torch.testing.assert_close(ours, eager, rtol=1e-5, atol=1e-6)
+
+
+def test_16_bit_results_round_where_eager_rounds() -> None:
+    """Through an identity weight the product adds nothing of its own: what remains are the norm's, the
+    scale's, SwiGLU's and the residual add's roundings, which must be eager's (to the last bit, which the
+    norm's own float32 reduction order may move). In float16: Triton's interpreter truncates to bfloat16
+    where a GPU rounds to nearest, and the kernel's code is the same for both types."""
+    x, _, norm_weight, scale, residual = tensors(64, 64, torch.float16, seed=1)
+    identity = torch.eye(64, dtype=torch.float16)
+    normed = rms_norm(x, norm_weight, EPS) * scale
+    ulp = {"rtol": 2**-10, "atol": 1e-6}
+    torch.testing.assert_close(matvec(x, identity, norm=Norm(norm_weight, EPS, scale)), normed, **ulp)
+    swiglu = matvec(x, torch.cat((identity, identity)), norm=Norm(norm_weight, EPS, scale), swiglu=True)
+    torch.testing.assert_close(swiglu, F.silu(normed) * normed, **ulp)
+    assert torch.equal(matvec(x, identity, residual=residual), residual + x)
+
+
+def test_16_bit_products_are_as_close_to_exact_as_eager() -> None:
+    """In float16, for the interpreter's sake (see above)."""
+    x, weight, norm_weight, scale, residual = tensors(128, 512, torch.float16, seed=2)
+    norm = Norm(norm_weight, EPS, scale)
+    exact = residual.double() + F.linear(rms_norm(x.double(), norm_weight.double(), EPS) * scale, weight.double())
+    eager = residual + F.linear(rms_norm(x, norm_weight, EPS) * scale, weight)
+    for config in CONFIGS:
+        ours = matvec(x, weight, norm=norm, residual=residual, config=config)
+        assert ours.dtype == torch.float16
+        assert (ours.double() - exact).abs().max() <= 2 * (eager.double() - exact).abs().max()
+
+
+def test_more_than_one_row_is_refused() -> None:
+    x, weight, *_ = tensors(8, 16, torch.float32)
+    with pytest.raises(ValueError, match=r"one row.*\[2, 16\]"):
+        matvec(torch.cat((x, x)), weight)
+
+
+PARAMS = TransformerParams(
+    dim=64, n_layers=1, head_dim=16, hidden_dim=96, n_heads=4, n_kv_heads=2, rope_theta=1e6, norm_eps=1e-5,
+    sliding_window=12, use_biases=False,
+)  # fmt: skip
+
+
+def test_matvec_blocks_step_like_the_eager_blocks() -> None:
+    """A decoder-like block (no biases, an FFN scale) stepped one position at a time over a static ring that
+    wraps: the kernels' block gives the eager block's output at every step."""
+    torch.manual_seed(0)
+    block = Block(PARAMS)
+    fuse_projections(block)
+    assert matvec_serves([block])
+    rope = RotaryEmbedding(PARAMS.head_dim, PARAMS.rope_theta)
+    ffn_scale = 1 + 0.1 * torch.randn(PARAMS.dim)
+    caches = [StaticKVCache(PARAMS.sliding_window, 1, 1, 2, 16, dtype=torch.float32, device="cpu") for _ in "ab"]
+    with torch.inference_mode():
+        for position in range(40):
+            x = torch.randn(1, PARAMS.dim)
+            positions = torch.tensor([position])
+            rotations = rope.rotations(positions, x.dtype)
+            outputs = []
+            for cache, functions in zip(caches, (EAGER, matvec_block_functions()), strict=True):
+                cache.prepare(position + 1)
+                bias = attention_bias(positions, cache.begin(positions), PARAMS.sliding_window, x.dtype)
+                outputs.append(block(x, rotations, cache, 0, bias, ffn_scale, functions))
+            torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-5, atol=1e-5)
+
+
+def test_blocks_with_biases_are_left_to_the_compiled_path() -> None:
+    block = Block(dataclasses.replace(PARAMS, use_biases=True))
+    fuse_projections(block)
+    assert not matvec_serves([block])
