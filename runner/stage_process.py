@@ -51,6 +51,7 @@ class StageSpec:
     impl: str | None = None
     throttle_ms: float = 0.0
     threads: int = 1
+    busy_poll: bool = False  # wait for input without sleeping (see StageConfig)
     model_dir: Path | None = None
     delay_ms: int | None = None
     profile: bool = False  # also send every item's record, for the trace
@@ -319,7 +320,7 @@ class StageProcess:
             if pollable is not None:
                 poller.register(pollable, zmq.POLLIN)
         while True:
-            events = dict(poller.poll(self._report_timeout_ms()))
+            events = dict(poller.poll(0 if self.spec.busy_poll else self._report_timeout_ms()))
             if self.receiver.socket in events:
                 envelope = self.receiver.receive()
                 if envelope is not None:

@@ -111,12 +111,12 @@ def test_drop_policy_needs_a_live_capture(runner, tmp_path):
     assert "needs a live capture" in one_error_line(result.stderr)
 
 
-def start_long_run(runner, tmp_path):
-    """A run of a 10 s file in real time, writing JSONL; returns it once deltas are being written."""
-    wav = write_noise_wav(tmp_path / "long.wav", 10.0)
+def start_long_run(runner, tmp_path, seconds: float = 10.0, relay: dict | None = None):
+    """A run of a file in real time, writing JSONL; returns it once deltas are being written."""
+    wav = write_noise_wav(tmp_path / "long.wav", seconds)
     out = tmp_path / "out.jsonl"
     process = runner.start(
-        write_toy_pipeline(tmp_path / "p.yaml"), "--input", wav, "--realtime", "-o", out, "-f", "jsonl"
+        write_toy_pipeline(tmp_path / "p.yaml", relay=relay), "--input", wav, "--realtime", "-o", out, "-f", "jsonl"
     )
     deadline = time.monotonic() + 30
     while not (out.exists() and len(out.read_text().splitlines()) >= 3):
@@ -140,6 +140,26 @@ def test_killed_stage_ends_the_run_naming_it(runner, tmp_path):
     assert time.monotonic() - killed_at < EXIT_TIME_S
     assert process.returncode == 1
     assert "stage 'relay' died (killed by SIGKILL)" in stderr
+    assert wait_until_gone(runner.marker) == []
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_busy_poll_waits_without_sleeping_and_the_run_still_ends(runner, tmp_path):
+    """The relay, given a message every 80 ms, spins between them instead of sleeping; end of stream and
+    shutdown still reach it."""
+    process, out = start_long_run(runner, tmp_path, seconds=3.0, relay={"busy_poll": True})
+    relay = stage_pid(runner.marker, "relay")
+    before, started = cpu_seconds(relay), time.monotonic()
+    time.sleep(1.0)
+    assert (cpu_seconds(relay) - before) / (time.monotonic() - started) > 0.5  # a sleeping relay uses ~0
+    process.communicate(timeout=EXIT_TIME_S + 10)
+    assert process.returncode == 0
+    assert jsonl_events(out.read_text())[-1]["token_ids"] == expected_ids(tmp_path / "long.wav")
     assert wait_until_gone(runner.marker) == []
 
 
