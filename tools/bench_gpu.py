@@ -28,7 +28,7 @@ from stages.checkpoint import DECODER_PREFIXES, ENCODER_PREFIX, ModelDir
 from stages.decoder import streaming_prompt
 from stages.factory import build_stage, open_model
 from stages.graphs import StepGraphs
-from stages.layers import Attention
+from stages.layers import Attention, compiled_block_functions
 from stages.mel import log_mel_frames
 from tools.make_tiny_checkpoint import REAL_SIZE, write_tiny_checkpoint
 
@@ -202,15 +202,17 @@ def profile_steps(stages: list, audio: np.ndarray) -> None:
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=45), flush=True)
 
 
-def run_pipeline(pipeline: Path, model_dir: Path, wav: Path, out_dir: Path) -> dict:
+def run_pipeline(pipeline: Path, model_dir: Path, wav: Path, out_dir: Path, sets: tuple[str, ...] = ()) -> dict:
     """The multi-process pipeline on a file fed at real-time pace: its ids and its end-of-run figures."""
-    jsonl, stats = out_dir / f"{pipeline.stem}.jsonl", out_dir / f"{pipeline.stem}.stats.json"
-    trace = out_dir / f"{pipeline.stem}.trace.json"
+    name = pipeline.stem + "".join(f"-{setting}" for setting in sets)
+    jsonl, stats, trace = (out_dir / f"{name}.{suffix}" for suffix in ("jsonl", "stats.json", "trace.json"))
     command = [
         sys.executable, "-m", "runner", str(pipeline), "--model", str(model_dir), "--input", str(wav),
         "--realtime", "--format", "jsonl", "--output", str(jsonl), "--stats-json", str(stats),
         "--profile", str(trace), "--set", "decoder.stop_at_eos=false",
     ]  # fmt: skip
+    for setting in sets:
+        command += ["--set", setting]
     subprocess.run(command, check=True, timeout=600, stdout=subprocess.DEVNULL)
     done = json.loads(jsonl.read_text().splitlines()[-1])
     figures = json.loads(stats.read_text())
@@ -252,6 +254,11 @@ def pipelines(model_dir: Path, audio: np.ndarray, workdir: Path, results: dict) 
     single = run_pipeline(Path("pipeline.yaml"), model_dir, wav, workdir)
     results["pipeline"] = {k: v for k, v in single.items() if k != "token_ids"}
     print("pipeline:", json.dumps(results["pipeline"]), flush=True)
+    spinning = tuple(f"{stage}.busy_poll=true" for stage in ("resample", "mel", "encoder", "decoder", "detokenize"))
+    busy = run_pipeline(Path("pipeline.yaml"), model_dir, wav, workdir, spinning)
+    results["pipeline_busy_poll"] = {k: v for k, v in busy.items() if k != "token_ids"}
+    results["pipeline_busy_poll"]["ids_equal"] = busy["token_ids"] == single["token_ids"]
+    print("pipeline, busy polling:", json.dumps(results["pipeline_busy_poll"]), flush=True)
     if torch.cuda.device_count() >= 2:
         two = run_pipeline(Path("examples/two-gpus.yaml"), model_dir, wav, workdir)
         results["two_gpus"] = {k: v for k, v in two.items() if k != "token_ids"}
@@ -371,17 +378,25 @@ def measure(args: argparse.Namespace, device: torch.device, results: dict) -> No
     audio = synthetic_speechlike(args.seconds)
     model = open_model(model_dir.resolve())
     stages = model_stages(model_dir)
-    # The same code without CUDA graphs, without compiling, and with SDPA for the steps' attention: what each
-    # is worth, and how much each changes what is computed.
+    # The same code without CUDA graphs, without compiling, with SDPA for the steps' attention, and with
+    # cuBLAS and compiled code for the decoder step's products: what each is worth, and how much each changes
+    # what is computed.
     check_audio = audio[: int(10 * SAMPLE_RATE)]
     graphed = run_stream(stages, check_audio, "graphed")
     results["variants"] = {}
-    settings_of = {"no_cuda_graphs": {"cuda_graphs": False}, "not_compiled": {"compile": False}, "sdpa_attention": {}}
+    settings_of = {
+        "no_cuda_graphs": {"cuda_graphs": False},
+        "not_compiled": {"compile": False},
+        "sdpa_attention": {},
+        "cublas_decoder_products": {},
+    }
     for name, settings in settings_of.items():
         other = model_stages(model_dir, **settings)
         if name == "sdpa_attention":
             for network in (other[1].encoder, other[2].decoder):
                 network.step_functions = network.step_functions._replace(attend=Attention.attend)
+        if name == "cublas_decoder_products":
+            other[2].decoder.step_functions = compiled_block_functions()
         results["variants"][name] = variant(other, check_audio, graphed)
         if args.profile and name == "no_cuda_graphs":
             profile_steps(other, check_audio)
@@ -460,11 +475,13 @@ def report(results: dict, args: argparse.Namespace) -> None:
                 (name.replace("_", " "), f"max rel {lg['max_relative']:.2e}, median {lg['median_relative']:.2e}, "
                  f"greedy agreement {100 * lg['greedy_agreement']:.1f}%")
             )  # fmt: skip
-    if "pipeline" in results:
-        latency = results["pipeline"]["token_latency_ms"]
-        service = results["pipeline"]["service_p50_ms"]
+    for key, label in (("pipeline", "pipeline"), ("pipeline_busy_poll", "pipeline, busy polling")):
+        if key not in results:
+            continue
+        latency = results[key]["token_latency_ms"]
+        service = results[key]["service_p50_ms"]
         rows.append(
-            ("pipeline latency per token", f"p50 {latency['p50']:.2f} ms, p95 {latency['p95']:.2f} ms beyond the "
+            (f"{label}, per token", f"p50 {latency['p50']:.2f} ms, p95 {latency['p95']:.2f} ms beyond the "
              f"delay; service p50 encoder {service['encoder']:.2f} ms, decoder {service['decoder']:.2f} ms")
         )  # fmt: skip
     if "two_gpus" in results:
