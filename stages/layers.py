@@ -188,9 +188,8 @@ def span_for(total_positions: int, capacity: int) -> int:
 
 KVCache = RollingKVCache | StaticKVCache
 SlotBuffers = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # a layer's key and value rings, this forward's slots
-QKV = tuple[
-    torch.Tensor, torch.Tensor, torch.Tensor
-]  # queries [heads, T, head_dim], keys, values [T, kv_heads, head_dim]
+# Queries [heads, T, head_dim], keys and values [T, kv_heads, head_dim].
+QKV = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 class Attention(nn.Module):
