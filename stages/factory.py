@@ -101,11 +101,14 @@ def build_stage(
     from stages.checkpoint import torch_dtype
     from stages.decoder import DecoderStage, load_text_decoder
     from stages.encoder import EncoderStage, load_audio_encoder
+    from stages.kernel_cache import pin_triton_cache
 
     model = open_model(Path(model_dir).resolve())
     # On a GPU: bf16 (the published weights' dtype, as the reference runs), static ring caches, compiled
     # steps and CUDA graphs. On a CPU: fp32, exact against the reference, and caches that grow as they go.
     on_gpu = target.type == "cuda"
+    if on_gpu:
+        pin_triton_cache(target)
     dtype = torch_dtype(params.get("dtype", "bfloat16" if on_gpu else "float32"))
     cache = params.get("cache", "static" if on_gpu else "dynamic")
     if cache not in ("static", "dynamic"):
