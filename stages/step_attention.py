@@ -40,6 +40,12 @@ def key_splits(keys: int, kv_heads: int) -> tuple[int, int]:
     return -(-keys // per_split), per_split
 
 
+def max_splits(kv_heads: int) -> int:
+    """The most slices `key_splits` makes for any number of keys, as a power of two: the merge kernel is
+    compiled for that many, whatever a span's count, so a process compiles one per model, not one per span."""
+    return triton.next_power_of_2(-(-TARGET_PROGRAMS // kv_heads))
+
+
 def step_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """What `Attention.attend` computes, for queries [heads, T, head_dim] with heads // kv_heads * T <= 16:
     keys and values [S, kv_heads, head_dim], additive `bias` [T, S]. -> [heads, T, head_dim]"""
@@ -69,24 +75,27 @@ def _launch(q, keys, values, bias, partial, stats, out, splits: int, per_split: 
     strides = (*q.stride()[:2], *keys.stride()[:2], *values.stride()[:2], bias.stride(0))
     _partial_attention[(kv_heads, splits)](
         q, keys, values, bias, partial, stats, *strides, n_keys, per_split, 1 / math.sqrt(head_dim),
-        **_dot_types(q), LOG2_E=LOG2_E, ROWS=MAX_ROWS, BLOCK=BLOCK_KEYS, num_warps=NUM_WARPS, **shape,
+        **dot_operand_types(q), LOG2_E=LOG2_E, ROWS=MAX_ROWS, BLOCK=BLOCK_KEYS, num_warps=NUM_WARPS, **shape,
     )  # fmt: skip
     _merge_splits[(kv_heads * group * length,)](
-        partial, stats, out, *out.stride()[:2], splits, SPLITS=triton.next_power_of_2(splits), **shape
+        partial, stats, out, *out.stride()[:2], splits, SPLITS=max_splits(kv_heads), **shape
     )  # fmt: skip
 
 
-def _dot_types(q: torch.Tensor) -> dict:
-    """Operand type of the two matrix products: bf16 and fp16 on tensor cores, like flash attention; float32
-    exactly otherwise (and in Triton's CPU interpreter, whose products know no bf16)."""
-    if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
-        return {"DOT": tl.bfloat16 if q.dtype == torch.bfloat16 else tl.float16, "PRECISION": "tf32"}
+def dot_operand_types(x: torch.Tensor) -> dict:
+    """Operand type and precision of tile products over `x`'s dtype: bf16 and fp16 on tensor cores (their
+    products are exact in the float32 accumulator); float32 exactly otherwise (and in Triton's CPU
+    interpreter, whose products know no bf16)."""
+    if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
+        return {"DOT": tl.bfloat16 if x.dtype == torch.bfloat16 else tl.float16, "PRECISION": "tf32"}
     return {"DOT": tl.float32, "PRECISION": "ieee"}
 
 
 if triton is not None:
 
-    @triton.jit
+    # Runtime sizes that vary with the span are not specialised on (Triton would compile a variant for
+    # values divisible by 16 and for 1), so every span runs the kernels compiled for the first.
+    @triton.jit(do_not_specialize=["n_keys", "per_split"])
     def _partial_attention(
         q_ptr, k_ptr, v_ptr, bias_ptr, partial_ptr, stats_ptr,
         q_head_stride, q_pos_stride, k_key_stride, k_head_stride, v_key_stride, v_head_stride, bias_stride,
@@ -130,7 +139,7 @@ if triton is not None:
         tl.store(stats_ptr + out * 2 + rows, best, mask=live)
         tl.store(stats_ptr + out * 2 + GROUP * LENGTH + rows, total, mask=live)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["splits"])
     def _merge_splits(
         partial_ptr, stats_ptr, out_ptr, out_head_stride, out_pos_stride, splits,
         LENGTH: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr,
