@@ -25,8 +25,8 @@ from stages.layers import (
     attention_bias,
     compiled_block_functions,
     fuse_projections,
-    matvec_block_functions,
-    matvec_serves,
+    fused_block_functions,
+    fused_products_serve,
     warm_attention_spans,
 )
 from stages.tekken import Tekken
@@ -74,9 +74,10 @@ class TextDecoder(nn.Module):
         self.step_functions = EAGER  # see `compile_steps`
 
     def compile_steps(self) -> None:
-        """Run the one-position step's blocks as the fused one-row kernels where they run (see
-        `matvec_block_functions`), else as compiled code (`compiled_block_functions`)."""
-        self.step_functions = matvec_block_functions() if matvec_serves(self.layers) else compiled_block_functions()
+        """Run the one-position step's blocks as the fused product kernels where they run (see
+        `fused_block_functions`), else as compiled code (`compiled_block_functions`)."""
+        fused = fused_products_serve(self.layers)
+        self.step_functions = fused_block_functions() if fused else compiled_block_functions()
 
     def ffn_scales(self, num_delay_tokens: int) -> list[torch.Tensor]:
         """(1 + s_j) for every layer: constant for a delay, so computed once, not per step."""

@@ -24,6 +24,8 @@ from stages.layers import (
     attention_bias,
     compiled_block_functions,
     fuse_projections,
+    fused_block_functions,
+    fused_products_serve,
     warm_attention_spans,
 )
 
@@ -79,8 +81,10 @@ class AudioEncoder(nn.Module):
         self.step_functions = EAGER  # see `compile_steps`
 
     def compile_steps(self) -> None:
-        """Run the 80 ms step's blocks as compiled code (see `compiled_block_functions`)."""
-        self.step_functions = compiled_block_functions()
+        """Run the 80 ms step's blocks as the fused product kernels where they run (`fused_block_functions`),
+        else as compiled code (`compiled_block_functions`)."""
+        fused = fused_products_serve(self.transformer.layers)
+        self.step_functions = fused_block_functions() if fused else compiled_block_functions()
 
     def new_state(self, *, static_cache: bool = False) -> EncoderState:
         """Fresh stream state: zero conv context (the reference's causal left padding), empty caches."""

@@ -12,6 +12,7 @@ from torch import nn
 
 from stages.checkpoint import TransformerParams
 from stages.matvec import Norm, matvec, matvec_available
+from stages.rows_matmul import rows_matmul, rows_matmul_available
 from stages.step_attention import MAX_ROWS, step_attention, step_attention_available
 
 
@@ -358,24 +359,41 @@ def compiled_block_functions() -> BlockFunctions:
     return BlockFunctions(compiled(attention_inputs), step_attend, compiled(attention_output_and_ffn))
 
 
-def matvec_attention_inputs(
+def fused_product(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    norm: Norm | None = None,
+    swiglu: bool = False,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """A step's product with its fused work: `matvec` for one row without a bias (the decoder's), the tensor-core
+    `rows_matmul` otherwise (the encoder's 4 rows)."""
+    if x.shape[0] == 1 and bias is None:
+        return matvec(x, weight, norm=norm, swiglu=swiglu, residual=residual)
+    return rows_matmul(x, weight, bias=bias, norm=norm, swiglu=swiglu, residual=residual)
+
+
+def fused_attention_inputs(
     block: Block, x: torch.Tensor, rotations: torch.Tensor, slot_buffers: SlotBuffers | None
 ) -> QKV:
-    """`attention_inputs` for one row: the norm in the q/k/v product's kernel, then the rest compiled."""
-    norm = block.attention_norm
-    qkv = matvec(x, block.attention.wqkv.weight, norm=Norm(norm.weight, norm.eps))
+    """`attention_inputs` for a step: the norm and bias in the q/k/v product's kernel, then the rest compiled."""
+    norm, wqkv = block.attention_norm, block.attention.wqkv
+    qkv = fused_product(x, wqkv.weight, bias=wqkv.bias, norm=Norm(norm.weight, norm.eps))
     return _compiled_heads_into_cache()(block, qkv, rotations, slot_buffers)
 
 
-def matvec_attention_output_and_ffn(
+def fused_attention_output_and_ffn(
     block: Block, x: torch.Tensor, attended: torch.Tensor, ffn_scale: torch.Tensor | None
 ) -> torch.Tensor:
-    """`attention_output_and_ffn` for one row as three kernels: the output product with the residual add, w1
-    and w3 with the FFN norm, its scale and SwiGLU, and w2 with the residual add."""
-    ffn = block.feed_forward
-    x = matvec(Attention.position_major(attended), block.attention.wo.weight, residual=x)
+    """`attention_output_and_ffn` for a step as three kernels: the output product with its bias and the
+    residual add, w1 and w3 with the FFN norm, its scale and SwiGLU, and w2 with its bias and the residual add."""
+    wo, ffn = block.attention.wo, block.feed_forward
+    x = fused_product(Attention.position_major(attended), wo.weight, bias=wo.bias, residual=x)
     norm = Norm(block.ffn_norm.weight, block.ffn_norm.eps, ffn_scale)
-    return matvec(matvec(x, ffn.w13.weight, norm=norm, swiglu=True), ffn.w2.weight, residual=x)
+    hidden = fused_product(x, ffn.w13.weight, norm=norm, swiglu=True)
+    return fused_product(hidden, ffn.w2.weight, bias=ffn.w2.bias, residual=x)
 
 
 @functools.cache
@@ -383,20 +401,16 @@ def _compiled_heads_into_cache() -> Callable[..., QKV]:
     return torch.compile(heads_into_cache, fullgraph=True, dynamic=False, options=COMPILE_OPTIONS)
 
 
-def matvec_block_functions() -> BlockFunctions:
-    """The one-row step of blocks without biases as the `matvec` kernels, `step_attend` between: seven
-    kernels a layer."""
-    return BlockFunctions(matvec_attention_inputs, step_attend, matvec_attention_output_and_ffn)
+def fused_block_functions() -> BlockFunctions:
+    """A step's blocks as the fused product kernels (`fused_product`), `step_attend` between: seven kernels
+    a layer."""
+    return BlockFunctions(fused_attention_inputs, step_attend, fused_attention_output_and_ffn)
 
 
-def matvec_serves(blocks: nn.ModuleList) -> bool:
-    """Whether `matvec_block_functions` can run these blocks' one-row steps: no biases, and a device the
-    kernels run on."""
-    first = blocks[0].attention.wqkv.weight
-    return matvec_available(first.device) and all(
-        block.attention.wqkv.bias is None and block.attention.wo.bias is None and block.feed_forward.w2.bias is None
-        for block in blocks
-    )
+def fused_products_serve(blocks: nn.ModuleList) -> bool:
+    """Whether `fused_block_functions` can run these blocks' steps: a device the kernels run on."""
+    weight = blocks[0].attention.wqkv.weight
+    return matvec_available(weight.device) and rows_matmul_available(weight.device)
 
 
 def fuse_projections(module: nn.Module) -> None:

@@ -379,7 +379,7 @@ def measure(args: argparse.Namespace, device: torch.device, results: dict) -> No
     model = open_model(model_dir.resolve())
     stages = model_stages(model_dir)
     # The same code without CUDA graphs, without compiling, with SDPA for the steps' attention, and with
-    # cuBLAS and compiled code for the decoder step's products: what each is worth, and how much each changes
+    # cuBLAS and compiled code for the steps' products: what each is worth, and how much each changes
     # what is computed.
     check_audio = audio[: int(10 * SAMPLE_RATE)]
     graphed = run_stream(stages, check_audio, "graphed")
@@ -388,15 +388,16 @@ def measure(args: argparse.Namespace, device: torch.device, results: dict) -> No
         "no_cuda_graphs": {"cuda_graphs": False},
         "not_compiled": {"compile": False},
         "sdpa_attention": {},
-        "cublas_decoder_products": {},
+        "cublas_products": {},
     }
     for name, settings in settings_of.items():
         other = model_stages(model_dir, **settings)
         if name == "sdpa_attention":
             for network in (other[1].encoder, other[2].decoder):
                 network.step_functions = network.step_functions._replace(attend=Attention.attend)
-        if name == "cublas_decoder_products":
-            other[2].decoder.step_functions = compiled_block_functions()
+        if name == "cublas_products":
+            for network in (other[1].encoder, other[2].decoder):
+                network.step_functions = compiled_block_functions()
         results["variants"][name] = variant(other, check_audio, graphed)
         if args.profile and name == "no_cuda_graphs":
             profile_steps(other, check_audio)

@@ -10,7 +10,7 @@ import stages.encoder
 from stages.audio import SAMPLES_PER_TOKEN
 from stages.base import StageError
 from stages.factory import build_stage
-from stages.layers import EAGER, matvec_block_functions
+from stages.layers import EAGER, fused_block_functions
 from stages.matvec import matvec_available
 from stages.transcribe import MODEL_CHAIN, run_chain, transcript_of
 from tests.conftest import speechlike_audio
@@ -24,17 +24,18 @@ def chain(model_dir, **settings):
 @pytest.mark.slow
 @pytest.mark.parametrize("cache", ["static", "dynamic"])
 def test_compiled_steps_give_the_eager_ids_and_frames(small_window_model_dir, cache) -> None:
-    """80 ms chunks: every encoder step and every decoder step after the prompt runs compiled code (the
-    decoder's as the fused product kernels), through several wraps of the small windows' static rings (or
-    the growing caches)."""
+    """80 ms chunks: every encoder step and every decoder step after the prompt runs compiled code (with
+    Triton, as the fused product kernels), through several wraps of the small windows' static rings (or the
+    growing caches)."""
     audio = speechlike_audio(6.0, seed=4)
     pieces = [audio[i : i + SAMPLES_PER_TOKEN] for i in range(0, len(audio), SAMPLES_PER_TOKEN)]
     eager = chain(small_window_model_dir, cache=cache)
     compiled = chain(small_window_model_dir, cache=cache, compile=True)
     assert compiled[1].encoder.step_functions is not eager[1].encoder.step_functions
-    # With Triton (the interpreter here), the decoder's one-row steps are the fused product kernels.
+    # With Triton (the interpreter here), the steps' products are the fused kernels.
     if matvec_available(torch.device("cpu")):
-        assert compiled[2].decoder.step_functions == matvec_block_functions()
+        assert compiled[1].encoder.step_functions == fused_block_functions()
+        assert compiled[2].decoder.step_functions == fused_block_functions()
     # The warm-up that compiled the steps left no stream behind.
     assert compiled[1].streams() == [] and compiled[2].streams() == []
     eager_frames = np.concatenate(run_chain(eager[:2], "s", pieces))
@@ -49,7 +50,9 @@ def test_a_failing_compiler_is_one_line_naming_the_stage_and_the_way_out(tiny_mo
     def broken(*args, **kwargs):
         raise RuntimeError("InductorError: no working C++ compiler found\nmany more lines")
 
-    monkeypatch.setattr(stages.encoder, "compiled_block_functions", lambda: EAGER._replace(attention_inputs=broken))
+    # Both ways the encoder's step can be compiled: as the fused kernels around compiled code, or all compiled.
+    for functions in ("fused_block_functions", "compiled_block_functions"):
+        monkeypatch.setattr(stages.encoder, functions, lambda: EAGER._replace(attention_inputs=broken))
     with pytest.raises(StageError) as failure:
         build_stage("encoder", model_dir=tiny_model_dir, params={"compile": True})
     message = str(failure.value)

@@ -1,14 +1,30 @@
-"""bf16 rounding of the elementwise layers follows the reference (spec 11.9), bit for bit."""
+"""bf16 rounding of the elementwise layers follows the reference (spec 11.9), bit for bit; the steps' fused
+product kernels (in Triton's CPU interpreter here) compute what the eager blocks do."""
 
 from __future__ import annotations
 
+import dataclasses
+
+import pytest
 import torch
 from transformers.models.voxtral_realtime.modeling_voxtral_realtime import (
     VoxtralRealtimeRMSNorm,
     apply_rotary_pos_emb,
 )
 
-from stages.layers import RMSNorm, RotaryEmbedding
+from stages.checkpoint import TransformerParams
+from stages.layers import (
+    EAGER,
+    Block,
+    RMSNorm,
+    RotaryEmbedding,
+    StaticKVCache,
+    attention_bias,
+    fuse_projections,
+    fused_block_functions,
+    fused_products_serve,
+)
+from stages.matvec import matvec_available
 
 HEAD_DIM = 64
 
@@ -43,3 +59,39 @@ def test_rope_in_bf16_equals_the_reference_rotate_half_bit_for_bit() -> None:
     theirs_q, theirs_k = apply_rotary_pos_emb(rotate_half_order(q), rotate_half_order(k), cos, sin)
     assert torch.equal(rotate_half_order(ours_q), theirs_q)
     assert torch.equal(rotate_half_order(ours_k), theirs_k)
+
+
+DECODER_LIKE = TransformerParams(
+    dim=64, n_layers=1, head_dim=16, hidden_dim=96, n_heads=4, n_kv_heads=2, rope_theta=1e6, norm_eps=1e-5,
+    sliding_window=12, use_biases=False,
+)  # fmt: skip
+ENCODER_LIKE = dataclasses.replace(DECODER_LIKE, n_kv_heads=4, use_biases=True)
+
+
+@pytest.mark.skipif(not matvec_available(torch.device("cpu")), reason="needs Triton (the dev extra installs it)")
+@pytest.mark.parametrize(
+    ("params", "rows", "scaled"), [(DECODER_LIKE, 1, True), (ENCODER_LIKE, 4, False)], ids=["decoder", "encoder"]
+)
+def test_fused_blocks_step_like_the_eager_blocks(params, rows, scaled) -> None:
+    """A decoder-like block (one row, no biases, an FFN scale: the one-row kernel) and an encoder-like one (4
+    rows, biases: the tile kernel) stepped over a static ring that wraps: the fused kernels' block gives the
+    eager block's output at every step."""
+    torch.manual_seed(0)
+    block = Block(params)
+    fuse_projections(block)
+    assert fused_products_serve([block])
+    rope = RotaryEmbedding(params.head_dim, params.rope_theta)
+    ffn_scale = 1 + 0.1 * torch.randn(params.dim) if scaled else None
+    shape = (params.sliding_window, rows, 1, params.n_kv_heads, params.head_dim)
+    caches = [StaticKVCache(*shape, dtype=torch.float32, device="cpu") for _ in "ab"]
+    with torch.inference_mode():
+        for step in range(40 // rows):
+            x = torch.randn(rows, params.dim)
+            positions = torch.arange(step * rows, (step + 1) * rows)
+            rotations = rope.rotations(positions, x.dtype)
+            outputs = []
+            for cache, functions in zip(caches, (EAGER, fused_block_functions()), strict=True):
+                cache.prepare((step + 1) * rows)
+                bias = attention_bias(positions, cache.begin(positions), params.sliding_window, x.dtype)
+                outputs.append(block(x, rotations, cache, 0, bias, ffn_scale, functions))
+            torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-5, atol=1e-5)

@@ -2,24 +2,11 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-from stages.checkpoint import TransformerParams
-from stages.layers import (
-    EAGER,
-    Block,
-    RotaryEmbedding,
-    StaticKVCache,
-    attention_bias,
-    fuse_projections,
-    matvec_block_functions,
-    matvec_serves,
-    rms_norm,
-)
+from stages.layers import rms_norm
 from stages.matvec import MatvecConfig, Norm, matvec, matvec_available
 
 pytestmark = pytest.mark.skipif(
@@ -90,38 +77,3 @@ def test_more_than_one_row_is_refused() -> None:
     x, weight, *_ = tensors(8, 16, torch.float32)
     with pytest.raises(ValueError, match=r"one row.*\[2, 16\]"):
         matvec(torch.cat((x, x)), weight)
-
-
-PARAMS = TransformerParams(
-    dim=64, n_layers=1, head_dim=16, hidden_dim=96, n_heads=4, n_kv_heads=2, rope_theta=1e6, norm_eps=1e-5,
-    sliding_window=12, use_biases=False,
-)  # fmt: skip
-
-
-def test_matvec_blocks_step_like_the_eager_blocks() -> None:
-    """A decoder-like block (no biases, an FFN scale) stepped one position at a time over a static ring that
-    wraps: the kernels' block gives the eager block's output at every step."""
-    torch.manual_seed(0)
-    block = Block(PARAMS)
-    fuse_projections(block)
-    assert matvec_serves([block])
-    rope = RotaryEmbedding(PARAMS.head_dim, PARAMS.rope_theta)
-    ffn_scale = 1 + 0.1 * torch.randn(PARAMS.dim)
-    caches = [StaticKVCache(PARAMS.sliding_window, 1, 1, 2, 16, dtype=torch.float32, device="cpu") for _ in "ab"]
-    with torch.inference_mode():
-        for position in range(40):
-            x = torch.randn(1, PARAMS.dim)
-            positions = torch.tensor([position])
-            rotations = rope.rotations(positions, x.dtype)
-            outputs = []
-            for cache, functions in zip(caches, (EAGER, matvec_block_functions()), strict=True):
-                cache.prepare(position + 1)
-                bias = attention_bias(positions, cache.begin(positions), PARAMS.sliding_window, x.dtype)
-                outputs.append(block(x, rotations, cache, 0, bias, ffn_scale, functions))
-            torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-5, atol=1e-5)
-
-
-def test_blocks_with_biases_are_left_to_the_compiled_path() -> None:
-    block = Block(dataclasses.replace(PARAMS, use_biases=True))
-    fuse_projections(block)
-    assert not matvec_serves([block])

@@ -1,0 +1,203 @@
+"""The encoder step's few-row matrix products as one Triton kernel on tensor cores, with the work around them
+fused in: the RMSNorm before, and the bias, SwiGLU or the residual add after.
+
+An 80 ms encoder step multiplies 4 rows by every weight, so a product is still a weight read, of 3 to 26 MB.
+cuBLAS reads these at about 45% of the copy bandwidth, and the norms, activation and residual adds are kernels
+of their own. Here the rows are padded to a 16-row tensor-core tile, every program owns a block of output
+columns, and the products with few columns (the 1280-wide outputs) split their reduction over several
+programs, the last of which adds the partial sums in a fixed order and finishes the columns.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from typing import NamedTuple
+
+import torch
+
+from stages.matvec import Norm
+from stages.step_attention import dot_operand_types, step_attention_available
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only torch builds come without Triton; then the products stay with torch
+    triton = None
+
+TILE_ROWS = 16  # rows of a tensor-core product; fewer rows are padded with zeros
+TARGET_PROGRAMS = 80  # split the reduction until about this many programs read the weight
+UNSPLIT_BLOCK_K = 256  # weight columns per tile when one program reduces them all
+SPLIT_BLOCK_K = 128
+MAX_COLUMN_BLOCKS = 4096  # column blocks a split launch may have: the size of the shared ticket counters
+
+
+class RowsConfig(NamedTuple):
+    """A launch of the kernel: output columns per program, weight columns per tile, programs per column block
+    (each reduces its share of the tiles), pipelined tile loads, warps."""
+
+    block_n: int
+    block_k: int
+    split_k: int
+    num_stages: int
+    num_warps: int
+
+
+def rows_matmul_available(device: torch.device) -> bool:
+    """Whether the kernel can run on tensors of `device` (the attention kernels' condition)."""
+    return step_attention_available(device)
+
+
+def rows_config(n: int, k: int, device: torch.device, swiglu: bool) -> RowsConfig:
+    """The launch for an [n, k] product, the fastest of a sweep on an H200 (`tools.bench_products --sweep`):
+    64 columns per program, the reduction split (never with SwiGLU, whose two columns finish together) until
+    about TARGET_PROGRAMS programs read the weight, 256-wide tiles unsplit and 128-wide split, and as many
+    pipelined tile loads as shared memory holds. Triton's CPU interpreter runs programs one by one in Python,
+    so there they are as few as the shape allows."""
+    if device.type != "cuda":
+        return RowsConfig(min(n & -n, 64), min(k & -k, 256), 1, 1, 4)
+    block_n = 64
+    split = 1
+    while not swiglu and n // block_n * split * 2 <= TARGET_PROGRAMS and k % (SPLIT_BLOCK_K * split * 2) == 0:
+        split *= 2
+    block_k = SPLIT_BLOCK_K if split > 1 else UNSPLIT_BLOCK_K
+    return RowsConfig(block_n, block_k, split, 3 if swiglu else 5, 4)
+
+
+def rows_matmul(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    norm: Norm | None = None,
+    swiglu: bool = False,
+    residual: torch.Tensor | None = None,
+    config: RowsConfig | None = None,
+) -> torch.Tensor:
+    """x [R, K] (R <= 16) times weight [N, K]^T, rounded where eager rounds: `residual + F.linear(h, weight,
+    bias)` with h = x or `norm`'s `rms_norm(x) * scale`; with `swiglu`, the weight is [w1; w3] (no bias) and the
+    result `silu(gate) * up` [R, N / 2]. `config` overrides `rows_config` (benchmarks).
+
+    Split launches share one set of ticket counters per device, so calls on one device must not overlap
+    (one CUDA stream per process, as the stages run)."""
+    rows, k = x.shape
+    if not 0 < rows <= TILE_ROWS or not weight.is_contiguous():
+        raise ValueError(
+            f"rows_matmul: takes 1 to {TILE_ROWS} rows and a contiguous weight, got an input of shape {list(x.shape)}"
+        )
+    if swiglu and bias is not None:
+        raise ValueError("rows_matmul: SwiGLU takes no bias")
+    n = weight.shape[0] // 2 if swiglu else weight.shape[0]
+    config = config or rows_config(n, k, x.device, swiglu)
+    if n % config.block_n or k % (config.block_k * config.split_k) or (swiglu and config.split_k > 1):
+        raise ValueError(f"rows_matmul: launch {config} does not fit a [{n}, {k}] product")
+    column_blocks = n // config.block_n
+    x = x.contiguous()
+    out = torch.empty(rows, n, dtype=x.dtype, device=x.device)
+    absent = out  # stands in for the optional tensors a launch does not use; the kernel never reads it
+    partial = absent
+    if config.split_k > 1:
+        partial = torch.empty(config.split_k, rows, n, dtype=torch.float32, device=x.device)
+    # Triton launches on the current device; a stage may live on another GPU than that.
+    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+        _rows_matmul[(column_blocks, config.split_k)](
+            x, weight,
+            absent if bias is None else bias,
+            absent if norm is None else norm.weight,
+            absent if norm is None or norm.scale is None else norm.scale.reshape(-1),
+            absent if residual is None else residual.contiguous(),
+            out, partial, _tickets(x.device) if config.split_k > 1 else absent,
+            norm.eps if norm is not None else 0.0,
+            ROWS=rows, N=n, K=k, BIAS=bias is not None, NORM=norm is not None,
+            SCALE=norm is not None and norm.scale is not None, SWIGLU=swiglu, RESIDUAL=residual is not None,
+            BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLIT_K=config.split_k, STAGES=config.num_stages,
+            **dot_operand_types(x), TILE=TILE_ROWS, num_warps=config.num_warps,
+        )  # fmt: skip
+    return out
+
+
+@functools.cache
+def _tickets(device: torch.device) -> torch.Tensor:
+    """Per column block, how many of its split programs have left their partial sums: zero between launches
+    (the last program resets its block's counter), so one zeroed set serves every launch and graph replay."""
+    return torch.zeros(MAX_COLUMN_BLOCKS, dtype=torch.int32, device=device)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _finish(
+        acc, acc_up, rows, cols, bias_ptr, residual_ptr, out_ptr,
+        ROWS: tl.constexpr, N: tl.constexpr, BIAS: tl.constexpr, SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr,
+    ):  # fmt: skip
+        """The columns' float32 sums to the output, rounded as eager rounds: the bias added before the product's
+        one rounding, then SwiGLU's or the residual add's own roundings."""
+        dtype = out_ptr.dtype.element_ty
+        if BIAS:
+            acc += tl.load(bias_ptr + cols).to(tl.float32)[None, :]
+        y = acc.to(dtype)
+        if SWIGLU:
+            gate = y.to(tl.float32)
+            silu = (gate / (1.0 + tl.exp(-gate))).to(dtype)
+            y = (silu.to(tl.float32) * acc_up.to(dtype).to(tl.float32)).to(dtype)
+        live = (rows < ROWS)[:, None]
+        at = rows[:, None] * N + cols[None, :]
+        if RESIDUAL:
+            y = (tl.load(residual_ptr + at, mask=live, other=0.0).to(tl.float32) + y.to(tl.float32)).to(dtype)
+        tl.store(out_ptr + at, y, mask=live)
+
+    @triton.jit
+    def _rows_matmul(
+        x_ptr, w_ptr, bias_ptr, norm_ptr, scale_ptr, residual_ptr, out_ptr, partial_ptr, ticket_ptr, eps,
+        ROWS: tl.constexpr, N: tl.constexpr, K: tl.constexpr, BIAS: tl.constexpr, NORM: tl.constexpr,
+        SCALE: tl.constexpr, SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, STAGES: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
+        TILE: tl.constexpr,
+    ):  # fmt: skip
+        column_block, split = tl.program_id(0), tl.program_id(1)
+        rows = tl.arange(0, TILE)
+        live = (rows < ROWS)[:, None]
+        cols = column_block * BLOCK_N + tl.arange(0, BLOCK_N)
+        ks = tl.arange(0, BLOCK_K)
+        inv_rms = tl.zeros([TILE], tl.float32)
+        if NORM:
+            # Every program reads the rows once more (from L2: a few KiB) rather than a kernel computing the norm.
+            squares = tl.zeros([TILE, BLOCK_K], tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                xk = tl.load(x_ptr + rows[:, None] * K + k0 + ks[None, :], mask=live, other=0.0).to(tl.float32)
+                squares += xk * xk
+            inv_rms = 1.0 / tl.sqrt(tl.sum(squares, 1) / K + eps)
+        acc = tl.zeros([TILE, BLOCK_N], tl.float32)
+        acc_up = tl.zeros([TILE, BLOCK_N], tl.float32)
+        per_split: tl.constexpr = K // SPLIT_K
+        for k0 in tl.range(split * per_split, (split + 1) * per_split, BLOCK_K, num_stages=STAGES):
+            h = tl.load(x_ptr + rows[:, None] * K + k0 + ks[None, :], mask=live, other=0.0)
+            if NORM:  # rms_norm's roundings: normalised then rounded, times the weight, times the scale
+                dtype = h.dtype
+                h = (h.to(tl.float32) * inv_rms[:, None]).to(dtype)
+                h = (h.to(tl.float32) * tl.load(norm_ptr + k0 + ks).to(tl.float32)[None, :]).to(dtype)
+                if SCALE:
+                    h = (h.to(tl.float32) * tl.load(scale_ptr + k0 + ks).to(tl.float32)[None, :]).to(dtype)
+            h = h.to(DOT)
+            offsets = cols[None, :] * K + k0 + ks[:, None]  # the weight tile transposed: [BLOCK_K, BLOCK_N]
+            w = tl.load(w_ptr + offsets, eviction_policy="evict_first").to(DOT)
+            acc = tl.dot(h, w, acc, input_precision=PRECISION)
+            if SWIGLU:
+                w_up = tl.load(w_ptr + N * K + offsets, eviction_policy="evict_first").to(DOT)
+                acc_up = tl.dot(h, w_up, acc_up, input_precision=PRECISION)
+        if SPLIT_K == 1:
+            _finish(acc, acc_up, rows, cols, bias_ptr, residual_ptr, out_ptr, ROWS, N, BIAS, SWIGLU, RESIDUAL)
+        else:
+            # Leave this split's sums; the block's last program to arrive adds all of them, in split order, so
+            # the result does not depend on which arrives last.
+            at = rows[:, None] * N + cols[None, :]
+            tl.store(partial_ptr + split * ROWS * N + at, acc, mask=live)
+            tl.debug_barrier()
+            arrived = tl.atomic_add(ticket_ptr + column_block, 1, sem="acq_rel", scope="gpu")
+            if arrived == SPLIT_K - 1:
+                total = tl.zeros([TILE, BLOCK_N], tl.float32)
+                for other in tl.static_range(SPLIT_K):
+                    # .cg: read from L2, where the other programs' stores are, never a stale L1 line.
+                    total += tl.load(partial_ptr + other * ROWS * N + at, mask=live, other=0.0, cache_modifier=".cg")
+                tl.atomic_xchg(ticket_ptr + column_block, 0, sem="relaxed", scope="gpu")
+                _finish(total, acc_up, rows, cols, bias_ptr, residual_ptr, out_ptr, ROWS, N, BIAS, SWIGLU, RESIDUAL)
