@@ -39,9 +39,15 @@ class StageConfig(_Strict):
     # share the host's cores, and spinning thread pools fighting over them slow every stage many times over.
     threads: int = Field(1, ge=1)
     impl: str | None = Field(None, pattern=r"^[\w.]+:[\w.]+$")
-    # Wait for input by polling without sleeping: a core busy all the time, for the wake-up latency a
-    # sleeping process pays per message (0.1 to 0.8 ms, by host).
-    busy_poll: bool = False
+    # Wait for input by polling without sleeping while a stream is open: a core busy, for the wake-up latency
+    # a sleeping process pays per message (0.1 to 0.8 ms, by host). None: on for stages placed on a GPU.
+    busy_poll: bool | None = None
+
+    @property
+    def polls_busily(self) -> bool:
+        """`busy_poll`, or by default whether the stage runs on a GPU: a GPU host has a core for each model
+        stage, and their wake-ups sit on every token's path."""
+        return self.device.startswith("cuda") if self.busy_poll is None else self.busy_poll
 
 
 class OutputConfig(_Strict):

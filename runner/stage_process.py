@@ -51,7 +51,7 @@ class StageSpec:
     impl: str | None = None
     throttle_ms: float = 0.0
     threads: int = 1
-    busy_poll: bool = False  # wait for input without sleeping (see StageConfig)
+    busy_poll: bool = False  # wait for input without sleeping while a stream is open (see StageConfig)
     model_dir: Path | None = None
     delay_ms: int | None = None
     profile: bool = False  # also send every item's record, for the trace
@@ -199,6 +199,7 @@ class StageProcess:
         self.sender: EdgeSender | None = None
         self.source: Source | None = None
         self._output_seq: dict[str, int] = {}
+        self._open_streams: set[str] = set()  # streams with data taken and no end of stream yet
         self._capture_reading = False
         self._capture_interrupted = False
 
@@ -320,7 +321,8 @@ class StageProcess:
             if pollable is not None:
                 poller.register(pollable, zmq.POLLIN)
         while True:
-            events = dict(poller.poll(0 if self.spec.busy_poll else self._report_timeout_ms()))
+            spinning = self.spec.busy_poll and bool(self._open_streams)  # between streams a wake-up costs nothing
+            events = dict(poller.poll(0 if spinning else self._report_timeout_ms()))
             if self.receiver.socket in events:
                 envelope = self.receiver.receive()
                 if envelope is not None:
@@ -338,6 +340,7 @@ class StageProcess:
         if self.spec.throttle_ms:  # a deliberately slow stage: the sleep counts as service time
             time.sleep(self.spec.throttle_ms / 1000)
         if envelope.kind is Kind.DATA:
+            self._open_streams.add(envelope.stream_id)
             outputs = stage.push(envelope.stream_id, envelope.item)
         else:
             outputs = stage.finish(envelope.stream_id)
@@ -354,6 +357,7 @@ class StageProcess:
         if envelope.kind is Kind.EOS:
             self._send(envelope.stream_id, envelope.capture_time, Kind.EOS)
             self._output_seq.pop(envelope.stream_id, None)
+            self._open_streams.discard(envelope.stream_id)
             self.report("eos", stream=envelope.stream_id)
             self._report_at_end_of_stream()
 

@@ -153,7 +153,7 @@ class Supervisor:
                     impl=config.impl,
                     throttle_ms=config.throttle_ms,
                     threads=config.threads,
-                    busy_poll=config.busy_poll,
+                    busy_poll=config.polls_busily,
                     model_dir=self.model_dir,
                     delay_ms=self.pipeline.delay_ms,
                     profile=self.reporting.trace is not None,

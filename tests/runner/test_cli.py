@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -132,6 +133,13 @@ def stage_pid(marker: str, name: str) -> int:
     raise AssertionError(f"no process titled 'voxtral-run: {name}'")
 
 
+def _stage_pid_if_started(marker: str, name: str) -> int | None:
+    try:
+        return stage_pid(marker, name)
+    except (AssertionError, FileNotFoundError):  # not titled yet, or a process gone while listing
+        return None
+
+
 def test_killed_stage_ends_the_run_naming_it(runner, tmp_path):
     process, _ = start_long_run(runner, tmp_path)
     killed_at = time.monotonic()
@@ -160,6 +168,34 @@ def test_busy_poll_waits_without_sleeping_and_the_run_still_ends(runner, tmp_pat
     process.communicate(timeout=EXIT_TIME_S + 10)
     assert process.returncode == 0
     assert jsonl_events(out.read_text())[-1]["token_ids"] == expected_ids(tmp_path / "long.wav")
+    assert wait_until_gone(runner.marker) == []
+
+
+def test_busy_poll_spins_only_while_a_stream_is_open(runner, tmp_path):
+    """Before any audio arrives the relay sleeps; while 80 ms chunks come in it spins; stdin's end ends the run."""
+    pipeline = write_toy_pipeline(tmp_path / "p.yaml", relay={"busy_poll": True})
+    out = tmp_path / "out.jsonl"
+    process = runner.start(pipeline, "--input", "-", "--rate", "16000", "-o", out, "-f", "jsonl", stdin=subprocess.PIPE)
+    deadline = time.monotonic() + 30
+    while (relay := _stage_pid_if_started(runner.marker, "relay")) is None:
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.05)
+
+    def busy_share(seconds: float, feed: bool) -> float:
+        before, started = cpu_seconds(relay), time.monotonic()
+        while time.monotonic() - started < seconds:
+            if feed:
+                process.stdin.buffer.write(np.zeros(1280, dtype=np.int16).tobytes())  # 80 ms of raw PCM
+                process.stdin.buffer.flush()
+            time.sleep(0.08)
+        return (cpu_seconds(relay) - before) / (time.monotonic() - started)
+
+    # No stream yet: once past its start-up, asleep (a spinning relay stays near 1).
+    assert any(busy_share(0.5, feed=False) < 0.1 for _ in range(20))
+    assert busy_share(1.5, feed=True) > 0.5
+    process.communicate(timeout=EXIT_TIME_S + 10)  # closes stdin: the end of the stream
+    assert process.returncode == 0
+    assert jsonl_events(out.read_text())[-1]["type"] == "done"
     assert wait_until_gone(runner.marker) == []
 
 

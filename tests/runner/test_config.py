@@ -99,6 +99,15 @@ def test_set_overrides_runner_keys_and_stage_params(tmp_path):
         load_pipeline(REPO_PIPELINE, ["encoder.device=tpu"])
 
 
+def test_busy_polling_is_on_by_default_for_gpu_stages_only():
+    pipeline = load_pipeline(REPO_PIPELINE, ["mel.busy_poll=true", "decoder.busy_poll=false"])
+    stages = pipeline.stages
+    assert stages["encoder"].device.startswith("cuda") and stages["encoder"].polls_busily
+    assert not stages["resample"].polls_busily  # on the CPU, left to sleep unless asked
+    assert stages["mel"].polls_busily and not stages["decoder"].polls_busily  # an explicit setting wins
+    assert not load_pipeline(REPO_PIPELINE, ["encoder.device=cpu"]).stages["encoder"].polls_busily
+
+
 def test_transport_follows_placement(tmp_path):
     raw = default_raw()
     raw["stages"]["encoder"]["host"] = "10.0.0.7"
