@@ -48,7 +48,7 @@ def matvec_available(device: torch.device) -> bool:
 
 
 def matvec_config(n: int, k: int, device: torch.device, normed: bool) -> MatvecConfig:
-    """The launch for an [n, k] product, the fastest of a sweep on an H200 (`tools.bench_matvec --sweep`):
+    """The launch for an [n, k] product, the fastest of a sweep on an H200 (`tools.bench_products --sweep`):
     one output column per program (thousands of programs keep the most reads in flight), or four when every
     program first reads the input for the norm, which more columns amortise. Tiles are powers of two that
     divide k, so no load needs a mask. Triton's CPU interpreter runs programs one by one in Python, so there

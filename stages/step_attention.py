@@ -92,7 +92,6 @@ def dot_operand_types(x: torch.Tensor) -> dict:
 
 
 if triton is not None:
-
     # Runtime sizes that vary with the span are not specialised on (Triton would compile a variant for
     # values divisible by 16 and for 1), so every span runs the kernels compiled for the first.
     @triton.jit(do_not_specialize=["n_keys", "per_split"])
