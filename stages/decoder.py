@@ -77,7 +77,7 @@ class TextDecoder(nn.Module):
         """Run the one-position step's blocks as the fused product kernels where they run (see
         `fused_block_functions`), else as compiled code (`compiled_block_functions`)."""
         fused = fused_products_serve(self.layers)
-        self.step_functions = fused_block_functions() if fused else compiled_block_functions()
+        self.step_functions = fused_block_functions(self.layers) if fused else compiled_block_functions()
 
     def ffn_scales(self, num_delay_tokens: int) -> list[torch.Tensor]:
         """(1 + s_j) for every layer: constant for a delay, so computed once, not per step."""
@@ -217,9 +217,10 @@ class DecoderStage(PerStreamStage):
         frames = weight.new_zeros(ENCODER_FRAMES_PER_TOKEN, self.decoder.params.encoder.dim)
         token = torch.zeros(1, dtype=torch.long, device=weight.device)
         position = torch.zeros(1, dtype=torch.long, device=weight.device)
+        cache = state.cache  # not the state, which holds the step (see AudioEncoder.enable_graphs)
 
         def step() -> None:
-            hidden = self.decoder(self.decoder.adapt(frames), token, position, state.cache, self.ffn_scales)
+            hidden = self.decoder(self.decoder.adapt(frames), token, position, cache, self.ffn_scales)
             token.copy_(self.decoder.logits(hidden).argmax(-1))
 
         return DecoderStep(frames, token, position, StepGraphs(step, weight.device))

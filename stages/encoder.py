@@ -84,7 +84,7 @@ class AudioEncoder(nn.Module):
         """Run the 80 ms step's blocks as the fused product kernels where they run (`fused_block_functions`),
         else as compiled code (`compiled_block_functions`)."""
         fused = fused_products_serve(self.transformer.layers)
-        self.step_functions = fused_block_functions() if fused else compiled_block_functions()
+        self.step_functions = fused_block_functions(self.transformer.layers) if fused else compiled_block_functions()
 
     def new_state(self, *, static_cache: bool = False) -> EncoderState:
         """Fresh stream state: zero conv context (the reference's causal left padding), empty caches."""
@@ -164,9 +164,12 @@ class AudioEncoder(nn.Module):
         frames = ref.new_zeros(ENCODER_FRAMES_PER_TOKEN, self.params.dim)
         positions = torch.zeros(ENCODER_FRAMES_PER_TOKEN, dtype=torch.long, device=ref.device)
         out = torch.zeros_like(frames)
+        # The step holds the cache, not the state that holds the step: a finished stream's graphs are then freed
+        # at once, never by the cycle collector in the middle of another graph's capture (which fails it).
+        cache = state.cache
 
         def step() -> None:
-            out.copy_(self.layers(frames, positions, state.cache))
+            out.copy_(self.layers(frames, positions, cache))
 
         state.step = EncoderStep(frames, positions, out, StepGraphs(step, ref.device))
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 
@@ -107,3 +110,22 @@ def test_warming_runs_attention_once_at_every_span() -> None:
     warm_attention_spans(attend, cache, heads=4, rows=3)
     assert calls == [((4, 3, 8), span, span, (3, span)) for span in cache.spans()]
     assert len(calls) > 2
+
+
+def test_a_dropped_streams_graph_state_is_freed_at_once_not_by_the_cycle_collector(tiny_model_dir) -> None:
+    """A stream's step graphs must not sit in a reference cycle: the cycle collector would free them at some
+    later moment, possibly while another step is being captured, where destroying a CUDA graph fails that
+    capture."""
+    encoder, decoder = (
+        build_stage(kind, model_dir=tiny_model_dir, params={"cache": "static"}) for kind in ("encoder", "decoder")
+    )
+    states = [encoder.encoder.new_state(static_cache=True), decoder._new_state()]
+    encoder.encoder.enable_graphs(states[0])
+    states[1].step = decoder._graph_step(states[1])
+    references = [weakref.ref(state) for state in states]
+    gc.disable()
+    try:
+        del states
+        assert [reference() for reference in references] == [None, None]
+    finally:
+        gc.enable()
