@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import itertools
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -11,7 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from stages.checkpoint import TransformerParams
-from stages.matvec import Norm, matvec, matvec_available
+from stages.kernel_overlap import DEFAULT_OVERLAP, Overlap
+from stages.matvec import Heads, Norm, matvec, matvec_available
 from stages.rows_matmul import rows_matmul, rows_matmul_available
 from stages.step_attention import MAX_ROWS, step_attention, step_attention_available
 
@@ -222,11 +224,21 @@ class Attention(nn.Module):
     def heads(self, qkv: torch.Tensor, rotations: torch.Tensor) -> QKV:
         """The q/k/v projection's output [T, (heads + 2 kv_heads) head_dim] -> queries [heads, T, head_dim], and
         keys and values [T, kv_heads, head_dim]; RoPE applied to queries and keys."""
+        qk, v = self._query_keys_and_values(qkv)
+        return self._split(RotaryEmbedding.apply(qk, rotations), v)
+
+    def rotated_heads(self, qkv: torch.Tensor) -> QKV:
+        """`heads` of a q/k/v output whose queries and keys are rotated already (by the product's kernel)."""
+        return self._split(*self._query_keys_and_values(qkv))
+
+    def _query_keys_and_values(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         length, heads, kv_heads, head_dim = qkv.shape[0], self.n_heads, self.n_kv_heads, self.head_dim
         qk, v = qkv.split(((heads + kv_heads) * head_dim, kv_heads * head_dim), dim=-1)
-        qk = RotaryEmbedding.apply(qk.view(length, heads + kv_heads, head_dim), rotations)
-        q, k = qk.split((heads, kv_heads), dim=1)
-        return q.transpose(0, 1), k, v.view(length, kv_heads, head_dim)
+        return qk.view(length, heads + kv_heads, head_dim), v.view(length, kv_heads, head_dim)
+
+    def _split(self, qk: torch.Tensor, v: torch.Tensor) -> QKV:
+        q, k = qk.split((self.n_heads, self.n_kv_heads), dim=1)
+        return q.transpose(0, 1), k, v
 
     @staticmethod
     def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -300,12 +312,7 @@ class Block(nn.Module):
 def attention_inputs(block: Block, x: torch.Tensor, rotations: torch.Tensor, slot_buffers: SlotBuffers | None) -> QKV:
     """The block's half before attention: norm, q/k/v and RoPE; writes keys and values into a static cache's
     slots when given them."""
-    return heads_into_cache(block, block.attention.wqkv(block.attention_norm(x)), rotations, slot_buffers)
-
-
-def heads_into_cache(block: Block, qkv: torch.Tensor, rotations: torch.Tensor, slot_buffers: SlotBuffers | None) -> QKV:
-    """`attention_inputs` after the q/k/v product: heads, RoPE and the static cache's slots."""
-    q, k, v = block.attention.heads(qkv, rotations)
+    q, k, v = block.attention.heads(block.attention.wqkv(block.attention_norm(x)), rotations)
     if slot_buffers is not None:
         keys, values, slots = slot_buffers
         keys.index_copy_(0, slots, k)
@@ -325,12 +332,14 @@ def attention_output_and_ffn(
     return x + block.feed_forward(h)
 
 
-def step_attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+def step_attend(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor, overlap: Overlap = DEFAULT_OVERLAP
+) -> torch.Tensor:
     """`Attention.attend` for a step's few query rows: the split-key Triton kernels where they can run (about
     a third of cuDNN's time for an encoder step), SDPA otherwise."""
     rows = q.shape[0] // keys.shape[1] * q.shape[1]
     if rows <= MAX_ROWS and step_attention_available(q.device):
-        return step_attention(q, keys, values, bias)
+        return step_attention(q, keys, values, bias, overlap)
     return Attention.attend(q, keys, values, bias)
 
 
@@ -367,44 +376,77 @@ def fused_product(
     norm: Norm | None = None,
     swiglu: bool = False,
     residual: torch.Tensor | None = None,
+    heads: Heads | None = None,
+    prefetch: torch.Tensor | None = None,
+    overlap: Overlap = DEFAULT_OVERLAP,
 ) -> torch.Tensor:
     """A step's product with its fused work: `matvec` for one row without a bias (the decoder's), the tensor-core
     `rows_matmul` otherwise (the encoder's 4 rows)."""
-    if x.shape[0] == 1 and bias is None:
-        return matvec(x, weight, norm=norm, swiglu=swiglu, residual=residual)
-    return rows_matmul(x, weight, bias=bias, norm=norm, swiglu=swiglu, residual=residual)
+    product = matvec if x.shape[0] == 1 and bias is None else functools.partial(rows_matmul, bias=bias)
+    return product(
+        x, weight, norm=norm, swiglu=swiglu, residual=residual, heads=heads, prefetch=prefetch, overlap=overlap
+    )
 
 
 def fused_attention_inputs(
-    block: Block, x: torch.Tensor, rotations: torch.Tensor, slot_buffers: SlotBuffers | None
+    block: Block,
+    x: torch.Tensor,
+    rotations: torch.Tensor,
+    slot_buffers: SlotBuffers | None,
+    overlap: Overlap = DEFAULT_OVERLAP,
 ) -> QKV:
-    """`attention_inputs` for a step: the norm and bias in the q/k/v product's kernel, then the rest compiled."""
-    norm, wqkv = block.attention_norm, block.attention.wqkv
-    qkv = fused_product(x, wqkv.weight, bias=wqkv.bias, norm=Norm(norm.weight, norm.eps))
-    return _compiled_heads_into_cache()(block, qkv, rotations, slot_buffers)
+    """`attention_inputs` for a step as one kernel: the norm, the q/k/v product and its bias, RoPE and the cache
+    writes; it starts the output projection's weight into L2."""
+    norm, attention = block.attention_norm, block.attention
+    q_dim, kv_dim = attention.n_heads * attention.head_dim, attention.n_kv_heads * attention.head_dim
+    qkv = fused_product(
+        x,
+        attention.wqkv.weight,
+        bias=attention.wqkv.bias,
+        norm=Norm(norm.weight, norm.eps),
+        heads=Heads(rotations, q_dim, kv_dim, attention.head_dim, slot_buffers),
+        prefetch=attention.wo.weight,
+        overlap=overlap,
+    )
+    return attention.rotated_heads(qkv)
 
 
 def fused_attention_output_and_ffn(
-    block: Block, x: torch.Tensor, attended: torch.Tensor, ffn_scale: torch.Tensor | None
+    block: Block,
+    x: torch.Tensor,
+    attended: torch.Tensor,
+    ffn_scale: torch.Tensor | None,
+    following: torch.Tensor | None = None,
+    overlap: Overlap = DEFAULT_OVERLAP,
 ) -> torch.Tensor:
     """`attention_output_and_ffn` for a step as three kernels: the output product with its bias and the
-    residual add, w1 and w3 with the FFN norm, its scale and SwiGLU, and w2 with its bias and the residual add."""
+    residual add, w1 and w3 with the FFN norm, its scale and SwiGLU, and w2 with its bias and the residual add.
+    Each starts the next product's weight into L2; the last, `following` (the next block's q/k/v weight)."""
     wo, ffn = block.attention.wo, block.feed_forward
-    x = fused_product(Attention.position_major(attended), wo.weight, bias=wo.bias, residual=x)
+    x = fused_product(
+        Attention.position_major(attended), wo.weight, bias=wo.bias, residual=x, prefetch=ffn.w13.weight,
+        overlap=overlap,
+    )  # fmt: skip
     norm = Norm(block.ffn_norm.weight, block.ffn_norm.eps, ffn_scale)
-    hidden = fused_product(x, ffn.w13.weight, norm=norm, swiglu=True)
-    return fused_product(hidden, ffn.w2.weight, bias=ffn.w2.bias, residual=x)
+    hidden = fused_product(x, ffn.w13.weight, norm=norm, swiglu=True, prefetch=ffn.w2.weight, overlap=overlap)
+    return fused_product(hidden, ffn.w2.weight, bias=ffn.w2.bias, residual=x, prefetch=following, overlap=overlap)
 
 
-@functools.cache
-def _compiled_heads_into_cache() -> Callable[..., QKV]:
-    return torch.compile(heads_into_cache, fullgraph=True, dynamic=False, options=COMPILE_OPTIONS)
+def fused_block_functions(blocks: nn.ModuleList, overlap: Overlap = DEFAULT_OVERLAP) -> BlockFunctions:
+    """The steps of `blocks` as the fused product kernels (`fused_product`), `step_attend` between: six kernels
+    a layer, each overlapping its neighbours under `overlap` (see `kernel_overlap`)."""
+    following = {id(block): after.attention.wqkv.weight for block, after in itertools.pairwise(blocks)}
 
+    def attention_output_and_ffn(
+        block: Block, x: torch.Tensor, attended: torch.Tensor, ffn_scale: torch.Tensor | None
+    ) -> torch.Tensor:
+        return fused_attention_output_and_ffn(block, x, attended, ffn_scale, following.get(id(block)), overlap)
 
-def fused_block_functions() -> BlockFunctions:
-    """A step's blocks as the fused product kernels (`fused_product`), `step_attend` between: seven kernels
-    a layer."""
-    return BlockFunctions(fused_attention_inputs, step_attend, fused_attention_output_and_ffn)
+    return BlockFunctions(
+        functools.partial(fused_attention_inputs, overlap=overlap),
+        functools.partial(step_attend, overlap=overlap),
+        attention_output_and_ffn,
+    )
 
 
 def fused_products_serve(blocks: nn.ModuleList) -> bool:

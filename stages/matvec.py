@@ -14,6 +14,15 @@ from typing import NamedTuple
 
 import torch
 
+from stages.kernel_overlap import (
+    DEFAULT_OVERLAP,
+    Overlap,
+    launch_options,
+    prefetch_share,
+    prefetch_to_l2,
+    uses_pdl,
+    wait_for_inputs,
+)
 from stages.step_attention import step_attention_available
 
 try:
@@ -32,6 +41,33 @@ class Norm(NamedTuple):
     weight: torch.Tensor
     eps: float
     scale: torch.Tensor | None = None
+
+
+class Heads(NamedTuple):
+    """How a q/k/v product's columns leave its kernel: RoPE on the query and key columns at the step's
+    `rotations` [2, rows, head_dim / 2] (cos, sin), and, given a static cache's slot buffers, the keys and
+    values also written into their slots."""
+
+    rotations: torch.Tensor
+    q_dim: int
+    kv_dim: int
+    head_dim: int
+    slot_buffers: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+
+def heads_arguments(heads: Heads | None, rows: int, absent: torch.Tensor) -> dict:
+    """A product kernel's arguments for `heads` (see `Heads`); `absent` stands in for unused tensors."""
+    if heads is None:
+        return {"rot_ptr": absent, "keys_ptr": absent, "values_ptr": absent, "slots_ptr": absent,
+                "ROPE": False, "CACHE": False, "Q_DIM": 0, "KV_DIM": 0, "HEAD_DIM": 2}  # fmt: skip
+    if heads.rotations.shape != (2, rows, heads.head_dim // 2):
+        raise ValueError(f"rotations of shape {list(heads.rotations.shape)} do not fit {rows} rows")
+    keys, values, slots = heads.slot_buffers or (absent, absent, absent)
+    return {
+        "rot_ptr": heads.rotations.contiguous(), "keys_ptr": keys, "values_ptr": values, "slots_ptr": slots,
+        "ROPE": True, "CACHE": heads.slot_buffers is not None, "Q_DIM": heads.q_dim, "KV_DIM": heads.kv_dim,
+        "HEAD_DIM": heads.head_dim,
+    }  # fmt: skip
 
 
 class MatvecConfig(NamedTuple):
@@ -64,11 +100,16 @@ def matvec(
     norm: Norm | None = None,
     swiglu: bool = False,
     residual: torch.Tensor | None = None,
+    heads: Heads | None = None,
+    prefetch: torch.Tensor | None = None,
+    overlap: Overlap = DEFAULT_OVERLAP,
     config: MatvecConfig | None = None,
 ) -> torch.Tensor:
     """x [1, K] times weight [N, K]^T, rounded where eager rounds: `residual + F.linear(h, weight)` with
     h = x or `norm`'s `rms_norm(x) * scale`; with `swiglu`, the weight is [w1; w3] and the result
-    `silu(gate) * up` [1, N / 2]. `config` overrides `matvec_config` (benchmarks)."""
+    `silu(gate) * up` [1, N / 2]; with `heads`, RoPE and the cache writes of a q/k/v product. `prefetch` is
+    the next product's weight, started into L2 under `overlap` (see `kernel_overlap`). `config` overrides
+    `matvec_config` (benchmarks)."""
     if x.shape[0] != 1 or not weight.is_contiguous():
         raise ValueError(f"matvec: takes one row and a contiguous weight, got an input of shape {list(x.shape)}")
     k = x.shape[1]
@@ -77,18 +118,24 @@ def matvec(
     x = x.contiguous()
     out = torch.empty(1, n, dtype=x.dtype, device=x.device)
     absent = out  # stands in for the optional tensors a launch does not use; the kernel never reads it
+    programs = n // config.block_n
+    share = prefetch_share(prefetch, overlap, programs)
+    pdl = uses_pdl(overlap, x.device)
     # Triton launches on the current device; a stage may live on another GPU than that.
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
-        _matvec[(n // config.block_n,)](
+        _matvec[(programs,)](
             x, weight,
             absent if norm is None else norm.weight,
             absent if norm is None or norm.scale is None else norm.scale.reshape(-1),
             absent if residual is None else residual.contiguous(),
             out,
+            absent if share is None else share.tensor, 0 if share is None else share.total,
+            0 if share is None else share.chunk,
             norm.eps if norm is not None else 0.0,
             N=n, K=k, NORM=norm is not None, SCALE=norm is not None and norm.scale is not None,
             SWIGLU=swiglu, RESIDUAL=residual is not None, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-            num_warps=config.num_warps,
+            PREFETCH=share is not None, PDL=pdl, **heads_arguments(heads, 1, absent),
+            num_warps=config.num_warps, **launch_options(pdl),
         )  # fmt: skip
     return out
 
@@ -111,11 +158,16 @@ if triton is not None:
 
     @triton.jit
     def _matvec(
-        x_ptr, w_ptr, norm_ptr, scale_ptr, residual_ptr, out_ptr, eps,
+        x_ptr, w_ptr, norm_ptr, scale_ptr, residual_ptr, out_ptr, prefetch_ptr, prefetch_total, prefetch_chunk,
+        eps, rot_ptr, keys_ptr, values_ptr, slots_ptr,
         N: tl.constexpr, K: tl.constexpr, NORM: tl.constexpr, SCALE: tl.constexpr, SWIGLU: tl.constexpr,
-        RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr,
+        PDL: tl.constexpr, ROPE: tl.constexpr, CACHE: tl.constexpr, Q_DIM: tl.constexpr, KV_DIM: tl.constexpr,
+        HEAD_DIM: tl.constexpr,
     ):  # fmt: skip
         dtype = out_ptr.dtype.element_ty
+        prefetch_to_l2(prefetch_ptr, prefetch_total, prefetch_chunk, tl.program_id(0), PREFETCH)
+        wait_for_inputs(PDL)
         cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         ks = tl.arange(0, BLOCK_K)
         inv_rms = 0.0
@@ -143,4 +195,38 @@ if triton is not None:
             y = (silu.to(tl.float32) * tl.sum(acc_up, 1).to(dtype).to(tl.float32)).to(dtype)
         if RESIDUAL:
             y = (tl.load(residual_ptr + cols).to(tl.float32) + y.to(tl.float32)).to(dtype)
+        if ROPE:
+            one = tl.arange(0, 1)
+            y = heads_epilogue(
+                y[None, :], one, cols, one[:, None] < 1, rot_ptr, keys_ptr, values_ptr, slots_ptr,
+                1, Q_DIM, KV_DIM, HEAD_DIM, CACHE, 1, BLOCK_N,
+            ).reshape(BLOCK_N)  # fmt: skip
         tl.store(out_ptr + cols, y)
+
+    @triton.jit
+    def heads_epilogue(
+        y, rows, cols, live, rot_ptr, keys_ptr, values_ptr, slots_ptr,
+        ROWS: tl.constexpr, Q_DIM: tl.constexpr, KV_DIM: tl.constexpr, HEAD_DIM: tl.constexpr, CACHE: tl.constexpr,
+        TILE: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):  # fmt: skip
+        """A q/k/v product's rounded output tile y [TILE, BLOCK_N] (`rows` of the step, `cols` of the product)
+        with RoPE on its query and key columns, rounded as `RotaryEmbedding.apply` rounds; keys and values also
+        stored into their cache slots when CACHE."""
+        dtype = y.dtype
+        even, odd = tl.split(y.reshape(TILE, BLOCK_N // 2, 2))
+        first, _ = tl.split(cols.reshape(BLOCK_N // 2, 2))  # each pair's first column
+        rotated = (first < Q_DIM + KV_DIM)[None, :]
+        at = rows[:, None] * (HEAD_DIM // 2) + (first % HEAD_DIM // 2)[None, :]
+        cos = tl.load(rot_ptr + at, mask=live & rotated, other=0.0).to(tl.float32)
+        sin = tl.load(rot_ptr + ROWS * (HEAD_DIM // 2) + at, mask=live & rotated, other=0.0).to(tl.float32)
+        e, o = even.to(tl.float32), odd.to(tl.float32)
+        new_even = ((e * cos).to(dtype).to(tl.float32) - (o * sin).to(dtype).to(tl.float32)).to(dtype)
+        new_odd = ((o * cos).to(dtype).to(tl.float32) + (e * sin).to(dtype).to(tl.float32)).to(dtype)
+        y = tl.join(tl.where(rotated, new_even, even), tl.where(rotated, new_odd, odd)).reshape(TILE, BLOCK_N)
+        if CACHE:
+            slot = tl.load(slots_ptr + rows, mask=rows < ROWS, other=0)[:, None]
+            column = cols[None, :] - Q_DIM
+            is_key = (column >= 0) & (column < KV_DIM)
+            tl.store(keys_ptr + slot * KV_DIM + column, y, mask=live & is_key)
+            tl.store(values_ptr + slot * KV_DIM + column - KV_DIM, y, mask=live & (column >= KV_DIM))
+        return y

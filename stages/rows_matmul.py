@@ -11,13 +11,21 @@ programs, the last of which adds the partial sums in a fixed order and finishes 
 from __future__ import annotations
 
 import contextlib
-import functools
 from typing import NamedTuple
 
 import torch
 
-from stages.matvec import Norm
-from stages.step_attention import dot_operand_types, step_attention_available
+from stages.kernel_overlap import (
+    DEFAULT_OVERLAP,
+    Overlap,
+    launch_options,
+    prefetch_share,
+    prefetch_to_l2,
+    uses_pdl,
+    wait_for_inputs,
+)
+from stages.matvec import Heads, Norm, heads_arguments, heads_epilogue
+from stages.step_attention import MAX_TICKETS, dot_operand_types, split_tickets, step_attention_available
 
 try:
     import triton
@@ -29,7 +37,6 @@ TILE_ROWS = 16  # rows of a tensor-core product; fewer rows are padded with zero
 TARGET_PROGRAMS = 80  # split the reduction until about this many programs read the weight
 UNSPLIT_BLOCK_K = 256  # weight columns per tile when one program reduces them all
 SPLIT_BLOCK_K = 128
-MAX_COLUMN_BLOCKS = 4096  # column blocks a split launch may have: the size of the shared ticket counters
 
 
 class RowsConfig(NamedTuple):
@@ -72,11 +79,16 @@ def rows_matmul(
     norm: Norm | None = None,
     swiglu: bool = False,
     residual: torch.Tensor | None = None,
+    heads: Heads | None = None,
+    prefetch: torch.Tensor | None = None,
+    overlap: Overlap = DEFAULT_OVERLAP,
     config: RowsConfig | None = None,
 ) -> torch.Tensor:
     """x [R, K] (R <= 16) times weight [N, K]^T, rounded where eager rounds: `residual + F.linear(h, weight,
     bias)` with h = x or `norm`'s `rms_norm(x) * scale`; with `swiglu`, the weight is [w1; w3] (no bias) and the
-    result `silu(gate) * up` [R, N / 2]. `config` overrides `rows_config` (benchmarks).
+    result `silu(gate) * up` [R, N / 2]; with `heads`, RoPE and the cache writes of a q/k/v product. `prefetch`
+    is the next product's weight, started into L2 under `overlap` (see `kernel_overlap`). `config` overrides
+    `rows_config` (benchmarks).
 
     Split launches share one set of ticket counters per device, so calls on one device must not overlap
     (one CUDA stream per process, as the stages run)."""
@@ -89,15 +101,23 @@ def rows_matmul(
         raise ValueError("rows_matmul: SwiGLU takes no bias")
     n = weight.shape[0] // 2 if swiglu else weight.shape[0]
     config = config or rows_config(n, k, x.device, swiglu)
-    if n % config.block_n or k % (config.block_k * config.split_k) or (swiglu and config.split_k > 1):
+    split = config.split_k > 1
+    if (
+        n % config.block_n
+        or k % (config.block_k * config.split_k)
+        or (swiglu and split)
+        or (split and n // config.block_n > MAX_TICKETS)
+    ):
         raise ValueError(f"rows_matmul: launch {config} does not fit a [{n}, {k}] product")
     column_blocks = n // config.block_n
     x = x.contiguous()
     out = torch.empty(rows, n, dtype=x.dtype, device=x.device)
     absent = out  # stands in for the optional tensors a launch does not use; the kernel never reads it
     partial = absent
-    if config.split_k > 1:
+    if split:
         partial = torch.empty(config.split_k, rows, n, dtype=torch.float32, device=x.device)
+    share = prefetch_share(prefetch, overlap, column_blocks * config.split_k)
+    pdl = uses_pdl(overlap, x.device)
     # Triton launches on the current device; a stage may live on another GPU than that.
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
         _rows_matmul[(column_blocks, config.split_k)](
@@ -106,32 +126,30 @@ def rows_matmul(
             absent if norm is None else norm.weight,
             absent if norm is None or norm.scale is None else norm.scale.reshape(-1),
             absent if residual is None else residual.contiguous(),
-            out, partial, _tickets(x.device) if config.split_k > 1 else absent,
+            out, partial, split_tickets(x.device) if split else absent,
+            absent if share is None else share.tensor, 0 if share is None else share.total,
+            0 if share is None else share.chunk,
             norm.eps if norm is not None else 0.0,
             ROWS=rows, N=n, K=k, BIAS=bias is not None, NORM=norm is not None,
             SCALE=norm is not None and norm.scale is not None, SWIGLU=swiglu, RESIDUAL=residual is not None,
             BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLIT_K=config.split_k, STAGES=config.num_stages,
-            **dot_operand_types(x), TILE=TILE_ROWS, num_warps=config.num_warps,
+            PREFETCH=share is not None, PDL=pdl, **heads_arguments(heads, rows, absent),
+            **dot_operand_types(x), TILE=TILE_ROWS, num_warps=config.num_warps, **launch_options(pdl),
         )  # fmt: skip
     return out
-
-
-@functools.cache
-def _tickets(device: torch.device) -> torch.Tensor:
-    """Per column block, how many of its split programs have left their partial sums: zero between launches
-    (the last program resets its block's counter), so one zeroed set serves every launch and graph replay."""
-    return torch.zeros(MAX_COLUMN_BLOCKS, dtype=torch.int32, device=device)
 
 
 if triton is not None:
 
     @triton.jit
     def _finish(
-        acc, acc_up, rows, cols, bias_ptr, residual_ptr, out_ptr,
+        acc, acc_up, rows, cols, bias_ptr, residual_ptr, out_ptr, rot_ptr, keys_ptr, values_ptr, slots_ptr,
         ROWS: tl.constexpr, N: tl.constexpr, BIAS: tl.constexpr, SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr,
+        ROPE: tl.constexpr, CACHE: tl.constexpr, Q_DIM: tl.constexpr, KV_DIM: tl.constexpr, HEAD_DIM: tl.constexpr,
+        TILE: tl.constexpr, BLOCK_N: tl.constexpr,
     ):  # fmt: skip
         """The columns' float32 sums to the output, rounded as eager rounds: the bias added before the product's
-        one rounding, then SwiGLU's or the residual add's own roundings."""
+        one rounding, then SwiGLU's, the residual add's or RoPE's own roundings."""
         dtype = out_ptr.dtype.element_ty
         if BIAS:
             acc += tl.load(bias_ptr + cols).to(tl.float32)[None, :]
@@ -144,17 +162,27 @@ if triton is not None:
         at = rows[:, None] * N + cols[None, :]
         if RESIDUAL:
             y = (tl.load(residual_ptr + at, mask=live, other=0.0).to(tl.float32) + y.to(tl.float32)).to(dtype)
+        if ROPE:
+            y = heads_epilogue(
+                y, rows, cols, live, rot_ptr, keys_ptr, values_ptr, slots_ptr,
+                ROWS, Q_DIM, KV_DIM, HEAD_DIM, CACHE, TILE, BLOCK_N,
+            )  # fmt: skip
         tl.store(out_ptr + at, y, mask=live)
 
     @triton.jit
     def _rows_matmul(
-        x_ptr, w_ptr, bias_ptr, norm_ptr, scale_ptr, residual_ptr, out_ptr, partial_ptr, ticket_ptr, eps,
+        x_ptr, w_ptr, bias_ptr, norm_ptr, scale_ptr, residual_ptr, out_ptr, partial_ptr, ticket_ptr,
+        prefetch_ptr, prefetch_total, prefetch_chunk, eps, rot_ptr, keys_ptr, values_ptr, slots_ptr,
         ROWS: tl.constexpr, N: tl.constexpr, K: tl.constexpr, BIAS: tl.constexpr, NORM: tl.constexpr,
         SCALE: tl.constexpr, SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, STAGES: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
-        TILE: tl.constexpr,
+        BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, STAGES: tl.constexpr, PREFETCH: tl.constexpr,
+        PDL: tl.constexpr, ROPE: tl.constexpr, CACHE: tl.constexpr, Q_DIM: tl.constexpr, KV_DIM: tl.constexpr,
+        HEAD_DIM: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr, TILE: tl.constexpr,
     ):  # fmt: skip
         column_block, split = tl.program_id(0), tl.program_id(1)
+        program = split * tl.num_programs(0) + column_block
+        prefetch_to_l2(prefetch_ptr, prefetch_total, prefetch_chunk, program, PREFETCH)
+        wait_for_inputs(PDL)
         rows = tl.arange(0, TILE)
         live = (rows < ROWS)[:, None]
         cols = column_block * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -186,7 +214,10 @@ if triton is not None:
                 w_up = tl.load(w_ptr + N * K + offsets, eviction_policy="evict_first").to(DOT)
                 acc_up = tl.dot(h, w_up, acc_up, input_precision=PRECISION)
         if SPLIT_K == 1:
-            _finish(acc, acc_up, rows, cols, bias_ptr, residual_ptr, out_ptr, ROWS, N, BIAS, SWIGLU, RESIDUAL)
+            _finish(
+                acc, acc_up, rows, cols, bias_ptr, residual_ptr, out_ptr, rot_ptr, keys_ptr, values_ptr, slots_ptr,
+                ROWS, N, BIAS, SWIGLU, RESIDUAL, ROPE, CACHE, Q_DIM, KV_DIM, HEAD_DIM, TILE, BLOCK_N,
+            )  # fmt: skip
         else:
             # Leave this split's sums; the block's last program to arrive adds all of them, in split order, so
             # the result does not depend on which arrives last.
@@ -200,4 +231,7 @@ if triton is not None:
                     # .cg: read from L2, where the other programs' stores are, never a stale L1 line.
                     total += tl.load(partial_ptr + other * ROWS * N + at, mask=live, other=0.0, cache_modifier=".cg")
                 tl.atomic_xchg(ticket_ptr + column_block, 0, sem="relaxed", scope="gpu")
-                _finish(total, acc_up, rows, cols, bias_ptr, residual_ptr, out_ptr, ROWS, N, BIAS, SWIGLU, RESIDUAL)
+                _finish(
+                    total, acc_up, rows, cols, bias_ptr, residual_ptr, out_ptr, rot_ptr, keys_ptr, values_ptr,
+                    slots_ptr, ROWS, N, BIAS, SWIGLU, RESIDUAL, ROPE, CACHE, Q_DIM, KV_DIM, HEAD_DIM, TILE, BLOCK_N,
+                )  # fmt: skip

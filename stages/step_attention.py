@@ -1,17 +1,29 @@
-"""Attention of a step's few queries over a KV cache as two Triton kernels, split over the keys.
+"""Attention of a step's few queries over a KV cache as one Triton kernel, split over the keys.
 
 A streaming step has 4 query rows per KV head (the encoder's 4 frames, or the decoder's 4 query heads of a
 group at one position), too few for a library attention kernel to fill the GPU: cuDNN takes about 20 us
 per encoder layer over 1024 cached keys, which take 2 us to read. Here every (KV head, slice of keys) pair is a program
-that leaves a partial softmax; a second kernel merges the slices of each row.
+that leaves a partial softmax, and the last of a head's programs to finish merges its slices.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 
 import torch
+
+from stages.kernel_overlap import (
+    DEFAULT_OVERLAP,
+    PREFETCH_ALIGNMENT,
+    Overlap,
+    launch_options,
+    overlap_supported,
+    prefetch_share_to_l2,
+    uses_pdl,
+    wait_for_inputs,
+)
 
 try:
     import triton
@@ -40,15 +52,29 @@ def key_splits(keys: int, kv_heads: int) -> tuple[int, int]:
     return -(-keys // per_split), per_split
 
 
-def max_splits(kv_heads: int) -> int:
-    """The most slices `key_splits` makes for any number of keys, as a power of two: the merge kernel is
-    compiled for that many, whatever a span's count, so a process compiles one per model, not one per span."""
-    return triton.next_power_of_2(-(-TARGET_PROGRAMS // kv_heads))
+MAX_TICKETS = 4096  # counters a split launch may use (per column block, or per KV head)
 
 
-def step_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+@functools.cache
+def split_tickets(device: torch.device) -> torch.Tensor:
+    """Counters of how many of a group's programs (a column block's splits of a product, or a KV head's slices
+    of the keys) have left their partial results: zero between launches (a group's last program resets its
+    counter), so one zeroed set on each device serves every launch and graph replay of the split kernels, which
+    run one after another on the device's one stream."""
+    return torch.zeros(MAX_TICKETS, dtype=torch.int32, device=device)
+
+
+def step_attention(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    bias: torch.Tensor,
+    overlap: Overlap = DEFAULT_OVERLAP,
+) -> torch.Tensor:
     """What `Attention.attend` computes, for queries [heads, T, head_dim] with heads // kv_heads * T <= 16:
-    keys and values [S, kv_heads, head_dim], additive `bias` [T, S]. -> [heads, T, head_dim]"""
+    keys and values [S, kv_heads, head_dim], additive `bias` [T, S]. -> [heads, T, head_dim]. Under `overlap`
+    the kernels launch as programmatic dependents, and the first prefetches its keys and values into L2 before
+    it waits for the queries (see `kernel_overlap`)."""
     # The kernels index rows by stride and read each head's vector as one contiguous run.
     q, keys, values, bias = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, keys, values, bias))
     heads, length, head_dim = q.shape
@@ -62,23 +88,26 @@ def step_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bi
     out = torch.empty(length, heads, head_dim, dtype=q.dtype, device=q.device).transpose(0, 1)
     # Triton launches on the current device; a stage may live on another GPU than that.
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
-        _launch(q, keys, values, bias, partial, stats, out, splits, per_split)
+        _launch(q, keys, values, bias, partial, stats, out, splits, per_split, overlap)
     return out
 
 
-def _launch(q, keys, values, bias, partial, stats, out, splits: int, per_split: int) -> None:
-    """Both kernels, on the current device."""
+def _launch(q, keys, values, bias, partial, stats, out, splits: int, per_split: int, overlap: Overlap) -> None:
+    """The kernel, on the current device."""
     heads, length, head_dim = q.shape
     n_keys, kv_heads = keys.shape[0], keys.shape[1]
     group = heads // kv_heads
-    shape = {"LENGTH": length, "GROUP": group, "HEAD_DIM": head_dim}
-    strides = (*q.stride()[:2], *keys.stride()[:2], *values.stride()[:2], bias.stride(0))
-    _partial_attention[(kv_heads, splits)](
-        q, keys, values, bias, partial, stats, *strides, n_keys, per_split, 1 / math.sqrt(head_dim),
-        **dot_operand_types(q), LOG2_E=LOG2_E, ROWS=MAX_ROWS, BLOCK=BLOCK_KEYS, num_warps=NUM_WARPS, **shape,
+    strides = (*q.stride()[:2], *keys.stride()[:2], *values.stride()[:2], bias.stride(0), *out.stride()[:2])
+    pdl = uses_pdl(overlap, q.device)
+    # A slice of keys (or values) of every head is one contiguous run when the cache is contiguous.
+    prefetch = overlap.prefetch_bytes > 0 and overlap_supported(q.device) and all(
+        t.is_contiguous() and t.data_ptr() % PREFETCH_ALIGNMENT == 0 for t in (keys, values)
     )  # fmt: skip
-    _merge_splits[(kv_heads * group * length,)](
-        partial, stats, out, *out.stride()[:2], splits, SPLITS=max_splits(kv_heads), **shape
+    _split_attention[(kv_heads, splits)](
+        q, keys, values, bias, partial, stats, out, split_tickets(q.device), *strides, n_keys, per_split,
+        1 / math.sqrt(head_dim), **dot_operand_types(q), LOG2_E=LOG2_E, ROWS=MAX_ROWS, BLOCK=BLOCK_KEYS,
+        PREFETCH=prefetch, PDL=pdl, LENGTH=length, GROUP=group, HEAD_DIM=head_dim, num_warps=NUM_WARPS,
+        **launch_options(pdl),
     )  # fmt: skip
 
 
@@ -93,18 +122,26 @@ def dot_operand_types(x: torch.Tensor) -> dict:
 
 if triton is not None:
     # Runtime sizes that vary with the span are not specialised on (Triton would compile a variant for
-    # values divisible by 16 and for 1), so every span runs the kernels compiled for the first.
+    # values divisible by 16 and for 1), so every span runs the kernel compiled for the first.
     @triton.jit(do_not_specialize=["n_keys", "per_split"])
-    def _partial_attention(
-        q_ptr, k_ptr, v_ptr, bias_ptr, partial_ptr, stats_ptr,
+    def _split_attention(
+        q_ptr, k_ptr, v_ptr, bias_ptr, partial_ptr, stats_ptr, out_ptr, ticket_ptr,
         q_head_stride, q_pos_stride, k_key_stride, k_head_stride, v_key_stride, v_head_stride, bias_stride,
-        n_keys, per_split, scale,
+        out_head_stride, out_pos_stride, n_keys, per_split, scale,
         DOT: tl.constexpr, PRECISION: tl.constexpr, LOG2_E: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
-        LENGTH: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+        PREFETCH: tl.constexpr, PDL: tl.constexpr, LENGTH: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
     ):  # fmt: skip
         """One KV head's query rows (row = group member * LENGTH + position) over one slice of the keys: the
-        unnormalised output, the running maximum and the sum of exponentials, in base 2."""
+        unnormalised output, the running maximum and the sum of exponentials, in base 2. The head's last
+        program to finish merges its slices into the output."""
         kv_head, split, splits = tl.program_id(0), tl.program_id(1), tl.num_programs(1)
+        start = split * per_split
+        end = tl.minimum(start + per_split, n_keys)
+        if PREFETCH:  # the slice's keys and values of every head, a share per head's program
+            run = (end - start) * k_key_stride * (k_ptr.dtype.element_ty.primitive_bitwidth // 8)
+            prefetch_share_to_l2(k_ptr + start * k_key_stride, run, kv_head, tl.num_programs(0))
+            prefetch_share_to_l2(v_ptr + start * v_key_stride, run, kv_head, tl.num_programs(0))
+        wait_for_inputs(PDL)
         rows = tl.arange(0, ROWS)
         live = rows < GROUP * LENGTH
         head, pos = kv_head * GROUP + rows // LENGTH, rows % LENGTH
@@ -115,8 +152,6 @@ if triton is not None:
         best = tl.full([ROWS], -1e30, tl.float32)
         total = tl.zeros([ROWS], tl.float32)
         acc = tl.zeros([ROWS, HEAD_DIM], tl.float32)
-        start = split * per_split
-        end = tl.minimum(start + per_split, n_keys)
         for first in range(start, end, BLOCK):
             key = first + tl.arange(0, BLOCK)
             inside = key < end
@@ -133,32 +168,40 @@ if triton is not None:
             total = total * decay + tl.sum(weights, 1)
             acc = acc * decay[:, None] + tl.dot(weights.to(DOT), v, input_precision=PRECISION)
             best = new_best
-        out = (kv_head * splits + split) * GROUP * LENGTH
-        tl.store(partial_ptr + (out + rows[:, None]) * HEAD_DIM + dims[None, :], acc, mask=live[:, None])
-        tl.store(stats_ptr + out * 2 + rows, best, mask=live)
-        tl.store(stats_ptr + out * 2 + GROUP * LENGTH + rows, total, mask=live)
-
-    @triton.jit(do_not_specialize=["splits"])
-    def _merge_splits(
-        partial_ptr, stats_ptr, out_ptr, out_head_stride, out_pos_stride, splits,
-        LENGTH: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr,
-    ):  # fmt: skip
-        """One query row: the slices' outputs weighted by their share of the softmax, in the output dtype."""
-        row_id = tl.program_id(0)
-        rows = GROUP * LENGTH
-        kv_head, row = row_id // rows, row_id % rows
-        split = tl.arange(0, SPLITS)
-        used = split < splits
-        at = (kv_head * splits + split) * rows
-        best = tl.load(stats_ptr + at * 2 + row, mask=used, other=-1e30)
-        total = tl.load(stats_ptr + at * 2 + rows + row, mask=used, other=0.0)
-        weight = tl.exp2(best - tl.max(best, 0))
-        dims = tl.arange(0, HEAD_DIM)
-        acc = tl.load(partial_ptr + (at + row)[:, None] * HEAD_DIM + dims[None, :], mask=used[:, None], other=0.0)
-        merged = tl.sum(acc * weight[:, None], 0) / tl.sum(total * weight, 0)
-        head, pos = kv_head * GROUP + row // LENGTH, row % LENGTH
-        tl.store(out_ptr + head * out_head_stride + pos * out_pos_stride + dims, merged.to(out_ptr.dtype.element_ty))
+        group_rows: tl.constexpr = GROUP * LENGTH
+        at = (kv_head * splits + split) * group_rows
+        tl.store(partial_ptr + (at + rows[:, None]) * HEAD_DIM + dims[None, :], acc, mask=live[:, None])
+        tl.store(stats_ptr + at * 2 + rows, best, mask=live)
+        tl.store(stats_ptr + at * 2 + group_rows + rows, total, mask=live)
+        tl.debug_barrier()
+        arrived = tl.atomic_add(ticket_ptr + kv_head, 1, sem="acq_rel", scope="gpu")
+        if arrived == splits - 1:
+            # The slices' outputs weighted by their share of the softmax, added in slice order whichever
+            # program arrives last; .cg reads from L2, where the other programs' stores are.
+            first_at = kv_head * splits * group_rows
+            top = tl.full([ROWS], -1e30, tl.float32)
+            for other in range(splits):
+                slice_at = first_at + other * group_rows
+                top = tl.maximum(top, tl.load(stats_ptr + slice_at * 2 + rows, mask=live, other=-1e30,
+                                              cache_modifier=".cg"))  # fmt: skip
+            merged = tl.zeros([ROWS, HEAD_DIM], tl.float32)
+            weight_sum = tl.zeros([ROWS], tl.float32)
+            for other in range(splits):
+                slice_at = first_at + other * group_rows
+                slice_best = tl.load(stats_ptr + slice_at * 2 + rows, mask=live, other=-1e30, cache_modifier=".cg")
+                slice_total = tl.load(stats_ptr + slice_at * 2 + group_rows + rows, mask=live, other=0.0,
+                                      cache_modifier=".cg")  # fmt: skip
+                weight = tl.exp2(slice_best - top)
+                merged += weight[:, None] * tl.load(
+                    partial_ptr + (slice_at + rows[:, None]) * HEAD_DIM + dims[None, :], mask=live[:, None],
+                    other=0.0, cache_modifier=".cg",
+                )  # fmt: skip
+                weight_sum += weight * slice_total
+            tl.atomic_xchg(ticket_ptr + kv_head, 0, sem="relaxed", scope="gpu")
+            merged = merged / tl.where(live, weight_sum, 1.0)[:, None]
+            tl.store(out_ptr + head[:, None] * out_head_stride + pos[:, None] * out_pos_stride + dims[None, :],
+                     merged.to(out_ptr.dtype.element_ty), mask=live[:, None])  # fmt: skip
 
 
 # Set by TRITON_INTERPRET=1 when the kernels were defined: then they also run on CPU tensors.
-_INTERPRETED = triton is not None and isinstance(_partial_attention, InterpretedFunction)
+_INTERPRETED = triton is not None and isinstance(_split_attention, InterpretedFunction)

@@ -10,7 +10,7 @@ import stages.encoder
 from stages.audio import SAMPLES_PER_TOKEN
 from stages.base import StageError
 from stages.factory import build_stage
-from stages.layers import EAGER, fused_block_functions
+from stages.layers import EAGER, fused_attention_inputs
 from stages.matvec import matvec_available
 from stages.transcribe import MODEL_CHAIN, run_chain, transcript_of
 from tests.conftest import speechlike_audio
@@ -34,8 +34,8 @@ def test_compiled_steps_give_the_eager_ids_and_frames(small_window_model_dir, ca
     assert compiled[1].encoder.step_functions is not eager[1].encoder.step_functions
     # With Triton (the interpreter here), the steps' products are the fused kernels.
     if matvec_available(torch.device("cpu")):
-        assert compiled[1].encoder.step_functions == fused_block_functions()
-        assert compiled[2].decoder.step_functions == fused_block_functions()
+        assert compiled[1].encoder.step_functions.attention_inputs.func is fused_attention_inputs
+        assert compiled[2].decoder.step_functions.attention_inputs.func is fused_attention_inputs
     # The warm-up that compiled the steps left no stream behind.
     assert compiled[1].streams() == [] and compiled[2].streams() == []
     eager_frames = np.concatenate(run_chain(eager[:2], "s", pieces))
@@ -52,7 +52,7 @@ def test_a_failing_compiler_is_one_line_naming_the_stage_and_the_way_out(tiny_mo
 
     # Both ways the encoder's step can be compiled: as the fused kernels around compiled code, or all compiled.
     for functions in ("fused_block_functions", "compiled_block_functions"):
-        monkeypatch.setattr(stages.encoder, functions, lambda: EAGER._replace(attention_inputs=broken))
+        monkeypatch.setattr(stages.encoder, functions, lambda *blocks: EAGER._replace(attention_inputs=broken))
     with pytest.raises(StageError) as failure:
         build_stage("encoder", model_dir=tiny_model_dir, params={"compile": True})
     message = str(failure.value)

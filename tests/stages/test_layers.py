@@ -7,6 +7,7 @@ import dataclasses
 
 import pytest
 import torch
+from torch import nn
 from transformers.models.voxtral_realtime.modeling_voxtral_realtime import (
     VoxtralRealtimeRMSNorm,
     apply_rotary_pos_emb,
@@ -17,6 +18,7 @@ from stages.layers import (
     EAGER,
     Block,
     RMSNorm,
+    RollingKVCache,
     RotaryEmbedding,
     StaticKVCache,
     attention_bias,
@@ -72,26 +74,36 @@ ENCODER_LIKE = dataclasses.replace(DECODER_LIKE, n_kv_heads=4, use_biases=True)
 @pytest.mark.parametrize(
     ("params", "rows", "scaled"), [(DECODER_LIKE, 1, True), (ENCODER_LIKE, 4, False)], ids=["decoder", "encoder"]
 )
-def test_fused_blocks_step_like_the_eager_blocks(params, rows, scaled) -> None:
-    """A decoder-like block (one row, no biases, an FFN scale: the one-row kernel) and an encoder-like one (4
-    rows, biases: the tile kernel) stepped over a static ring that wraps: the fused kernels' block gives the
-    eager block's output at every step."""
+@pytest.mark.parametrize("static", [True, False], ids=["static-ring", "rolling"])
+def test_fused_blocks_step_like_the_eager_blocks(params, rows, scaled, static) -> None:
+    """A decoder-like pair of blocks (one row, no biases, an FFN scale: the one-row kernel) and an encoder-like
+    pair (4 rows, biases: the tile kernel) stepped over a static ring that wraps (whose slots the q/k/v kernel
+    fills) or a rolling cache: the fused kernels' blocks give the eager blocks' output at every step."""
     torch.manual_seed(0)
-    block = Block(params)
-    fuse_projections(block)
-    assert fused_products_serve([block])
+    blocks = nn.ModuleList(Block(params) for _ in range(2))
+    fuse_projections(blocks)
+    assert fused_products_serve(blocks)
     rope = RotaryEmbedding(params.head_dim, params.rope_theta)
     ffn_scale = 1 + 0.1 * torch.randn(params.dim) if scaled else None
-    shape = (params.sliding_window, rows, 1, params.n_kv_heads, params.head_dim)
-    caches = [StaticKVCache(*shape, dtype=torch.float32, device="cpu") for _ in "ab"]
+    shape = (params.sliding_window, rows, len(blocks), params.n_kv_heads, params.head_dim)
+    caches = [
+        StaticKVCache(*shape, dtype=torch.float32, device="cpu")
+        if static
+        else RollingKVCache(params.sliding_window, len(blocks))
+        for _ in "ab"
+    ]
     with torch.inference_mode():
         for step in range(40 // rows):
             x = torch.randn(rows, params.dim)
             positions = torch.arange(step * rows, (step + 1) * rows)
             rotations = rope.rotations(positions, x.dtype)
             outputs = []
-            for cache, functions in zip(caches, (EAGER, fused_block_functions()), strict=True):
+            for cache, functions in zip(caches, (EAGER, fused_block_functions(blocks)), strict=True):
                 cache.prepare((step + 1) * rows)
                 bias = attention_bias(positions, cache.begin(positions), params.sliding_window, x.dtype)
-                outputs.append(block(x, rotations, cache, 0, bias, ffn_scale, functions))
+                h = x
+                for index, block in enumerate(blocks):
+                    h = block(h, rotations, cache, index, bias, ffn_scale, functions)
+                cache.end()
+                outputs.append(h)
             torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-5, atol=1e-5)

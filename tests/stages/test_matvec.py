@@ -6,8 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from stages.layers import rms_norm
-from stages.matvec import MatvecConfig, Norm, matvec, matvec_available
+from stages.checkpoint import TransformerParams
+from stages.layers import Attention, RotaryEmbedding, rms_norm
+from stages.matvec import Heads, MatvecConfig, Norm, matvec, matvec_available
+from stages.rows_matmul import RowsConfig, rows_matmul
 
 pytestmark = pytest.mark.skipif(
     not matvec_available(torch.device("cpu")), reason="needs Triton (the dev extra installs it)"
@@ -77,3 +79,44 @@ def test_more_than_one_row_is_refused() -> None:
     x, weight, *_ = tensors(8, 16, torch.float32)
     with pytest.raises(ValueError, match=r"one row.*\[2, 16\]"):
         matvec(torch.cat((x, x)), weight)
+
+
+HEADS = TransformerParams(
+    dim=128, n_layers=1, head_dim=16, hidden_dim=96, n_heads=4, n_kv_heads=2, rope_theta=1e6, norm_eps=EPS,
+    sliding_window=8, use_biases=False,
+)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("product", "rows", "config"),
+    [
+        (matvec, 1, None), (matvec, 1, MatvecConfig(4, 32, 4)), (matvec, 1, MatvecConfig(2, 32, 4)),
+        (rows_matmul, 4, None), (rows_matmul, 4, RowsConfig(16, 32, 1, 1, 4)),
+        (rows_matmul, 4, RowsConfig(32, 32, 2, 1, 4)),
+    ],
+    ids=["matvec", "matvec-4-columns", "matvec-2-columns", "rows", "rows-16-columns", "rows-split"],
+)  # fmt: skip
+@pytest.mark.parametrize("cached", [True, False], ids=["static-cache", "no-cache"])
+def test_a_qkv_product_rotates_and_caches_its_heads_as_eager_does(product, rows, config, cached) -> None:
+    """Through an identity weight (a product that adds nothing of its own, in float16 for the interpreter's
+    sake: see above), the q/k/v kernels' RoPE gives `Attention.heads`' bits, and the keys and values land in
+    their ring slots and nowhere else."""
+    attention = Attention(HEADS)
+    x = tensors(HEADS.dim, rows * HEADS.dim, torch.float16, seed=5)[0].view(rows, HEADS.dim)
+    positions = torch.arange(13, 13 + rows)
+    rotations = RotaryEmbedding(HEADS.head_dim, HEADS.rope_theta).rotations(positions, x.dtype)
+    keys = torch.zeros(HEADS.sliding_window, HEADS.n_kv_heads, HEADS.head_dim, dtype=x.dtype)
+    values = torch.zeros_like(keys)
+    slots = positions % HEADS.sliding_window
+    q_dim, kv_dim = HEADS.n_heads * HEADS.head_dim, HEADS.n_kv_heads * HEADS.head_dim
+    heads = Heads(rotations, q_dim, kv_dim, HEADS.head_dim, (keys, values, slots) if cached else None)
+    qkv = product(x, torch.eye(HEADS.dim, dtype=x.dtype), heads=heads, config=config)
+    expected = attention.heads(x, rotations)
+    for ours, eager in zip(attention.rotated_heads(qkv), expected, strict=True):
+        assert torch.equal(ours, eager)
+    if cached:
+        assert torch.equal(keys[slots], expected[1]) and torch.equal(values[slots], expected[2])
+        others = torch.ones(HEADS.sliding_window, dtype=torch.bool).index_fill_(0, slots, False)
+        assert not keys[others].any() and not values[others].any()
+    else:
+        assert not keys.any() and not values.any()

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 
 from stages.layers import rms_norm
 from stages.matvec import Norm
-from stages.rows_matmul import TILE_ROWS, RowsConfig, _tickets, rows_matmul, rows_matmul_available
+from stages.rows_matmul import TILE_ROWS, RowsConfig, rows_matmul, rows_matmul_available
+from stages.step_attention import split_tickets
 
 pytestmark = pytest.mark.skipif(
     not rows_matmul_available(torch.device("cpu")), reason="needs Triton (the dev extra installs it)"
@@ -60,7 +61,7 @@ def test_a_split_reduction_leaves_its_counters_at_zero_for_the_next_launch() -> 
     x, weight, bias, *_ = tensors(4, 64, 64, torch.float32, seed=3)
     config = RowsConfig(16, 16, 4, 1, 4)
     first = rows_matmul(x, weight, bias=bias, config=config)
-    assert not _tickets(x.device).any()
+    assert not split_tickets(x.device).any()
     assert torch.equal(rows_matmul(x, weight, bias=bias, config=config), first)
     torch.testing.assert_close(first, F.linear(x, weight, bias), rtol=1e-5, atol=1e-5)
 

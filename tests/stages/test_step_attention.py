@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from stages.layers import Attention, attention_bias, step_attend
-from stages.step_attention import BLOCK_KEYS, key_splits, step_attention, step_attention_available
+from stages.step_attention import BLOCK_KEYS, key_splits, split_tickets, step_attention, step_attention_available
 
 pytestmark = pytest.mark.skipif(
     not step_attention_available(torch.device("cpu")), reason="needs Triton (the dev extra installs it)"
@@ -55,6 +55,17 @@ def test_slices_wholly_outside_the_window_add_nothing() -> None:
     ours = step_attention(q, keys, values, bias)
     assert torch.isfinite(ours).all()
     torch.testing.assert_close(ours, Attention.attend(q, keys, values, bias))
+
+
+def test_the_last_slice_to_finish_merges_and_leaves_the_counters_at_zero_for_the_next_launch() -> None:
+    """Each KV head's last program merges its slices and resets the head's counter: later launches (and graph
+    replays) see zeros and merge exactly once, to the same result."""
+    q, keys, values, bias = ring_step(*SHAPES[1], torch.float32, seed=3)
+    assert key_splits(keys.shape[0], keys.shape[1])[0] > 1
+    first = step_attention(q, keys, values, bias)
+    assert not split_tickets(q.device).any()
+    assert torch.equal(step_attention(q, keys, values, bias), first)
+    torch.testing.assert_close(first, Attention.attend(q, keys, values, bias))
 
 
 def test_output_is_position_major_for_the_output_projection() -> None:
