@@ -28,7 +28,8 @@ from stages.checkpoint import DECODER_PREFIXES, ENCODER_PREFIX, ModelDir
 from stages.decoder import streaming_prompt
 from stages.factory import build_stage, open_model
 from stages.graphs import StepGraphs
-from stages.layers import Attention, compiled_block_functions
+from stages.kernel_overlap import NO_OVERLAP, Overlap
+from stages.layers import Attention, compiled_block_functions, fused_block_functions
 from stages.mel import log_mel_frames
 from tools.make_tiny_checkpoint import REAL_SIZE, write_tiny_checkpoint
 
@@ -383,9 +384,9 @@ def measure(args: argparse.Namespace, device: torch.device, results: dict) -> No
     audio = synthetic_speechlike(args.seconds)
     model = open_model(model_dir.resolve())
     stages = model_stages(model_dir)
-    # The same code without CUDA graphs, without compiling, with SDPA for the steps' attention, and with
-    # cuBLAS and compiled code for the steps' products: what each is worth, and how much each changes
-    # what is computed.
+    # The same code without CUDA graphs, without compiling, with SDPA for the steps' attention, with
+    # cuBLAS and compiled code for the steps' products, and without the kernels' overlap (or also
+    # prefetching weights into L2): what each is worth, and how much each changes what is computed.
     check_audio = audio[: int(10 * SAMPLE_RATE)]
     graphed = run_stream(stages, check_audio, "graphed")
     results["variants"] = {}
@@ -394,6 +395,8 @@ def measure(args: argparse.Namespace, device: torch.device, results: dict) -> No
         "not_compiled": {"compile": False},
         "sdpa_attention": {},
         "cublas_products": {},
+        "no_overlap": {},
+        "prefetch_4MB": {},
     }
     for name, settings in settings_of.items():
         other = model_stages(model_dir, **settings)
@@ -403,6 +406,11 @@ def measure(args: argparse.Namespace, device: torch.device, results: dict) -> No
         if name == "cublas_products":
             for network in (other[1].encoder, other[2].decoder):
                 network.step_functions = compiled_block_functions()
+        if name in ("no_overlap", "prefetch_4MB"):
+            overlap = NO_OVERLAP if name == "no_overlap" else Overlap(prefetch_bytes=4 << 20)
+            encoder, decoder = other[1].encoder, other[2].decoder
+            for network, blocks in ((encoder, encoder.transformer.layers), (decoder, decoder.layers)):
+                network.step_functions = fused_block_functions(blocks, overlap)
         results["variants"][name] = variant(other, check_audio, graphed)
         if args.profile and name == "no_cuda_graphs":
             profile_steps(other, check_audio)

@@ -24,6 +24,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from stages.kernel_overlap import DEFAULT_OVERLAP, NO_OVERLAP, Overlap
 from stages.layers import rms_norm
 from stages.matvec import MatvecConfig, Norm, matvec, matvec_config
 from stages.rows_matmul import RowsConfig, rows_config, rows_matmul
@@ -85,8 +86,9 @@ def layer_weights(net: Network, seed: int = 0) -> dict[str, torch.Tensor]:
 
 
 def product_call(net: Network, product: str, w: dict[str, torch.Tensor]) -> Callable[..., torch.Tensor]:
-    """One product with its fused work, as a function of its input, its residual and a launch configuration:
-    the network's kernel (`matvec` for one row, `rows_matmul` for more)."""
+    """One product with its fused work, as a function of its input, its residual, a launch configuration and
+    optionally the weight to prefetch and the overlap: the network's kernel (`matvec` for one row,
+    `rows_matmul` for more)."""
     kernel = matvec if net.rows == 1 else rows_matmul
     bias = {"bias": w.get(f"b{product[1:]}")} if net.rows > 1 else {}
     norms = {
@@ -94,20 +96,52 @@ def product_call(net: Network, product: str, w: dict[str, torch.Tensor]) -> Call
         "w13": Norm(w["ffn_norm"], EPS, w.get("ffn_scale")),
     }
     if product == "w13":
-        return lambda x, residual, config: kernel(x, w["w13"], norm=norms["w13"], swiglu=True, config=config)
+        return lambda x, residual, config, **overlap: kernel(
+            x, w["w13"], norm=norms["w13"], swiglu=True, config=config, **overlap
+        )
     if product == "wqkv":
-        return lambda x, residual, config: kernel(x, w["wqkv"], norm=norms["wqkv"], config=config, **bias)
-    return lambda x, residual, config: kernel(x, w[product], residual=residual, config=config, **bias)
+        return lambda x, residual, config, **overlap: kernel(
+            x, w["wqkv"], norm=norms["wqkv"], config=config, **bias, **overlap
+        )
+    return lambda x, residual, config, **overlap: kernel(
+        x, w[product], residual=residual, config=config, **bias, **overlap
+    )
 
 
-def fused_layer(net: Network, x: torch.Tensor, w: dict[str, torch.Tensor], configs: dict | None = None) -> torch.Tensor:
-    """The layer's products with the work around them fused in (attention left out: its input is q)."""
+def fused_layer(
+    net: Network,
+    x: torch.Tensor,
+    w: dict[str, torch.Tensor],
+    configs: dict | None = None,
+    following: torch.Tensor | None = None,
+    overlap: Overlap = DEFAULT_OVERLAP,
+) -> torch.Tensor:
+    """The layer's products with the work around them fused in (attention left out: its input is q), each
+    prefetching the next one's weight (the last, `following`) under `overlap`, as the steps run them."""
     configs = configs or {}
     call = {product: product_call(net, product, w) for product in PRODUCTS}
-    qkv = call["wqkv"](x, None, configs.get("wqkv"))
-    x = call["wo"](qkv[:, : net.q_dim].contiguous(), x, configs.get("wo"))
-    hidden = call["w13"](x, None, configs.get("w13"))
-    return call["w2"](hidden, x, configs.get("w2"))
+    ahead = dict(zip(PRODUCTS, [w[p] for p in PRODUCTS[1:]] + [following], strict=True))
+    qkv = call["wqkv"](x, None, configs.get("wqkv"), prefetch=ahead["wqkv"], overlap=overlap)
+    x = call["wo"](qkv[:, : net.q_dim].contiguous(), x, configs.get("wo"), prefetch=ahead["wo"], overlap=overlap)
+    hidden = call["w13"](x, None, configs.get("w13"), prefetch=ahead["w13"], overlap=overlap)
+    return call["w2"](hidden, x, configs.get("w2"), prefetch=ahead["w2"], overlap=overlap)
+
+
+def fused_layers(
+    net: Network, x: torch.Tensor, stack: list[dict], configs: dict | None = None, overlap: Overlap = DEFAULT_OVERLAP
+) -> None:
+    """Every layer's fused products in turn, as a step runs them."""
+    following = [w["wqkv"] for w in stack[1:]] + [None]
+    for w, after in zip(stack, following, strict=True):
+        x = fused_layer(net, x, w, configs, after, overlap)
+
+
+# How the step's kernels overlap (see stages.kernel_overlap), against the default.
+OVERLAPS = {
+    "no_overlap": NO_OVERLAP,
+    "prefetch_only": Overlap(pdl=False, prefetch_bytes=4 << 20),
+    **{f"prefetch_{mb}MB": Overlap(prefetch_bytes=mb << 20) for mb in (1, 4, 16)},
+}
 
 
 def eager_layer(net: Network, x: torch.Tensor, w: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -255,15 +289,19 @@ def bench_network(name: str, args: argparse.Namespace, bandwidth: float) -> dict
         results[f"{label}_bf16_relative_error"] = float(error)
     results["split_deterministic"] = split_is_deterministic(net, stack[0])
     results["cublas_products_ms"] = graph_us(lambda: [cublas_layer(net, x, w) for w in stack], 1) / 1000
-    results["fused_layers_ms"] = graph_us(lambda: [fused_layer(net, x, w) for w in stack], 1) / 1000
+    results["fused_layers_ms"] = graph_us(lambda: fused_layers(net, x, stack), 1) / 1000
+    results["fused_layers_overlap_ms"] = {
+        name: graph_us(lambda o=overlap: fused_layers(net, x, stack, overlap=o), 1) / 1000
+        for name, overlap in OVERLAPS.items()
+    }
     if best:
-        fused_best = graph_us(lambda: [fused_layer(net, x, w, best) for w in stack], 1) / 1000
-        results["fused_layers_best_configs_ms"] = fused_best
+        results["fused_layers_best_configs_ms"] = graph_us(lambda: fused_layers(net, x, stack, best), 1) / 1000
     results["floor_ms"] = sum(w[p].numel() * 2 for w in stack for p in PRODUCTS) / bandwidth * 1e3
     print(
         f"{name} layers' products: cuBLAS bare {results['cublas_products_ms']:.3f} ms, fused kernels with their "
-        f"work {results['fused_layers_ms']:.3f} ms, floor {results['floor_ms']:.3f} ms; bf16 error eager "
-        f"{results['eager_bf16_relative_error']:.1e}, fused {results['fused_bf16_relative_error']:.1e}",
+        f"work {results['fused_layers_ms']:.3f} ms (without overlap "
+        f"{results['fused_layers_overlap_ms']['no_overlap']:.3f} ms), floor {results['floor_ms']:.3f} ms; bf16 "
+        f"error eager {results['eager_bf16_relative_error']:.1e}, fused {results['fused_bf16_relative_error']:.1e}",
         flush=True,
     )
     return results
