@@ -72,10 +72,11 @@ class PerStreamStage(Stage):
         """The live state of a stream (for inspection, e.g. of cache sizes)."""
         return self._states[stream_id]
 
-    def push_and_forget(self, item: Item) -> Any:
-        """Push one item through a stream that is dropped straight after: a warm-up that compiles and
-        captures the stage's step code before real streams arrive. Returns the dropped stream's state."""
-        self.push(WARM_UP_STREAM, item)
+    def push_and_forget(self, *items: Item) -> Any:
+        """Push items through a stream that is dropped straight after: a warm-up that compiles and captures
+        the stage's step code before real streams arrive. Returns the dropped stream's state."""
+        for item in items:
+            self.push(WARM_UP_STREAM, item)
         return self._states.pop(WARM_UP_STREAM, None)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,6 +33,8 @@ from stages.layers import (
 CONV_KERNEL = 3
 CONV1_CONTEXT = CONV_KERNEL - 1  # left pad of the stride-1 conv: (k - 1) + 1 - stride
 CONV2_CONTEXT = CONV_KERNEL - CONV_STRIDE  # left pad of the stride-2 conv: 1 frame, not 2 (spec 5, D3)
+# The stride-2 conv waits for pairs, so an odd count of mel frames so far leaves one more conv1 frame behind.
+CONV1_TAIL_LENGTHS = (CONV2_CONTEXT, CONV2_CONTEXT + 1)
 DEFAULT_BLOCK_FRAMES = 256  # encoder frames attended in one block; bounds the attention matrix
 
 
@@ -61,12 +64,15 @@ class EncoderState:
 
 @dataclass
 class EncoderStep:
-    """Fixed buffers of one stream's 4-frame (80 ms) encoder step, and its graphs per cache span."""
+    """Fixed buffers of one stream's 80 ms encoder step (conv stem and transformer), and its graphs per cache
+    span."""
 
-    frames: torch.Tensor  # [4, dim] stem frames in
-    positions: torch.Tensor  # [4]
+    mel: torch.Tensor  # [8, 128] mel frames in
+    mel_tail: torch.Tensor  # [CONV1_CONTEXT, 128] the stem's conv tails, carried from step to step
+    conv1_tails: dict[int, torch.Tensor]  # [length, dim] for each of CONV1_TAIL_LENGTHS
+    first_position: torch.Tensor  # [1] the step's first frame position
     out: torch.Tensor  # [4, dim] encoder frames out
-    graphs: StepGraphs
+    graphs: dict[int, StepGraphs]  # by the conv1 tail's length, which an 80 ms step keeps
 
 
 class AudioEncoder(nn.Module):
@@ -104,18 +110,22 @@ class AudioEncoder(nn.Module):
 
     def conv_stem(self, mel: torch.Tensor, state: EncoderState) -> torch.Tensor:
         """mel [k, 128] -> new stem frames [m, dim]; carries the conv tails so any chunking gives the same."""
-        x = torch.cat((state.mel_tail, mel.to(state.mel_tail.dtype)))
-        state.mel_tail = x[-CONV1_CONTEXT:]
+        mel = mel.to(state.mel_tail.dtype)
+        frames, state.mel_tail, state.conv1_tail = self.stem_frames(mel, state.mel_tail, state.conv1_tail)
+        return frames
+
+    def stem_frames(
+        self, mel: torch.Tensor, mel_tail: torch.Tensor, conv1_tail: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The stem frames that mel [k, 128] completes after the conv tails, and the tails after them."""
+        x = torch.cat((mel_tail, mel))
         c1 = self._conv(0, x, stride=1)
-        buf = torch.cat((state.conv1_tail, c1))
+        buf = torch.cat((conv1_tail, c1))
         pairs = (buf.shape[0] - CONV2_CONTEXT) // CONV_STRIDE
         if pairs == 0:
-            state.conv1_tail = buf
-            return buf.new_zeros(0, self.params.dim)
+            return buf.new_zeros(0, self.params.dim), x[-CONV1_CONTEXT:], buf
         # A valid stride-2 conv over the buffer yields exactly `pairs` frames; the rest waits for more input.
-        c2 = self._conv(1, buf, stride=CONV_STRIDE)
-        state.conv1_tail = buf[CONV_STRIDE * pairs :]
-        return c2
+        return self._conv(1, buf, stride=CONV_STRIDE), x[-CONV1_CONTEXT:], buf[CONV_STRIDE * pairs :]
 
     def _conv(self, index: int, x: torch.Tensor, stride: int) -> torch.Tensor:
         """GELU of a valid conv over time-major x [T, in]: one matrix product of every kernel-wide window
@@ -143,39 +153,60 @@ class AudioEncoder(nn.Module):
             block = x[start : start + DEFAULT_BLOCK_FRAMES]
             count = block.shape[0]
             state.cache.prepare(state.next_position + count)
-            if state.step is not None and count == ENCODER_FRAMES_PER_TOKEN:
-                outputs.append(self._graphed_step(block, state).clone())
-            else:
-                positions = torch.arange(state.next_position, state.next_position + count, device=x.device)
-                outputs.append(self.layers(block, positions, state.cache))
+            positions = torch.arange(state.next_position, state.next_position + count, device=x.device)
+            outputs.append(self.layers(block, positions, state.cache))
             state.next_position += count
         return torch.cat(outputs) if outputs else x.new_zeros(0, self.params.dim)
 
-    def _graphed_step(self, block: torch.Tensor, state: EncoderState) -> torch.Tensor:
+    def _graphed_step(self, mel: torch.Tensor, state: EncoderState) -> torch.Tensor:
+        """The 80 ms step as its graph: the stream's tails are moved into the step's buffers if an eager push
+        left them elsewhere, and after it they are those buffers."""
         step = state.step
-        step.frames.copy_(block)
-        step.positions.copy_(torch.arange(state.next_position, state.next_position + len(block)), non_blocking=True)
-        step.graphs(state.cache.span)
-        return step.out
+        tail_length = state.conv1_tail.shape[0]
+        step.mel.copy_(mel)
+        for tail, buffer in ((state.mel_tail, step.mel_tail), (state.conv1_tail, step.conv1_tails[tail_length])):
+            if tail is not buffer:
+                buffer.copy_(tail)
+        state.cache.prepare(state.next_position + ENCODER_FRAMES_PER_TOKEN)
+        step.first_position.fill_(state.next_position)
+        step.graphs[tail_length](state.cache.span)
+        state.mel_tail, state.conv1_tail = step.mel_tail, step.conv1_tails[tail_length]
+        state.next_position += ENCODER_FRAMES_PER_TOKEN
+        return step.out.clone()
 
     def enable_graphs(self, state: EncoderState) -> None:
         """Give a static-cache stream CUDA-graph buffers for its 80 ms steps."""
         ref = self.conv_layers[0].conv.weight
-        frames = ref.new_zeros(ENCODER_FRAMES_PER_TOKEN, self.params.dim)
-        positions = torch.zeros(ENCODER_FRAMES_PER_TOKEN, dtype=torch.long, device=ref.device)
-        out = torch.zeros_like(frames)
-        # The step holds the cache, not the state that holds the step: a finished stream's graphs are then freed
+        mel = ref.new_zeros(MEL_FRAMES_PER_TOKEN, NUM_MEL_BINS)
+        mel_tail = torch.zeros_like(state.mel_tail)
+        conv1_tails = {length: ref.new_zeros(length, self.params.dim) for length in CONV1_TAIL_LENGTHS}
+        first_position = torch.zeros(1, dtype=torch.long, device=ref.device)
+        offsets = torch.arange(ENCODER_FRAMES_PER_TOKEN, device=ref.device)
+        out = ref.new_zeros(ENCODER_FRAMES_PER_TOKEN, self.params.dim)
+        # The steps hold the cache, not the state that holds the steps: a finished stream's graphs are then freed
         # at once, never by the cycle collector in the middle of another graph's capture (which fails it).
         cache = state.cache
 
-        def step() -> None:
-            out.copy_(self.layers(frames, positions, cache))
+        def step_after(conv1_tail: torch.Tensor) -> Callable[[], None]:
+            def step() -> None:
+                frames, new_mel_tail, new_conv1_tail = self.stem_frames(mel, mel_tail, conv1_tail)
+                mel_tail.copy_(new_mel_tail)
+                conv1_tail.copy_(new_conv1_tail)
+                out.copy_(self.layers(frames, first_position + offsets, cache))
 
-        state.step = EncoderStep(frames, positions, out, StepGraphs(step, ref.device))
+            return step
+
+        graphs = {length: StepGraphs(step_after(tail), ref.device) for length, tail in conv1_tails.items()}
+        state.step = EncoderStep(mel, mel_tail, conv1_tails, first_position, out, graphs)
 
     @torch.inference_mode()
     def forward(self, mel: torch.Tensor, state: EncoderState) -> torch.Tensor:
-        """mel frames [k, 128] of a stream -> the encoder frames they complete [m, dim]."""
+        """mel frames [k, 128] of a stream -> the encoder frames they complete [m, dim]. An 80 ms push (8 mel
+        frames, so 4 frames out) of a stream with graphs replays its step's graph."""
+        if state.step is not None and mel.shape[0] == MEL_FRAMES_PER_TOKEN:
+            return self._graphed_step(mel, state)
+        if mel.shape[0] == 0:
+            return mel.new_zeros(0, self.params.dim)
         return self.transform(self.conv_stem(mel, state), state)
 
 
@@ -208,9 +239,11 @@ class EncoderStage(PerStreamStage):
         self.cuda_graphs = cuda_graphs
 
     def warm_up(self) -> None:
-        """Compile and capture the 80 ms step now rather than in the first stream's first step, and warm
-        attention at every span the cache can read (`warm_attention_spans`)."""
-        state = self.push_and_forget(np.zeros((MEL_FRAMES_PER_TOKEN, NUM_MEL_BINS), dtype=np.float32))
+        """Capture the 80 ms step now rather than in a stream's step, after either conv tail (80 ms of silence,
+        one mel frame more, 80 ms again), and warm attention at every span the cache can read
+        (`warm_attention_spans`)."""
+        silence = np.zeros((MEL_FRAMES_PER_TOKEN, NUM_MEL_BINS), dtype=np.float32)
+        state = self.push_and_forget(silence, silence[:1], silence)
         if isinstance(state.cache, StaticKVCache):
             heads = self.encoder.params.n_heads
             warm_attention_spans(self.encoder.step_functions.attend, state.cache, heads, ENCODER_FRAMES_PER_TOKEN)

@@ -13,6 +13,7 @@ class StepGraphs:
     The first call for a key runs the step eagerly on a side stream (warm-up, as capture requires; its
     results are the real ones), then captures it; later calls replay the graph. Capture and replay run with
     the step's device current: streams belong to a device, and a stream of another GPU would capture nothing.
+    On a CPU device the step just runs (same buffers, no capture), so the graphed steps' logic runs in tests.
     """
 
     def __init__(self, step: Callable[[], None], device: torch.device) -> None:
@@ -21,6 +22,9 @@ class StepGraphs:
         self._graphs: dict[Hashable, torch.cuda.CUDAGraph] = {}
 
     def __call__(self, key: Hashable) -> None:
+        if self.device.type != "cuda":
+            self.step()
+            return
         with torch.cuda.device(self.device):
             self._run(key)
 

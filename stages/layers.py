@@ -433,7 +433,7 @@ def fused_attention_output_and_ffn(
 
 
 def fused_block_functions(blocks: nn.ModuleList, overlap: Overlap = DEFAULT_OVERLAP) -> BlockFunctions:
-    """The steps of `blocks` as the fused product kernels (`fused_product`), `step_attend` between: six kernels
+    """The steps of `blocks` as the fused product kernels (`fused_product`), `step_attend` between: five kernels
     a layer, each overlapping its neighbours under `overlap` (see `kernel_overlap`)."""
     following = {id(block): after.attention.wqkv.weight for block, after in itertools.pairwise(blocks)}
 

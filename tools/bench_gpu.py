@@ -34,6 +34,11 @@ from stages.mel import log_mel_frames
 from tools.make_tiny_checkpoint import REAL_SIZE, write_tiny_checkpoint
 
 BYTES_PER_BF16 = 2
+# The steps' kernels overlapping their neighbours otherwise than by default (see stages.kernel_overlap).
+OVERLAP_VARIANTS = {
+    "no_overlap": NO_OVERLAP,
+    "prefetch_4MB": Overlap(prefetch_bytes=4 << 20),
+}
 
 
 def synthetic_speechlike(seconds: float, seed: int = 0) -> np.ndarray:
@@ -395,8 +400,7 @@ def measure(args: argparse.Namespace, device: torch.device, results: dict) -> No
         "not_compiled": {"compile": False},
         "sdpa_attention": {},
         "cublas_products": {},
-        "no_overlap": {},
-        "prefetch_4MB": {},
+        **{name: {} for name in OVERLAP_VARIANTS},
     }
     for name, settings in settings_of.items():
         other = model_stages(model_dir, **settings)
@@ -406,8 +410,8 @@ def measure(args: argparse.Namespace, device: torch.device, results: dict) -> No
         if name == "cublas_products":
             for network in (other[1].encoder, other[2].decoder):
                 network.step_functions = compiled_block_functions()
-        if name in ("no_overlap", "prefetch_4MB"):
-            overlap = NO_OVERLAP if name == "no_overlap" else Overlap(prefetch_bytes=4 << 20)
+        if name in OVERLAP_VARIANTS:
+            overlap = OVERLAP_VARIANTS[name]
             encoder, decoder = other[1].encoder, other[2].decoder
             for network, blocks in ((encoder, encoder.transformer.layers), (decoder, decoder.layers)):
                 network.step_functions = fused_block_functions(blocks, overlap)

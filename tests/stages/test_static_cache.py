@@ -5,13 +5,16 @@ from __future__ import annotations
 import gc
 import weakref
 
+import numpy as np
 import pytest
 import torch
 
-from stages.audio import SAMPLES_PER_TOKEN
+from stages.audio import MEL_FRAMES_PER_TOKEN, NUM_MEL_BINS, SAMPLES_PER_TOKEN
 from stages.base import StageError
 from stages.checkpoint import TransformerParams
+from stages.encoder import CONV1_TAIL_LENGTHS
 from stages.factory import build_stage
+from stages.graphs import StepGraphs
 from stages.layers import (
     MIN_SPAN,
     Block,
@@ -122,10 +125,48 @@ def test_a_dropped_streams_graph_state_is_freed_at_once_not_by_the_cycle_collect
     states = [encoder.encoder.new_state(static_cache=True), decoder._new_state()]
     encoder.encoder.enable_graphs(states[0])
     states[1].step = decoder._graph_step(states[1])
-    references = [weakref.ref(state) for state in states]
+    graphs = [*states[0].step.graphs.values(), states[1].step.graphs]
+    references = [weakref.ref(thing) for thing in (*states, *graphs)]
     gc.disable()
     try:
-        del states
-        assert [reference() for reference in references] == [None, None]
+        del states, graphs
+        assert [reference() for reference in references] == [None] * 5
     finally:
         gc.enable()
+
+
+def test_graphed_steps_compute_what_the_plain_steps_compute(small_window_model_dir, monkeypatch) -> None:
+    """The graphed steps' own buffers and bookkeeping, run without capture on the CPU: every 80 ms push is a
+    graphed step, whichever conv tail odd pushes before it left; the tails pass between those and eager pushes,
+    positions carry on across the ring's wraps, and the decoder's step feeds back its token."""
+    replayed = []
+    replay = StepGraphs.__call__
+    monkeypatch.setattr(StepGraphs, "__call__", lambda graphs, key: (replayed.append(graphs), replay(graphs, key)))
+    encoder, decoder = (
+        build_stage(kind, model_dir=small_window_model_dir, params={"cache": "static"})
+        for kind in ("encoder", "decoder")
+    )
+    plain = encoder.encoder.new_state(static_cache=True)
+    graphed = encoder.encoder.new_state(static_cache=True)
+    encoder.encoder.enable_graphs(graphed)
+    mel = np.random.default_rng(3).standard_normal((500, NUM_MEL_BINS)).astype(np.float32)
+    sizes = [8, 8, 3, 8, 8, 5, 8, 1, 0, 8, 8, 8, 8, 8, 8] + [MEL_FRAMES_PER_TOKEN] * 40
+    starts = np.cumsum([0, *sizes])
+    frames = {"plain": [], "graphed": []}
+    with torch.inference_mode():
+        for start, size in zip(starts, sizes, strict=False):
+            chunk = torch.from_numpy(mel[start : start + size])
+            for name, state in (("plain", plain), ("graphed", graphed)):
+                frames[name].append(encoder.encoder(chunk, state))
+    assert graphed.next_position == plain.next_position == sum(sizes) // 2
+    by_tail = graphed.step.graphs
+    assert [replayed.count(by_tail[length]) for length in CONV1_TAIL_LENGTHS] == [3, sizes.count(8) - 3]
+    encoded = torch.cat(frames["plain"])
+    assert torch.equal(torch.cat(frames["graphed"]), encoded)
+
+    decoder._states = {"plain": decoder._new_state(), "graphed": decoder._new_state()}
+    decoder._states["graphed"].step = decoder._graph_step(decoder._states["graphed"])
+    ids = {name: np.concatenate(decoder.push(name, encoded.float().numpy())).tolist() for name in decoder._states}
+    assert len(ids["plain"]) == encoded.shape[0] // 4 - len(decoder.prompt) + 1
+    assert len(set(ids["plain"])) >= 3
+    assert ids["graphed"] == ids["plain"]
