@@ -39,10 +39,12 @@ class Overlap(NamedTuple):
     # it cost 0.09 ms (encoder) and 0.05 ms (decoder) against launching as dependents alone; 16 MB and more
     # were slower everywhere. `tools.bench_products` and `tools.bench_gpu` measure it.
     prefetch_bytes: int = 0
+    # A product issues the loads of its first weight tile before it waits for its predecessor.
+    early_weights: bool = True
 
 
 DEFAULT_OVERLAP = Overlap()
-NO_OVERLAP = Overlap(pdl=False, prefetch_bytes=0)
+NO_OVERLAP = Overlap(pdl=False, prefetch_bytes=0, early_weights=False)
 
 
 class Prefetch(NamedTuple):

@@ -134,7 +134,8 @@ def matvec(
             norm.eps if norm is not None else 0.0,
             N=n, K=k, NORM=norm is not None, SCALE=norm is not None and norm.scale is not None,
             SWIGLU=swiglu, RESIDUAL=residual is not None, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-            PREFETCH=share is not None, PDL=pdl, **heads_arguments(heads, 1, absent),
+            PREFETCH=share is not None, EARLY=overlap.early_weights, PDL=pdl,
+            **heads_arguments(heads, 1, absent),
             num_warps=config.num_warps, **launch_options(pdl),
         )  # fmt: skip
     return out
@@ -162,14 +163,23 @@ if triton is not None:
         eps, rot_ptr, keys_ptr, values_ptr, slots_ptr,
         N: tl.constexpr, K: tl.constexpr, NORM: tl.constexpr, SCALE: tl.constexpr, SWIGLU: tl.constexpr,
         RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr,
-        PDL: tl.constexpr, ROPE: tl.constexpr, CACHE: tl.constexpr, Q_DIM: tl.constexpr, KV_DIM: tl.constexpr,
-        HEAD_DIM: tl.constexpr,
+        EARLY: tl.constexpr, PDL: tl.constexpr, ROPE: tl.constexpr, CACHE: tl.constexpr, Q_DIM: tl.constexpr,
+        KV_DIM: tl.constexpr, HEAD_DIM: tl.constexpr,
     ):  # fmt: skip
         dtype = out_ptr.dtype.element_ty
         prefetch_to_l2(prefetch_ptr, prefetch_total, prefetch_chunk, tl.program_id(0), PREFETCH)
-        wait_for_inputs(PDL)
         cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         ks = tl.arange(0, BLOCK_K)
+        # The weight is read once, so it should not displace the inputs other programs still read. It is also
+        # constant, so its first tile is on its way while the predecessor finishes.
+        if not EARLY:
+            wait_for_inputs(PDL)
+        w_first = tl.load(w_ptr + cols[:, None] * K + ks[None, :], eviction_policy="evict_first")
+        w_first_up = w_first
+        if SWIGLU:
+            w_first_up = tl.load(w_ptr + N * K + cols[:, None] * K + ks[None, :], eviction_policy="evict_first")
+        if EARLY:
+            wait_for_inputs(PDL)
         inv_rms = 0.0
         if NORM:
             # Every program reads the K inputs twice (from L2: a few KiB) rather than a kernel computing the norm.
@@ -178,11 +188,11 @@ if triton is not None:
                 xk = tl.load(x_ptr + k0 + ks).to(tl.float32)
                 squares += xk * xk
             inv_rms = 1.0 / tl.sqrt(tl.sum(squares, 0) / K + eps)
-        acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-        acc_up = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-        # The weight is read once, so it should not displace the inputs other programs still read.
+        h = _normed_tile(x_ptr, norm_ptr, scale_ptr, 0, inv_rms, NORM, SCALE, BLOCK_K)[None, :]
+        acc = h * w_first.to(tl.float32)
+        acc_up = h * w_first_up.to(tl.float32)
         # Unrolled, so every tile's load can be issued before the first is used (and, normed, before the norm).
-        for k0 in tl.static_range(0, K, BLOCK_K):
+        for k0 in tl.static_range(BLOCK_K, K, BLOCK_K):
             h = _normed_tile(x_ptr, norm_ptr, scale_ptr, k0, inv_rms, NORM, SCALE, BLOCK_K)[None, :]
             offsets = cols[:, None] * K + k0 + ks[None, :]
             acc += h * tl.load(w_ptr + offsets, eviction_policy="evict_first").to(tl.float32)

@@ -133,7 +133,8 @@ def rows_matmul(
             ROWS=rows, N=n, K=k, BIAS=bias is not None, NORM=norm is not None,
             SCALE=norm is not None and norm.scale is not None, SWIGLU=swiglu, RESIDUAL=residual is not None,
             BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLIT_K=config.split_k, STAGES=config.num_stages,
-            PREFETCH=share is not None, PDL=pdl, **heads_arguments(heads, rows, absent),
+            PREFETCH=share is not None, EARLY=overlap.early_weights, PDL=pdl,
+            **heads_arguments(heads, rows, absent),
             **dot_operand_types(x), TILE=TILE_ROWS, num_warps=config.num_warps, **launch_options(pdl),
         )  # fmt: skip
     return out
@@ -170,23 +171,61 @@ if triton is not None:
         tl.store(out_ptr + at, y, mask=live)
 
     @triton.jit
+    def _weight_tiles(w_ptr, cols, k0, ks, N: tl.constexpr, K: tl.constexpr, SWIGLU: tl.constexpr):
+        """The weight tile at k0 for `cols`, transposed to [BLOCK_K, BLOCK_N], and with SWIGLU the up half's
+        (else the same tile again); read once, so loaded to be evicted first."""
+        offsets = cols[None, :] * K + k0 + ks[:, None]
+        w = tl.load(w_ptr + offsets, eviction_policy="evict_first")
+        w_up = w
+        if SWIGLU:
+            w_up = tl.load(w_ptr + N * K + offsets, eviction_policy="evict_first")
+        return w, w_up
+
+    @triton.jit
+    def _accumulate(
+        x_ptr, norm_ptr, scale_ptr, rows, live, ks, k0, inv_rms, w, w_up, acc, acc_up,
+        K: tl.constexpr, NORM: tl.constexpr, SCALE: tl.constexpr, SWIGLU: tl.constexpr, DOT: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):  # fmt: skip
+        """acc (and acc_up) plus the rows' tile at k0, normed if NORM, times the weight tiles."""
+        h = tl.load(x_ptr + rows[:, None] * K + k0 + ks[None, :], mask=live, other=0.0)
+        if NORM:  # rms_norm's roundings: normalised then rounded, times the weight, times the scale
+            dtype = h.dtype
+            h = (h.to(tl.float32) * inv_rms[:, None]).to(dtype)
+            h = (h.to(tl.float32) * tl.load(norm_ptr + k0 + ks).to(tl.float32)[None, :]).to(dtype)
+            if SCALE:
+                h = (h.to(tl.float32) * tl.load(scale_ptr + k0 + ks).to(tl.float32)[None, :]).to(dtype)
+        h = h.to(DOT)
+        acc = tl.dot(h, w.to(DOT), acc, input_precision=PRECISION)
+        if SWIGLU:
+            acc_up = tl.dot(h, w_up.to(DOT), acc_up, input_precision=PRECISION)
+        return acc, acc_up
+
+    @triton.jit
     def _rows_matmul(
         x_ptr, w_ptr, bias_ptr, norm_ptr, scale_ptr, residual_ptr, out_ptr, partial_ptr, ticket_ptr,
         prefetch_ptr, prefetch_total, prefetch_chunk, eps, rot_ptr, keys_ptr, values_ptr, slots_ptr,
         ROWS: tl.constexpr, N: tl.constexpr, K: tl.constexpr, BIAS: tl.constexpr, NORM: tl.constexpr,
         SCALE: tl.constexpr, SWIGLU: tl.constexpr, RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, STAGES: tl.constexpr, PREFETCH: tl.constexpr,
-        PDL: tl.constexpr, ROPE: tl.constexpr, CACHE: tl.constexpr, Q_DIM: tl.constexpr, KV_DIM: tl.constexpr,
-        HEAD_DIM: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr, TILE: tl.constexpr,
+        EARLY: tl.constexpr, PDL: tl.constexpr, ROPE: tl.constexpr, CACHE: tl.constexpr, Q_DIM: tl.constexpr,
+        KV_DIM: tl.constexpr, HEAD_DIM: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr, TILE: tl.constexpr,
     ):  # fmt: skip
         column_block, split = tl.program_id(0), tl.program_id(1)
         program = split * tl.num_programs(0) + column_block
         prefetch_to_l2(prefetch_ptr, prefetch_total, prefetch_chunk, program, PREFETCH)
-        wait_for_inputs(PDL)
         rows = tl.arange(0, TILE)
         live = (rows < ROWS)[:, None]
         cols = column_block * BLOCK_N + tl.arange(0, BLOCK_N)
         ks = tl.arange(0, BLOCK_K)
+        per_split: tl.constexpr = K // SPLIT_K
+        first = split * per_split
+        # The weight is constant, so its first tile is on its way while the predecessor finishes.
+        if not EARLY:
+            wait_for_inputs(PDL)
+        w_first, w_first_up = _weight_tiles(w_ptr, cols, first, ks, N, K, SWIGLU)
+        if EARLY:
+            wait_for_inputs(PDL)
         inv_rms = tl.zeros([TILE], tl.float32)
         if NORM:
             # Every program reads the rows once more (from L2: a few KiB) rather than a kernel computing the norm.
@@ -197,22 +236,16 @@ if triton is not None:
             inv_rms = 1.0 / tl.sqrt(tl.sum(squares, 1) / K + eps)
         acc = tl.zeros([TILE, BLOCK_N], tl.float32)
         acc_up = tl.zeros([TILE, BLOCK_N], tl.float32)
-        per_split: tl.constexpr = K // SPLIT_K
-        for k0 in tl.range(split * per_split, (split + 1) * per_split, BLOCK_K, num_stages=STAGES):
-            h = tl.load(x_ptr + rows[:, None] * K + k0 + ks[None, :], mask=live, other=0.0)
-            if NORM:  # rms_norm's roundings: normalised then rounded, times the weight, times the scale
-                dtype = h.dtype
-                h = (h.to(tl.float32) * inv_rms[:, None]).to(dtype)
-                h = (h.to(tl.float32) * tl.load(norm_ptr + k0 + ks).to(tl.float32)[None, :]).to(dtype)
-                if SCALE:
-                    h = (h.to(tl.float32) * tl.load(scale_ptr + k0 + ks).to(tl.float32)[None, :]).to(dtype)
-            h = h.to(DOT)
-            offsets = cols[None, :] * K + k0 + ks[:, None]  # the weight tile transposed: [BLOCK_K, BLOCK_N]
-            w = tl.load(w_ptr + offsets, eviction_policy="evict_first").to(DOT)
-            acc = tl.dot(h, w, acc, input_precision=PRECISION)
-            if SWIGLU:
-                w_up = tl.load(w_ptr + N * K + offsets, eviction_policy="evict_first").to(DOT)
-                acc_up = tl.dot(h, w_up, acc_up, input_precision=PRECISION)
+        acc, acc_up = _accumulate(
+            x_ptr, norm_ptr, scale_ptr, rows, live, ks, first, inv_rms, w_first, w_first_up, acc, acc_up,
+            K, NORM, SCALE, SWIGLU, DOT, PRECISION,
+        )  # fmt: skip
+        for k0 in tl.range(first + BLOCK_K, first + per_split, BLOCK_K, num_stages=STAGES):
+            w, w_up = _weight_tiles(w_ptr, cols, k0, ks, N, K, SWIGLU)
+            acc, acc_up = _accumulate(
+                x_ptr, norm_ptr, scale_ptr, rows, live, ks, k0, inv_rms, w, w_up, acc, acc_up,
+                K, NORM, SCALE, SWIGLU, DOT, PRECISION,
+            )  # fmt: skip
         if SPLIT_K == 1:
             _finish(
                 acc, acc_up, rows, cols, bias_ptr, residual_ptr, out_ptr, rot_ptr, keys_ptr, values_ptr, slots_ptr,

@@ -38,6 +38,7 @@ BYTES_PER_BF16 = 2
 OVERLAP_VARIANTS = {
     "no_overlap": NO_OVERLAP,
     "prefetch_4MB": Overlap(prefetch_bytes=4 << 20),
+    "late_weights": Overlap(early_weights=False),
 }
 
 

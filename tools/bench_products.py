@@ -141,6 +141,7 @@ OVERLAPS = {
     "no_overlap": NO_OVERLAP,
     "prefetch_only": Overlap(pdl=False, prefetch_bytes=4 << 20),
     **{f"prefetch_{mb}MB": Overlap(prefetch_bytes=mb << 20) for mb in (1, 4, 16)},
+    "late_weights": Overlap(early_weights=False),
 }
 
 

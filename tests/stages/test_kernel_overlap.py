@@ -90,21 +90,24 @@ def ptx(kernel, constants):
 bf16 = {"DOT": triton.language.bfloat16, "PRECISION": "tf32"}
 heads = {"ROPE": True, "CACHE": True, "Q_DIM": 4096, "KV_DIM": 1024, "HEAD_DIM": 128}
 overlap = {"PREFETCH": True, "PDL": True}
-kernels = {
-    "matvec": ptx(matvec._matvec, {
+kernels = {}
+for early in (True, False):
+    name = "" if early else "_late"
+    kernels["matvec" + name] = ptx(matvec._matvec, {
         "N": 6144, "K": 3072, "NORM": True, "SCALE": False, "SWIGLU": False, "RESIDUAL": False,
-        "BLOCK_N": 4, "BLOCK_K": 1024, **overlap, **heads}),
-    "rows_matmul": ptx(rows_matmul._rows_matmul, {
+        "BLOCK_N": 4, "BLOCK_K": 1024, **overlap, "EARLY": early, **heads})
+    kernels["rows_matmul" + name] = ptx(rows_matmul._rows_matmul, {
         "ROWS": 4, "N": 1280, "K": 2048, "BIAS": True, "NORM": False, "SCALE": False, "SWIGLU": False,
-        "RESIDUAL": True, "BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 4, "STAGES": 5, **overlap,
-        "ROPE": False, "CACHE": False, "Q_DIM": 0, "KV_DIM": 0, "HEAD_DIM": 2, "TILE": 16, **bf16}),
-    "split_attention": ptx(step_attention._split_attention, {
-        **bf16, "LOG2_E": 1.4426950408889634, "ROWS": 16, "BLOCK": 64, **overlap, "LENGTH": 4, "GROUP": 1,
-        "HEAD_DIM": 64}),
-}
+        "RESIDUAL": True, "BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 4, "STAGES": 5, **overlap, "EARLY": early,
+        "ROPE": False, "CACHE": False, "Q_DIM": 0, "KV_DIM": 0, "HEAD_DIM": 2, "TILE": 16, **bf16})
+kernels["split_attention"] = ptx(step_attention._split_attention, {
+    **bf16, "LOG2_E": 1.4426950408889634, "ROWS": 16, "BLOCK": 64, **overlap, "LENGTH": 4, "GROUP": 1,
+    "HEAD_DIM": 64})
 print(json.dumps({name: {"wait": "griddepcontrol.wait" in code,
                          "launch_dependents": "griddepcontrol.launch_dependents" in code,
-                         "prefetch": "cp.async.bulk.prefetch.L2.global" in code} for name, code in kernels.items()}))
+                         "prefetch": "cp.async.bulk.prefetch.L2.global" in code,
+                         "loads_before_wait": "ld.global" in code.split("griddepcontrol.wait")[0]}
+                  for name, code in kernels.items()}))
 """
 
 
@@ -114,13 +117,16 @@ print(json.dumps({name: {"wait": "griddepcontrol.wait" in code,
 def test_the_overlapping_kernels_compile_for_hopper_with_their_instructions() -> None:
     """The kernels with programmatic dependent launch and L2 prefetching on, compiled to PTX (and by ptxas) for
     an H100/H200: every kernel waits for its predecessor, lets its successor launch, and prefetches (the next
-    product's weight, or its slice of the cache)."""
+    product's weight, or its slice of the cache); the products' first weight loads come before the wait."""
     env = {**os.environ, "TRITON_INTERPRET": "0"}
     done = subprocess.run(
         [sys.executable, "-c", HOPPER_PTX], capture_output=True, text=True, env=env, timeout=300, check=False
     )
     assert done.returncode == 0, done.stderr[-2000:]
     found = json.loads(done.stdout.splitlines()[-1])
-    assert set(found) == {"matvec", "rows_matmul", "split_attention"}
+    # Products load their first weight tile before the wait unless told not to; attention loads nothing first.
+    early = {"matvec": True, "rows_matmul": True, "matvec_late": False, "rows_matmul_late": False}
+    assert set(found) == {*early, "split_attention"}
     for name, instructions in found.items():
+        assert instructions.pop("loads_before_wait") == early.get(name, False), name
         assert all(instructions.values()), (name, instructions)
