@@ -31,14 +31,16 @@ PREFETCH_ALIGNMENT = 16  # bulk prefetches take 16-byte aligned addresses and si
 
 
 class Overlap(NamedTuple):
-    """Whether kernels launch as programmatic dependents, and how many bytes of the next product's weight a
-    product prefetches into L2 (none: attention does not prefetch its slice of the cache either)."""
+    """Whether kernels launch as programmatic dependents, how many bytes of the next product's weight a product
+    prefetches into L2 (with none, attention does not prefetch its slice of the cache either), and whether a
+    product's first weight loads come before its wait."""
 
     pdl: bool = True
-    # Off: on an H200, 4 MB took the decoder's layers' products alone 1.70 -> 1.67 ms, but in the whole steps
-    # it cost 0.09 ms (encoder) and 0.05 ms (decoder) against launching as dependents alone; 16 MB and more
-    # were slower everywhere. `tools.bench_products` and `tools.bench_gpu` measure it.
-    prefetch_bytes: int = 0
+    # 1 MB: on an H200, with the products' first weight tile loaded before their wait, four interleaved rounds
+    # each gave encoder 1.56 -> 1.53 ms and decoder 2.27 -> 2.24 ms against none; 4 MB helped the decoder as
+    # much but slowed the encoder, and 16 MB and more were slower everywhere. `tools.bench_products` and
+    # `tools.bench_gpu` measure it.
+    prefetch_bytes: int = 1 << 20
     # A product issues the loads of its first weight tile before it waits for its predecessor.
     early_weights: bool = True
 

@@ -37,6 +37,7 @@ BYTES_PER_BF16 = 2
 # The steps' kernels overlapping their neighbours otherwise than by default (see stages.kernel_overlap).
 OVERLAP_VARIANTS = {
     "no_overlap": NO_OVERLAP,
+    "no_prefetch": Overlap(prefetch_bytes=0),
     "prefetch_4MB": Overlap(prefetch_bytes=4 << 20),
     "late_weights": Overlap(early_weights=False),
 }

@@ -140,7 +140,8 @@ def fused_layers(
 OVERLAPS = {
     "no_overlap": NO_OVERLAP,
     "prefetch_only": Overlap(pdl=False, prefetch_bytes=4 << 20),
-    **{f"prefetch_{mb}MB": Overlap(prefetch_bytes=mb << 20) for mb in (1, 4, 16)},
+    "no_prefetch": Overlap(prefetch_bytes=0),
+    **{f"prefetch_{mb}MB": Overlap(prefetch_bytes=mb << 20) for mb in (4, 16)},
     "late_weights": Overlap(early_weights=False),
 }
 

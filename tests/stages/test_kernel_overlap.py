@@ -51,7 +51,7 @@ def test_no_prefetch_without_a_tensor_a_budget_an_aligned_start_or_a_capable_dev
     prefetching = Overlap(prefetch_bytes=1 << 20)
     assert prefetch_share(None, prefetching, 80) is None
     assert prefetch_share(tensor, NO_OVERLAP, 80) is None
-    assert prefetch_share(tensor, DEFAULT_OVERLAP, 80) is None  # the default launches as a dependent only
+    assert prefetch_share(tensor, Overlap(prefetch_bytes=0), 80) is None
     assert prefetch_share(tensor[1:], prefetching, 80) is None  # 2 bytes past an aligned start
     assert prefetch_share(tensor[8:], prefetching, 80) is not None
     monkeypatch.setattr(kernel_overlap, "overlap_supported", lambda device: False)
