@@ -13,7 +13,7 @@ from torch import nn
 from stages.audio import ENCODER_FRAMES_PER_TOKEN
 from stages.base import PerStreamStage, StageError
 from stages.checkpoint import ADAPTER_PREFIX, DECODER_PREFIXES, TOKEN_EMBEDDING, ModelDir, ModelParams
-from stages.graphs import StepGraphs
+from stages.graphs import StagedInput, StepGraphs, StepPosition
 from stages.layers import (
     EAGER,
     Block,
@@ -145,9 +145,9 @@ PREFILL_BLOCK = 64  # positions decoded in one call at most (the longest prompt 
 class DecoderStep:
     """Fixed buffers of one stream's one-position step, and its CUDA graphs per cache span."""
 
-    frames: torch.Tensor  # [4, enc_dim] the position's encoder frames in (the adapter runs in the graph)
+    frames: StagedInput  # [4, enc_dim] the position's encoder frames in (the adapter runs in the graph)
     token: torch.Tensor  # [1] previous token in, greedy token out (stays on the device between steps)
-    position: torch.Tensor  # [1]
+    position: StepPosition  # [1]
     graphs: StepGraphs
 
 
@@ -214,14 +214,15 @@ class DecoderStage(PerStreamStage):
 
     def _graph_step(self, state: DecoderState) -> DecoderStep:
         weight = self.decoder.tok_embeddings.weight
-        frames = weight.new_zeros(ENCODER_FRAMES_PER_TOKEN, self.decoder.params.encoder.dim)
+        frames = StagedInput(weight.new_zeros(ENCODER_FRAMES_PER_TOKEN, self.decoder.params.encoder.dim))
         token = torch.zeros(1, dtype=torch.long, device=weight.device)
-        position = torch.zeros(1, dtype=torch.long, device=weight.device)
+        position = StepPosition(torch.zeros(1, dtype=torch.long, device=weight.device), 1)
         cache = state.cache  # not the state, which holds the step (see AudioEncoder.enable_graphs)
 
         def step() -> None:
-            hidden = self.decoder(self.decoder.adapt(frames), token, position, cache, self.ffn_scales)
+            hidden = self.decoder(self.decoder.adapt(frames.buffer), token, position.tensor, cache, self.ffn_scales)
             token.copy_(self.decoder.logits(hidden).argmax(-1))
+            position.advance_on_device()
 
         return DecoderStep(frames, token, position, StepGraphs(step, weight.device))
 
@@ -249,6 +250,11 @@ class DecoderStage(PerStreamStage):
             state = self._states[stream_id] = self._new_state()
         if state.ended or frames.shape[0] == 0:
             return []
+        steady = not (state.frames or state.pending) and state.next_position >= len(self.prompt)
+        if state.step is not None and steady and frames.shape[0] == ENCODER_FRAMES_PER_TOKEN:
+            # One position's frames, as a stream sends them: straight from the host into the step's graph.
+            with torch.inference_mode():
+                return [np.asarray([self._replay(state, torch.from_numpy(frames))], dtype=np.int64)]
         weight = self.decoder.tok_embeddings.weight
         state.frames.append(torch.from_numpy(frames).to(device=weight.device, dtype=weight.dtype))
         buffered = torch.cat(state.frames)
@@ -296,8 +302,8 @@ class DecoderStage(PerStreamStage):
     def _replay(self, state: DecoderState, frames: torch.Tensor) -> int:
         step = state.step
         state.cache.prepare(state.next_position + 1)
-        step.frames.copy_(frames)
-        step.position.fill_(state.next_position)
+        step.frames.load(frames)
+        step.position.set(state.next_position)
         step.graphs(state.cache.span)
         return self._advance(state, 1, int(step.token))
 

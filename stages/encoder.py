@@ -13,7 +13,7 @@ from torch import nn
 from stages.audio import CONV_STRIDE, ENCODER_FRAMES_PER_TOKEN, MEL_FRAMES_PER_TOKEN, NUM_MEL_BINS
 from stages.base import PerStreamStage, StageError
 from stages.checkpoint import ENCODER_PREFIX, ModelDir, TransformerParams
-from stages.graphs import StepGraphs
+from stages.graphs import StagedInput, StepGraphs, StepPosition
 from stages.layers import (
     EAGER,
     Block,
@@ -67,10 +67,10 @@ class EncoderStep:
     """Fixed buffers of one stream's 80 ms encoder step (conv stem and transformer), and its graphs per cache
     span."""
 
-    mel: torch.Tensor  # [8, 128] mel frames in
+    mel: StagedInput  # [8, 128] mel frames in
     mel_tail: torch.Tensor  # [CONV1_CONTEXT, 128] the stem's conv tails, carried from step to step
     conv1_tails: dict[int, torch.Tensor]  # [length, dim] for each of CONV1_TAIL_LENGTHS
-    first_position: torch.Tensor  # [1] the step's first frame position
+    first_position: StepPosition  # [1] the step's first frame position
     out: torch.Tensor  # [4, dim] encoder frames out
     graphs: dict[int, StepGraphs]  # by the conv1 tail's length, which an 80 ms step keeps
 
@@ -163,12 +163,12 @@ class AudioEncoder(nn.Module):
         left them elsewhere, and after it they are those buffers."""
         step = state.step
         tail_length = state.conv1_tail.shape[0]
-        step.mel.copy_(mel)
+        step.mel.load(mel)
         for tail, buffer in ((state.mel_tail, step.mel_tail), (state.conv1_tail, step.conv1_tails[tail_length])):
             if tail is not buffer:
                 buffer.copy_(tail)
         state.cache.prepare(state.next_position + ENCODER_FRAMES_PER_TOKEN)
-        step.first_position.fill_(state.next_position)
+        step.first_position.set(state.next_position)
         step.graphs[tail_length](state.cache.span)
         state.mel_tail, state.conv1_tail = step.mel_tail, step.conv1_tails[tail_length]
         state.next_position += ENCODER_FRAMES_PER_TOKEN
@@ -177,10 +177,10 @@ class AudioEncoder(nn.Module):
     def enable_graphs(self, state: EncoderState) -> None:
         """Give a static-cache stream CUDA-graph buffers for its 80 ms steps."""
         ref = self.conv_layers[0].conv.weight
-        mel = ref.new_zeros(MEL_FRAMES_PER_TOKEN, NUM_MEL_BINS)
+        mel = StagedInput(ref.new_zeros(MEL_FRAMES_PER_TOKEN, NUM_MEL_BINS))
         mel_tail = torch.zeros_like(state.mel_tail)
         conv1_tails = {length: ref.new_zeros(length, self.params.dim) for length in CONV1_TAIL_LENGTHS}
-        first_position = torch.zeros(1, dtype=torch.long, device=ref.device)
+        first_position = StepPosition(torch.zeros(1, dtype=torch.long, device=ref.device), ENCODER_FRAMES_PER_TOKEN)
         offsets = torch.arange(ENCODER_FRAMES_PER_TOKEN, device=ref.device)
         out = ref.new_zeros(ENCODER_FRAMES_PER_TOKEN, self.params.dim)
         # The steps hold the cache, not the state that holds the steps: a finished stream's graphs are then freed
@@ -189,10 +189,11 @@ class AudioEncoder(nn.Module):
 
         def step_after(conv1_tail: torch.Tensor) -> Callable[[], None]:
             def step() -> None:
-                frames, new_mel_tail, new_conv1_tail = self.stem_frames(mel, mel_tail, conv1_tail)
+                frames, new_mel_tail, new_conv1_tail = self.stem_frames(mel.buffer, mel_tail, conv1_tail)
                 mel_tail.copy_(new_mel_tail)
                 conv1_tail.copy_(new_conv1_tail)
-                out.copy_(self.layers(frames, first_position + offsets, cache))
+                out.copy_(self.layers(frames, first_position.tensor + offsets, cache))
+                first_position.advance_on_device()
 
             return step
 
@@ -201,13 +202,14 @@ class AudioEncoder(nn.Module):
 
     @torch.inference_mode()
     def forward(self, mel: torch.Tensor, state: EncoderState) -> torch.Tensor:
-        """mel frames [k, 128] of a stream -> the encoder frames they complete [m, dim]. An 80 ms push (8 mel
-        frames, so 4 frames out) of a stream with graphs replays its step's graph."""
+        """mel frames [k, 128] of a stream (on any device) -> the encoder frames they complete [m, dim]. An 80 ms
+        push (8 mel frames, so 4 frames out) of a stream with graphs replays its step's graph."""
         if state.step is not None and mel.shape[0] == MEL_FRAMES_PER_TOKEN:
             return self._graphed_step(mel, state)
+        ref = self.conv_layers[0].conv.weight
         if mel.shape[0] == 0:
-            return mel.new_zeros(0, self.params.dim)
-        return self.transform(self.conv_stem(mel, state), state)
+            return ref.new_zeros(0, self.params.dim)
+        return self.transform(self.conv_stem(mel.to(device=ref.device, dtype=ref.dtype), state), state)
 
 
 def load_audio_encoder(model: ModelDir, *, dtype: torch.dtype, device: str | torch.device) -> AudioEncoder:
@@ -257,8 +259,7 @@ class EncoderStage(PerStreamStage):
             state = self._states[stream_id] = self.encoder.new_state(static_cache=self.static_cache)
             if self.cuda_graphs:
                 self.encoder.enable_graphs(state)
-        weight = self.encoder.conv_layers[0].conv.weight
-        frames = self.encoder(torch.from_numpy(mel).to(device=weight.device, dtype=weight.dtype), state)
+        frames = self.encoder(torch.from_numpy(mel), state)
         if frames.shape[0] == 0:
             return []
         return [frames.float().cpu().numpy()]

@@ -396,7 +396,8 @@ def measure(args: argparse.Namespace, device: torch.device, results: dict) -> No
     # prefetching weights into L2): what each is worth, and how much each changes what is computed.
     check_audio = audio[: int(10 * SAMPLE_RATE)]
     graphed = run_stream(stages, check_audio, "graphed")
-    results["variants"] = {}
+    # The default itself again, on the same audio as the variants: their yardstick (and a determinism check).
+    results["variants"] = {"default": variant(stages, check_audio, graphed)}
     settings_of = {
         "no_cuda_graphs": {"cuda_graphs": False},
         "not_compiled": {"compile": False},

@@ -164,9 +164,19 @@ def test_graphed_steps_compute_what_the_plain_steps_compute(small_window_model_d
     encoded = torch.cat(frames["plain"])
     assert torch.equal(torch.cat(frames["graphed"]), encoded)
 
-    decoder._states = {"plain": decoder._new_state(), "graphed": decoder._new_state()}
-    decoder._states["graphed"].step = decoder._graph_step(decoder._states["graphed"])
-    ids = {name: np.concatenate(decoder.push(name, encoded.float().numpy())).tolist() for name in decoder._states}
+    # The graphed streams take the frames at once, 4 at a time (a position per push, as a stream sends them)
+    # and 3 at a time (positions straddling pushes).
+    chunks = {"plain": encoded.shape[0], "graphed": encoded.shape[0], "graphed_by_4": 4, "graphed_by_3": 3}
+    decoder._states = {name: decoder._new_state() for name in chunks}
+    for name in chunks:
+        if name != "plain":
+            decoder._states[name].step = decoder._graph_step(decoder._states[name])
+    host_frames = encoded.float().numpy()
+    ids = {
+        name: [int(i) for start in range(0, len(host_frames), size)
+               for out in decoder.push(name, host_frames[start : start + size]) for i in out]
+        for name, size in chunks.items()
+    }  # fmt: skip
     assert len(ids["plain"]) == encoded.shape[0] // 4 - len(decoder.prompt) + 1
     assert len(set(ids["plain"])) >= 3
-    assert ids["graphed"] == ids["plain"]
+    assert ids["graphed"] == ids["graphed_by_4"] == ids["graphed_by_3"] == ids["plain"]
