@@ -4,8 +4,8 @@ fused in: the RMSNorm before, and the bias, SwiGLU or the residual add after.
 An 80 ms encoder step multiplies 4 rows by every weight, so a product is still a weight read, of 3 to 26 MB.
 cuBLAS reads these at about 45% of the copy bandwidth, and the norms, activation and residual adds are kernels
 of their own. Here the rows are padded to a 16-row tensor-core tile, every program owns a block of output
-columns, and the products with few columns (the 1280-wide outputs) split their reduction over several
-programs, the last of which adds the partial sums in a fixed order and finishes the columns.
+columns, and the reduction is split over several programs per block, the last of which adds the partial sums
+in a fixed order and finishes the columns.
 """
 
 from __future__ import annotations
@@ -34,9 +34,9 @@ except ImportError:  # CPU-only torch builds come without Triton; then the produ
     triton = None
 
 TILE_ROWS = 16  # rows of a tensor-core product; fewer rows are padded with zeros
-TARGET_PROGRAMS = 80  # split the reduction until about this many programs read the weight
-UNSPLIT_BLOCK_K = 256  # weight columns per tile when one program reduces them all
-SPLIT_BLOCK_K = 128
+BLOCK_N = 64  # output columns per program
+MAX_BLOCK_K = 512  # weight columns of a program's one tile
+SWIGLU_BLOCK_K = 256  # weight columns per tile of SwiGLU's loop
 
 
 class RowsConfig(NamedTuple):
@@ -56,19 +56,17 @@ def rows_matmul_available(device: torch.device) -> bool:
 
 
 def rows_config(n: int, k: int, device: torch.device, swiglu: bool) -> RowsConfig:
-    """The launch for an [n, k] product, the fastest of a sweep on an H200 (`tools.bench_products --sweep`):
-    64 columns per program, the reduction split (never with SwiGLU, whose two columns finish together) until
-    about TARGET_PROGRAMS programs read the weight, 256-wide tiles unsplit and 128-wide split, and as many
-    pipelined tile loads as shared memory holds. Triton's CPU interpreter runs programs one by one in Python,
-    so there they are as few as the shape allows."""
+    """The launch for an [n, k] product, the fastest of a sweep on an H200 (`tools.bench_products --sweep`): 64
+    columns per program, and the reduction split until each program's share of the weight is one tile of at
+    most MAX_BLOCK_K columns (the widest power of two dividing k), all of it loaded before the program waits
+    for its predecessor; SwiGLU, whose two columns finish together, unsplit over pipelined 256-wide tiles.
+    Triton's CPU interpreter runs programs one by one in Python, so there they are as few as the shape allows."""
     if device.type != "cuda":
-        return RowsConfig(min(n & -n, 64), min(k & -k, 256), 1, 1, 4)
-    block_n = 64
-    split = 1
-    while not swiglu and n // block_n * split * 2 <= TARGET_PROGRAMS and k % (SPLIT_BLOCK_K * split * 2) == 0:
-        split *= 2
-    block_k = SPLIT_BLOCK_K if split > 1 else UNSPLIT_BLOCK_K
-    return RowsConfig(block_n, block_k, split, 3 if swiglu else 5, 4)
+        return RowsConfig(min(n & -n, BLOCK_N), min(k & -k, MAX_BLOCK_K), 1, 1, 4)
+    if swiglu:
+        return RowsConfig(BLOCK_N, SWIGLU_BLOCK_K, 1, 3, 4)
+    block_k = min(k & -k, MAX_BLOCK_K)
+    return RowsConfig(BLOCK_N, block_k, k // block_k, 2, 4)
 
 
 def rows_matmul(

@@ -170,7 +170,8 @@ def candidate_configs(net: Network, product: str, n: int, k: int) -> list:
         grid = itertools.product((1, 2, 4, 8), (256, 512, 1024), (4, 8))
         return [MatvecConfig(bn, bk, warps) for bn, bk, warps in grid if k % bk == 0]
     configs = []
-    for bn, bk, split, stages, warps in itertools.product((16, 32, 64), (64, 128, 256), (1, 2, 4, 8), (3, 5), (4, 8)):
+    grid = itertools.product((16, 32, 64), (64, 128, 256, 512), (1, 2, 4, 5, 8, 10), (2, 3, 5), (4, 8))
+    for bn, bk, split, stages, warps in grid:
         if n % bn or k % (bk * split) or (product == "w13" and split > 1) or n // bn * split > 1024:
             continue
         configs.append(RowsConfig(bn, bk, split, stages, warps))

@@ -8,8 +8,9 @@ import torch.nn.functional as F
 
 from stages.layers import rms_norm
 from stages.matvec import Norm
-from stages.rows_matmul import TILE_ROWS, RowsConfig, rows_matmul, rows_matmul_available
+from stages.rows_matmul import MAX_BLOCK_K, TILE_ROWS, RowsConfig, rows_config, rows_matmul, rows_matmul_available
 from stages.step_attention import split_tickets
+from tools.make_tiny_checkpoint import REAL_SIZE
 
 pytestmark = pytest.mark.skipif(
     not rows_matmul_available(torch.device("cpu")), reason="needs Triton (the dev extra installs it)"
@@ -64,6 +65,21 @@ def test_a_split_reduction_leaves_its_counters_at_zero_for_the_next_launch() -> 
     assert not split_tickets(x.device).any()
     assert torch.equal(rows_matmul(x, weight, bias=bias, config=config), first)
     torch.testing.assert_close(first, F.linear(x, weight, bias), rtol=1e-5, atol=1e-5)
+
+
+def test_gpu_launches_fit_the_encoder_and_load_each_programs_whole_share_as_one_tile() -> None:
+    """On a GPU every encoder product's launch fits its shape, and but for SwiGLU's gives each program one
+    tile of at most MAX_BLOCK_K weight columns: its whole share, loaded before it waits for its predecessor."""
+    real = REAL_SIZE
+    q_dim = real.enc_heads * real.enc_head_dim
+    products = [(3 * q_dim, real.enc_dim), (real.enc_dim, q_dim), (real.enc_dim, real.enc_hidden_dim)]
+    for n, k in products:
+        config = rows_config(n, k, torch.device("cuda"), swiglu=False)
+        assert n % config.block_n == 0
+        assert config.block_k * config.split_k == k
+        assert config.block_k <= MAX_BLOCK_K and config.block_k & (config.block_k - 1) == 0
+    swiglu = rows_config(real.enc_hidden_dim, real.enc_dim, torch.device("cuda"), swiglu=True)
+    assert swiglu.split_k == 1 and real.enc_hidden_dim % swiglu.block_n == 0 and real.enc_dim % swiglu.block_k == 0
 
 
 def test_16_bit_results_round_where_eager_rounds() -> None:
