@@ -167,8 +167,9 @@ def cublas_layer(net: Network, x: torch.Tensor, w: dict[str, torch.Tensor]) -> N
 def candidate_configs(net: Network, product: str, n: int, k: int) -> list:
     """Every plausible launch of one product of the network's kernel."""
     if net.rows == 1:
-        grid = itertools.product((1, 2, 4, 8), (256, 512, 1024), (4, 8))
-        return [MatvecConfig(bn, bk, warps) for bn, bk, warps in grid if k % bk == 0]
+        whole_row = 1 << (k - 1).bit_length()  # one tile, padded to a power of two
+        grid = itertools.product((1, 2, 4, 8), (256, 512, 1024, whole_row), (4, 8))
+        return [MatvecConfig(bn, bk, warps) for bn, bk, warps in sorted(set(grid)) if k % bk == 0 or bk == whole_row]
     configs = []
     grid = itertools.product((16, 32, 64), (64, 128, 256, 512), (1, 2, 4, 5, 8, 10), (2, 3, 5), (4, 8))
     for bn, bk, split, stages, warps in grid:
@@ -270,7 +271,9 @@ def bench_network(name: str, args: argparse.Namespace, bandwidth: float) -> dict
         n, k = weights[0].shape[0] // (2 if product == "w13" else 1), weights[0].shape[1]
         inputs = torch.randn(net.rows, k, device="cuda", dtype=torch.bfloat16)
         residual = torch.randn(net.rows, n, device="cuda", dtype=torch.bfloat16)
-        default = matvec_config(n, k, inputs.device, product in ("wqkv", "w13")) if net.rows == 1 else None
+        default = (
+            matvec_config(n, k, inputs.device, product in ("wqkv", "w13"), product == "w13") if net.rows == 1 else None
+        )
         default = default or rows_config(n, k, inputs.device, product == "w13")
         entry = {
             "shape": list(weights[0].shape),

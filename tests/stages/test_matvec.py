@@ -30,9 +30,13 @@ def tensors(n: int, k: int, dtype: torch.dtype, seed: int = 0) -> tuple[torch.Te
     return random(1, k), random(n, k, scale=0.1), random(k, scale=0.1, offset=1.0), random(1, k), random(1, n)
 
 
-@pytest.mark.parametrize("config", CONFIGS)
-def test_each_fusion_equals_the_eager_ops_in_float32(config) -> None:
-    x, weight, norm_weight, scale, residual = tensors(96, 64, torch.float32)
+# The whole row of a 96-wide input as one tile padded to 128 (the GPU's launch for rows that are no power of two).
+PADDED = [(MatvecConfig(1, 128, 8), 96), (MatvecConfig(4, 128, 4), 96)]
+
+
+@pytest.mark.parametrize(("config", "k"), [(config, 64) for config in CONFIGS] + PADDED)
+def test_each_fusion_equals_the_eager_ops_in_float32(config, k) -> None:
+    x, weight, norm_weight, scale, residual = tensors(96, k, torch.float32)
     normed = rms_norm(x, norm_weight, EPS)
     cases = [
         (matvec(x, weight, config=config), F.linear(x, weight)),
@@ -79,6 +83,14 @@ def test_more_than_one_row_is_refused() -> None:
     x, weight, *_ = tensors(8, 16, torch.float32)
     with pytest.raises(ValueError, match=r"one row.*\[2, 16\]"):
         matvec(torch.cat((x, x)), weight)
+
+
+@pytest.mark.parametrize("config", [MatvecConfig(1, 64, 8), MatvecConfig(1, 48, 8), MatvecConfig(5, 32, 8)])
+def test_a_launch_that_does_not_fit_the_product_is_refused(config) -> None:
+    """Tiles that split a row unevenly, tiles of no power of two, or column blocks that split the output."""
+    x, weight, *_ = tensors(96, 96, torch.float32)
+    with pytest.raises(ValueError, match=r"does not fit a \[96, 96\] product"):
+        matvec(x, weight, config=config)
 
 
 HEADS = TransformerParams(
