@@ -91,11 +91,12 @@ def matvec_config(n: int, k: int, device: torch.device, normed: bool, swiglu: bo
     for its predecessor (decoder w1/w3 28.8 -> 27.3 us). Other tiles are powers of two that divide k, so no
     load needs a mask. Triton's CPU interpreter runs programs one by one in Python, so there the programs are
     as few as whole power-of-two blocks of columns allow."""
+    tile, warps = min(NORMED_BLOCK_K if normed else BLOCK_K, k & -k), 4 if normed else 8
     if device.type != "cuda":
-        return MatvecConfig(min(n & -n, 128), min(NORMED_BLOCK_K if normed else BLOCK_K, k & -k), 4 if normed else 8)
+        return MatvecConfig(min(n & -n, 128), tile, warps)
     if swiglu:
         return MatvecConfig(2, 1 << (k - 1).bit_length(), 4)
-    return MatvecConfig(4 if normed else 1, min(NORMED_BLOCK_K if normed else BLOCK_K, k & -k), 4 if normed else 8)
+    return MatvecConfig(4 if normed else 1, tile, warps)
 
 
 def matvec(

@@ -61,11 +61,11 @@ def rows_config(n: int, k: int, device: torch.device, swiglu: bool) -> RowsConfi
     most MAX_BLOCK_K columns (the widest power of two dividing k), all of it loaded before the program waits
     for its predecessor; SwiGLU, whose two columns finish together, unsplit over pipelined 256-wide tiles.
     Triton's CPU interpreter runs programs one by one in Python, so there they are as few as the shape allows."""
+    block_k = min(k & -k, MAX_BLOCK_K)
     if device.type != "cuda":
-        return RowsConfig(min(n & -n, BLOCK_N), min(k & -k, MAX_BLOCK_K), 1, 1, 4)
+        return RowsConfig(min(n & -n, BLOCK_N), block_k, 1, 1, 4)
     if swiglu:
         return RowsConfig(BLOCK_N, SWIGLU_BLOCK_K, 1, 3, 4)
-    block_k = min(k & -k, MAX_BLOCK_K)
     return RowsConfig(BLOCK_N, block_k, k // block_k, 2, 4)
 
 
