@@ -34,8 +34,10 @@ except ImportError:  # CPU-only torch builds come without Triton; then only SDPA
 
 BLOCK_KEYS = 64  # keys per inner tile
 TARGET_PROGRAMS = 256  # about two programs per multiprocessor of an H100 or H200
-NUM_WARPS = 4  # the best of 2, 4 and 8 for both models' steps on an H200
+NUM_WARPS = 2  # with the merge below, the best of 2 and 4 in both models' steps on an H200
 MAX_ROWS = 16  # query rows per KV head this path takes; tl.dot needs at least 16 rows, so fewer are padded
+MERGE_SLICES = 16  # slices of a head merged per load: all of a step's but those of a long decoder cache
+MAX_STEP_KEYS = 2560  # longer caches go to cuDNN's SDPA, faster there (as fast at about 2400 keys on an H200)
 LOG2_E = math.log2(math.e)
 
 
@@ -106,8 +108,9 @@ def _launch(q, keys, values, bias, partial, stats, out, splits: int, per_split: 
     _split_attention[(kv_heads, splits)](
         q, keys, values, bias, partial, stats, out, split_tickets(q.device), *strides, n_keys, per_split,
         1 / math.sqrt(head_dim), **dot_operand_types(q), LOG2_E=LOG2_E, ROWS=MAX_ROWS, BLOCK=BLOCK_KEYS,
-        PREFETCH=prefetch, PDL=pdl, LENGTH=length, GROUP=group, HEAD_DIM=head_dim, num_warps=NUM_WARPS,
-        **launch_options(pdl),
+        PREFETCH=prefetch, PDL=pdl, LENGTH=length, GROUP=group, HEAD_DIM=head_dim,
+        MERGE_SLICES=MERGE_SLICES, MERGE_ROWS=triton.next_power_of_2(group * length),
+        num_warps=NUM_WARPS, **launch_options(pdl),
     )  # fmt: skip
 
 
@@ -130,6 +133,7 @@ if triton is not None:
         out_head_stride, out_pos_stride, n_keys, per_split, scale,
         DOT: tl.constexpr, PRECISION: tl.constexpr, LOG2_E: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
         PREFETCH: tl.constexpr, PDL: tl.constexpr, LENGTH: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+        MERGE_SLICES: tl.constexpr, MERGE_ROWS: tl.constexpr,
     ):  # fmt: skip
         """One KV head's query rows (row = group member * LENGTH + position) over one slice of the keys: the
         unnormalised output, the running maximum and the sum of exponentials, in base 2. The head's last
@@ -176,31 +180,38 @@ if triton is not None:
         tl.debug_barrier()
         arrived = tl.atomic_add(ticket_ptr + kv_head, 1, sem="acq_rel", scope="gpu")
         if arrived == splits - 1:
-            # The slices' outputs weighted by their share of the softmax, added in slice order whichever
-            # program arrives last; .cg reads from L2, where the other programs' stores are.
-            first_at = kv_head * splits * group_rows
-            top = tl.full([ROWS], -1e30, tl.float32)
-            for other in range(splits):
-                slice_at = first_at + other * group_rows
-                top = tl.maximum(top, tl.load(stats_ptr + slice_at * 2 + rows, mask=live, other=-1e30,
-                                              cache_modifier=".cg"))  # fmt: skip
-            merged = tl.zeros([ROWS, HEAD_DIM], tl.float32)
-            weight_sum = tl.zeros([ROWS], tl.float32)
-            for other in range(splits):
-                slice_at = first_at + other * group_rows
-                slice_best = tl.load(stats_ptr + slice_at * 2 + rows, mask=live, other=-1e30, cache_modifier=".cg")
-                slice_total = tl.load(stats_ptr + slice_at * 2 + group_rows + rows, mask=live, other=0.0,
-                                      cache_modifier=".cg")  # fmt: skip
-                weight = tl.exp2(slice_best - top)
-                merged += weight[:, None] * tl.load(
-                    partial_ptr + (slice_at + rows[:, None]) * HEAD_DIM + dims[None, :], mask=live[:, None],
-                    other=0.0, cache_modifier=".cg",
+            # The slices' outputs weighted by their share of the softmax, added in slice order whichever program
+            # arrives last. MERGE_SLICES slices' figures are loaded at once (.cg: from L2, where the other
+            # programs' stores are), one round trip per chunk of slices rather than two per slice; the running
+            # maximum rescales what earlier chunks added (by exactly 0 before the first).
+            merge_rows = tl.arange(0, MERGE_ROWS)
+            merge_live = merge_rows < group_rows
+            top = tl.full([MERGE_ROWS], -1e30, tl.float32)
+            merged = tl.zeros([MERGE_ROWS, HEAD_DIM], tl.float32)
+            weight_sum = tl.zeros([MERGE_ROWS], tl.float32)
+            for chunk in range(0, splits, MERGE_SLICES):
+                slices = chunk + tl.arange(0, MERGE_SLICES)
+                present = (slices < splits)[:, None] & merge_live[None, :]
+                slice_at = (kv_head * splits + slices)[:, None] * group_rows
+                slice_best = tl.load(stats_ptr + slice_at * 2 + merge_rows[None, :], mask=present, other=-1e30,
+                                     cache_modifier=".cg")  # fmt: skip
+                slice_total = tl.load(stats_ptr + slice_at * 2 + group_rows + merge_rows[None, :], mask=present,
+                                      other=0.0, cache_modifier=".cg")  # fmt: skip
+                slice_out = tl.load(
+                    partial_ptr + ((slice_at + merge_rows[None, :]) * HEAD_DIM)[:, :, None] + dims[None, None, :],
+                    mask=present[:, :, None], other=0.0, cache_modifier=".cg",
                 )  # fmt: skip
-                weight_sum += weight * slice_total
+                new_top = tl.maximum(top, tl.max(slice_best, 0))
+                rescale = tl.exp2(top - new_top)
+                weight = tl.exp2(slice_best - new_top[None, :])
+                merged = merged * rescale[:, None] + tl.sum(weight[:, :, None] * slice_out, 0)
+                weight_sum = weight_sum * rescale + tl.sum(weight * slice_total, 0)
+                top = new_top
             tl.atomic_xchg(ticket_ptr + kv_head, 0, sem="relaxed", scope="gpu")
-            merged = merged / tl.where(live, weight_sum, 1.0)[:, None]
-            tl.store(out_ptr + head[:, None] * out_head_stride + pos[:, None] * out_pos_stride + dims[None, :],
-                     merged.to(out_ptr.dtype.element_ty), mask=live[:, None])  # fmt: skip
+            merged = merged / tl.where(merge_live, weight_sum, 1.0)[:, None]
+            merge_head, merge_pos = kv_head * GROUP + merge_rows // LENGTH, merge_rows % LENGTH
+            out_at = merge_head[:, None] * out_head_stride + merge_pos[:, None] * out_pos_stride + dims[None, :]
+            tl.store(out_ptr + out_at, merged.to(out_ptr.dtype.element_ty), mask=merge_live[:, None])
 
 
 # Set by TRITON_INTERPRET=1 when the kernels were defined: then they also run on CPU tensors.

@@ -21,9 +21,11 @@ from tools.make_tiny_checkpoint import REAL_SIZE
 # (name, query heads, KV heads, positions per step, head dim, cached keys, window, layers)
 CASES = [
     ("encoder, 256 keys", REAL_SIZE.enc_heads, REAL_SIZE.enc_heads, 4, REAL_SIZE.enc_head_dim, 256, 750, 32),
-    ("encoder, 1024 keys", REAL_SIZE.enc_heads, REAL_SIZE.enc_heads, 4, REAL_SIZE.enc_head_dim, 1024, 750, 32),
-    ("decoder, 1024 keys", REAL_SIZE.dec_heads, REAL_SIZE.dec_kv_heads, 1, REAL_SIZE.dec_head_dim, 1024, 8192, 26),
-    ("decoder, 8256 keys", REAL_SIZE.dec_heads, REAL_SIZE.dec_kv_heads, 1, REAL_SIZE.dec_head_dim, 8256, 8192, 26),
+    ("encoder, 768 keys", REAL_SIZE.enc_heads, REAL_SIZE.enc_heads, 4, REAL_SIZE.enc_head_dim, 768, 750, 32),
+    *(
+        (f"decoder, {n} keys", REAL_SIZE.dec_heads, REAL_SIZE.dec_kv_heads, 1, REAL_SIZE.dec_head_dim, n, 8192, 26)
+        for n in (256, 1024, 2048, 4096, 8256)
+    ),
 ]
 
 

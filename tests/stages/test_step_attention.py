@@ -6,7 +6,15 @@ import pytest
 import torch
 
 from stages.layers import Attention, attention_bias, step_attend
-from stages.step_attention import BLOCK_KEYS, key_splits, split_tickets, step_attention, step_attention_available
+from stages.step_attention import (
+    BLOCK_KEYS,
+    MAX_STEP_KEYS,
+    MERGE_SLICES,
+    key_splits,
+    split_tickets,
+    step_attention,
+    step_attention_available,
+)
 
 pytestmark = pytest.mark.skipif(
     not step_attention_available(torch.device("cpu")), reason="needs Triton (the dev extra installs it)"
@@ -42,6 +50,14 @@ def test_step_attention_in_bf16_is_within_bf16_rounding_of_exact(shape) -> None:
     exact = Attention.attend(q.double(), keys.double(), values.double(), bias.double())
     assert ours.dtype == torch.bfloat16
     assert ((ours.double() - exact).norm() / exact.norm()).item() < 4e-3
+
+
+def test_a_long_cache_is_merged_a_chunk_of_slices_at_a_time() -> None:
+    """More slices than the merge loads at once, visible keys in each chunk: a later chunk's larger maximum
+    rescales what the earlier chunks added."""
+    q, keys, values, bias = ring_step(8, 2, 1, 16, 2200, 3000, torch.float32, seed=4)
+    assert key_splits(keys.shape[0], keys.shape[1])[0] > 2 * MERGE_SLICES
+    torch.testing.assert_close(step_attention(q, keys, values, bias), Attention.attend(q, keys, values, bias))
 
 
 def test_slices_wholly_outside_the_window_add_nothing() -> None:
@@ -85,3 +101,11 @@ def test_step_attend_takes_sdpa_for_many_rows() -> None:
     """A block of many positions (a file's first push) is no step: SDPA serves it, exactly."""
     q, keys, values, bias = ring_step(4, 4, 32, 16, 64, 100, torch.float32)
     assert torch.equal(step_attend(q, keys, values, bias), Attention.attend(q, keys, values, bias))
+
+
+def test_step_attend_takes_sdpa_for_a_long_cache() -> None:
+    """A step over more cached keys than MAX_STEP_KEYS (a long decoder stream) goes to SDPA, exactly."""
+    q, keys, values, bias = ring_step(8, 2, 1, 16, MAX_STEP_KEYS + 1, 4000, torch.float32)
+    assert torch.equal(step_attend(q, keys, values, bias), Attention.attend(q, keys, values, bias))
+    short = ring_step(8, 2, 1, 16, MAX_STEP_KEYS, 4000, torch.float32)
+    assert not torch.equal(step_attend(*short), Attention.attend(*short))  # the kernel's own roundings
