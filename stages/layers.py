@@ -15,7 +15,7 @@ from stages.checkpoint import TransformerParams
 from stages.kernel_overlap import DEFAULT_OVERLAP, Overlap
 from stages.matvec import Heads, Norm, matvec, matvec_available
 from stages.rows_matmul import rows_matmul, rows_matmul_available
-from stages.step_attention import MAX_ROWS, MAX_STEP_KEYS, step_attention, step_attention_available
+from stages.step_attention import MAX_ROWS, step_attention, step_attention_available
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -336,9 +336,9 @@ def step_attend(
     q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor, overlap: Overlap = DEFAULT_OVERLAP
 ) -> torch.Tensor:
     """`Attention.attend` for a step's few query rows: the split-key Triton kernels where they can run (about
-    half of cuDNN's time for an encoder step) and the cache is not long, SDPA otherwise."""
+    half of cuDNN's time for an encoder step), SDPA otherwise."""
     rows = q.shape[0] // keys.shape[1] * q.shape[1]
-    if rows <= MAX_ROWS and keys.shape[0] <= MAX_STEP_KEYS and step_attention_available(q.device):
+    if rows <= MAX_ROWS and step_attention_available(q.device):
         return step_attention(q, keys, values, bias, overlap)
     return Attention.attend(q, keys, values, bias)
 

@@ -37,7 +37,6 @@ TARGET_PROGRAMS = 256  # about two programs per multiprocessor of an H100 or H20
 NUM_WARPS = 2  # with the merge below, the best of 2 and 4 in both models' steps on an H200
 MAX_ROWS = 16  # query rows per KV head this path takes; tl.dot needs at least 16 rows, so fewer are padded
 MERGE_SLICES = 16  # slices of a head merged per load: all of a step's but those of a long decoder cache
-MAX_STEP_KEYS = 2560  # longer caches go to cuDNN's SDPA, faster there (as fast at about 2400 keys on an H200)
 LOG2_E = math.log2(math.e)
 
 

@@ -8,7 +8,6 @@ import torch
 from stages.layers import Attention, attention_bias, step_attend
 from stages.step_attention import (
     BLOCK_KEYS,
-    MAX_STEP_KEYS,
     MERGE_SLICES,
     key_splits,
     split_tickets,
@@ -101,11 +100,3 @@ def test_step_attend_takes_sdpa_for_many_rows() -> None:
     """A block of many positions (a file's first push) is no step: SDPA serves it, exactly."""
     q, keys, values, bias = ring_step(4, 4, 32, 16, 64, 100, torch.float32)
     assert torch.equal(step_attend(q, keys, values, bias), Attention.attend(q, keys, values, bias))
-
-
-def test_step_attend_takes_sdpa_for_a_long_cache() -> None:
-    """A step over more cached keys than MAX_STEP_KEYS (a long decoder stream) goes to SDPA, exactly."""
-    q, keys, values, bias = ring_step(8, 2, 1, 16, MAX_STEP_KEYS + 1, 4000, torch.float32)
-    assert torch.equal(step_attend(q, keys, values, bias), Attention.attend(q, keys, values, bias))
-    short = ring_step(8, 2, 1, 16, MAX_STEP_KEYS, 4000, torch.float32)
-    assert not torch.equal(step_attend(*short), Attention.attend(*short))  # the kernel's own roundings
