@@ -179,8 +179,8 @@ if triton is not None:
         tl.debug_barrier()
         arrived = tl.atomic_add(ticket_ptr + kv_head, 1, sem="acq_rel", scope="gpu")
         if arrived == splits - 1:
-            # The slices' outputs weighted by their share of the softmax, added in slice order whichever program
-            # arrives last. MERGE_SLICES slices' figures are loaded at once (.cg: from L2, where the other
+            # The slices' outputs weighted by their share of the softmax, added in a fixed order whichever
+            # program arrives last. MERGE_SLICES slices' figures are loaded at once (.cg: from L2, where the other
             # programs' stores are), one round trip per chunk of slices rather than two per slice; the running
             # maximum rescales what earlier chunks added (by exactly 0 before the first).
             merge_rows = tl.arange(0, MERGE_ROWS)
