@@ -12,6 +12,8 @@ from runner.edges import Policy
 from runner.errors import RunnerError
 
 REPO_PIPELINE = Path(__file__).resolve().parents[2] / "pipeline.yaml"
+EXAMPLES = REPO_PIPELINE.parent / "examples"
+CPU_PIPELINE = EXAMPLES / "cpu.yaml"
 
 
 def write(tmp_path: Path, data: dict) -> Path:
@@ -100,12 +102,22 @@ def test_set_overrides_runner_keys_and_stage_params(tmp_path):
 
 
 def test_busy_polling_is_on_by_default_for_gpu_stages_only():
-    pipeline = load_pipeline(REPO_PIPELINE, ["mel.busy_poll=true", "decoder.busy_poll=false"])
+    pipeline = load_pipeline(CPU_PIPELINE, ["encoder.device=cuda:0", "mel.busy_poll=true", "decoder.busy_poll=false"])
     stages = pipeline.stages
     assert stages["encoder"].device.startswith("cuda") and stages["encoder"].polls_busily
     assert not stages["resample"].polls_busily  # on the CPU, left to sleep unless asked
     assert stages["mel"].polls_busily and not stages["decoder"].polls_busily  # an explicit setting wins
-    assert not load_pipeline(REPO_PIPELINE, ["encoder.device=cpu"]).stages["encoder"].polls_busily
+    assert not load_pipeline(CPU_PIPELINE).stages["encoder"].polls_busily
+
+
+def test_the_shipped_gpu_pipelines_poll_every_stage_after_capture():
+    """A sleeping stage wakes on a cold core, whose work is several times slower: the GPU pipelines spend
+    cores on their CPU stages too; the CPU pipeline leaves its few cores to the model."""
+    after_capture = {"resample", "mel", "encoder", "decoder", "detokenize"}
+    for path in (REPO_PIPELINE, EXAMPLES / "two-gpus.yaml"):
+        stages = load_pipeline(path).stages
+        assert {name for name, stage in stages.items() if stage.polls_busily} == after_capture, path
+    assert not any(stage.polls_busily for stage in load_pipeline(CPU_PIPELINE).stages.values())
 
 
 def test_transport_follows_placement(tmp_path):
