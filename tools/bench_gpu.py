@@ -18,10 +18,13 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from stages.audio import SAMPLE_RATE, SAMPLES_PER_TOKEN, delay_tokens, pad_audio
 from stages.checkpoint import DECODER_PREFIXES, ENCODER_PREFIX, ModelDir
@@ -180,9 +183,25 @@ def compare_logits(logits: torch.Tensor, reference: torch.Tensor) -> dict:
     }
 
 
-def logits_agreement(hf_model, model_dir: Path, audio: np.ndarray, num_delay: int, device, ids: list[int]) -> dict:
-    """Teacher-forced logits on the ids our decoder generated: our bf16 against transformers' bf16, and
-    both against our fp32 (which equals transformers' fp32 in the CPU tests)."""
+@contextmanager
+def products_summed_in_reverse(model: torch.nn.Module) -> Iterator[None]:
+    """Every nn.Linear of `model` adds its terms in reverse order: the same products and the same roundings,
+    only the order of the float32 additions changed (what any other kernel or fusion changes)."""
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    for m in linears:
+        m.forward = lambda x, m=m: F.linear(x.flip(-1), m.weight.flip(-1), m.bias)
+    try:
+        yield
+    finally:
+        for m in linears:
+            del m.forward
+
+
+def logits_agreement(hf_model, model_dir: Path, stages: list, audio: np.ndarray, num_delay: int, device) -> dict:
+    """Teacher-forced logits on the ids our decoder generates for `audio`: our bf16 against transformers' bf16, and
+    both against our fp32 (which equals transformers' fp32 in the CPU tests). Transformers' bf16 against
+    itself with its products summed in reverse order is what bf16 rounding alone moves the logits by."""
+    ids = run_stream(stages, audio, "logits")["tokens"]
     model = open_model(model_dir.resolve())
     mel = log_mel_frames(pad_audio(audio, model.tekken.audio.streaming_n_left_pad_tokens, num_delay))
     prompt = streaming_prompt(model.tekken, num_delay)
@@ -192,12 +211,32 @@ def logits_agreement(hf_model, model_dir: Path, audio: np.ndarray, num_delay: in
     with torch.inference_mode():
         # transformers needs exactly 8 mel frames per input id (a stream that hit EOS is shorter).
         features = torch.from_numpy(mel[: 8 * len(sequence)].T[None].copy()).to(device, torch.bfloat16)
-        theirs = hf_model(input_ids=sequence[None], input_features=features, num_delay_tokens=num_delay).logits[0]
+        inputs = {"input_ids": sequence[None], "input_features": features, "num_delay_tokens": num_delay}
+        theirs = hf_model(**inputs).logits[0].float()
+        with products_summed_in_reverse(hf_model):
+            theirs_reversed = hf_model(**inputs).logits[0].float()
     return {
-        "ours_bf16_vs_transformers_bf16": compare_logits(ours, theirs.float()),
+        "ours_bf16_vs_transformers_bf16": compare_logits(ours, theirs),
         "ours_bf16_vs_fp32": compare_logits(ours, reference),
-        "transformers_bf16_vs_fp32": compare_logits(theirs.float(), reference),
+        "transformers_bf16_vs_fp32": compare_logits(theirs, reference),
+        "transformers_bf16_vs_itself_summed_in_reverse": compare_logits(theirs_reversed, theirs),
     }
+
+
+def transformers_comparison(model_dir: Path, stages: list, audio: np.ndarray, device, *, timed: bool) -> dict:
+    """transformers in bf16 on the same weights: its streaming generate per token (when `timed`) and the bf16
+    logits comparison."""
+    from tools.hf_reference import hf_model_for
+
+    model = open_model(model_dir.resolve())
+    num_delay = delay_tokens(model.tekken.audio.transcription_delay_ms)
+    hf_model = hf_model_for(model_dir, dtype=torch.bfloat16, device="cuda")
+    results = {}
+    if timed:
+        transformers_streaming(hf_model, audio[:SAMPLE_RATE], model, num_delay, device)  # warm-up
+        results["transformers"] = transformers_streaming(hf_model, audio, model, num_delay, device)
+    results["bf16_logits"] = logits_agreement(hf_model, model_dir, stages, audio, num_delay, device)
+    return results
 
 
 def profile_steps(stages: list, audio: np.ndarray) -> None:
@@ -295,6 +334,7 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="print the kernels of the steps, run without graphs")
     parser.add_argument("--pipeline-seconds", type=float, default=20.0, help="audio for the pipeline runs (0: skip)")
     parser.add_argument("--cold-start-only", action="store_true", help="print load and first-token time as JSON")
+    parser.add_argument("--logits-only", action="store_true", help="only the bf16 logits comparison, printed as JSON")
     args = parser.parse_args()
     if args.cold_start_only:
         print(json.dumps(first_token(args.model)))
@@ -308,7 +348,8 @@ def main() -> None:
         args.json.write_text(json.dumps(results, indent=2))
         print(json.dumps(results, indent=2))
         raise
-    report(results, args)
+    if not args.logits_only:
+        report(results, args)
 
 
 def cold_start(model_dir: Path, compile_cache: Path) -> dict:
@@ -382,6 +423,12 @@ def measure(args: argparse.Namespace, device: torch.device, results: dict) -> No
             t = time.perf_counter()
             write_tiny_checkpoint(model_dir, REAL_SIZE, seed=0, dtype="bfloat16", device="cuda")
             results["write_checkpoint_s"] = time.perf_counter() - t
+    if args.logits_only:
+        audio = synthetic_speechlike(args.hf_seconds)
+        results.update(transformers_comparison(model_dir, model_stages(model_dir), audio, device, timed=False))
+        args.json.write_text(json.dumps(results, indent=2))
+        print(json.dumps(results, indent=2))
+        return
     results["copy_bandwidth_GBps"] = copy_bandwidth(device) / 1e9
 
     # Cold start in fresh processes: first with an empty compile cache (a first run on a machine), then
@@ -447,18 +494,10 @@ def measure(args: argparse.Namespace, device: torch.device, results: dict) -> No
     step_ms = results["encoder"]["p50_ms"] + results["decoder"]["p50_ms"]
 
     if not args.skip_transformers:
-        from tools.hf_reference import hf_model_for
-
-        hf_model = hf_model_for(model_dir, dtype=torch.bfloat16, device="cuda")
         hf_audio = audio[: int(args.hf_seconds * SAMPLE_RATE)]
-        num_delay = delay_tokens(model.tekken.audio.transcription_delay_ms)
-        transformers_streaming(hf_model, hf_audio[:SAMPLE_RATE], model, num_delay, device)  # warm-up
-        results["transformers"] = transformers_streaming(hf_model, hf_audio, model, num_delay, device)
+        results.update(transformers_comparison(model_dir, stages, hf_audio, device, timed=True))
         results["speedup_vs_transformers"] = results["transformers"]["ms_per_token"] / step_ms
-        short = run_stream(stages, hf_audio, "short")
-        results["bf16_logits"] = logits_agreement(hf_model, model_dir, hf_audio, num_delay, device, short["tokens"])
         print(json.dumps(results["bf16_logits"], indent=2), flush=True)
-        del hf_model
     del stages
     torch.cuda.empty_cache()
     if args.pipeline_seconds > 0:
