@@ -348,7 +348,10 @@ def main() -> None:
         args.json.write_text(json.dumps(results, indent=2))
         print(json.dumps(results, indent=2))
         raise
-    if not args.logits_only:
+    if args.logits_only:
+        args.json.write_text(json.dumps(results, indent=2))
+        print(json.dumps(results, indent=2))
+    else:
         report(results, args)
 
 
@@ -426,8 +429,6 @@ def measure(args: argparse.Namespace, device: torch.device, results: dict) -> No
     if args.logits_only:
         audio = synthetic_speechlike(args.hf_seconds)
         results.update(transformers_comparison(model_dir, model_stages(model_dir), audio, device, timed=False))
-        args.json.write_text(json.dumps(results, indent=2))
-        print(json.dumps(results, indent=2))
         return
     results["copy_bandwidth_GBps"] = copy_bandwidth(device) / 1e9
 
