@@ -13,7 +13,7 @@ from torch import nn
 from stages.audio import ENCODER_FRAMES_PER_TOKEN
 from stages.base import PerStreamStage, StageError
 from stages.checkpoint import ADAPTER_PREFIX, DECODER_PREFIXES, TOKEN_EMBEDDING, ModelDir, ModelParams
-from stages.graphs import StagedInput, StepGraphs, StepPosition
+from stages.graphs import StagedInput, StagedOutput, StepGraphs, StepPosition
 from stages.layers import (
     EAGER,
     Block,
@@ -147,6 +147,7 @@ class DecoderStep:
 
     frames: StagedInput  # [4, enc_dim] the position's encoder frames in (the adapter runs in the graph)
     token: torch.Tensor  # [1] previous token in, greedy token out (stays on the device between steps)
+    token_out: StagedOutput  # [1] the greedy token, on the host
     position: StepPosition  # [1]
     graphs: StepGraphs
 
@@ -157,7 +158,7 @@ class DecoderState:
     first), caches."""
 
     cache: KVCache
-    frames: list[torch.Tensor] = field(default_factory=list)
+    frames: list[torch.Tensor] = field(default_factory=list)  # on the host, float32, as they arrived
     pending: list[torch.Tensor] = field(default_factory=list)
     next_position: int = 0
     last_token: int | None = None
@@ -219,12 +220,16 @@ class DecoderStage(PerStreamStage):
         position = StepPosition(torch.zeros(1, dtype=torch.long, device=weight.device), 1)
         cache = state.cache  # not the state, which holds the step (see AudioEncoder.enable_graphs)
 
+        token_out = StagedOutput(token, torch.long)
+
         def step() -> None:
+            frames.copy_in()
             hidden = self.decoder(self.decoder.adapt(frames.buffer), token, position.tensor, cache, self.ffn_scales)
             token.copy_(self.decoder.logits(hidden).argmax(-1))
+            token_out.copy_out(token)
             position.advance_on_device()
 
-        return DecoderStep(frames, token, position, StepGraphs(step, weight.device))
+        return DecoderStep(frames, token, token_out, position, StepGraphs(step, weight.device))
 
     def warm_up(self) -> None:
         """Compile and capture the one-position step now: silence through the prompt and one step more, then
@@ -254,9 +259,8 @@ class DecoderStage(PerStreamStage):
         if state.step is not None and steady and frames.shape[0] == ENCODER_FRAMES_PER_TOKEN:
             # One position's frames, as a stream sends them: straight from the host into the step's graph.
             with torch.inference_mode():
-                return [np.asarray([self._replay(state, torch.from_numpy(frames))], dtype=np.int64)]
-        weight = self.decoder.tok_embeddings.weight
-        state.frames.append(torch.from_numpy(frames).to(device=weight.device, dtype=weight.dtype))
+                return [np.asarray([self._replay(state, frames)], dtype=np.int64)]
+        state.frames.append(torch.from_numpy(frames))
         buffered = torch.cat(state.frames)
         groups = buffered.shape[0] // ENCODER_FRAMES_PER_TOKEN
         usable = groups * ENCODER_FRAMES_PER_TOKEN
@@ -274,20 +278,24 @@ class DecoderStage(PerStreamStage):
         if state.next_position < prompt_len:
             if state.next_position + len(state.pending) < prompt_len:
                 return tokens
-            audio = self.decoder.adapt(torch.cat(state.pending[:prompt_len]))
+            audio = self.decoder.adapt(self._on_device(torch.cat(state.pending[:prompt_len])))
             ids = torch.tensor(self.prompt, device=audio.device)
             tokens.append(self._run(state, audio, ids))
             del state.pending[:prompt_len]
         while state.pending and not state.ended:
             frames = state.pending.pop(0)
             if state.step is None:
-                ids = torch.tensor([state.last_token], device=frames.device)
-                tokens.append(self._run(state, self.decoder.adapt(frames), ids))
+                audio = self.decoder.adapt(self._on_device(frames))
+                tokens.append(self._run(state, audio, torch.tensor([state.last_token], device=audio.device)))
             else:
                 tokens.append(self._replay(state, frames))
         if state.ended:
             state.pending.clear()
         return tokens
+
+    def _on_device(self, frames: torch.Tensor) -> torch.Tensor:
+        weight = self.decoder.tok_embeddings.weight
+        return frames.to(device=weight.device, dtype=weight.dtype)
 
     def _run(self, state: DecoderState, audio: torch.Tensor, ids: torch.Tensor) -> int:
         count = audio.shape[0]
@@ -299,13 +307,13 @@ class DecoderStage(PerStreamStage):
             state.step.token.copy_(greedy)
         return self._advance(state, count, int(greedy))
 
-    def _replay(self, state: DecoderState, frames: torch.Tensor) -> int:
+    def _replay(self, state: DecoderState, frames: np.ndarray | torch.Tensor) -> int:
         step = state.step
         state.cache.prepare(state.next_position + 1)
         step.frames.load(frames)
         step.position.set(state.next_position)
         step.graphs(state.cache.span)
-        return self._advance(state, 1, int(step.token))
+        return self._advance(state, 1, int(step.token_out.read()[0]))
 
     def _advance(self, state: DecoderState, count: int, token: int) -> int:
         state.next_position += count

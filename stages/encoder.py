@@ -13,7 +13,7 @@ from torch import nn
 from stages.audio import CONV_STRIDE, ENCODER_FRAMES_PER_TOKEN, MEL_FRAMES_PER_TOKEN, NUM_MEL_BINS
 from stages.base import PerStreamStage, StageError
 from stages.checkpoint import ENCODER_PREFIX, ModelDir, TransformerParams
-from stages.graphs import StagedInput, StepGraphs, StepPosition
+from stages.graphs import StagedInput, StagedOutput, StepGraphs, StepPosition
 from stages.layers import (
     EAGER,
     Block,
@@ -71,7 +71,7 @@ class EncoderStep:
     mel_tail: torch.Tensor  # [CONV1_CONTEXT, 128] the stem's conv tails, carried from step to step
     conv1_tails: dict[int, torch.Tensor]  # [length, dim] for each of CONV1_TAIL_LENGTHS
     first_position: StepPosition  # [1] the step's first frame position
-    out: torch.Tensor  # [4, dim] encoder frames out
+    out: StagedOutput  # [4, dim] encoder frames out, float32 on the host
     graphs: dict[int, StepGraphs]  # by the conv1 tail's length, which an 80 ms step keeps
 
 
@@ -158,9 +158,11 @@ class AudioEncoder(nn.Module):
             state.next_position += count
         return torch.cat(outputs) if outputs else x.new_zeros(0, self.params.dim)
 
-    def _graphed_step(self, mel: torch.Tensor, state: EncoderState) -> torch.Tensor:
-        """The 80 ms step as its graph: the stream's tails are moved into the step's buffers if an eager push
-        left them elsewhere, and after it they are those buffers."""
+    @torch.inference_mode()
+    def graphed_step(self, mel: np.ndarray | torch.Tensor, state: EncoderState) -> np.ndarray:
+        """The 80 ms step (8 mel frames in, 4 frames out in float32) of a stream with graphs, as its graph: the
+        stream's tails are moved into the step's buffers if an eager push left them elsewhere, and after it they
+        are those buffers."""
         step = state.step
         tail_length = state.conv1_tail.shape[0]
         step.mel.load(mel)
@@ -172,7 +174,7 @@ class AudioEncoder(nn.Module):
         step.graphs[tail_length](state.cache.span)
         state.mel_tail, state.conv1_tail = step.mel_tail, step.conv1_tails[tail_length]
         state.next_position += ENCODER_FRAMES_PER_TOKEN
-        return step.out.clone()
+        return step.out.read()
 
     def enable_graphs(self, state: EncoderState) -> None:
         """Give a static-cache stream CUDA-graph buffers for its 80 ms steps."""
@@ -182,17 +184,18 @@ class AudioEncoder(nn.Module):
         conv1_tails = {length: ref.new_zeros(length, self.params.dim) for length in CONV1_TAIL_LENGTHS}
         first_position = StepPosition(torch.zeros(1, dtype=torch.long, device=ref.device), ENCODER_FRAMES_PER_TOKEN)
         offsets = torch.arange(ENCODER_FRAMES_PER_TOKEN, device=ref.device)
-        out = ref.new_zeros(ENCODER_FRAMES_PER_TOKEN, self.params.dim)
+        out = StagedOutput(ref.new_zeros(ENCODER_FRAMES_PER_TOKEN, self.params.dim), torch.float32)
         # The steps hold the cache, not the state that holds the steps: a finished stream's graphs are then freed
         # at once, never by the cycle collector in the middle of another graph's capture (which fails it).
         cache = state.cache
 
         def step_after(conv1_tail: torch.Tensor) -> Callable[[], None]:
             def step() -> None:
+                mel.copy_in()
                 frames, new_mel_tail, new_conv1_tail = self.stem_frames(mel.buffer, mel_tail, conv1_tail)
                 mel_tail.copy_(new_mel_tail)
                 conv1_tail.copy_(new_conv1_tail)
-                out.copy_(self.layers(frames, first_position.tensor + offsets, cache))
+                out.copy_out(self.layers(frames, first_position.tensor + offsets, cache))
                 first_position.advance_on_device()
 
             return step
@@ -203,9 +206,10 @@ class AudioEncoder(nn.Module):
     @torch.inference_mode()
     def forward(self, mel: torch.Tensor, state: EncoderState) -> torch.Tensor:
         """mel frames [k, 128] of a stream (on any device) -> the encoder frames they complete [m, dim]. An 80 ms
-        push (8 mel frames, so 4 frames out) of a stream with graphs replays its step's graph."""
+        push (8 mel frames, so 4 frames out) of a stream with graphs replays its step's graph, whose frames come
+        back on the host in float32."""
         if state.step is not None and mel.shape[0] == MEL_FRAMES_PER_TOKEN:
-            return self._graphed_step(mel, state)
+            return torch.from_numpy(self.graphed_step(mel, state))
         ref = self.conv_layers[0].conv.weight
         if mel.shape[0] == 0:
             return ref.new_zeros(0, self.params.dim)
@@ -259,6 +263,8 @@ class EncoderStage(PerStreamStage):
             state = self._states[stream_id] = self.encoder.new_state(static_cache=self.static_cache)
             if self.cuda_graphs:
                 self.encoder.enable_graphs(state)
+        if state.step is not None and mel.shape[0] == MEL_FRAMES_PER_TOKEN:
+            return [self.encoder.graphed_step(mel, state)]  # past torch's dispatch: host time delays the GPU
         frames = self.encoder(torch.from_numpy(mel), state)
         if frames.shape[0] == 0:
             return []
