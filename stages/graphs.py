@@ -51,8 +51,8 @@ class StepGraphs:
 class StagedInput:
     """A step's input, staged in page-locked host memory: the host writes it (`load`) and the step, captured
     with it, copies it to the device and converts it there (`copy_in`), so a replay needs no transfer call and
-    no conversion of its own on the host (together with `StagedOutput`, 70 us less host time per encoder step
-    and 130 us per decoder step on an H200)."""
+    no conversion of its own on the host (with `StagedOutput`, steps 0.07 ms (encoder) and 0.06 ms (decoder)
+    shorter on an H200)."""
 
     def __init__(self, buffer: torch.Tensor, host_dtype: torch.dtype = torch.float32) -> None:
         self.buffer = buffer
