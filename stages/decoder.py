@@ -22,11 +22,11 @@ from stages.layers import (
     RollingKVCache,
     RotaryEmbedding,
     StaticKVCache,
-    attention_bias,
     compiled_block_functions,
     fuse_projections,
     fused_block_functions,
     fused_products_serve,
+    position_inputs,
     warm_attention_spans,
 )
 from stages.tekken import Tekken
@@ -100,9 +100,7 @@ class TextDecoder(nn.Module):
     ) -> torch.Tensor:
         """Hidden states [T, dim] (final norm applied) at `positions` [T]; updates the cache."""
         x = audio + self.tok_embeddings(token_ids)
-        rotations = self.rope.rotations(positions, x.dtype)
-        dec = self.params.decoder
-        bias = attention_bias(positions, cache.begin(positions), dec.sliding_window, x.dtype)
+        rotations, bias = position_inputs(positions, self.rope, cache, self.params.decoder.sliding_window, x.dtype)
         # Compiled code serves the one-position step only; the prompt's block runs eager.
         functions = self.step_functions if x.shape[0] == 1 else EAGER
         for index, (layer, scale) in enumerate(zip(self.layers, ffn_scales, strict=True)):

@@ -22,11 +22,11 @@ from stages.layers import (
     RollingKVCache,
     RotaryEmbedding,
     StaticKVCache,
-    attention_bias,
     compiled_block_functions,
     fuse_projections,
     fused_block_functions,
     fused_products_serve,
+    position_inputs,
     warm_attention_spans,
 )
 
@@ -137,8 +137,7 @@ class AudioEncoder(nn.Module):
 
     def layers(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """The transformer and final norm over frames x [T, dim] at `positions` [T]; updates the cache."""
-        rotations = self.rope.rotations(positions, x.dtype)
-        bias = attention_bias(positions, cache.begin(positions), self.params.sliding_window, x.dtype)
+        rotations, bias = position_inputs(positions, self.rope, cache, self.params.sliding_window, x.dtype)
         # Compiled code serves the 80 ms step's shape only; other block lengths (a file's first push) run eager.
         functions = self.step_functions if x.shape[0] == ENCODER_FRAMES_PER_TOKEN else EAGER
         for index, layer in enumerate(self.transformer.layers):

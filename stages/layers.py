@@ -14,6 +14,7 @@ from torch import nn
 from stages.checkpoint import TransformerParams
 from stages.kernel_overlap import DEFAULT_OVERLAP, Overlap
 from stages.matvec import Heads, Norm, matvec, matvec_available
+from stages.position_inputs import fused_position_inputs, position_inputs_available
 from stages.rows_matmul import rows_matmul, rows_matmul_available
 from stages.step_attention import MAX_ROWS, step_attention, step_attention_available
 
@@ -66,6 +67,17 @@ def attention_bias(
     distance = positions[:, None] - key_positions[None, :]
     visible = (distance >= 0) & (distance < window)
     return torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill_(~visible, float("-inf"))
+
+
+def position_inputs(
+    positions: torch.Tensor, rope: RotaryEmbedding, cache: KVCache, window: int, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A forward's RoPE rotations [2, T, head_dim/2] and attention bias [T, S] at `positions`, which enter
+    `cache` (its `begin`): one kernel for a static cache where the kernels run (`stages.position_inputs`, the
+    same values), else torch's operations."""
+    if isinstance(cache, StaticKVCache) and position_inputs_available(positions.device, rope.inv_freq.shape[0]):
+        return cache.begin_with_inputs(positions, rope.inv_freq, window, dtype)
+    return rope.rotations(positions, dtype), attention_bias(positions, cache.begin(positions), window, dtype)
 
 
 class RollingKVCache:
@@ -146,6 +158,15 @@ class StaticKVCache:
         self._slots = positions % self.capacity
         self.positions.index_copy_(0, self._slots, positions)
         return self.positions[: self.span]
+
+    def begin_with_inputs(
+        self, positions: torch.Tensor, inv_freq: torch.Tensor, window: int, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`begin`, and the forward's rotations and attention bias over the slice it reads, in one kernel."""
+        self._slots, rotations, bias = fused_position_inputs(
+            positions, inv_freq, self.positions, self.span, window, dtype
+        )
+        return rotations, bias
 
     def slot_buffers(self, layer: int) -> SlotBuffers:
         """A layer's key and value rings and the slots of this forward's positions, where `attention_inputs`

@@ -1,0 +1,43 @@
+"""The one-kernel position inputs (slots, rotations, attention bias) against the torch operations they replace."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from stages.layers import RotaryEmbedding, StaticKVCache, attention_bias, position_inputs
+from stages.position_inputs import position_inputs_available
+
+pytestmark = pytest.mark.skipif(
+    not position_inputs_available(torch.device("cpu"), 4), reason="needs Triton (the dev extra installs it)"
+)
+
+WINDOW = 20
+TOLERANCE = {torch.float32: {"rtol": 0, "atol": 2e-7}, torch.bfloat16: {"rtol": 2**-7, "atol": 0}}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 4, 63])
+def test_the_kernel_enters_positions_and_computes_what_torch_computes_across_ring_wraps(rows, dtype) -> None:
+    rope = RotaryEmbedding(head_dim=16, theta=10_000.0)
+    fused, reference = (StaticKVCache(WINDOW, 64, 1, 1, 16, dtype=dtype, device="cpu") for _ in range(2))
+    # Several wraps of the ring, and positions far along a stream (the angles' float32 rounding).
+    starts = [0, rows, 5 * rows, 3 * fused.capacity + 7, 100_003]
+    for start in starts:
+        positions = torch.arange(start, start + rows)
+        for cache in (fused, reference):
+            cache.prepare(start + rows)
+        rotations, bias = position_inputs(positions, rope, fused, WINDOW, dtype)
+        expected_bias = attention_bias(positions, reference.begin(positions), WINDOW, dtype)
+        assert torch.equal(fused.positions, reference.positions)
+        assert torch.equal(fused.slot_buffers(0)[2], reference.slot_buffers(0)[2])
+        assert torch.equal(bias, expected_bias)
+        assert bool((bias == 0).any()) and bool(bias.isinf().any())
+        # On a GPU the kernel's cosine is CUDA's, as torch's, and rounds to nearest; the CPU interpreter's is
+        # NumPy's, a float32 ulp off at times, and it rounds float32 to bfloat16 toward zero.
+        torch.testing.assert_close(rotations, rope.rotations(positions, dtype), **TOLERANCE[dtype])
+
+
+def test_rotation_planes_must_be_a_power_of_two() -> None:
+    assert not position_inputs_available(torch.device("cpu"), 3)
+    assert position_inputs_available(torch.device("cpu"), 32)
