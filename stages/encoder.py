@@ -157,7 +157,8 @@ class AudioEncoder(nn.Module):
             state.next_position += count
         return torch.cat(outputs) if outputs else x.new_zeros(0, self.params.dim)
 
-    def _graphed_step(self, mel: torch.Tensor, state: EncoderState) -> np.ndarray:
+    @torch.inference_mode()
+    def graphed_step(self, mel: np.ndarray | torch.Tensor, state: EncoderState) -> np.ndarray:
         """The 80 ms step (8 mel frames in, 4 frames out in float32) of a stream with graphs, as its graph: the
         stream's tails are moved into the step's buffers if an eager push left them elsewhere, and after it they
         are those buffers."""
@@ -207,7 +208,7 @@ class AudioEncoder(nn.Module):
         push (8 mel frames, so 4 frames out) of a stream with graphs replays its step's graph, whose frames come
         back on the host in float32."""
         if state.step is not None and mel.shape[0] == MEL_FRAMES_PER_TOKEN:
-            return torch.from_numpy(self._graphed_step(mel, state))
+            return torch.from_numpy(self.graphed_step(mel, state))
         ref = self.conv_layers[0].conv.weight
         if mel.shape[0] == 0:
             return ref.new_zeros(0, self.params.dim)
@@ -261,6 +262,8 @@ class EncoderStage(PerStreamStage):
             state = self._states[stream_id] = self.encoder.new_state(static_cache=self.static_cache)
             if self.cuda_graphs:
                 self.encoder.enable_graphs(state)
+        if state.step is not None and mel.shape[0] == MEL_FRAMES_PER_TOKEN:
+            return [self.encoder.graphed_step(mel, state)]  # past torch's dispatch: host time delays the GPU
         frames = self.encoder(torch.from_numpy(mel), state)
         if frames.shape[0] == 0:
             return []
