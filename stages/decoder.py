@@ -14,6 +14,7 @@ from stages.audio import ENCODER_FRAMES_PER_TOKEN
 from stages.base import PerStreamStage, StageError
 from stages.checkpoint import ADAPTER_PREFIX, DECODER_PREFIXES, TOKEN_EMBEDDING, ModelDir, ModelParams
 from stages.graphs import StagedInput, StagedOutput, StepGraphs, StepPosition
+from stages.kernel_overlap import DEFAULT_OVERLAP, Overlap
 from stages.layers import (
     EAGER,
     Block,
@@ -29,6 +30,7 @@ from stages.layers import (
     position_inputs,
     warm_attention_spans,
 )
+from stages.matvec import Norm, matvec
 from stages.tekken import Tekken
 
 TIME_EMBEDDING_THETA = 10_000.0
@@ -72,12 +74,16 @@ class TextDecoder(nn.Module):
         self.norm = RMSNorm(dec.dim, dec.norm_eps)
         self.rope = RotaryEmbedding(dec.head_dim, dec.rope_theta)
         self.step_functions = EAGER  # see `compile_steps`
+        # The one-position step's adapter and LM head as `matvec` kernels under this overlap, or torch's ops.
+        self.fused_ends: Overlap | None = None
 
     def compile_steps(self) -> None:
         """Run the one-position step's blocks as the fused product kernels where they run (see
-        `fused_block_functions`), else as compiled code (`compiled_block_functions`)."""
+        `fused_block_functions`), and its adapter and LM head too; else the blocks as compiled code
+        (`compiled_block_functions`)."""
         fused = fused_products_serve(self.layers)
         self.step_functions = fused_block_functions(self.layers) if fused else compiled_block_functions()
+        self.fused_ends = DEFAULT_OVERLAP if fused else None
 
     def ffn_scales(self, num_delay_tokens: int) -> list[torch.Tensor]:
         """(1 + s_j) for every layer: constant for a delay, so computed once, not per step."""
@@ -87,8 +93,14 @@ class TextDecoder(nn.Module):
             return [1 + layer.ada_rms_norm_t_cond(t_cond) for layer in self.layers]
 
     def adapt(self, frames: torch.Tensor) -> torch.Tensor:
-        """Encoder frames [4n, enc_dim] -> adapter vectors [n, dim]; frame 4p fills the first slot of p."""
-        return self.adapter(frames.reshape(-1, self.params.adapter_input_dim))
+        """Encoder frames [4n, enc_dim] -> adapter vectors [n, dim]; frame 4p fills the first slot of p. One
+        position's as two `matvec` kernels (the first with its GELU) under `fused_ends`."""
+        grouped = frames.reshape(-1, self.params.adapter_input_dim)
+        if self.fused_ends is None or grouped.shape[0] != 1:
+            return self.adapter(grouped)
+        first, _, second = self.adapter
+        hidden = matvec(grouped, first.weight, gelu=True, prefetch=second.weight, overlap=self.fused_ends)
+        return matvec(hidden, second.weight, overlap=self.fused_ends)
 
     def forward(
         self,
@@ -98,7 +110,8 @@ class TextDecoder(nn.Module):
         cache: KVCache,
         ffn_scales: list[torch.Tensor],
     ) -> torch.Tensor:
-        """Hidden states [T, dim] (final norm applied) at `positions` [T]; updates the cache."""
+        """Hidden states [T, dim] after the last layer (before the final norm) at `positions` [T]; updates the
+        cache."""
         x = audio + self.tok_embeddings(token_ids)
         rotations, bias = position_inputs(positions, self.rope, cache, self.params.decoder.sliding_window, x.dtype)
         # Compiled code serves the one-position step only; the prompt's block runs eager.
@@ -106,11 +119,20 @@ class TextDecoder(nn.Module):
         for index, (layer, scale) in enumerate(zip(self.layers, ffn_scales, strict=True)):
             x = layer(x, rotations, cache, index, bias, scale, functions)
         cache.end()
-        return self.norm(x)
+        return x
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Tied LM head."""
-        return F.linear(hidden, self.tok_embeddings.weight)
+        """Logits [T, vocab] of `forward`'s hidden states: the final norm, then the tied LM head."""
+        return F.linear(self.norm(hidden), self.tok_embeddings.weight)
+
+    def next_token(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The greedy id [1] after the last of `forward`'s hidden states: its logits as one `matvec` kernel with
+        the final norm under `fused_ends` (cuBLAS read the 0.8 GB head slower), else `logits`."""
+        last = hidden[-1:]
+        if self.fused_ends is None:
+            return self.logits(last).argmax(-1)
+        norm = Norm(self.norm.weight, self.norm.eps)
+        return matvec(last, self.tok_embeddings.weight, norm=norm, overlap=self.fused_ends).argmax(-1)
 
 
 def load_text_decoder(model: ModelDir, *, dtype: torch.dtype, device: str | torch.device) -> TextDecoder:
@@ -223,7 +245,7 @@ class DecoderStage(PerStreamStage):
         def step() -> None:
             frames.copy_in()
             hidden = self.decoder(self.decoder.adapt(frames.buffer), token, position.tensor, cache, self.ffn_scales)
-            token.copy_(self.decoder.logits(hidden).argmax(-1))
+            token.copy_(self.decoder.next_token(hidden))
             token_out.copy_out(token)
             position.advance_on_device()
 
@@ -297,7 +319,7 @@ class DecoderStage(PerStreamStage):
         state.cache.prepare(state.next_position + count)
         positions = torch.arange(state.next_position, state.next_position + count, device=audio.device)
         hidden = self.decoder(audio, ids, positions, state.cache, self.ffn_scales)
-        greedy = self.decoder.logits(hidden[-1:]).argmax(-1)
+        greedy = self.decoder.next_token(hidden)
         if state.step is not None:
             state.step.token.copy_(greedy)
         return self._advance(state, count, int(greedy))

@@ -1,5 +1,5 @@
 """The decoder step's one-row matrix products as one Triton kernel that reads the weight once, with the work
-around them fused in: the RMSNorm (times the FFN scale) before, and SwiGLU or the residual add after.
+around them fused in: the RMSNorm (times the FFN scale) before, and SwiGLU, GELU or the residual add after.
 
 A one-position step multiplies one row by every weight, so a product is a weight read. cuBLAS reads the
 decoder's wo at about half the copy bandwidth (its tiles leave most multiprocessors idle) and adds split-K
@@ -89,11 +89,11 @@ def matvec_config(n: int, k: int, device: torch.device, normed: bool, swiglu: bo
     program first reads the input for the norm, which more columns amortise; SwiGLU's two columns a program
     over the whole row as one tile, padded to a power of two and all of it loaded before the program waits
     for its predecessor (decoder w1/w3 28.8 -> 27.3 us). Other tiles are powers of two that divide k, so no
-    load needs a mask. Triton's CPU interpreter runs programs one by one in Python, so there the programs are
-    as few as whole power-of-two blocks of columns allow."""
+    load needs a mask. Triton's CPU interpreter runs programs one by one in Python, so there a program takes
+    up to 128 columns (a tiny vocabulary's LM head is then a few programs, not hundreds)."""
     tile, warps = min(NORMED_BLOCK_K if normed else BLOCK_K, k & -k), 4 if normed else 8
     if device.type != "cuda":
-        return MatvecConfig(min(n & -n, 128), tile, warps)
+        return MatvecConfig(min(1 << (n - 1).bit_length(), 128), tile, warps)
     if swiglu:
         return MatvecConfig(2, 1 << (k - 1).bit_length(), 4)
     return MatvecConfig(4 if normed else 1, tile, warps)
@@ -105,6 +105,7 @@ def matvec(
     *,
     norm: Norm | None = None,
     swiglu: bool = False,
+    gelu: bool = False,
     residual: torch.Tensor | None = None,
     heads: Heads | None = None,
     prefetch: torch.Tensor | None = None,
@@ -113,20 +114,25 @@ def matvec(
 ) -> torch.Tensor:
     """x [1, K] times weight [N, K]^T, rounded where eager rounds: `residual + F.linear(h, weight)` with
     h = x or `norm`'s `rms_norm(x) * scale`; with `swiglu`, the weight is [w1; w3] and the result
-    `silu(gate) * up` [1, N / 2]; with `heads`, RoPE and the cache writes of a q/k/v product. `prefetch` is
-    the next product's weight, started into L2 under `overlap` (see `kernel_overlap`). `config` overrides
-    `matvec_config` (benchmarks)."""
+    `silu(gate) * up` [1, N / 2]; with `gelu`, `F.gelu` of the product; with `heads`, RoPE and the cache writes
+    of a q/k/v product. `prefetch` is the next product's weight, started into L2 under `overlap` (see
+    `kernel_overlap`). `config` overrides `matvec_config` (benchmarks)."""
     if x.shape[0] != 1 or not weight.is_contiguous():
         raise ValueError(f"matvec: takes one row and a contiguous weight, got an input of shape {list(x.shape)}")
     k = x.shape[1]
     n = weight.shape[0] // 2 if swiglu else weight.shape[0]
     config = config or matvec_config(n, k, x.device, norm is not None, swiglu)
-    if n % config.block_n or (k % config.block_k and config.block_k < k) or config.block_k & (config.block_k - 1):
+    if (
+        config.block_n & (config.block_n - 1)
+        or (k % config.block_k and config.block_k < k)
+        or (config.block_k & (config.block_k - 1))
+        or (heads is not None and n % config.block_n)  # the heads' epilogue takes whole blocks
+    ):
         raise ValueError(f"matvec: launch {config} does not fit a [{n}, {k}] product")
     x = x.contiguous()
     out = torch.empty(1, n, dtype=x.dtype, device=x.device)
     absent = out  # stands in for the optional tensors a launch does not use; the kernel never reads it
-    programs = n // config.block_n
+    programs = -(-n // config.block_n)
     share = prefetch_share(prefetch, overlap, programs)
     pdl = uses_pdl(overlap, x.device)
     # Triton launches on the current device; a stage may live on another GPU than that.
@@ -141,8 +147,8 @@ def matvec(
             0 if share is None else share.chunk,
             norm.eps if norm is not None else 0.0,
             N=n, K=k, NORM=norm is not None, SCALE=norm is not None and norm.scale is not None,
-            SWIGLU=swiglu, RESIDUAL=residual is not None, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-            PREFETCH=share is not None, EARLY=overlap.early_weights, PDL=pdl,
+            SWIGLU=swiglu, GELU=gelu, RESIDUAL=residual is not None, BLOCK_N=config.block_n,
+            BLOCK_K=config.block_k, PREFETCH=share is not None, EARLY=overlap.early_weights, PDL=pdl,
             **heads_arguments(heads, 1, absent),
             num_warps=config.num_warps, **launch_options(pdl),
         )  # fmt: skip
@@ -182,19 +188,22 @@ if triton is not None:
         x_ptr, w_ptr, norm_ptr, scale_ptr, residual_ptr, out_ptr, prefetch_ptr, prefetch_total, prefetch_chunk,
         eps, rot_ptr, keys_ptr, values_ptr, slots_ptr,
         N: tl.constexpr, K: tl.constexpr, NORM: tl.constexpr, SCALE: tl.constexpr, SWIGLU: tl.constexpr,
-        RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr,
-        EARLY: tl.constexpr, PDL: tl.constexpr, ROPE: tl.constexpr, CACHE: tl.constexpr, Q_DIM: tl.constexpr,
-        KV_DIM: tl.constexpr, HEAD_DIM: tl.constexpr,
+        GELU: tl.constexpr, RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        PREFETCH: tl.constexpr, EARLY: tl.constexpr, PDL: tl.constexpr, ROPE: tl.constexpr, CACHE: tl.constexpr,
+        Q_DIM: tl.constexpr, KV_DIM: tl.constexpr, HEAD_DIM: tl.constexpr,
     ):  # fmt: skip
         dtype = out_ptr.dtype.element_ty
         prefetch_to_l2(prefetch_ptr, prefetch_total, prefetch_chunk, tl.program_id(0), PREFETCH)
         cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        w_cols = cols
+        if N % BLOCK_N:  # the last block reaches past the output: its extra columns read the last row again
+            w_cols = tl.minimum(cols, N - 1)
         ks = tl.arange(0, BLOCK_K)
         # The weight is read once, so it should not displace the inputs other programs still read. It is also
         # constant, so its first tile is on its way while the predecessor finishes.
         if not EARLY:
             wait_for_inputs(PDL)
-        rows_at = cols[:, None] * K + ks[None, :]
+        rows_at = w_cols[:, None] * K + ks[None, :]
         w_first = _padded_load(w_ptr, rows_at, ks[None, :], K, BLOCK_K, True)
         w_first_up = w_first
         if SWIGLU:
@@ -215,7 +224,7 @@ if triton is not None:
         # Unrolled, so every tile's load can be issued before the first is used (and, normed, before the norm).
         for k0 in tl.static_range(BLOCK_K, K, BLOCK_K):
             h = _normed_tile(x_ptr, norm_ptr, scale_ptr, k0, inv_rms, NORM, SCALE, K, BLOCK_K)[None, :]
-            offsets = cols[:, None] * K + k0 + ks[None, :]
+            offsets = w_cols[:, None] * K + k0 + ks[None, :]
             acc += h * tl.load(w_ptr + offsets, eviction_policy="evict_first").to(tl.float32)
             if SWIGLU:
                 acc_up += h * tl.load(w_ptr + N * K + offsets, eviction_policy="evict_first").to(tl.float32)
@@ -224,15 +233,19 @@ if triton is not None:
             gate = y.to(tl.float32)
             silu = (gate / (1.0 + tl.exp(-gate))).to(dtype)
             y = (silu.to(tl.float32) * tl.sum(acc_up, 1).to(dtype).to(tl.float32)).to(dtype)
+        if GELU:
+            # torch's erf GELU in float32 on the rounded product, in its order of operations.
+            g = y.to(tl.float32)
+            y = (g * 0.5 * (1.0 + tl.math.erf(g * 0.7071067811865476))).to(dtype)
         if RESIDUAL:
-            y = (tl.load(residual_ptr + cols).to(tl.float32) + y.to(tl.float32)).to(dtype)
+            y = (tl.load(residual_ptr + w_cols).to(tl.float32) + y.to(tl.float32)).to(dtype)
         if ROPE:
             one = tl.arange(0, 1)
             y = heads_epilogue(
-                y[None, :], one, cols, one[:, None] < 1, rot_ptr, keys_ptr, values_ptr, slots_ptr,
-                1, Q_DIM, KV_DIM, HEAD_DIM, CACHE, 1, BLOCK_N,
+                y[None, :], one, cols, one[:, None] < 1, rot_ptr, keys_ptr, values_ptr,
+                slots_ptr, 1, Q_DIM, KV_DIM, HEAD_DIM, CACHE, 1, BLOCK_N,
             ).reshape(BLOCK_N)  # fmt: skip
-        tl.store(out_ptr + cols, y)
+        tl.store(out_ptr + cols, y, mask=cols < N)
 
     @triton.jit
     def heads_epilogue(

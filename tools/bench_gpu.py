@@ -465,11 +465,13 @@ def measure(args: argparse.Namespace, device: torch.device, results: dict) -> No
         if name == "cublas_products":
             for network in (other[1].encoder, other[2].decoder):
                 network.step_functions = compiled_block_functions()
+            other[2].decoder.fused_ends = None
         if name in OVERLAP_VARIANTS:
             overlap = OVERLAP_VARIANTS[name]
             encoder, decoder = other[1].encoder, other[2].decoder
             for network, blocks in ((encoder, encoder.transformer.layers), (decoder, decoder.layers)):
                 network.step_functions = fused_block_functions(blocks, overlap)
+            decoder.fused_ends = overlap
         results["variants"][name] = variant(other, check_audio, graphed)
         if args.profile and name == "no_cuda_graphs":
             profile_steps(other, check_audio)

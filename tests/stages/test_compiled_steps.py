@@ -6,12 +6,16 @@ import numpy as np
 import pytest
 import torch
 
+import stages.decoder
 import stages.encoder
-from stages.audio import SAMPLES_PER_TOKEN
+from stages.audio import ENCODER_FRAMES_PER_TOKEN, SAMPLES_PER_TOKEN
 from stages.base import StageError
+from stages.checkpoint import ModelDir
+from stages.decoder import load_text_decoder
 from stages.factory import build_stage
+from stages.kernel_overlap import DEFAULT_OVERLAP
 from stages.layers import EAGER, fused_attention_inputs
-from stages.matvec import matvec_available
+from stages.matvec import matvec, matvec_available
 from stages.transcribe import MODEL_CHAIN, run_chain, transcript_of
 from tests.conftest import speechlike_audio
 
@@ -59,3 +63,30 @@ def test_a_failing_compiler_is_one_line_naming_the_stage_and_the_way_out(tiny_mo
     assert "\n" not in message
     assert "stage 'encoder': torch.compile failed" in message and "no working C++ compiler" in message
     assert "compile: false" in message
+
+
+@pytest.mark.skipif(not matvec_available(torch.device("cpu")), reason="needs Triton (the dev extra installs it)")
+def test_the_fused_adapter_and_lm_head_compute_what_torch_does(tiny_model_dir, monkeypatch) -> None:
+    """One position's adapter (with its GELU) and greedy id (with the final norm) as `matvec` kernels, in the
+    interpreter here, against torch's ops; a prompt's block of positions keeps torch's adapter."""
+    decoder = load_text_decoder(ModelDir(tiny_model_dir), dtype=torch.float32, device="cpu")
+    generator = torch.Generator().manual_seed(0)
+    frames = torch.randn(2 * ENCODER_FRAMES_PER_TOKEN, decoder.params.encoder.dim, generator=generator)
+    hiddens = [torch.randn(3, decoder.params.decoder.dim, generator=generator) for _ in range(12)]
+    with torch.inference_mode():
+        eager_audio = decoder.adapt(frames[:ENCODER_FRAMES_PER_TOKEN])
+        eager_block = decoder.adapt(frames)
+        eager_ids = [int(decoder.next_token(hidden)) for hidden in hiddens]
+        calls = []
+        monkeypatch.setattr(
+            stages.decoder, "matvec", lambda *args, **kwargs: calls.append(1) or matvec(*args, **kwargs)
+        )
+        decoder.fused_ends = DEFAULT_OVERLAP
+        fused_audio = decoder.adapt(frames[:ENCODER_FRAMES_PER_TOKEN])
+        assert len(calls) == 2
+        fused_ids = [int(decoder.next_token(hidden)) for hidden in hiddens]
+        assert len(calls) == 2 + len(hiddens)
+        assert torch.equal(decoder.adapt(frames), eager_block) and len(calls) == 2 + len(hiddens)
+    torch.testing.assert_close(fused_audio, eager_audio, rtol=1e-5, atol=1e-6)
+    assert len(set(eager_ids)) >= 3
+    assert fused_ids == eager_ids

@@ -43,6 +43,7 @@ def test_each_fusion_equals_the_eager_ops_in_float32(config, k) -> None:
         (matvec(x, weight, norm=Norm(norm_weight, EPS), config=config), F.linear(normed, weight)),
         (matvec(x, weight, norm=Norm(norm_weight, EPS, scale), config=config), F.linear(normed * scale, weight)),
         (matvec(x, weight, residual=residual, config=config), residual + F.linear(x, weight)),
+        (matvec(x, weight, gelu=True, config=config), F.gelu(F.linear(x, weight))),
     ]
     gate, up = F.linear(normed * scale, weight).chunk(2, dim=-1)
     swiglu = matvec(x, weight, norm=Norm(norm_weight, EPS, scale), swiglu=True, config=config)
@@ -65,6 +66,7 @@ def test_16_bit_results_round_where_eager_rounds() -> None:
     swiglu = matvec(x, torch.cat((identity, identity)), norm=Norm(norm_weight, EPS, scale), swiglu=True)
     torch.testing.assert_close(swiglu, F.silu(normed) * normed, **ulp)
     assert torch.equal(matvec(x, identity, residual=residual), residual + x)
+    torch.testing.assert_close(matvec(x, identity, gelu=True), F.gelu(x), **ulp)
 
 
 def test_16_bit_products_are_as_close_to_exact_as_eager() -> None:
