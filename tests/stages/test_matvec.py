@@ -87,9 +87,9 @@ def test_more_than_one_row_is_refused() -> None:
         matvec(torch.cat((x, x)), weight)
 
 
-@pytest.mark.parametrize("config", [MatvecConfig(1, 64, 8), MatvecConfig(1, 48, 8), MatvecConfig(5, 32, 8)])
+@pytest.mark.parametrize("config", [MatvecConfig(1, 64, 8), MatvecConfig(1, 48, 8), MatvecConfig(6, 32, 8)])
 def test_a_launch_that_does_not_fit_the_product_is_refused(config) -> None:
-    """Tiles that split a row unevenly, tiles of no power of two, or column blocks that split the output."""
+    """Tiles that split a row unevenly, or tiles or column blocks of no power of two."""
     x, weight, *_ = tensors(96, 96, torch.float32)
     with pytest.raises(ValueError, match=r"does not fit a \[96, 96\] product"):
         matvec(x, weight, config=config)
@@ -99,6 +99,14 @@ HEADS = TransformerParams(
     dim=128, n_layers=1, head_dim=16, hidden_dim=96, n_heads=4, n_kv_heads=2, rope_theta=1e6, norm_eps=EPS,
     sliding_window=8, use_biases=False,
 )  # fmt: skip
+
+
+def test_a_qkv_product_takes_whole_column_blocks_only() -> None:
+    """Its epilogue pairs a block's columns for RoPE, so a last block past the output's end is refused."""
+    x, weight, *_ = tensors(96, 64, torch.float32)
+    rotations = RotaryEmbedding(16, 1e6).rotations(torch.arange(1), x.dtype)
+    with pytest.raises(ValueError, match=r"does not fit a \[96, 64\] product"):
+        matvec(x, weight, heads=Heads(rotations, 64, 16, 16), config=MatvecConfig(64, 64, 4))
 
 
 @pytest.mark.parametrize(
