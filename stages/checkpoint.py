@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from stages.audio import (
+from voxtral_run.stages.audio import (
     ENCODER_FRAMES_PER_TOKEN,
     FRAME_RATE,
     GLOBAL_LOG_MEL_MAX,
@@ -28,8 +28,8 @@ from stages.audio import (
     SAMPLE_RATE,
     WINDOW_SIZE,
 )
-from stages.base import CheckpointError, read_json_object
-from stages.tekken import STREAMING_FORMAT, TEKKEN_FILE, Tekken, load_tekken
+from voxtral_run.stages.base import CheckpointError, read_json_object
+from voxtral_run.stages.tekken import STREAMING_FORMAT, TEKKEN_FILE, Tekken, load_tekken
 
 PARAMS_FILE = "params.json"
 CONSOLIDATED_FILE = "consolidated.safetensors"
@@ -533,7 +533,11 @@ class ModelDir:
                 with safe_open(str(file), framework="pt", device="cpu") as handle:
                     for name in names:
                         tensor = handle.get_tensor(self._index[name].stored_name)
-                        tensors[name] = self._to_mistral_order(name, tensor).to(device=device, dtype=dtype)
+                        # Always a fresh copy: a tensor left in the mapped file sits at whatever offset the
+                        # header gives it, and CPU matrix kernels round differently on unaligned memory, so the
+                        # same weights in another file layout would give other logits in the last bits.
+                        tensor = self._to_mistral_order(name, tensor)
+                        tensors[name] = tensor.to(device=device, dtype=dtype, copy=True)
             except (OSError, RuntimeError, ValueError, SafetensorError) as err:
                 raise CheckpointError(f"{file}: cannot read tensors ({str(err).splitlines()[0]})") from None
         return tensors
