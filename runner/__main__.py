@@ -1,5 +1,5 @@
 """`python -m runner` runs the voxtral-run command."""
 
-from runner.cli import main
+from voxtral_run.runner.cli import main
 
 main()

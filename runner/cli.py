@@ -9,12 +9,12 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from runner.config import LOOPBACK, SINK, SOURCE, load_pipeline
-from runner.errors import RunnerError
-from runner.model import resolve_model
-from runner.sink import LiveText, TranscriptSink
-from runner.supervisor import EXIT_FAILED, Reporting, Supervisor
-from stages.base import StageError
+from voxtral_run.runner.config import LOOPBACK, SINK, SOURCE, load_pipeline
+from voxtral_run.runner.errors import RunnerError
+from voxtral_run.runner.model import resolve_model
+from voxtral_run.runner.sink import LiveText, TranscriptSink
+from voxtral_run.runner.supervisor import EXIT_FAILED, Reporting, Supervisor
+from voxtral_run.stages.base import StageError
 
 # Stages that read the model directory (weights or tekken.json); a host running none of them needs no model.
 MODEL_READING_STAGES = ("mel", "encoder", "decoder", "detokenize")
@@ -45,7 +45,7 @@ app = typer.Typer(add_completion=False, rich_markup_mode=None, context_settings=
 
 
 def _list_devices() -> None:
-    from stages.capture import list_input_devices
+    from voxtral_run.stages.capture import list_input_devices
 
     for device in list_input_devices():
         print(f"{device['index']:3d}  {device['name']}  ({device['channels']} ch, {device['default_rate']} Hz)")
@@ -164,7 +164,7 @@ def run(
         model_dir = resolve_model(config.model) if needs_model else None
         sink = None
         if SINK in local:
-            from stages.output import FORMATS, open_writer
+            from voxtral_run.stages.output import FORMATS, open_writer
 
             if format not in FORMATS:
                 raise RunnerError(f"--format: unknown format '{format}' (choose from {', '.join(FORMATS)})")

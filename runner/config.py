@@ -9,9 +9,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from runner.edges import EdgeSpec, Policy
-from runner.errors import RunnerError
-from stages.factory import STAGE_KINDS
+from voxtral_run.runner.edges import EdgeSpec, Policy
+from voxtral_run.runner.errors import RunnerError
+from voxtral_run.stages.factory import STAGE_KINDS
 
 DEFAULT_MODEL = "mistralai/Voxtral-Mini-4B-Realtime-2602"
 # Stage names the runner knows how to build; the model stages come from stages.factory, capture from the runner.

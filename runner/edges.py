@@ -14,8 +14,8 @@ from enum import Enum
 
 import zmq
 
-from runner.errors import RunnerError
-from runner.wire import Envelope, Kind, decode, encode, payload_bytes
+from voxtral_run.runner.errors import RunnerError
+from voxtral_run.runner.wire import Envelope, Kind, decode, encode, payload_bytes
 
 LINGER_MS = 1000  # how long a closing socket may still try to deliver queued messages
 _HELLO = b""  # first frame a sender puts on an edge; the receiver answers with the initial credits

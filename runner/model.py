@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from runner.errors import RunnerError
+from voxtral_run.runner.errors import RunnerError
 
 # The files of a Mistral-layout checkpoint that the stages read (see stages/checkpoint.py).
 MODEL_FILES = ("params.json", "consolidated.safetensors", "tekken.json")

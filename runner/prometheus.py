@@ -11,8 +11,8 @@ from collections.abc import Callable, Iterator
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
-from runner.errors import RunnerError
-from runner.metrics import BUCKETS_PER_DECADE, TIMES, LogHistogram, RunFigures, bucket_of, upper_bound
+from voxtral_run.runner.errors import RunnerError
+from voxtral_run.runner.metrics import BUCKETS_PER_DECADE, TIMES, LogHistogram, RunFigures, bucket_of, upper_bound
 
 REPORT_EVERY_S = 1.0  # how often stages report while the endpoint is on
 # Histogram buckets: quarter decades from 100 µs to 100 s, each an edge of the stages' own log histograms, so

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TextIO
 
-from stages.output import TranscriptWriter
+from voxtral_run.stages.output import TranscriptWriter
 
 
 class LiveText:

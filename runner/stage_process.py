@@ -24,12 +24,12 @@ import msgpack
 import zmq
 from setproctitle import setproctitle
 
-from runner.config import SOURCE
-from runner.edges import LINGER_MS, EdgeReceiver, EdgeSender, EdgeSpec, Policy
-from runner.errors import RunnerError
-from runner.metrics import ItemRecord, StageMetrics
-from runner.wire import Envelope, Kind
-from stages.base import Source, Stage, StageError
+from voxtral_run.runner.config import SOURCE
+from voxtral_run.runner.edges import LINGER_MS, EdgeReceiver, EdgeSender, EdgeSpec, Policy
+from voxtral_run.runner.errors import RunnerError
+from voxtral_run.runner.metrics import ItemRecord, StageMetrics
+from voxtral_run.runner.wire import Envelope, Kind
+from voxtral_run.stages.base import Source, Stage, StageError
 
 PROCESS_TITLE = "voxtral-run: {name}"
 # Settings of the capture stage (pipeline.yaml params or the command line's --input, --rate, ...).
@@ -84,7 +84,7 @@ def is_paced(source: Source, params: dict[str, Any]) -> bool:
 
 def build_source(params: dict[str, Any]) -> tuple[Source, bool]:
     """The capture source for `params` and whether it is live (a microphone, or a file paced in real time)."""
-    from stages.capture import DEFAULT_CHUNK_MS, FileSource, MicSource, StdinSource
+    from voxtral_run.stages.capture import DEFAULT_CHUNK_MS, FileSource, MicSource, StdinSource
 
     unknown = sorted(set(params) - set(CAPTURE_PARAMS))
     if unknown:
@@ -129,7 +129,7 @@ def build_core(spec: StageSpec) -> Stage | Source:
                 "(--input mic, or a file with --realtime)"
             )
         return source
-    from stages.factory import build_stage  # imports torch: only processes running a model stage pay for it
+    from voxtral_run.stages.factory import build_stage  # imports torch: only processes running a model stage pay for it
 
     return build_stage(
         spec.name, model_dir=spec.model_dir, device=spec.device, delay_ms=spec.delay_ms, params=spec.params

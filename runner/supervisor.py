@@ -23,20 +23,20 @@ from pathlib import Path
 import zmq
 from rich.console import Console
 
-from runner.config import LOOPBACK, SINK, SOURCE, Pipeline, plan_edges
-from runner.edges import EdgeReceiver, Policy
-from runner.errors import RunnerError
-from runner.metrics import (
+from voxtral_run.runner.config import LOOPBACK, SINK, SOURCE, Pipeline, plan_edges
+from voxtral_run.runner.edges import EdgeReceiver, Policy
+from voxtral_run.runner.errors import RunnerError
+from voxtral_run.runner.metrics import (
     LogHistogram,
     RunFigures,
     chrome_trace,
     estimate_clock_offset,
     format_table,
 )
-from runner.prometheus import REPORT_EVERY_S, MetricsEndpoint
-from runner.sink import TranscriptSink
-from runner.stage_process import StageSpec, pack, stage_main, unpack
-from runner.wire import Envelope, Kind
+from voxtral_run.runner.prometheus import REPORT_EVERY_S, MetricsEndpoint
+from voxtral_run.runner.sink import TranscriptSink
+from voxtral_run.runner.stage_process import StageSpec, pack, stage_main, unpack
+from voxtral_run.runner.wire import Envelope, Kind
 
 DRAIN_TIMEOUT_S = 3.0  # after Ctrl-C, how long the end of stream may take to pass every stage
 STOP_GRACE_S = 1.0  # how long a stage may take to exit after "stop" before it is terminated

@@ -10,7 +10,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from stages.base import Item
+from voxtral_run.stages.base import Item
 
 # msgpack extension code marking an array leaf in the header: its data is [frame index, dtype, shape].
 _ARRAY_EXT = 1

@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-from stages.base import StageError
+from voxtral_run.stages.base import StageError
 
 SAMPLE_RATE = 16_000  # Hz, mono
 FRAME_RATE = 12.5  # decoder positions (tokens) per second

@@ -15,8 +15,8 @@ from typing import Any, BinaryIO
 import numpy as np
 import soundfile
 
-from stages.audio import MS_PER_TOKEN
-from stages.base import Item, Source, StageError
+from voxtral_run.stages.audio import MS_PER_TOKEN
+from voxtral_run.stages.base import Item, Source, StageError
 
 DEFAULT_CHUNK_MS = MS_PER_TOKEN  # one decoder position of audio per chunk
 DEFAULT_MIC_QUEUE_CHUNKS = 64  # ~5 s of 80 ms chunks buffered between the audio callback and the reader

@@ -11,12 +11,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stages.checkpoint import TransformerParams
-from stages.kernel_overlap import DEFAULT_OVERLAP, Overlap
-from stages.matvec import Heads, Norm, matvec, matvec_available
-from stages.position_inputs import fused_position_inputs, position_inputs_available
-from stages.rows_matmul import rows_matmul, rows_matmul_available
-from stages.step_attention import MAX_ROWS, step_attention, step_attention_available
+from voxtral_run.stages.checkpoint import TransformerParams
+from voxtral_run.stages.kernel_overlap import DEFAULT_OVERLAP, Overlap
+from voxtral_run.stages.matvec import Heads, Norm, matvec, matvec_available
+from voxtral_run.stages.position_inputs import fused_position_inputs, position_inputs_available
+from voxtral_run.stages.rows_matmul import rows_matmul, rows_matmul_available
+from voxtral_run.stages.step_attention import MAX_ROWS, step_attention, step_attention_available
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 import torch
 
-from stages.kernel_overlap import (
+from voxtral_run.stages.kernel_overlap import (
     DEFAULT_OVERLAP,
     Overlap,
     launch_options,
@@ -23,7 +23,7 @@ from stages.kernel_overlap import (
     uses_pdl,
     wait_for_inputs,
 )
-from stages.step_attention import step_attention_available
+from voxtral_run.stages.step_attention import step_attention_available
 
 try:
     import triton

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from stages.audio import (
+from voxtral_run.stages.audio import (
     GLOBAL_LOG_MEL_MAX,
     HOP_LENGTH,
     N_FFT,
@@ -27,7 +27,7 @@ from stages.audio import (
     WINDOW_SIZE,
     stream_right_pad_samples,
 )
-from stages.base import Item, Stage, StageError
+from voxtral_run.stages.base import Item, Stage, StageError
 
 NUM_FREQUENCY_BINS = N_FFT // 2 + 1  # 201 one-sided STFT bins
 CENTER_PAD = N_FFT // 2  # reflect pad of torch.stft(center=True) at each end; also each frame's look-ahead

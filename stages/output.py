@@ -12,7 +12,7 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from stages.base import StageError
+from voxtral_run.stages.base import StageError
 
 EVENT_TYPES = ("delta", "done")
 MAX_CUE_SECONDS = 7.0  # subtitle cues stay short enough to read while they are shown

@@ -13,7 +13,7 @@ import contextlib
 
 import torch
 
-from stages.step_attention import step_attention_available
+from voxtral_run.stages.step_attention import step_attention_available
 
 try:
     import triton

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import numpy as np
 import soxr
 
-from stages.audio import SAMPLE_RATE
-from stages.base import Item, Stage, StageError
+from voxtral_run.stages.audio import SAMPLE_RATE
+from voxtral_run.stages.base import Item, Stage, StageError
 
 RESAMPLE_QUALITY = "HQ"  # the quality mistral-common resamples with
 

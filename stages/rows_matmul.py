@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 import torch
 
-from stages.kernel_overlap import (
+from voxtral_run.stages.kernel_overlap import (
     DEFAULT_OVERLAP,
     Overlap,
     launch_options,
@@ -24,8 +24,8 @@ from stages.kernel_overlap import (
     uses_pdl,
     wait_for_inputs,
 )
-from stages.matvec import Heads, Norm, heads_arguments, heads_epilogue
-from stages.step_attention import MAX_TICKETS, dot_operand_types, split_tickets, step_attention_available
+from voxtral_run.stages.matvec import Heads, Norm, heads_arguments, heads_epilogue
+from voxtral_run.stages.step_attention import MAX_TICKETS, dot_operand_types, split_tickets, step_attention_available
 
 try:
     import triton

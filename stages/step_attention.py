@@ -14,7 +14,7 @@ import math
 
 import torch
 
-from stages.kernel_overlap import (
+from voxtral_run.stages.kernel_overlap import (
     DEFAULT_OVERLAP,
     PREFETCH_ALIGNMENT,
     Overlap,

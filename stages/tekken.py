@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from stages.audio import (
+from voxtral_run.stages.audio import (
     FRAME_RATE,
     HOP_LENGTH,
     MAX_DELAY_MS,
@@ -20,7 +20,7 @@ from stages.audio import (
     WINDOW_SIZE,
     delay_tokens,
 )
-from stages.base import CheckpointError, read_json_object
+from voxtral_run.stages.base import CheckpointError, read_json_object
 
 TEKKEN_FILE = "tekken.json"  # its name in a model directory
 

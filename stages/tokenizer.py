@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from stages.audio import MS_PER_TOKEN
-from stages.base import Item, Stage, StageError
-from stages.tekken import Tekken
+from voxtral_run.stages.audio import MS_PER_TOKEN
+from voxtral_run.stages.base import Item, Stage, StageError
+from voxtral_run.stages.tekken import Tekken
 
 
 def token_start_s(index: int) -> float:

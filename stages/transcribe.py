@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.base import Item, Stage
-from stages.factory import build_stage
+from voxtral_run.stages.base import Item, Stage
+from voxtral_run.stages.factory import build_stage
 
 MODEL_CHAIN = ("mel", "encoder", "decoder", "detokenize")
 

@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from stages.audio import SAMPLE_RATE, SAMPLES_PER_TOKEN
-from tools.hf_reference import hf_model_for
-from tools.make_tiny_checkpoint import TINY, CheckpointSpec, write_tiny_checkpoint
+from voxtral_run.stages.audio import SAMPLE_RATE, SAMPLES_PER_TOKEN
+from voxtral_run.tools.hf_reference import hf_model_for
+from voxtral_run.tools.make_tiny_checkpoint import TINY, CheckpointSpec, write_tiny_checkpoint
 
 # Windows smaller than the test audio, so the rolling caches really slide.
 SMALL_WINDOWS = CheckpointSpec(enc_window=16, dec_window=12)

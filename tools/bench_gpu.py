@@ -26,15 +26,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from stages.audio import SAMPLE_RATE, SAMPLES_PER_TOKEN, delay_tokens, pad_audio
-from stages.checkpoint import DECODER_PREFIXES, ENCODER_PREFIX, ModelDir
-from stages.decoder import streaming_prompt
-from stages.factory import build_stage, open_model
-from stages.graphs import StepGraphs
-from stages.kernel_overlap import NO_OVERLAP, Overlap
-from stages.layers import Attention, compiled_block_functions, fused_block_functions
-from stages.mel import log_mel_frames
-from tools.make_tiny_checkpoint import REAL_SIZE, write_tiny_checkpoint
+from voxtral_run.stages.audio import SAMPLE_RATE, SAMPLES_PER_TOKEN, delay_tokens, pad_audio
+from voxtral_run.stages.checkpoint import DECODER_PREFIXES, ENCODER_PREFIX, ModelDir
+from voxtral_run.stages.decoder import streaming_prompt
+from voxtral_run.stages.factory import build_stage, open_model
+from voxtral_run.stages.graphs import StepGraphs
+from voxtral_run.stages.kernel_overlap import NO_OVERLAP, Overlap
+from voxtral_run.stages.layers import Attention, compiled_block_functions, fused_block_functions
+from voxtral_run.stages.mel import log_mel_frames
+from voxtral_run.tools.make_tiny_checkpoint import REAL_SIZE, write_tiny_checkpoint
 
 BYTES_PER_BF16 = 2
 # The steps' kernels overlapping their neighbours otherwise than by default (see stages.kernel_overlap).
@@ -158,7 +158,7 @@ def transformers_streaming(hf_model, audio: np.ndarray, model: ModelDir, num_del
 
 def teacher_forced_logits(model_dir: Path, mel: np.ndarray, sequence: torch.Tensor, dtype: str) -> torch.Tensor:
     """Our logits [T, vocab] (as float32) for a whole id sequence over its audio, run as one block."""
-    from stages.layers import RollingKVCache
+    from voxtral_run.stages.layers import RollingKVCache
 
     device = sequence.device
     settings = {"dtype": dtype, "cache": "dynamic", "cuda_graphs": False, "compile": False}
@@ -226,7 +226,7 @@ def logits_agreement(hf_model, model_dir: Path, stages: list, audio: np.ndarray,
 def transformers_comparison(model_dir: Path, stages: list, audio: np.ndarray, device, *, timed: bool) -> dict:
     """transformers in bf16 on the same weights: its streaming generate per token (when `timed`) and the bf16
     logits comparison."""
-    from tools.hf_reference import hf_model_for
+    from voxtral_run.tools.hf_reference import hf_model_for
 
     model = open_model(model_dir.resolve())
     num_delay = delay_tokens(model.tekken.audio.transcription_delay_ms)
@@ -357,7 +357,7 @@ def main() -> None:
 
 def cold_start(model_dir: Path, compile_cache: Path) -> dict:
     """Load to first token in a fresh process (as a pipeline stage starts), with the given compile cache."""
-    command = [sys.executable, "-m", "tools.bench_gpu", "--model", str(model_dir), "--cold-start-only"]
+    command = [sys.executable, "-m", "voxtral_run.tools.bench_gpu", "--model", str(model_dir), "--cold-start-only"]
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(compile_cache)}
     done = subprocess.run(command, check=True, timeout=600, capture_output=True, text=True, env=env)
     return json.loads(done.stdout.splitlines()[-1])

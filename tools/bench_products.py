@@ -24,13 +24,13 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from stages.kernel_overlap import DEFAULT_OVERLAP, NO_OVERLAP, Overlap
-from stages.layers import rms_norm
-from stages.matvec import MatvecConfig, Norm, matvec, matvec_config
-from stages.rows_matmul import RowsConfig, rows_config, rows_matmul
-from tools.bench_gpu import copy_bandwidth
-from tools.bench_step_attention import graph_us
-from tools.make_tiny_checkpoint import REAL_SIZE
+from voxtral_run.stages.kernel_overlap import DEFAULT_OVERLAP, NO_OVERLAP, Overlap
+from voxtral_run.stages.layers import rms_norm
+from voxtral_run.stages.matvec import MatvecConfig, Norm, matvec, matvec_config
+from voxtral_run.stages.rows_matmul import RowsConfig, rows_config, rows_matmul
+from voxtral_run.tools.bench_gpu import copy_bandwidth
+from voxtral_run.tools.bench_step_attention import graph_us
+from voxtral_run.tools.make_tiny_checkpoint import REAL_SIZE
 
 EPS = 1e-5
 PRODUCTS = ("wqkv", "wo", "w13", "w2")

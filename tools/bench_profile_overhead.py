@@ -26,9 +26,9 @@ from pathlib import Path
 import numpy as np
 import soundfile
 
-from runner.metrics import ItemRecord, StageMetrics
-from stages.audio import SAMPLE_RATE
-from tools.make_tiny_checkpoint import TINY, write_tiny_checkpoint
+from voxtral_run.runner.metrics import ItemRecord, StageMetrics
+from voxtral_run.stages.audio import SAMPLE_RATE
+from voxtral_run.tools.make_tiny_checkpoint import TINY, write_tiny_checkpoint
 
 PIPELINE = Path("pipeline.yaml")
 ON_CPU = ["--set", "encoder.device=cpu", "--set", "decoder.device=cpu"]

@@ -14,9 +14,9 @@ from collections.abc import Callable
 
 import torch
 
-from stages.layers import Attention, attention_bias
-from stages.step_attention import step_attention
-from tools.make_tiny_checkpoint import REAL_SIZE
+from voxtral_run.stages.layers import Attention, attention_bias
+from voxtral_run.stages.step_attention import step_attention
+from voxtral_run.tools.make_tiny_checkpoint import REAL_SIZE
 
 # (name, query heads, KV heads, positions per step, head dim, cached keys, window, layers)
 CASES = [

@@ -19,9 +19,15 @@ from pathlib import Path
 import numpy as np
 import zmq
 
-from runner.edges import EdgeReceiver, EdgeSender, EdgeSpec, Policy
-from runner.wire import Envelope, Kind
-from stages.audio import ENCODER_FRAMES_PER_TOKEN, FRAME_RATE, MEL_FRAMES_PER_TOKEN, NUM_MEL_BINS, SAMPLES_PER_TOKEN
+from voxtral_run.runner.edges import EdgeReceiver, EdgeSender, EdgeSpec, Policy
+from voxtral_run.runner.wire import Envelope, Kind
+from voxtral_run.stages.audio import (
+    ENCODER_FRAMES_PER_TOKEN,
+    FRAME_RATE,
+    MEL_FRAMES_PER_TOKEN,
+    NUM_MEL_BINS,
+    SAMPLES_PER_TOKEN,
+)
 
 ENCODER_DIM = 1280  # Voxtral's audio encoder width
 # One decoder position (80 ms) of data as each hop carries it.

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from stages.audio import (
+from voxtral_run.stages.audio import (
     ENCODER_FRAMES_PER_TOKEN,
     FRAME_RATE,
     HOP_LENGTH,
@@ -26,7 +26,7 @@ from stages.audio import (
     SAMPLE_RATE,
     WINDOW_SIZE,
 )
-from stages.checkpoint import (
+from voxtral_run.stages.checkpoint import (
     ADA_NORM_DIM,
     CONSOLIDATED_FILE,
     PARAMS_FILE,
@@ -35,7 +35,7 @@ from stages.checkpoint import (
     parse_params,
     torch_dtype,
 )
-from tools.tiny_tekken import write_tiny_tekken
+from voxtral_run.tools.tiny_tekken import write_tiny_tekken
 
 NUM_SPECIAL_TOKENS = 1000
 

@@ -19,7 +19,7 @@ matplotlib.use("Agg")  # files only: no display needed
 
 import matplotlib.pyplot as plt  # noqa: E402 - after choosing the backend
 
-from runner.metrics import E2E_COUNTER, MS, SMALLEST_S, US  # noqa: E402
+from voxtral_run.runner.metrics import E2E_COUNTER, MS, SMALLEST_S, US  # noqa: E402
 
 BLOCKED_SLICE = "send"  # the runner's name for time blocked on a full output queue
 FIGURE_WIDTH_IN = 12

@@ -14,12 +14,12 @@ import pytest
 import soundfile
 from rich.console import Console
 
-from runner.config import load_pipeline
-from runner.sink import TranscriptSink
-from runner.supervisor import EXIT_OK, Supervisor
-from stages.capture import FileSource
 from tests.runner.conftest import marked_processes, wait_until_gone, write_noise_wav, write_toy_pipeline
 from tests.runner.toy_stages import ToyTranscriber
+from voxtral_run.runner.config import load_pipeline
+from voxtral_run.runner.sink import TranscriptSink
+from voxtral_run.runner.supervisor import EXIT_OK, Supervisor
+from voxtral_run.stages.capture import FileSource
 
 EXIT_TIME_S = 5.0
 

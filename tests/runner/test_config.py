@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from runner.config import SINK, SOURCE, load_pipeline, plan_edges
-from runner.edges import Policy
-from runner.errors import RunnerError
+from voxtral_run.runner.config import SINK, SOURCE, load_pipeline, plan_edges
+from voxtral_run.runner.edges import Policy
+from voxtral_run.runner.errors import RunnerError
 
 REPO_PIPELINE = Path(__file__).resolve().parents[2] / "pipeline.yaml"
 EXAMPLES = REPO_PIPELINE.parent / "examples"

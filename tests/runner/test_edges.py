@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import zmq
 
-from runner.edges import EdgeReceiver, EdgeSender, EdgeSpec, Policy
-from runner.wire import Envelope, Kind
+from voxtral_run.runner.edges import EdgeReceiver, EdgeSender, EdgeSpec, Policy
+from voxtral_run.runner.wire import Envelope, Kind
 
 
 class Interrupted(Exception):

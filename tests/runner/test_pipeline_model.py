@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import soundfile
 
-from stages.capture import FileSource
-from stages.resample import ResampleStage
-from stages.transcribe import transcribe_audio
 from tests.runner.conftest import REPO, wait_until_gone, write_noise_wav
+from voxtral_run.stages.capture import FileSource
+from voxtral_run.stages.resample import ResampleStage
+from voxtral_run.stages.transcribe import transcribe_audio
 
 PIPELINE = REPO / "pipeline.yaml"
 DELAY_MS = 480  # pipeline.yaml's

@@ -19,7 +19,9 @@ import soundfile
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
-from runner.metrics import (
+from tests.runner.conftest import REPO, Runner, wait_until_gone, write_noise_wav, write_toy_pipeline
+from tests.runner.test_pipeline_model import ON_CPU, PIPELINE
+from voxtral_run.runner.metrics import (
     BUCKETS_PER_DECADE,
     ItemRecord,
     LogHistogram,
@@ -28,12 +30,10 @@ from runner.metrics import (
     estimate_clock_offset,
     upper_bound,
 )
-from runner.stage_process import CudaTimer
-from stages.audio import SAMPLES_PER_TOKEN
-from tests.runner.conftest import REPO, Runner, wait_until_gone, write_noise_wav, write_toy_pipeline
-from tests.runner.test_pipeline_model import ON_CPU, PIPELINE
-from tools.make_tiny_checkpoint import TINY
-from tools.profile_report import main as profile_report
+from voxtral_run.runner.stage_process import CudaTimer
+from voxtral_run.stages.audio import SAMPLES_PER_TOKEN
+from voxtral_run.tools.make_tiny_checkpoint import TINY
+from voxtral_run.tools.profile_report import main as profile_report
 
 TOY_STAGES = ["capture", "relay", "detokenize"]
 TEXT_SEED = 1  # a tiny model whose tokens on the test audio include text (seed 0 gives only special tokens)

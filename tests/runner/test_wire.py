@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from runner.wire import Envelope, Kind, WireError, decode, encode
+from voxtral_run.runner.wire import Envelope, Kind, WireError, decode, encode
 
 DTYPES = st.sampled_from(["float32", "float64", "int16", "int32", "int64", "uint8", "bool"])
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from stages.base import Item, Stage, StageError
+from voxtral_run.stages.base import Item, Stage, StageError
 
 
 def _token_of(samples: np.ndarray) -> int:

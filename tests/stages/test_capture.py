@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import soundfile
 
-from stages.base import StageError
-from stages.capture import DEFAULT_CHUNK_MS, FileSource, MicSource, StdinSource, list_input_devices
+from voxtral_run.stages.base import StageError
+from voxtral_run.stages.capture import DEFAULT_CHUNK_MS, FileSource, MicSource, StdinSource, list_input_devices
 
 
 def frames_per_chunk(rate: int, chunk_ms: float = DEFAULT_CHUNK_MS) -> int:

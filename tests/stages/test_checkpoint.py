@@ -14,10 +14,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from stages import checkpoint
-from stages.audio import pad_audio
-from stages.base import CheckpointError
-from stages.checkpoint import (
+from tests.conftest import speechlike_audio
+from voxtral_run.stages import checkpoint
+from voxtral_run.stages.audio import pad_audio
+from voxtral_run.stages.base import CheckpointError
+from voxtral_run.stages.checkpoint import (
     ADAPTER_PREFIX,
     AUDIO_ENCODING_ARGS,
     CONSOLIDATED_FILE,
@@ -39,12 +40,11 @@ from stages.checkpoint import (
     torch_dtype,
     unpermute_rope_rows,
 )
-from stages.decoder import load_text_decoder
-from stages.encoder import load_audio_encoder
-from stages.layers import RollingKVCache
-from stages.mel import log_mel_frames
-from tests.conftest import speechlike_audio
-from tools.make_tiny_checkpoint import REAL_SIZE, TINY, params_json, write_tiny_checkpoint
+from voxtral_run.stages.decoder import load_text_decoder
+from voxtral_run.stages.encoder import load_audio_encoder
+from voxtral_run.stages.layers import RollingKVCache
+from voxtral_run.stages.mel import log_mel_frames
+from voxtral_run.tools.make_tiny_checkpoint import REAL_SIZE, TINY, params_json, write_tiny_checkpoint
 
 # The published model (spec 1 and 3.1): tensor count and parameter counts per part.
 REAL_TENSOR_COUNT = 711

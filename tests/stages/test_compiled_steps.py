@@ -6,18 +6,18 @@ import numpy as np
 import pytest
 import torch
 
-import stages.decoder
-import stages.encoder
-from stages.audio import ENCODER_FRAMES_PER_TOKEN, SAMPLES_PER_TOKEN
-from stages.base import StageError
-from stages.checkpoint import ModelDir
-from stages.decoder import load_text_decoder
-from stages.factory import build_stage
-from stages.kernel_overlap import DEFAULT_OVERLAP
-from stages.layers import EAGER, fused_attention_inputs
-from stages.matvec import matvec, matvec_available
-from stages.transcribe import MODEL_CHAIN, run_chain, transcript_of
 from tests.conftest import speechlike_audio
+from voxtral_run.stages import decoder as decoder_module
+from voxtral_run.stages import encoder as encoder_module
+from voxtral_run.stages.audio import ENCODER_FRAMES_PER_TOKEN, SAMPLES_PER_TOKEN
+from voxtral_run.stages.base import StageError
+from voxtral_run.stages.checkpoint import ModelDir
+from voxtral_run.stages.decoder import load_text_decoder
+from voxtral_run.stages.factory import build_stage
+from voxtral_run.stages.kernel_overlap import DEFAULT_OVERLAP
+from voxtral_run.stages.layers import EAGER, fused_attention_inputs
+from voxtral_run.stages.matvec import matvec, matvec_available
+from voxtral_run.stages.transcribe import MODEL_CHAIN, run_chain, transcript_of
 
 
 def chain(model_dir, **settings):
@@ -56,7 +56,7 @@ def test_a_failing_compiler_is_one_line_naming_the_stage_and_the_way_out(tiny_mo
 
     # Both ways the encoder's step can be compiled: as the fused kernels around compiled code, or all compiled.
     for functions in ("fused_block_functions", "compiled_block_functions"):
-        monkeypatch.setattr(stages.encoder, functions, lambda *blocks: EAGER._replace(attention_inputs=broken))
+        monkeypatch.setattr(encoder_module, functions, lambda *blocks: EAGER._replace(attention_inputs=broken))
     with pytest.raises(StageError) as failure:
         build_stage("encoder", model_dir=tiny_model_dir, params={"compile": True})
     message = str(failure.value)
@@ -79,7 +79,7 @@ def test_the_fused_adapter_and_lm_head_compute_what_torch_does(tiny_model_dir, m
         eager_ids = [int(decoder.next_token(hidden)) for hidden in hiddens]
         calls = []
         monkeypatch.setattr(
-            stages.decoder, "matvec", lambda *args, **kwargs: calls.append(1) or matvec(*args, **kwargs)
+            decoder_module, "matvec", lambda *args, **kwargs: calls.append(1) or matvec(*args, **kwargs)
         )
         decoder.fused_ends = DEFAULT_OVERLAP
         fused_audio = decoder.adapt(frames[:ENCODER_FRAMES_PER_TOKEN])

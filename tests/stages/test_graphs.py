@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from stages.graphs import StagedInput, StagedOutput, StepGraphs
+from voxtral_run.stages.graphs import StagedInput, StagedOutput, StepGraphs
 
 
 def test_a_staged_input_reaches_its_buffer_in_the_step_rounded_as_torch_rounds() -> None:

@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from stages.kernel_cache import TRITON_CACHE_VARIABLE, pin_triton_cache
+from voxtral_run.stages.kernel_cache import TRITON_CACHE_VARIABLE, pin_triton_cache
 
 
 def test_a_gpu_stage_pins_tritons_cache_to_inductors_directory_for_its_device(tmp_path, monkeypatch) -> None:

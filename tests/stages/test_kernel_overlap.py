@@ -12,8 +12,8 @@ import sys
 import pytest
 import torch
 
-from stages import kernel_overlap
-from stages.kernel_overlap import (
+from voxtral_run.stages import kernel_overlap
+from voxtral_run.stages.kernel_overlap import (
     DEFAULT_OVERLAP,
     NO_OVERLAP,
     PREFETCH_ALIGNMENT,
@@ -22,7 +22,7 @@ from stages.kernel_overlap import (
     prefetch_share,
     uses_pdl,
 )
-from stages.step_attention import step_attention_available
+from voxtral_run.stages.step_attention import step_attention_available
 
 
 @pytest.fixture
@@ -69,7 +69,7 @@ import json, sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from stages import matvec, rows_matmul, step_attention
+from voxtral_run.stages import matvec, rows_matmul, step_attention
 
 POINTERS = {"partial_ptr": "*fp32", "stats_ptr": "*fp32", "ticket_ptr": "*i32", "slots_ptr": "*i64"}
 FLOATS = ("eps", "scale")

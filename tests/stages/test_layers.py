@@ -13,8 +13,8 @@ from transformers.models.voxtral_realtime.modeling_voxtral_realtime import (
     apply_rotary_pos_emb,
 )
 
-from stages.checkpoint import TransformerParams
-from stages.layers import (
+from voxtral_run.stages.checkpoint import TransformerParams
+from voxtral_run.stages.layers import (
     EAGER,
     Block,
     RMSNorm,
@@ -26,7 +26,7 @@ from stages.layers import (
     fused_block_functions,
     fused_products_serve,
 )
-from stages.matvec import matvec_available
+from voxtral_run.stages.matvec import matvec_available
 
 HEAD_DIM = 64
 

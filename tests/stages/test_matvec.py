@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from stages.checkpoint import TransformerParams
-from stages.layers import Attention, RotaryEmbedding, rms_norm
-from stages.matvec import Heads, MatvecConfig, Norm, matvec, matvec_available
-from stages.rows_matmul import RowsConfig, rows_matmul
+from voxtral_run.stages.checkpoint import TransformerParams
+from voxtral_run.stages.layers import Attention, RotaryEmbedding, rms_norm
+from voxtral_run.stages.matvec import Heads, MatvecConfig, Norm, matvec, matvec_available
+from voxtral_run.stages.rows_matmul import RowsConfig, rows_matmul
 
 pytestmark = pytest.mark.skipif(
     not matvec_available(torch.device("cpu")), reason="needs Triton (the dev extra installs it)"

@@ -15,7 +15,7 @@ from transformers.models.voxtral_realtime.feature_extraction_voxtral_realtime im
     VoxtralRealtimeFeatureExtractor,
 )
 
-from stages.audio import (
+from voxtral_run.stages.audio import (
     HOP_LENGTH,
     MEL_FRAMES_PER_TOKEN,
     N_FFT,
@@ -26,8 +26,8 @@ from stages.audio import (
     pad_audio,
     pad_stream,
 )
-from stages.base import StageError
-from stages.mel import MelStage, frames_ready, log_mel_frames, mel_filter_bank
+from voxtral_run.stages.base import StageError
+from voxtral_run.stages.mel import MelStage, frames_ready, log_mel_frames, mel_filter_bank
 
 TOLERANCE = 1e-5
 LEFT_PAD_TOKENS = 32  # the real model's values

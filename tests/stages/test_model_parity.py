@@ -10,16 +10,16 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from stages.audio import delay_tokens, pad_audio
-from stages.checkpoint import CONSOLIDATED_FILE, TOKEN_EMBEDDING, ModelDir
-from stages.decoder import load_text_decoder, streaming_prompt
-from stages.encoder import load_audio_encoder
-from stages.factory import build_stage
-from stages.layers import RollingKVCache
-from stages.mel import log_mel_frames
-from stages.transcribe import MODEL_CHAIN, run_chain, transcribe_audio, transcript_of
 from tests.conftest import SMALL_WINDOWS, speechlike_audio
-from tools.make_tiny_checkpoint import TINY, CheckpointSpec
+from voxtral_run.stages.audio import delay_tokens, pad_audio
+from voxtral_run.stages.checkpoint import CONSOLIDATED_FILE, TOKEN_EMBEDDING, ModelDir
+from voxtral_run.stages.decoder import load_text_decoder, streaming_prompt
+from voxtral_run.stages.encoder import load_audio_encoder
+from voxtral_run.stages.factory import build_stage
+from voxtral_run.stages.layers import RollingKVCache
+from voxtral_run.stages.mel import log_mel_frames
+from voxtral_run.stages.transcribe import MODEL_CHAIN, run_chain, transcribe_audio, transcript_of
+from voxtral_run.tools.make_tiny_checkpoint import TINY, CheckpointSpec
 
 # (spec, seed, delay_ms): widths, GQA ratios 1/2/4, windows smaller than the audio, delays 80/480/1200 ms.
 CONFIGS = [

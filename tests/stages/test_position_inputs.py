@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from stages import position_inputs as position_inputs_module
-from stages.layers import RotaryEmbedding, StaticKVCache, attention_bias, position_inputs
-from stages.position_inputs import position_inputs_available
+from voxtral_run.stages import position_inputs as position_inputs_module
+from voxtral_run.stages.layers import RotaryEmbedding, StaticKVCache, attention_bias, position_inputs
+from voxtral_run.stages.position_inputs import position_inputs_available
 
 pytestmark = pytest.mark.skipif(
     not position_inputs_available(torch.device("cpu"), 8), reason="needs Triton (the dev extra installs it)"

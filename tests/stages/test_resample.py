@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 import soxr
 
-from stages.audio import SAMPLE_RATE
-from stages.base import StageError
-from stages.resample import RESAMPLE_QUALITY, ResampleStage
+from voxtral_run.stages.audio import SAMPLE_RATE
+from voxtral_run.stages.base import StageError
+from voxtral_run.stages.resample import RESAMPLE_QUALITY, ResampleStage
 
 
 def random_audio(rng: np.random.Generator, frames: int, channels: int) -> np.ndarray:

@@ -6,11 +6,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from stages.layers import rms_norm
-from stages.matvec import Norm
-from stages.rows_matmul import MAX_BLOCK_K, TILE_ROWS, RowsConfig, rows_config, rows_matmul, rows_matmul_available
-from stages.step_attention import split_tickets
-from tools.make_tiny_checkpoint import REAL_SIZE
+from voxtral_run.stages.layers import rms_norm
+from voxtral_run.stages.matvec import Norm
+from voxtral_run.stages.rows_matmul import (
+    MAX_BLOCK_K,
+    TILE_ROWS,
+    RowsConfig,
+    rows_config,
+    rows_matmul,
+    rows_matmul_available,
+)
+from voxtral_run.stages.step_attention import split_tickets
+from voxtral_run.tools.make_tiny_checkpoint import REAL_SIZE
 
 pytestmark = pytest.mark.skipif(
     not rows_matmul_available(torch.device("cpu")), reason="needs Triton (the dev extra installs it)"

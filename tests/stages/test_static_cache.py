@@ -9,13 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from stages.audio import MEL_FRAMES_PER_TOKEN, NUM_MEL_BINS, SAMPLES_PER_TOKEN
-from stages.base import StageError
-from stages.checkpoint import TransformerParams
-from stages.encoder import CONV1_TAIL_LENGTHS
-from stages.factory import build_stage
-from stages.graphs import StepGraphs
-from stages.layers import (
+from tests.conftest import speechlike_audio
+from voxtral_run.stages.audio import MEL_FRAMES_PER_TOKEN, NUM_MEL_BINS, SAMPLES_PER_TOKEN
+from voxtral_run.stages.base import StageError
+from voxtral_run.stages.checkpoint import TransformerParams
+from voxtral_run.stages.encoder import CONV1_TAIL_LENGTHS
+from voxtral_run.stages.factory import build_stage
+from voxtral_run.stages.graphs import StepGraphs
+from voxtral_run.stages.layers import (
     MIN_SPAN,
     Block,
     RollingKVCache,
@@ -26,8 +27,7 @@ from stages.layers import (
     span_for,
     warm_attention_spans,
 )
-from stages.transcribe import MODEL_CHAIN, run_chain, transcript_of
-from tests.conftest import speechlike_audio
+from voxtral_run.stages.transcribe import MODEL_CHAIN, run_chain, transcript_of
 
 PARAMS = TransformerParams(
     dim=32, n_layers=1, head_dim=8, hidden_dim=64, n_heads=4, n_kv_heads=2, rope_theta=1e6, norm_eps=1e-5,

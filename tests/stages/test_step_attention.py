@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from stages.layers import Attention, attention_bias, step_attend
-from stages.step_attention import (
+from voxtral_run.stages.layers import Attention, attention_bias, step_attend
+from voxtral_run.stages.step_attention import (
     BLOCK_KEYS,
     MERGE_SLICES,
     key_splits,

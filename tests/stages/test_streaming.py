@@ -8,14 +8,14 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from stages.audio import ENCODER_FRAMES_PER_TOKEN, N_FFT, SAMPLES_PER_TOKEN, delay_tokens, pad_audio
-from stages.base import StageError
-from stages.checkpoint import ModelDir
-from stages.decoder import streaming_prompt
-from stages.factory import build_stage
-from stages.mel import log_mel_frames
-from stages.transcribe import build_chain, run_chain, transcribe_audio, transcript_of
 from tests.conftest import speechlike_audio
+from voxtral_run.stages.audio import ENCODER_FRAMES_PER_TOKEN, N_FFT, SAMPLES_PER_TOKEN, delay_tokens, pad_audio
+from voxtral_run.stages.base import StageError
+from voxtral_run.stages.checkpoint import ModelDir
+from voxtral_run.stages.decoder import streaming_prompt
+from voxtral_run.stages.factory import build_stage
+from voxtral_run.stages.mel import log_mel_frames
+from voxtral_run.stages.transcribe import build_chain, run_chain, transcribe_audio, transcript_of
 
 AUDIO = speechlike_audio(2.5, seed=7)
 

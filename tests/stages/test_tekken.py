@@ -18,11 +18,11 @@ from mistral_common.tokens.tokenizers.audio import Audio
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 from mistral_common.tokens.tokenizers.tekken import Tekkenizer
 
-from stages.audio import SAMPLE_RATE
-from stages.base import CheckpointError
-from stages.tekken import load_tekken
 from tests.conftest import is_utf8
-from tools.tiny_tekken import write_streaming_tekken, write_tiny_tekken
+from voxtral_run.stages.audio import SAMPLE_RATE
+from voxtral_run.stages.base import CheckpointError
+from voxtral_run.stages.tekken import load_tekken
+from voxtral_run.tools.tiny_tekken import write_streaming_tekken, write_tiny_tekken
 
 BUNDLED_TEKKEN = Path(mistral_common.__file__).parent / "data" / "tekken_240911.json"
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -110,7 +110,7 @@ def test_mistral_common_prompt_uses_our_ids(tmp_path: Path, delay_ms: int, left_
 
 def test_script_writes_a_loadable_file_and_rejects_bad_options(tmp_path: Path) -> None:
     path = tmp_path / "out.json"
-    command = [sys.executable, "-m", "tools.tiny_tekken", str(path)]
+    command = [sys.executable, "-m", "voxtral_run.tools.tiny_tekken", str(path)]
     done = subprocess.run(
         [*command, "--num-normal-tokens", "300", "--delay-ms", "160", "--left-pad-tokens", "8"],
         cwd=REPO_ROOT,

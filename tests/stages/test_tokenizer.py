@@ -11,12 +11,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from mistral_common.tokens.tokenizers.tekken import Tekkenizer
 
-from stages.audio import SAMPLE_RATE, SAMPLES_PER_TOKEN
-from stages.base import StageError
-from stages.tekken import Tekken, load_tekken
-from stages.tokenizer import DetokenizeStage, IncrementalDetokenizer
 from tests.conftest import is_utf8
-from tools.tiny_tekken import write_streaming_tekken
+from voxtral_run.stages.audio import SAMPLE_RATE, SAMPLES_PER_TOKEN
+from voxtral_run.stages.base import StageError
+from voxtral_run.stages.tekken import Tekken, load_tekken
+from voxtral_run.stages.tokenizer import DetokenizeStage, IncrementalDetokenizer
+from voxtral_run.tools.tiny_tekken import write_streaming_tekken
 
 BUNDLED_TEKKEN = Path(mistral_common.__file__).parent / "data" / "tekken_240911.json"
 REPLACEMENT = "\ufffd"

@@ -3,12 +3,12 @@
 import numpy as np
 import torch
 
-from stages.audio import delay_tokens, pad_audio
-from stages.checkpoint import ModelDir
-from stages.decoder import streaming_prompt
-from stages.mel import log_mel_frames
 from tests.conftest import speechlike_audio
-from tools.bench_gpu import products_summed_in_reverse
+from voxtral_run.stages.audio import delay_tokens, pad_audio
+from voxtral_run.stages.checkpoint import ModelDir
+from voxtral_run.stages.decoder import streaming_prompt
+from voxtral_run.stages.mel import log_mel_frames
+from voxtral_run.tools.bench_gpu import products_summed_in_reverse
 
 
 def test_products_summed_in_reverse_change_only_the_order_of_additions(tiny_model_dir, hf_oracle) -> None:
