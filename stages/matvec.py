@@ -19,9 +19,7 @@ from voxtral_run.stages.kernel_overlap import (
     Overlap,
     launch_options,
     prefetch_share,
-    prefetch_to_l2,
     uses_pdl,
-    wait_for_inputs,
 )
 from voxtral_run.stages.step_attention import step_attention_available
 
@@ -30,6 +28,9 @@ try:
     import triton.language as tl
 except ImportError:  # CPU-only torch builds come without Triton; then the products stay with torch
     triton = None
+
+if triton is not None:  # Triton's jit helpers exist only where Triton does
+    from voxtral_run.stages.kernel_overlap import prefetch_to_l2, wait_for_inputs
 
 BLOCK_K = 512  # weight columns per tile: 1 KiB of each bf16 row per load
 NORMED_BLOCK_K = 1024

@@ -20,11 +20,9 @@ from voxtral_run.stages.kernel_overlap import (
     Overlap,
     launch_options,
     prefetch_share,
-    prefetch_to_l2,
     uses_pdl,
-    wait_for_inputs,
 )
-from voxtral_run.stages.matvec import Heads, Norm, heads_arguments, heads_epilogue
+from voxtral_run.stages.matvec import Heads, Norm, heads_arguments
 from voxtral_run.stages.step_attention import MAX_TICKETS, dot_operand_types, split_tickets, step_attention_available
 
 try:
@@ -32,6 +30,10 @@ try:
     import triton.language as tl
 except ImportError:  # CPU-only torch builds come without Triton; then the products stay with torch
     triton = None
+
+if triton is not None:  # Triton's jit helpers exist only where Triton does
+    from voxtral_run.stages.kernel_overlap import prefetch_to_l2, wait_for_inputs
+    from voxtral_run.stages.matvec import heads_epilogue
 
 TILE_ROWS = 16  # rows of a tensor-core product; fewer rows are padded with zeros
 BLOCK_N = 64  # output columns per program

@@ -20,9 +20,7 @@ from voxtral_run.stages.kernel_overlap import (
     Overlap,
     launch_options,
     overlap_supported,
-    prefetch_share_to_l2,
     uses_pdl,
-    wait_for_inputs,
 )
 
 try:
@@ -31,6 +29,9 @@ try:
     from triton.runtime.interpreter import InterpretedFunction
 except ImportError:  # CPU-only torch builds come without Triton; then only SDPA serves attention
     triton = None
+
+if triton is not None:  # Triton's jit helpers exist only where Triton does
+    from voxtral_run.stages.kernel_overlap import prefetch_share_to_l2, wait_for_inputs
 
 BLOCK_KEYS = 64  # keys per inner tile
 TARGET_PROGRAMS = 256  # about two programs per multiprocessor of an H100 or H200
