@@ -20,6 +20,7 @@ import torch
 from voxtral_run.stages.audio import (
     GLOBAL_LOG_MEL_MAX,
     HOP_LENGTH,
+    MEL_FRAMES_PER_TOKEN,
     N_FFT,
     NUM_MEL_BINS,
     SAMPLE_RATE,
@@ -30,6 +31,7 @@ from voxtral_run.stages.audio import (
 from voxtral_run.stages.base import Item, Stage, StageError
 
 NUM_FREQUENCY_BINS = N_FFT // 2 + 1  # 201 one-sided STFT bins
+MEL_BLOCK_FRAMES = MEL_FRAMES_PER_TOKEN  # frames per filter product (see _log_mel)
 CENTER_PAD = N_FFT // 2  # reflect pad of torch.stft(center=True) at each end; also each frame's look-ahead
 MEL_POWER_FLOOR = 1e-10  # clamp before log10
 LOG_MEL_DYNAMIC_RANGE = 8.0  # log10 units kept below GLOBAL_LOG_MEL_MAX
@@ -101,16 +103,23 @@ def _validated_samples(samples: object, what: str) -> np.ndarray:
     return samples.astype(np.float32, copy=False)
 
 
-def _log_mel(spectrum: torch.Tensor) -> np.ndarray:
-    """Complex STFT [201, T] to time-major features [T, 128], following the reference op by op."""
+def _log_mel(spectrum: torch.Tensor, first_frame: int) -> np.ndarray:
+    """Complex STFT [201, T] of frames first_frame.. to time-major features [T, 128], following the reference
+    op by op."""
     _, filters_t = _torch_constants()
     power = spectrum.abs() ** 2
     num_frames = power.shape[1]
-    if num_frames == 1:
-        # A one-column product takes BLAS's matrix-vector path, which rounds differently from the
-        # matrix-matrix path of the offline call; two columns keep every frame bit-identical.
-        power = power.repeat(1, 2)
-    mel = (filters_t @ power)[:, :num_frames]
+    # The filter product runs on blocks of MEL_BLOCK_FRAMES frames aligned to the stream's frame index, each
+    # block a product of the same shape with a frame always in the same column: BLAS rounds by shape and
+    # position (one column takes the matrix-vector path, wide products other kernels), so any chunking of a
+    # stream gives the offline frames' bits.
+    lead = first_frame % MEL_BLOCK_FRAMES
+    blocks = -(-(lead + num_frames) // MEL_BLOCK_FRAMES)
+    padded = power.new_zeros(power.shape[0], blocks * MEL_BLOCK_FRAMES)
+    padded[:, lead : lead + num_frames] = power
+    padded = padded.reshape(power.shape[0], blocks, MEL_BLOCK_FRAMES).transpose(0, 1)
+    mel = torch.bmm(filters_t.expand(blocks, -1, -1), padded)  # [blocks, 128, MEL_BLOCK_FRAMES]
+    mel = mel.transpose(0, 1).reshape(filters_t.shape[0], -1)[:, lead : lead + num_frames]
     log_mel = torch.clamp(mel, min=MEL_POWER_FLOOR).log10()
     log_mel = torch.maximum(log_mel, torch.tensor(GLOBAL_LOG_MEL_MAX - LOG_MEL_DYNAMIC_RANGE))
     features = (log_mel + LOG_MEL_OFFSET) / LOG_MEL_SCALE
@@ -132,7 +141,7 @@ def log_mel_frames(padded_audio: np.ndarray) -> np.ndarray:
         pad_mode="reflect",
         return_complex=True,
     )
-    return _log_mel(spectrum[:, :-1])  # the last STFT frame is dropped, as the reference does
+    return _log_mel(spectrum[:, :-1], 0)  # the last STFT frame is dropped, as the reference does
 
 
 @dataclass
@@ -205,8 +214,9 @@ class MelStage(Stage):
             center=False,
             return_complex=True,
         )
+        first_frame = stream.next_frame
         consumed = HOP_LENGTH * stop_frame - stream.tail_start
         stream.tail = stream.tail[consumed:].copy()
         stream.tail_start += consumed
         stream.next_frame = stop_frame
-        return [_log_mel(spectrum)]
+        return [_log_mel(spectrum, first_frame)]
