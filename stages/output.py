@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import numbers
+import os
 import sys
+import unicodedata
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,9 +17,13 @@ import numpy as np
 from voxtral_run.stages.base import StageError
 
 EVENT_TYPES = ("delta", "done")
+PARTIAL_SUFFIX = ".partial"  # a transcript file being written, or left by a run that failed
 MAX_CUE_SECONDS = 7.0  # subtitle cues stay short enough to read while they are shown
 MAX_CUE_CHARS = 42  # a common subtitle line length
 SENTENCE_END = (".", "?", "!", "…", "。", "？", "！")
+CLAUSE_END = ("，", "、", "；", "：")  # CJK clause marks: where a cue split for length is best made
+# Japanese characters that never start a line (small kana, the long vowel and iteration marks).
+NO_LINE_START = "ぁぃぅぇぉっゃゅょゎゕゖァィゥェォッャュョヮヵヶーゝゞヽヾ々"
 
 
 def _json_default(value: Any) -> Any:
@@ -44,9 +50,12 @@ def _check_event(event: Any) -> None:
 class TranscriptWriter(ABC):
     """Receives transcript events one by one and writes them in one format to a file or a text stream."""
 
-    def __init__(self, out: TextIO, owns_out: bool):
+    writes_as_it_goes = False  # whether events reach the output as they come, rather than all at close
+
+    def __init__(self, out: TextIO, owns_out: bool, commit_to: Path | None = None):
         self._out = out
         self._owns_out = owns_out  # a file we opened is closed with the writer; a given stream only flushed
+        self._commit_to = commit_to  # `out` is a partial file that becomes this path once the transcript is whole
         self._closed = False
 
     def write(self, event: dict) -> None:
@@ -64,10 +73,35 @@ class TranscriptWriter(ABC):
         try:
             self._out.write(self._final_content())
         finally:
-            if self._owns_out:
-                self._out.close()
-            else:
-                self._out.flush()
+            self._release()
+        if self._commit_to is not None:
+            os.replace(self._out.name, self._commit_to)
+
+    def abort(self) -> Path | None:
+        """Release the output without finishing the transcript (the run failed). A transcript written at close
+        goes to its .partial file, which keeps that name so it never looks finished, and is removed if there
+        was no text; returns its path if it stays."""
+        if self._closed:
+            return None
+        self._closed = True
+        content = self._final_content()
+        try:
+            self._out.write(content)
+        finally:
+            self._release()
+        if self._commit_to is None:
+            return None
+        partial = Path(self._out.name)
+        if not content.strip():
+            partial.unlink()
+            return None
+        return partial
+
+    def _release(self) -> None:
+        if self._owns_out:
+            self._out.close()
+        else:
+            self._out.flush()
 
     def __enter__(self) -> TranscriptWriter:
         return self
@@ -87,8 +121,8 @@ class TranscriptWriter(ABC):
 class TextWriter(TranscriptWriter):
     """The plain transcript, written at close with a final newline."""
 
-    def __init__(self, out: TextIO, owns_out: bool):
-        super().__init__(out, owns_out)
+    def __init__(self, out: TextIO, owns_out: bool, commit_to: Path | None = None):
+        super().__init__(out, owns_out, commit_to)
         self._deltas: list[str] = []
         self._done_text: str | None = None
 
@@ -104,7 +138,10 @@ class TextWriter(TranscriptWriter):
 
 
 class JsonlWriter(TranscriptWriter):
-    """One JSON object per event, written and flushed as it comes so a partial transcript survives."""
+    """One JSON object per event, written and flushed as it comes so a partial transcript survives; only a
+    finished transcript ends with a `done` event."""
+
+    writes_as_it_goes = True
 
     def _receive(self, event: dict) -> None:
         self._out.write(json.dumps(event, ensure_ascii=False, default=_json_default) + "\n")
@@ -124,37 +161,79 @@ class Cue:
 
 
 def build_cues(deltas: list[dict]) -> list[Cue]:
-    """Group timed deltas into words (a word starts at a delta that begins with whitespace), then words into
-    cues of at most MAX_CUE_SECONDS and MAX_CUE_CHARS, ending a cue after a sentence end."""
-    words: list[Cue] = []
+    """Group timed deltas into unbreakable pieces, then pieces into cues of at most MAX_CUE_SECONDS and
+    MAX_CUE_CHARS, ending a cue after a sentence end and preferring a CJK comma when one must be split."""
+    # Cues break only between deltas, never inside one: each delta's times are exact, while a split inside it
+    # would have to guess when each character was spoken; a delta is one token's text, a few characters.
+    pieces: list[Cue] = []
     for delta in deltas:
         if not delta["text"]:
             continue
-        if words and not delta["text"][0].isspace():
-            words[-1].text += delta["text"]
-            words[-1].end_s = delta["end_s"]
+        if pieces and not _may_break(pieces[-1].text, delta["text"]):
+            pieces[-1].text += delta["text"]
+            pieces[-1].end_s = delta["end_s"]
         else:
-            words.append(Cue(delta["text"], delta["start_s"], delta["end_s"]))
-    cues: list[Cue] = []
-    current: Cue | None = None
-    for word in words:
-        if current is not None:
-            too_long = len(_cue_text(current.text + word.text)) > MAX_CUE_CHARS
-            if too_long or word.end_s - current.start_s > MAX_CUE_SECONDS:
+            pieces.append(Cue(delta["text"], delta["start_s"], delta["end_s"]))
+    cues: list[list[Cue]] = []
+    current: list[Cue] = []
+    for piece in pieces:
+        if current and not _fits([*current, piece]):
+            tail = _after_last_clause(current)
+            if tail and _fits([*tail, piece]):
+                cues.append(current[: -len(tail)])
+                current = tail
+            else:
                 cues.append(current)
-                current = None
-        if current is None:
-            current = Cue(word.text, word.start_s, word.end_s)
-        else:
-            current.text += word.text
-            current.end_s = word.end_s
-        if current.text.rstrip().endswith(SENTENCE_END):
+                current = []
+        current.append(piece)
+        if _joined(current).rstrip().endswith(SENTENCE_END):
             cues.append(current)
-            current = None
-    if current is not None:
+            current = []
+    if current:
         cues.append(current)
-    cues = [cue for cue in cues if cue.text.strip()]
-    return [Cue(_cue_text(cue.text), cue.start_s, max(cue.start_s, cue.end_s)) for cue in cues]
+    return [
+        Cue(_cue_text(_joined(cue)), cue[0].start_s, max(cue[0].start_s, cue[-1].end_s))
+        for cue in cues
+        if _joined(cue).strip()
+    ]
+
+
+def _joined(pieces: list[Cue]) -> str:
+    return "".join(piece.text for piece in pieces)
+
+
+def _is_wide(char: str) -> bool:
+    """Chinese, Japanese and Korean characters and their punctuation (East Asian wide or fullwidth)."""
+    return unicodedata.east_asian_width(char) in ("W", "F")
+
+
+def _may_break(before: str, after: str) -> bool:
+    """Whether a cue may end between two texts: at whitespace, or beside a CJK character since Chinese and
+    Japanese put no spaces between words, though never before closing punctuation or a small kana, nor after
+    opening punctuation."""
+    if before[-1].isspace() or after[0].isspace():
+        return True
+    closes = unicodedata.category(after[0]) in ("Po", "Pe", "Pf") or after[0] in NO_LINE_START
+    if closes or unicodedata.category(before[-1]) in ("Ps", "Pi"):
+        return False
+    return _is_wide(before[-1]) or _is_wide(after[0])
+
+
+def _fits(pieces: list[Cue]) -> bool:
+    """Whether these pieces make one cue within MAX_CUE_CHARS and MAX_CUE_SECONDS."""
+    return len(_cue_text(_joined(pieces))) <= MAX_CUE_CHARS and pieces[-1].end_s - pieces[0].start_s <= MAX_CUE_SECONDS
+
+
+def _after_last_clause(pieces: list[Cue]) -> list[Cue]:
+    """The pieces after the cue's last CJK clause mark (，、；：) in its second half, to start the next cue
+    with, so a split cue ends at a pause rather than mid-clause; none if there is no such mark."""
+    length = 0
+    cut = len(pieces)
+    for index, piece in enumerate(pieces):
+        length += len(piece.text)
+        if piece.text.rstrip().endswith(CLAUSE_END) and length >= MAX_CUE_CHARS // 2:
+            cut = index + 1
+    return pieces[cut:]
 
 
 def _cue_text(text: str) -> str:
@@ -174,8 +253,8 @@ def format_timestamp(seconds: float, decimal_marker: str) -> str:
 class SubtitleWriter(TranscriptWriter):
     """Subtitle cues built from the timed deltas, written at close."""
 
-    def __init__(self, out: TextIO, owns_out: bool):
-        super().__init__(out, owns_out)
+    def __init__(self, out: TextIO, owns_out: bool, commit_to: Path | None = None):
+        super().__init__(out, owns_out, commit_to)
         self._deltas: list[dict] = []
 
     def _receive(self, event: dict) -> None:
@@ -234,8 +313,12 @@ def open_writer(format: str, path: Path | None, stream: TextIO | None = None) ->
         raise StageError(f"unknown transcript format {format!r}; valid formats: {', '.join(FORMATS)}")
     if path is None:
         return _WRITERS[format](sys.stdout if stream is None else stream, owns_out=False)
+    writer = _WRITERS[format]
+    # A transcript written at close goes to PATH.partial, renamed when it is whole: a run that fails midway
+    # leaves no file under the transcript's name. One written as it goes is read as it grows, under its name.
+    target = path if writer.writes_as_it_goes else path.with_name(path.name + PARTIAL_SUFFIX)
     try:
-        out = open(path, "w", encoding="utf-8")  # the writer closes it
+        out = open(target, "w", encoding="utf-8")  # the writer closes it
     except OSError as err:
         raise StageError(f"{path}: cannot write the transcript ({err.strerror})") from None
-    return _WRITERS[format](out, owns_out=True)
+    return writer(out, owns_out=True, commit_to=None if target == path else path)

@@ -115,6 +115,104 @@ def test_slow_speech_splits_cues_by_duration() -> None:
     assert " ".join(text for _, _, text in cues) == " ".join(["uh"] * 30)
 
 
+CHINESE = (
+    "今天我们来谈谈语音识别技术的发展历程以及它在日常生活中的各种应用场景，从最早的基于模板匹配的方法到后来的"
+    "隐马尔可夫模型再到如今的端到端神经网络模型，每一次进步都让机器更好地理解人类的语言。实时转写系统需要在延迟"
+    "和准确率之间取得平衡，这对模型的设计提出了很高的要求！你觉得未来的语音助手会变成什么样子？也许有一天它们能够"
+    "像朋友一样和我们自然地交流、讨论问题、分享想法。"
+)
+JAPANESE = (
+    "今日はリアルタイム音声認識について話しましょう。マイクから入ってくる音声を少しずつ処理して、話し終わるのを"
+    "待たずにすぐに文字を表示するのがポイントです。「ちょっと待って」と言われても、システムはずっと聞き続けなければ"
+    "なりません。スーパーコンピューターがなくても、ノートパソコン一台で動かせるようになったのは本当にすごいことだと"
+    "思いませんか？"
+)
+PUNCTUATION = "。，、！？「」"
+
+
+def cjk_events(text: str, seconds_per_delta: float = TOKEN_S, seed: int = 0) -> list[dict]:
+    """Deltas as a tokenizer might cut text without spaces: each punctuation mark alone, other characters in
+    runs of one to three, one after another with a 1.5 s pause now and then."""
+    rng = np.random.default_rng(seed)
+    pieces = []
+    for run in re.findall(f"[{PUNCTUATION}]|[^{PUNCTUATION}]+", text):
+        while run:
+            size = int(rng.integers(1, 4))
+            pieces.append(run[:size])
+            run = run[size:]
+    events = []
+    time_s = 0.32
+    for index, piece in enumerate(pieces):
+        if index % 23 == 22:
+            time_s += 1.5
+        events.append(
+            {
+                "type": "delta",
+                "text": piece,
+                "token_ids": [index],
+                "start_s": round(time_s, 3),
+                "end_s": round(time_s + seconds_per_delta, 3),
+            }
+        )
+        time_s += seconds_per_delta
+    events.append({"type": "done", "text": text, "token_ids": list(range(len(pieces)))})
+    return events
+
+
+@pytest.mark.parametrize("text", [CHINESE, JAPANESE], ids=["chinese", "japanese"])
+@pytest.mark.parametrize("seconds_per_delta", [TOKEN_S, 0.4], ids=["fast", "slow"])
+@pytest.mark.parametrize("fmt", ["srt", "vtt"])
+def test_text_without_spaces_splits_within_the_limits(fmt: str, text: str, seconds_per_delta: float) -> None:
+    events = cjk_events(text, seconds_per_delta)
+    deltas = events[:-1]
+    cues = parse_subtitles(written(fmt, events), fmt)
+    assert "".join(cue for _, _, cue in cues) == text
+    assert cues[0][0] == pytest.approx(deltas[0]["start_s"], abs=5e-4)
+    assert cues[-1][1] == pytest.approx(deltas[-1]["end_s"], abs=5e-4)
+    for (start, end, _), (next_start, _, _) in zip(cues, cues[1:], strict=False):
+        assert start < end <= next_start
+    starts = {round(delta["start_s"], 3) for delta in deltas}
+    for start, end, cue in cues:
+        assert len(cue) <= MAX_CUE_CHARS and end - start <= MAX_CUE_SECONDS, cue
+        assert round(start, 3) in starts  # cues begin where a delta begins: times are never interpolated
+        assert cue[0] not in "。，、！？」ーっ", cue  # no cue starts with closing punctuation or a small kana
+        assert not re.search("[。！？](?!$)", cue), cue  # sentence ends close a cue
+    if seconds_per_delta > MAX_CUE_SECONDS / MAX_CUE_CHARS:
+        assert max(len(cue) for _, _, cue in cues) < MAX_CUE_CHARS  # so duration split them
+
+
+def one_token_each(pieces: list[str]) -> list[dict]:
+    """A delta for each piece, one token (80 ms) after another."""
+    return [
+        {"type": "delta", "text": piece, "token_ids": [i], "start_s": i * TOKEN_S, "end_s": (i + 1) * TOKEN_S}
+        for i, piece in enumerate(pieces)
+    ]
+
+
+def cue_texts(deltas: list[dict]) -> list[str]:
+    return [cue for _, _, cue in parse_subtitles(written("srt", deltas), "srt")]
+
+
+def test_text_without_spaces_or_punctuation_splits_at_the_character_limit() -> None:
+    deltas = one_token_each(list("语音识别" * 25))
+    cues = parse_subtitles(written("srt", deltas), "srt")
+    assert [len(cue) for _, _, cue in cues] == [MAX_CUE_CHARS, MAX_CUE_CHARS, 100 - 2 * MAX_CUE_CHARS]
+    assert cues[1][:2] == pytest.approx((MAX_CUE_CHARS * TOKEN_S, 2 * MAX_CUE_CHARS * TOKEN_S), abs=5e-4)
+
+
+def test_a_long_cjk_cue_splits_after_a_comma_in_its_second_half() -> None:
+    late_comma = "甲" * 25 + "，" + "乙" * 30 + "。"
+    assert cue_texts(one_token_each(list(late_comma))) == ["甲" * 25 + "，", "乙" * 30 + "。"]
+    early_comma = "甲" * 5 + "，" + "乙" * 50 + "。"  # a 6-character cue would read badly: fill the cue instead
+    assert cue_texts(one_token_each(list(early_comma))) == ["甲" * 5 + "，" + "乙" * 36, "乙" * 14 + "。"]
+
+
+def test_latin_words_inside_cjk_text_are_not_split() -> None:
+    # "我" * 38 + "iPh" would still fit in a cue, "我" * 38 + "iPhone" would not.
+    deltas = one_token_each([*"我" * 38, "iPh", "one", "拍", "照"])
+    assert cue_texts(deltas) == ["我" * 38, "iPhone拍照"]
+
+
 def test_timestamps_round_trip() -> None:
     rng = np.random.default_rng(0)
     for seconds in [0.0, 1.234, 59.9996, 3599.9994, *rng.uniform(0, 40000, size=50)]:
