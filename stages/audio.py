@@ -12,6 +12,7 @@ SAMPLE_RATE = 16_000  # Hz, mono
 FRAME_RATE = 12.5  # decoder positions (tokens) per second
 SAMPLES_PER_TOKEN = int(SAMPLE_RATE / FRAME_RATE)  # 1280 samples = 80 ms
 MS_PER_TOKEN = 1000 / FRAME_RATE  # 80.0
+SECONDS_PER_TOKEN = 1 / FRAME_RATE  # 0.08
 HOP_LENGTH = 160  # samples between mel frames (10 ms)
 WINDOW_SIZE = 400  # STFT window, also n_fft
 N_FFT = WINDOW_SIZE
@@ -23,6 +24,23 @@ GLOBAL_LOG_MEL_MAX = 1.5  # fixed log-mel ceiling; only the floor (max - 8) is a
 OFFLINE_STREAMING_BUFFER_TOKENS = 10  # extra right-pad tokens that let the last words finish
 MIN_DELAY_MS = 80
 MAX_DELAY_MS = 2400
+# Source audio the capture accepts: telephone rate up to studio rates, and up to 64 channels. Outside these a
+# stream is a mistake (a rate of 1 Hz would be upsampled 16,000 times) rather than audio.
+MIN_SOURCE_RATE = 8_000
+MAX_SOURCE_RATE = 384_000
+MAX_SOURCE_CHANNELS = 64
+
+
+def check_source_format(sample_rate: object, channels: object, where: str) -> None:
+    """A one-line StageError, prefixed by `where`, unless the rate and channel count are whole numbers within
+    the bounds the capture accepts."""
+    for name, value, low, high in (
+        ("rate", sample_rate, MIN_SOURCE_RATE, MAX_SOURCE_RATE),
+        ("channels", channels, 1, MAX_SOURCE_CHANNELS),
+    ):
+        whole = isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+        if not whole or not low <= value <= high:
+            raise StageError(f"{where}: {name} {value!r} is outside {low}..{high}")
 
 
 def num_audio_tokens(num_samples: int) -> int:

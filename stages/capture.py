@@ -15,7 +15,7 @@ from typing import Any, BinaryIO
 import numpy as np
 import soundfile
 
-from voxtral_run.stages.audio import MS_PER_TOKEN
+from voxtral_run.stages.audio import MIN_SOURCE_RATE, MS_PER_TOKEN, check_source_format
 from voxtral_run.stages.base import Item, Source, StageError
 
 DEFAULT_CHUNK_MS = MS_PER_TOKEN  # one decoder position of audio per chunk
@@ -47,8 +47,124 @@ def _chunk(samples: np.ndarray, sample_rate: int) -> Item:
     return {"samples": samples, "sample_rate": sample_rate}
 
 
+class _SoundfileReader:
+    """A file soundfile opens (WAV, FLAC, OGG, MP3, ...), read as float32 [n, channels]."""
+
+    def __init__(self, path: Path):
+        self._path = path
+        self._file = soundfile.SoundFile(path)  # RuntimeError (LibsndfileError) when it cannot
+        if self._file.frames == 0:
+            self._file.close()
+            raise StageError(f"{path}: the file holds no audio frames")
+        self.sample_rate: int = self._file.samplerate
+        self.channels: int = self._file.channels
+        self.duration_s: float | None = self._file.frames / self._file.samplerate
+
+    def read(self, frames: int) -> np.ndarray:
+        """Up to `frames` frames; none at the end of the file."""
+        try:
+            return self._file.read(frames, dtype="float32", always_2d=True)
+        except RuntimeError as err:
+            raise StageError(f"{self._path}: cannot read audio ({_one_line(err)})") from None
+
+    def close(self) -> None:
+        """Release the file (again is harmless)."""
+        self._file.close()
+
+
+def _av_reason(err: Exception) -> str:
+    """An FFmpeg error's message without the file name PyAV appends (the StageError names the file)."""
+    return _one_line(getattr(err, "strerror", None) or err)
+
+
+class _AvReader:
+    """The first audio stream of a file PyAV opens (M4A/AAC, MP4, WebM/Opus, ...), decoded frame by frame as
+    it is read, as float32 [n, channels] at the stream's own rate."""
+
+    def __init__(self, av: ModuleType, path: Path):
+        self._path = path
+        self._errors = (av.error.FFmpegError, ValueError)  # ValueError: a frame the resampler cannot take
+        self._container = av.open(str(path))  # av.error.FFmpegError when it cannot
+        try:
+            if not self._container.streams.audio:
+                raise StageError(f"{path}: the file holds no audio stream")
+            self._frames = self._converted(av, self._container.streams.audio[0])
+            first = self._next_frame()
+            if first is None:
+                raise StageError(f"{path}: the file holds no audio frames")
+        except BaseException:
+            self._container.close()
+            raise
+        self.sample_rate: int = first.sample_rate
+        self.channels: int = len(first.layout.channels)
+        container_duration = self._container.duration  # microseconds, when the container says
+        self.duration_s: float | None = container_duration / 1e6 if container_duration else None
+        self._pending = [self._samples(first)]  # decoded samples not yet read
+        self._pending_frames = len(self._pending[0])
+
+    def _converted(self, av: ModuleType, stream: Any) -> Iterator[Any]:
+        # Only the sample format changes, to packed float32; rate and layout stay the stream's (the pipeline's
+        # resample stage converts rates).
+        resampler = av.AudioResampler(format="flt")
+        for frame in self._container.decode(stream):
+            yield from resampler.resample(frame)
+        yield from resampler.resample(None)
+
+    def _next_frame(self) -> Any:
+        """The next non-empty converted frame, or None at the end of the stream."""
+        try:
+            return next((frame for frame in self._frames if frame.samples), None)
+        except self._errors as err:
+            raise StageError(f"{self._path}: cannot read audio ({_av_reason(err)})") from None
+
+    def _samples(self, frame: Any) -> np.ndarray:
+        return frame.to_ndarray().reshape(-1, self.channels)  # packed: interleaved channels
+
+    def read(self, frames: int) -> np.ndarray:
+        """Up to `frames` frames, decoding only as much as that needs; none at the end of the stream."""
+        while self._pending_frames < frames:
+            frame = self._next_frame()
+            if frame is None:
+                break
+            self._pending.append(self._samples(frame))
+            self._pending_frames += frame.samples
+        if not self._pending:
+            return np.zeros((0, self.channels), np.float32)
+        samples = np.concatenate(self._pending)
+        rest = samples[frames:]
+        self._pending, self._pending_frames = ([rest] if len(rest) else []), len(rest)
+        return samples[:frames]
+
+    def close(self) -> None:
+        """Release the file (again is harmless)."""
+        self._frames.close()
+        self._container.close()
+
+
+def _open_audio_file(path: Path) -> _SoundfileReader | _AvReader:
+    """soundfile's reader for what it opens, else PyAV's (imported only then, as an optional extra)."""
+    try:
+        return _SoundfileReader(path)
+    except RuntimeError as err:  # soundfile.LibsndfileError: format not recognised, truncated header, ...
+        soundfile_reason = _one_line(getattr(err, "error_string", err))
+    try:
+        import av
+    except ImportError:
+        raise StageError(
+            f"{path}: not a readable audio file ({soundfile_reason}); soundfile reads WAV, FLAC, OGG and MP3, "
+            "and M4A/AAC, MP4 or WebM/Opus need PyAV: pip install 'voxtral-run[av]'"
+        ) from None
+    try:
+        return _AvReader(av, path)
+    except av.error.FFmpegError as err:
+        raise StageError(
+            f"{path}: not a readable audio file (soundfile: {soundfile_reason}; PyAV: {_av_reason(err)})"
+        ) from None
+
+
 class FileSource(Source):
-    """Reads an audio file (WAV, FLAC, OGG: what soundfile opens) in chunks, optionally paced in real time."""
+    """Reads an audio file in chunks, optionally paced in real time: what soundfile opens (WAV, FLAC, OGG,
+    MP3), or with PyAV installed what FFmpeg decodes (M4A/AAC, MP4, WebM/Opus)."""
 
     def __init__(self, path: str | Path, *, chunk_ms: float = DEFAULT_CHUNK_MS, realtime: bool = False):
         _check_chunk_ms(chunk_ms)
@@ -57,16 +173,15 @@ class FileSource(Source):
             raise StageError(f"{self.path}: no such file")
         if not self.path.is_file():
             raise StageError(f"{self.path}: not a file")
-        try:
-            self._file = soundfile.SoundFile(self.path)
-        except RuntimeError as err:  # soundfile.LibsndfileError: format not recognised, truncated header, ...
-            reason = getattr(err, "error_string", err)
-            raise StageError(f"{self.path}: not a readable audio file ({_one_line(reason)})") from None
-        if self._file.frames == 0:
-            self._file.close()
-            raise StageError(f"{self.path}: the file holds no audio frames")
-        self.sample_rate: int = self._file.samplerate
+        self._file = _open_audio_file(self.path)
+        self.sample_rate: int = self._file.sample_rate
         self.channels: int = self._file.channels
+        try:
+            check_source_format(self.sample_rate, self.channels, str(self.path))
+        except StageError:
+            self._file.close()
+            raise
+        self.duration_s: float | None = self._file.duration_s  # None: the container does not say
         self._chunk_frames = _frames_per_chunk(self.sample_rate, chunk_ms)
         self._realtime = realtime
         self._closed = threading.Event()
@@ -81,10 +196,7 @@ class FileSource(Source):
             with self._lock:
                 if self._closed.is_set():
                     return
-                try:
-                    samples = self._file.read(self._chunk_frames, dtype="float32", always_2d=True)
-                except RuntimeError as err:
-                    raise StageError(f"{self.path}: cannot read audio ({_one_line(err)})") from None
+                samples = self._file.read(self._chunk_frames)
             if len(samples) == 0:
                 self.close()
                 return
@@ -121,8 +233,7 @@ class _PcmFormat:
                 f"stdin: unsupported WAV sample format (format tag {self.format_tag}, {self.bits} bits); "
                 "use integer PCM of 8/16/24/32 bits or float of 32/64 bits"
             )
-        if self.sample_rate <= 0 or self.channels <= 0:
-            raise StageError(f"stdin: WAV header gives {self.sample_rate} Hz and {self.channels} channels")
+        check_source_format(self.sample_rate, self.channels, "stdin: WAV header")
 
     def decode(self, data: bytes) -> np.ndarray:
         """Whole frames of `data` as float32 [n, channels] in [-1, 1]."""
@@ -152,10 +263,7 @@ class StdinSource(Source):
         channels: int = 1,
         chunk_ms: float = DEFAULT_CHUNK_MS,
     ):
-        if rate is not None and rate <= 0:
-            raise StageError(f"stdin: rate={rate} must be positive")
-        if channels <= 0:
-            raise StageError(f"stdin: channels={channels} must be positive")
+        check_source_format(MIN_SOURCE_RATE if rate is None else rate, channels, "stdin")
         _check_chunk_ms(chunk_ms)
         self._stream = stream
         self._rate = rate
@@ -240,8 +348,16 @@ def _import_sounddevice() -> ModuleType:
     """sounddevice, imported only when a microphone is used, since it needs the PortAudio library."""
     try:
         import sounddevice
-    except (ImportError, OSError) as err:
-        raise StageError(f"microphone capture needs sounddevice and PortAudio ({_one_line(err)})") from None
+    except OSError as err:  # sounddevice loads the PortAudio C library as it is imported
+        raise StageError(
+            f"the microphone needs the PortAudio library ({_one_line(err)}): install it with your system's package "
+            "manager (Debian/Ubuntu: sudo apt-get install libportaudio2; Fedora: sudo dnf install portaudio; "
+            "macOS: brew install portaudio)"
+        ) from None
+    except ImportError as err:
+        raise StageError(
+            f"the microphone needs the sounddevice package ({_one_line(err)}): pip install sounddevice"
+        ) from None
     return sounddevice
 
 
@@ -289,6 +405,7 @@ class MicSource(Source):
         try:
             info = sounddevice.query_devices(device, "input")
             self.sample_rate: int = rate or round(info["default_samplerate"])
+            check_source_format(self.sample_rate, channels, "microphone")
             self._stream = sounddevice.InputStream(
                 device=device,
                 samplerate=self.sample_rate,

@@ -132,6 +132,132 @@ def test_file_source_close_interrupts_realtime_wait(tmp_path: Path) -> None:
     assert time.monotonic() - start < 1.0
 
 
+# --- FileSource through PyAV: formats soundfile cannot read ---
+
+AV_FRAME = 1024  # samples per frame handed to the encoders (an AAC frame)
+
+
+@pytest.fixture
+def av() -> types.ModuleType:
+    return pytest.importorskip("av")
+
+
+def tones(frames: int, rate: int, channels: int) -> np.ndarray:
+    """A different tone in each channel, swelling and fading every 0.25 s like syllables, with a little noise."""
+    t = np.arange(frames) / rate
+    envelope = 0.2 + 0.6 * np.abs(np.sin(2 * np.pi * 2 * t))
+    noise = np.random.default_rng(0).standard_normal((frames, channels)) * 0.005
+    columns = [envelope * 0.5 * np.sin(2 * np.pi * (330 + 220 * c) * t) for c in range(channels)]
+    return (np.stack(columns, axis=1) + noise).astype(np.float32)
+
+
+def encode_with_pyav(
+    av: types.ModuleType, path: Path, container_format: str, codec: str, audio: np.ndarray, rate: int
+) -> None:
+    layout = {1: "mono", 2: "stereo"}[audio.shape[1]]
+    with av.open(str(path), "w", format=container_format) as container:
+        stream = container.add_stream(codec, rate=rate, layout=layout)
+        stream.codec_context.bit_rate = 128_000
+        for start in range(0, len(audio), AV_FRAME):
+            planar = np.ascontiguousarray(audio[start : start + AV_FRAME].T)
+            frame = av.AudioFrame.from_ndarray(planar, format="fltp", layout=layout)
+            frame.sample_rate = rate
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+
+
+def aligned_correlations(decoded: np.ndarray, source: np.ndarray, max_lag: int = 2 * AV_FRAME) -> list[float]:
+    """Per channel, the correlation of the decoded audio with the source at the lag (the codec's leading
+    padding) where the first channels match best."""
+    span = len(source) - max_lag
+    lag = max(range(max_lag + 1), key=lambda lag: float(decoded[lag : lag + span, 0] @ source[:span, 0]))
+    aligned = decoded[lag : lag + span]
+    return [float(np.corrcoef(aligned[:, c], source[:span, c])[0, 1]) for c in range(source.shape[1])]
+
+
+@pytest.mark.parametrize(
+    ("name", "container_format", "codec", "rate", "channels"),
+    [
+        ("speech.m4a", "mp4", "aac", 44100, 1),
+        ("speech.webm", "webm", "libopus", 48000, 2),
+    ],
+)
+def test_file_source_decodes_what_soundfile_cannot_with_pyav(
+    av: types.ModuleType, tmp_path: Path, name: str, container_format: str, codec: str, rate: int, channels: int
+) -> None:
+    source_audio = tones(int(rate * 1.5), rate, channels)
+    path = tmp_path / name
+    encode_with_pyav(av, path, container_format, codec, source_audio, rate)
+    with pytest.raises(RuntimeError):
+        soundfile.SoundFile(path)
+    source = FileSource(path)
+    assert (source.sample_rate, source.channels) == (rate, channels)
+    samples, items = collect(source)
+    assert {item["sample_rate"] for item in items} == {rate}
+    assert all(len(item["samples"]) == frames_per_chunk(rate) for item in items[:-1])
+    assert 0 < len(items[-1]["samples"]) <= frames_per_chunk(rate)
+    # Lossy codecs add at most a frame or two of padding; the waveform and loudness come back.
+    assert len(source_audio) <= len(samples) <= len(source_audio) + 2 * AV_FRAME
+    assert min(aligned_correlations(samples, source_audio)) > 0.95
+    rms_ratio = np.sqrt(np.mean(samples**2, axis=0) / np.mean(source_audio**2, axis=0))
+    np.testing.assert_allclose(rms_ratio, 1, atol=0.1)
+
+
+def test_file_source_pyav_close_ends_chunks(av: types.ModuleType, tmp_path: Path) -> None:
+    path = tmp_path / "a.webm"
+    encode_with_pyav(av, path, "webm", "libopus", tones(48000, 48000, 1), 48000)
+    source = FileSource(path, chunk_ms=20)
+    chunks = source.chunks()
+    assert len(next(chunks)["samples"]) == frames_per_chunk(48000, 20)
+    source.close()
+    assert list(chunks) == []
+    source.close()
+
+
+def test_file_source_without_pyav_names_the_extra(
+    av: types.ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "voice.m4a"
+    encode_with_pyav(av, path, "mp4", "aac", tones(44100, 44100, 1), 44100)
+    monkeypatch.setitem(sys.modules, "av", None)  # `import av` raises ImportError
+    with pytest.raises(
+        StageError, match=r"M4A/AAC, MP4 or WebM/Opus need PyAV: pip install 'voxtral-run\[av\]'"
+    ) as excinfo:
+        FileSource(path)
+    assert single_line_error(excinfo).startswith(f"{path}: not a readable audio file")
+
+
+def test_file_source_pyav_errors_name_the_file(av: types.ModuleType, tmp_path: Path) -> None:
+    whole = tmp_path / "whole.m4a"
+    encode_with_pyav(av, whole, "mp4", "aac", tones(44100, 44100, 1), 44100)
+    truncated = tmp_path / "truncated.m4a"
+    truncated.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])  # loses the index at the end
+    empty = tmp_path / "empty.m4a"
+    empty.write_bytes(b"")
+    for path in (truncated, empty):
+        with pytest.raises(StageError, match=r"not a readable audio file \(soundfile: .+; PyAV: .+\)") as excinfo:
+            FileSource(path)
+        assert single_line_error(excinfo).startswith(f"{path}: ")
+
+    video_only = tmp_path / "video.mp4"
+    with_empty_audio = tmp_path / "silent-film.mkv"
+    for path, audio_stream in ((video_only, False), (with_empty_audio, True)):
+        with av.open(str(path), "w") as container:
+            if audio_stream:
+                container.add_stream("libopus", rate=48000, layout="mono")
+            video = container.add_stream("mpeg4", rate=25)
+            video.width, video.height, video.pix_fmt = 64, 64, "yuv420p"
+            for _ in range(3):
+                container.mux(video.encode(av.VideoFrame.from_ndarray(np.zeros((64, 64, 3), np.uint8))))
+            container.mux(video.encode(None))
+    with pytest.raises(StageError, match="no audio stream") as excinfo:
+        FileSource(video_only)
+    assert single_line_error(excinfo).startswith(f"{video_only}: ")
+    with pytest.raises(StageError, match="no audio frames") as excinfo:
+        FileSource(with_empty_audio)
+    assert single_line_error(excinfo).startswith(f"{with_empty_audio}: ")
+
+
 # --- StdinSource ---
 
 
@@ -268,7 +394,9 @@ def test_stdin_close_ends_chunks() -> None:
         (b"RIFF\x24\x00\x00\x00WAVEfmt ", None, "ends before its data chunk"),
         (wav_bytes(b"", channels=1, rate=16000, data_size=None), None, "no audio frames"),
         (wav_bytes(b"\x00" * 64, channels=1, rate=16000, data_size=None, format_tag=2), None, "unsupported"),
-        (wav_bytes(b"\x00" * 64, channels=0, rate=16000, data_size=None), None, "0 channels"),
+        (wav_bytes(b"\x00" * 64, channels=0, rate=16000, data_size=None), None, "channels 0 is outside 1..64"),
+        (wav_bytes(b"\x00" * 64, channels=1, rate=1, data_size=None), None, "rate 1 is outside 8000..384000"),
+        (b"\x01\x00\x02\x00", 1, "stdin: rate 1 is outside 8000..384000"),
     ],
 )
 def test_stdin_bad_input_is_a_stage_error(data: bytes, rate: int | None, message: str) -> None:
@@ -430,14 +558,23 @@ class MissingPortAudio(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         raise OSError("PortAudio library not found")
 
 
-@pytest.mark.parametrize("failure", ["no portaudio", "not installed"])
-def test_mic_without_portaudio_is_a_stage_error(monkeypatch: pytest.MonkeyPatch, failure: str) -> None:
+@pytest.mark.parametrize(
+    ("failure", "message"),
+    [
+        (
+            "no portaudio",
+            r"needs the PortAudio library \(PortAudio library not found\): install it with .*libportaudio2",
+        ),
+        ("not installed", r"needs the sounddevice package .*: pip install sounddevice"),
+    ],
+)
+def test_mic_without_portaudio_is_a_stage_error(monkeypatch: pytest.MonkeyPatch, failure: str, message: str) -> None:
     if failure == "no portaudio":
         monkeypatch.delitem(sys.modules, "sounddevice", raising=False)
         monkeypatch.setattr(sys, "meta_path", [MissingPortAudio(), *sys.meta_path])
     else:
         monkeypatch.setitem(sys.modules, "sounddevice", None)
     for action in (MicSource, list_input_devices):
-        with pytest.raises(StageError, match="needs sounddevice and PortAudio") as excinfo:
+        with pytest.raises(StageError, match=message) as excinfo:
             action()
         single_line_error(excinfo)
