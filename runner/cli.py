@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.metadata
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -9,16 +11,22 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from voxtral_run.runner.config import LOOPBACK, SINK, SOURCE, load_pipeline
+from voxtral_run.runner.config import LOOPBACK, SINK, SOURCE, load_pipeline, place_local_stages
 from voxtral_run.runner.errors import RunnerError
-from voxtral_run.runner.model import resolve_model
 from voxtral_run.runner.sink import LiveText, TranscriptSink
+from voxtral_run.runner.stage_process import MIC_INPUT, STDIN_INPUT
 from voxtral_run.runner.supervisor import EXIT_FAILED, Reporting, Supervisor
+from voxtral_run.stages.audio import MAX_DELAY_MS, MIN_DELAY_MS, MIN_SOURCE_RATE, check_source_format
 from voxtral_run.stages.base import StageError
+from voxtral_run.stages.capture import FileSource
+from voxtral_run.stages.hub import resolve_model
+from voxtral_run.stages.output import FORMATS, open_writer
 
 # Stages that read the model directory (weights or tekken.json); a host running none of them needs no model.
 MODEL_READING_STAGES = ("mel", "encoder", "decoder", "detokenize")
 TEXT_FORMAT = "text"
+PIPELINE_SUFFIXES = (".yaml", ".yml")
+OUTPUT_SUFFIXES = {".txt": "text", ".jsonl": "jsonl", ".srt": "srt", ".vtt": "vtt"}
 
 HELP = """Transcribe speech with Voxtral Mini 4B Realtime, each pipeline stage running as its own process.
 
@@ -63,10 +71,73 @@ def _local_nodes(stages: str | None, nodes: list[str]) -> list[str]:
     return chosen
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        print(f"voxtral-run {importlib.metadata.version('voxtral-run')}")
+        raise typer.Exit()
+
+
+def _pipeline_and_input(pipeline: Path | None, input: str | None) -> tuple[Path | None, str | None]:
+    """The pipeline file and the input: an audio file where PIPELINE goes (the whisper habit) is the input of
+    the default pipeline."""
+    if pipeline is None or pipeline.suffix.lower() in PIPELINE_SUFFIXES:
+        if pipeline is None and input is None:
+            raise RunnerError("missing PIPELINE and --input: try voxtral-run talk.wav, or see --help")
+        return pipeline, input
+    if input is not None:
+        raise RunnerError(
+            f"{pipeline} is not a pipeline YAML (.yaml or .yml) and --input is given too: "
+            f"voxtral-run pipeline.yaml --input {input}"
+        )
+    return None, str(pipeline)
+
+
+def _transcript_format(format: str | None, output: Path | None) -> str:
+    """--format, else the format --output's extension names, else text; the output's folder checked writable."""
+    if format is None:
+        format = OUTPUT_SUFFIXES.get(output.suffix.lower(), TEXT_FORMAT) if output is not None else TEXT_FORMAT
+    if format not in FORMATS:
+        raise RunnerError(f"--format: unknown format '{format}' (choose from {', '.join(FORMATS)})")
+    if output is not None:
+        folder = output.parent
+        if output.is_dir():
+            raise RunnerError(f"--output {output}: is a directory; give a file name")
+        if not folder.is_dir():
+            raise RunnerError(f"--output {output}: the folder {folder} does not exist")
+        if not os.access(folder, os.W_OK):
+            raise RunnerError(f"--output {output}: the folder {folder} is not writable")
+    return format
+
+
+def _check_capture(params: dict) -> float | None:
+    """Check the capture's input and source format before any process starts; the input file's duration in
+    seconds, where it is a file that says."""
+    source_input = params.get("input")
+    if source_input is None:
+        raise RunnerError("no audio input: give an audio file, --input FILE, --input - (stdin) or --input mic")
+    source_input = str(source_input)
+    for option, value in (("--rate", params.get("rate")), ("--channels", params.get("channels"))):
+        if value is not None:
+            rate, channels = (value, 1) if option == "--rate" else (MIN_SOURCE_RATE, value)
+            check_source_format(rate, channels, option)
+    if source_input in (STDIN_INPUT, MIC_INPUT):
+        if params.get("realtime"):
+            raise RunnerError("--realtime paces audio files; stdin and microphones already arrive in real time")
+        return None
+    source = FileSource(source_input)  # opens the file: a missing or unreadable one fails here, named
+    source.close()
+    return source.duration_s
+
+
 @app.command(help=HELP)
 def run(
     pipeline: Annotated[
-        Path | None, typer.Argument(metavar="PIPELINE", help="Pipeline YAML file.", show_default=False)
+        Path | None,
+        typer.Argument(
+            metavar="PIPELINE",
+            help="Pipeline YAML file; an audio file here is transcribed with the default pipeline.",
+            show_default=False,
+        ),
     ] = None,
     model: Annotated[
         str | None, typer.Option(help="Model directory or Hugging Face repo id (overrides the YAML's model).")
@@ -78,9 +149,12 @@ def run(
     output: Annotated[
         Path | None, typer.Option("--output", "-o", help="Write the transcript to this file (live text still shows).")
     ] = None,
-    format: Annotated[str, typer.Option("--format", "-f", help="Transcript format: text, jsonl, srt or vtt.")] = (
-        TEXT_FORMAT
-    ),
+    format: Annotated[
+        str | None,
+        typer.Option(
+            "--format", "-f", help="Transcript format: text, jsonl, srt or vtt (default: from --output's extension)."
+        ),
+    ] = None,
     delay_ms: Annotated[
         int | None, typer.Option(help="Transcription delay in ms (80..2400; default: the YAML's, else the model's).")
     ] = None,
@@ -134,18 +208,26 @@ def run(
         str, typer.Option(metavar="HOST", help="Address the metrics endpoint listens on.")
     ] = LOOPBACK,
     list_devices: Annotated[bool, typer.Option("--list-devices", help="List microphones and exit.")] = False,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="No start-up line, progress bar or table of figures.")
+    ] = False,
+    version: Annotated[
+        bool | None,
+        typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit."),
+    ] = None,
 ) -> None:
     console = Console(stderr=True, highlight=False, soft_wrap=True)
     try:
         if list_devices:
             _list_devices()
             return
-        if pipeline is None:
-            raise RunnerError("missing PIPELINE (a pipeline YAML file; see --help)")
+        pipeline, input = _pipeline_and_input(pipeline, input)
         if stats_every is not None and not stats_every > 0:
             raise RunnerError(f"--stats-every: give a positive number of seconds, not {stats_every:g}")
         if metrics_port is not None and not 1 <= metrics_port <= MAX_PORT:
             raise RunnerError(f"--metrics-port: give a port from 1 to {MAX_PORT}, not {metrics_port}")
+        if delay_ms is not None and not MIN_DELAY_MS <= delay_ms <= MAX_DELAY_MS:
+            raise RunnerError(f"--delay-ms: {delay_ms} is outside {MIN_DELAY_MS}..{MAX_DELAY_MS} ms")
         config = load_pipeline(pipeline, set_ or [])
         capture_params = {
             "input": input,
@@ -160,21 +242,26 @@ def run(
         if delay_ms is not None:
             config.delay_ms = delay_ms
         local = _local_nodes(stages, config.chain())
+        format = _transcript_format(format, output) if SINK in local else format
+        duration_s = _check_capture(config.stages[SOURCE].params) if SOURCE in local else None
+        place_local_stages(config, local)
         needs_model = any(name in MODEL_READING_STAGES and config.stages[name].impl is None for name in local)
         model_dir = resolve_model(config.model) if needs_model else None
+        # With --output, a terminal shows a progress bar through a file instead of the live text.
+        progress = duration_s is not None and not quiet and console.is_terminal
+        progress = progress and (output is not None or not sys.stdout.isatty())
         sink = None
         if SINK in local:
-            from voxtral_run.stages.output import FORMATS, open_writer
-
-            if format not in FORMATS:
-                raise RunnerError(f"--format: unknown format '{format}' (choose from {', '.join(FORMATS)})")
             if output is None and format == TEXT_FORMAT:
                 sink = TranscriptSink(None, live=LiveText(sys.stdout))  # the live text is the transcript
             elif output is None:
                 sink = TranscriptSink(open_writer(format, None, sys.stdout))
             else:
-                sink = TranscriptSink(open_writer(format, output), live=LiveText(sys.stdout))
-        reporting = Reporting(profile, stats_every, stats_json, metrics_port, metrics_host)
+                live = None if progress else LiveText(sys.stdout)
+                sink = TranscriptSink(open_writer(format, output), live=live)
+        reporting = Reporting(
+            profile, stats_every, stats_json, metrics_port, metrics_host, quiet, duration_s if progress else None
+        )
         supervisor = Supervisor(
             config, local=local, model_dir=model_dir, sink=sink, console=console, reporting=reporting
         )

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import ipaddress
+import itertools
+import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -11,7 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from voxtral_run.runner.edges import EdgeSpec, Policy
 from voxtral_run.runner.errors import RunnerError
-from voxtral_run.stages.factory import STAGE_KINDS
+from voxtral_run.stages.audio import MAX_DELAY_MS, MIN_DELAY_MS
+from voxtral_run.stages.factory import AUTO_DEVICE, MODEL_STAGE_KINDS, STAGE_KINDS, auto_device, cuda_device_count
 
 DEFAULT_MODEL = "mistralai/Voxtral-Mini-4B-Realtime-2602"
 # Stage names the runner knows how to build; the model stages come from stages.factory, capture from the runner.
@@ -29,25 +33,19 @@ class _Strict(BaseModel):
 
 
 class StageConfig(_Strict):
-    """One stage: where it runs and the parameters its constructor takes."""
+    """One stage: where it runs and the parameters its constructor takes. `threads` and `busy_poll` left unset
+    (None) are chosen by `place_local_stages` to suit the device."""
 
-    device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?)$")
+    device: str = Field(AUTO_DEVICE, pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     host: str | None = None
     params: dict[str, Any] = Field(default_factory=dict)
     throttle_ms: float = Field(0.0, ge=0)
-    # CPU threads of the stage's process (torch and its OpenMP pool). One by default: several stage processes
-    # share the host's cores, and spinning thread pools fighting over them slow every stage many times over.
-    threads: int = Field(1, ge=1)
+    # CPU threads of the stage's process (torch and its OpenMP pool).
+    threads: int | None = Field(None, ge=1)
     impl: str | None = Field(None, pattern=r"^[\w.]+:[\w.]+$")
     # Wait for input by polling without sleeping while a stream is open: a core busy, for the wake-up latency
-    # a sleeping process pays per message (0.1 to 0.8 ms, by host). None: on for stages placed on a GPU.
+    # a sleeping process pays per message (0.1 to 0.8 ms, by host).
     busy_poll: bool | None = None
-
-    @property
-    def polls_busily(self) -> bool:
-        """`busy_poll`, or by default whether the stage runs on a GPU: a GPU host has a core for each model
-        stage, and their wake-ups sit on every token's path."""
-        return self.device.startswith("cuda") if self.busy_poll is None else self.busy_poll
 
 
 class OutputConfig(_Strict):
@@ -71,7 +69,7 @@ class Pipeline(_Strict):
     """A whole pipeline.yaml: model, delay, stages, queues, transport."""
 
     model: str = DEFAULT_MODEL
-    delay_ms: int | None = Field(None, ge=1)
+    delay_ms: int | None = Field(None, ge=MIN_DELAY_MS, le=MAX_DELAY_MS)
     transport: Literal["auto", "tcp"] = "auto"
     base_port: int = Field(DEFAULT_BASE_PORT, ge=1, le=65535)
     startup_timeout_s: float = Field(600.0, gt=0)
@@ -153,6 +151,17 @@ def _one_line_validation_error(source: str, error: ValidationError) -> RunnerErr
     return RunnerError(f"{source}: {key}: {message}" + (f" (and {more} more problems)" if more else ""))
 
 
+# Each stage's output queue in the default chain, in 80 ms messages; pipeline.yaml spells out the same.
+DEFAULT_QUEUE_CAPACITIES = {"capture": 64, "resample": 16, "mel": 16, "encoder": 16, "decoder": 64, "detokenize": 256}
+
+
+def default_pipeline_raw() -> dict:
+    """The pipeline a run without a YAML uses, as a raw mapping: every built-in stage in order, `device: auto`."""
+    nodes = [*STAGE_KINDS, SINK]
+    queues = [{"from": a, "to": b, "capacity": DEFAULT_QUEUE_CAPACITIES[a]} for a, b in itertools.pairwise(nodes)]
+    return {"stages": {kind: {} for kind in STAGE_KINDS}, "queues": queues}
+
+
 def apply_override(raw: dict, assignment: str) -> None:
     """Apply one `--set stage.key=value` to the raw YAML mapping (value parsed as YAML: 5, true, cuda:1)."""
     target, sep, text = assignment.partition("=")
@@ -171,8 +180,11 @@ def apply_override(raw: dict, assignment: str) -> None:
         entry.setdefault("params", {})[key] = value
 
 
-def load_pipeline(path: Path, overrides: list[str] = ()) -> Pipeline:
-    """Read and validate a pipeline file, applying `--set` overrides first; RunnerError on any problem."""
+def load_pipeline(path: Path | None, overrides: list[str] = ()) -> Pipeline:
+    """Read and validate a pipeline file (None: the default pipeline), applying `--set` overrides first;
+    RunnerError on any problem."""
+    if path is None:
+        return _validated(default_pipeline_raw(), overrides, "the default pipeline")
     try:
         raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
     except OSError as error:
@@ -184,12 +196,45 @@ def load_pipeline(path: Path, overrides: list[str] = ()) -> Pipeline:
         raise RunnerError(f"{path}: invalid YAML{where}: {problem}") from None
     if not isinstance(raw, dict):
         raise RunnerError(f"{path}: expected a mapping of pipeline keys at the top level")
+    return _validated(raw, overrides, str(path))
+
+
+def _validated(raw: dict, overrides: list[str], source: str) -> Pipeline:
     for assignment in overrides:
         apply_override(raw, assignment)
     try:
         return Pipeline.model_validate(raw)
     except ValidationError as error:
-        raise _one_line_validation_error(str(path), error) from None
+        raise _one_line_validation_error(source, error) from None
+
+
+def place_local_stages(pipeline: Pipeline, local: Iterable[str]) -> None:
+    """Make the settings of the stages this host runs concrete: `device: auto` becomes the first GPU, else the
+    CPU (for the model stages; the others compute on the CPU), a named GPU is checked to exist, and unset
+    `threads` and `busy_poll` get what suits the placement."""
+    stages = {name: pipeline.stages[name] for name in local if name in pipeline.stages}
+    models = {name: stage for name, stage in stages.items() if name in MODEL_STAGE_KINDS and stage.impl is None}
+    for name, stage in stages.items():
+        if stage.device == AUTO_DEVICE:
+            stage.device = auto_device() if name in models else "cpu"
+    named_gpus = {name: stage.device for name, stage in models.items() if stage.device.startswith("cuda")}
+    count = cuda_device_count() if named_gpus else 0
+    for name, device in named_gpus.items():
+        if int(device.partition(":")[2] or 0) >= count:
+            raise RunnerError(
+                f"stages.{name}.device: {device} does not exist on this host ({count} CUDA devices); "
+                f"use device: auto, or --set {name}.device=cpu"
+            )
+    on_cpu = [name for name, stage in models.items() if stage.device == "cpu"]
+    for name, stage in stages.items():
+        if stage.threads is None:
+            # A model stage on the CPU gets its share of the cores; every other stage moves little data, and
+            # thread pools of several processes fighting over the same cores slow every one of them.
+            stage.threads = max(1, (os.cpu_count() or 1) // len(on_cpu)) if name in on_cpu else 1
+        if stage.busy_poll is None:
+            # A host whose model stages run on GPUs has cores to spare, and every wake-up sits on each token's
+            # path; on a CPU-only host the cores are the model's.
+            stage.busy_poll = bool(named_gpus)
 
 
 def _bind_address(host: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TextIO
 
 from voxtral_run.stages.output import TranscriptWriter
@@ -57,13 +58,19 @@ class TranscriptSink:
         else:
             self._done = True
 
-    def close(self) -> None:
-        """Complete the transcript with a `done` if none came, and close the writer."""
+    def close(self, complete: bool = True) -> Path | None:
+        """Complete the transcript with a `done` if none came and close the writer; a run that failed
+        (`complete` false) gets no `done`, and its file stays partial. The partial file's path, if one is left."""
+        partial = None
         try:
-            if not self._done:
+            if complete and not self._done:
                 self.write({"type": "done", "text": self.text, "token_ids": self._token_ids})
         finally:
             if self._writer is not None:
-                self._writer.close()
+                if complete:
+                    self._writer.close()
+                else:
+                    partial = self._writer.abort()
             if self._live is not None:
                 self._live.close()
+        return partial

@@ -17,6 +17,7 @@ import socket
 import tempfile
 import threading
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,15 +34,20 @@ from voxtral_run.runner.metrics import (
     estimate_clock_offset,
     format_table,
 )
+from voxtral_run.runner.progress import AudioProgress
 from voxtral_run.runner.prometheus import REPORT_EVERY_S, MetricsEndpoint
 from voxtral_run.runner.sink import TranscriptSink
 from voxtral_run.runner.stage_process import StageSpec, pack, stage_main, unpack
 from voxtral_run.runner.wire import Envelope, Kind
+from voxtral_run.stages.audio import SECONDS_PER_TOKEN
 
 DRAIN_TIMEOUT_S = 3.0  # after Ctrl-C, how long the end of stream may take to pass every stage
 STOP_GRACE_S = 1.0  # how long a stage may take to exit after "stop" before it is terminated
 TERMINATE_GRACE_S = 1.0  # and after SIGTERM before SIGKILL
 PROGRESS_REFRESH_S = 0.25
+PROGRESS_REPORT_S = 0.5  # how often stages report while a progress bar is shown
+# The stages whose items are tokens (one per 80 ms of audio), last first: the progress bar counts their items.
+TOKEN_STAGES = ("detokenize", "decoder")
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_INTERRUPTED = 130  # the shell's convention for a run ended by SIGINT
@@ -58,12 +64,15 @@ class Reporting:
     stats_json: Path | None = None
     metrics_port: int | None = None
     metrics_host: str = LOOPBACK
+    quiet: bool = False  # no start-up line and no table (the JSON figures and the trace are still written)
+    progress_total_s: float | None = None  # a progress bar through this many seconds of audio
 
     @property
     def report_every_s(self) -> float | None:
         """How often stages report while running (None: only at the end)."""
         intervals = [self.stats_every_s] if self.stats_every_s is not None else []
         intervals += [REPORT_EVERY_S] if self.metrics_port is not None else []
+        intervals += [PROGRESS_REPORT_S] if self.progress_total_s is not None else []
         return min(intervals, default=None)
 
 
@@ -152,8 +161,8 @@ class Supervisor:
                     params=config.params,
                     impl=config.impl,
                     throttle_ms=config.throttle_ms,
-                    threads=config.threads,
-                    busy_poll=config.polls_busily,
+                    threads=config.threads or 1,
+                    busy_poll=bool(config.busy_poll),
                     model_dir=self.model_dir,
                     delay_ms=self.pipeline.delay_ms,
                     profile=self.reporting.trace is not None,
@@ -188,6 +197,7 @@ class Supervisor:
             signal.signal(signum, self._on_signal)
         status = EXIT_FAILED
         streamed = False
+        failed = True  # until the run gets to its end or is interrupted
         try:
             if self.reporting.metrics_port is not None:
                 self.metrics_endpoint = MetricsEndpoint(
@@ -206,14 +216,18 @@ class Supervisor:
             status = self._stream()
             self.stream_ended = time.time()
             streamed = True
+            failed = False
         except Interrupted:
             status = EXIT_INTERRUPTED
+            failed = False
         finally:
             self._shutdown()
             if self.metrics_endpoint is not None:
                 self.metrics_endpoint.close()
             if self.sink is not None:
-                self.sink.close()
+                partial = self.sink.close(complete=not failed)
+                if partial is not None:
+                    self.console.print(f"voxtral-run: the transcript up to the failure is in {partial}")
             self._report_losses()
             signal.set_wakeup_fd(old_wakeup)
             for signum, handler in old_handlers.items():
@@ -294,7 +308,7 @@ class Supervisor:
         error or timeout."""
         started = time.monotonic()
         deadline = started + self.pipeline.startup_timeout_s
-        with self.console.status(self._progress_line()) as status:
+        with self.console.status(self._progress_line()) if not self.reporting.quiet else nullcontext() as status:
             while waiting := [name for name, state in self.stages.items() if not self._started_up(state)]:
                 now = time.monotonic()
                 if now >= deadline:
@@ -308,14 +322,35 @@ class Supervisor:
                     raise Interrupted()
                 self._drain_control()
                 self._check_processes(events)
-                status.update(self._progress_line())
-        if self.stages:
+                if status is not None:
+                    status.update(self._progress_line())
+        if self.stages and not self.reporting.quiet:
             names = ", ".join(self.stages)
             self.console.print(f"voxtral-run: ready in {time.monotonic() - started:.1f} s ({names})", highlight=False)
 
     def _stream(self) -> int:
         """Receive events until every local stage and the sink have seen the end of the stream."""
         waiting = set(self.stages) | ({SINK} if self.sink is not None else set())
+        progress = self._progress_bar()
+        try:
+            return self._receive_until_done(waiting, progress)
+        finally:
+            if progress is not None:
+                progress.close()
+
+    def _progress_bar(self) -> AudioProgress | None:
+        """A progress bar when one was asked for and a token stage runs here to count the audio done."""
+        total_s = self.reporting.progress_total_s
+        if total_s is None or self.reporting.quiet or not any(name in self.stages for name in TOKEN_STAGES):
+            return None
+        return AudioProgress(self.console, total_s)
+
+    def _audio_done_s(self) -> float:
+        """Seconds of audio the last local token stage has turned into tokens."""
+        name = next(name for name in TOKEN_STAGES if name in self.stages)
+        return self.stages[name].stats.get("metrics", {}).get("items", 0) * SECONDS_PER_TOKEN
+
+    def _receive_until_done(self, waiting: set[str], progress: AudioProgress | None) -> int:
         drain_deadline: float | None = None
         every = self.reporting.stats_every_s
         next_table = time.monotonic() + every if every is not None else None
@@ -331,6 +366,9 @@ class Supervisor:
                 self._print_table(figures)
                 next_table = max(next_table + every, now)
             deadlines = [deadline for deadline in (drain_deadline, next_table) if deadline is not None]
+            if progress is not None:
+                progress.update(self._audio_done_s())
+                deadlines.append(now + PROGRESS_REFRESH_S)
             events = self._poll(min(deadlines) - now if deadlines else None)
             self._take_signals(events)
             if self.interrupts > handled_interrupts:
@@ -410,7 +448,8 @@ class Supervisor:
     def _report_run(self) -> None:
         """After the stream: the table on stderr, and the JSON figures and the trace where asked for."""
         figures = self.figures()
-        self._print_table(figures)
+        if not self.reporting.quiet:
+            self._print_table(figures)
         if self.reporting.stats_json is not None:
             _write(self.reporting.stats_json, "--stats-json", json.dumps(figures.to_json(), indent=2))
         if self.reporting.trace is not None:

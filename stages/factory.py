@@ -19,6 +19,8 @@ if TYPE_CHECKING:
 # processes start in a fraction of a second.
 
 STAGE_KINDS = ("capture", "resample", "mel", "encoder", "decoder", "detokenize")
+MODEL_STAGE_KINDS = ("encoder", "decoder")  # the kinds that compute on their device; the others run on the CPU
+AUTO_DEVICE = "auto"
 # Settings each kind accepts in pipeline.yaml beyond device (capture is built by the runner).
 STAGE_PARAMS: dict[str, tuple[str, ...]] = {
     "resample": (),
@@ -37,22 +39,36 @@ def open_model(model_dir: Path) -> ModelDir:
     return ModelDir(model_dir)
 
 
-def resolve_device(device: str) -> torch.device:
-    """A torch device for a placement string (cpu, cuda, cuda:N), checked to exist on this host."""
+def cuda_device_count() -> int:
+    """CUDA GPUs this process can use (0 with a CPU-only torch build)."""
     import torch
 
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def auto_device() -> str:
+    """What `device: auto` means on this host: the first CUDA GPU where there is one, else the CPU."""
+    return "cuda:0" if cuda_device_count() else "cpu"
+
+
+def resolve_device(device: str) -> torch.device:
+    """A torch device for a placement string (auto, cpu, cuda, cuda:N), checked to exist on this host."""
+    import torch
+
+    if device == AUTO_DEVICE:
+        device = auto_device()
     try:
         resolved = torch.device(device)
     except RuntimeError:
-        raise StageError(f"unknown device '{device}' (use cpu or cuda:N)") from None
+        raise StageError(f"unknown device '{device}' (use auto, cpu or cuda:N)") from None
     if resolved.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        count = cuda_device_count()
         index = resolved.index or 0
         if index >= count:
             raise StageError(f"device '{device}' does not exist on this host ({count} CUDA device(s))")
         return torch.device("cuda", index)
     if resolved.type != "cpu":
-        raise StageError(f"unsupported device '{device}' (use cpu or cuda:N)")
+        raise StageError(f"unsupported device '{device}' (use auto, cpu or cuda:N)")
     return resolved
 
 
@@ -83,7 +99,7 @@ def build_stage(
     unknown = sorted(set(params) - set(STAGE_PARAMS[kind]))
     if unknown:
         raise StageError(f"stage '{kind}': unknown setting '{unknown[0]}'")
-    target = resolve_device(device) if kind in ("encoder", "decoder") else None
+    target = resolve_device(device) if kind in MODEL_STAGE_KINDS else None
     if kind == "resample":
         from voxtral_run.stages.resample import ResampleStage
 

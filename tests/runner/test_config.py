@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import yaml
 
-from voxtral_run.runner.config import SINK, SOURCE, load_pipeline, plan_edges
+from voxtral_run.runner import config
+from voxtral_run.runner.config import SINK, SOURCE, load_pipeline, place_local_stages, plan_edges
 from voxtral_run.runner.edges import Policy
 from voxtral_run.runner.errors import RunnerError
 
@@ -101,23 +103,59 @@ def test_set_overrides_runner_keys_and_stage_params(tmp_path):
         load_pipeline(REPO_PIPELINE, ["encoder.device=tpu"])
 
 
-def test_busy_polling_is_on_by_default_for_gpu_stages_only():
-    pipeline = load_pipeline(CPU_PIPELINE, ["encoder.device=cuda:0", "mel.busy_poll=true", "decoder.busy_poll=false"])
-    stages = pipeline.stages
-    assert stages["encoder"].device.startswith("cuda") and stages["encoder"].polls_busily
-    assert not stages["resample"].polls_busily  # on the CPU, left to sleep unless asked
-    assert stages["mel"].polls_busily and not stages["decoder"].polls_busily  # an explicit setting wins
-    assert not load_pipeline(CPU_PIPELINE).stages["encoder"].polls_busily
+def placed(path: Path | None, overrides: list[str] = (), local: list[str] | None = None) -> dict:
+    pipeline = load_pipeline(path, overrides)
+    place_local_stages(pipeline, pipeline.chain() if local is None else local)
+    return pipeline.stages
 
 
-def test_the_shipped_gpu_pipelines_poll_every_stage_after_capture():
-    """A sleeping stage wakes on a cold core, whose work is several times slower: the GPU pipelines spend
-    cores on their CPU stages too; the CPU pipeline leaves its few cores to the model."""
-    after_capture = {"resample", "mel", "encoder", "decoder", "detokenize"}
-    for path in (REPO_PIPELINE, EXAMPLES / "two-gpus.yaml"):
-        stages = load_pipeline(path).stages
-        assert {name for name, stage in stages.items() if stage.polls_busily} == after_capture, path
-    assert not any(stage.polls_busily for stage in load_pipeline(CPU_PIPELINE).stages.values())
+@pytest.fixture
+def gpu_host(monkeypatch):
+    """A host with two CUDA GPUs, as far as the placement can tell."""
+    monkeypatch.setattr(config, "cuda_device_count", lambda: 2)
+    monkeypatch.setattr(config, "auto_device", lambda: "cuda:0")
+
+
+def test_auto_places_the_model_stages_on_the_cpu_of_a_host_without_gpus():
+    stages = placed(REPO_PIPELINE)
+    assert {name: stage.device for name, stage in stages.items()} == dict.fromkeys(stages, "cpu")
+    assert not any(stage.busy_poll for stage in stages.values())  # the cores are the model's
+    model_threads = max(1, (os.cpu_count() or 1) // 2)
+    assert [stages[name].threads for name in ("encoder", "decoder")] == [model_threads, model_threads]
+    assert {stages[name].threads for name in ("capture", "resample", "mel", "detokenize")} == {1}
+
+
+def test_auto_places_the_model_stages_on_the_first_gpu_and_every_stage_polls(gpu_host):
+    stages = placed(REPO_PIPELINE)
+    assert stages["encoder"].device == stages["decoder"].device == "cuda:0"
+    assert stages["mel"].device == "cpu"
+    assert all(stage.busy_poll and stage.threads == 1 for stage in stages.values())
+    explicit = placed(REPO_PIPELINE, ["mel.busy_poll=false", "decoder.threads=3"])
+    assert not explicit["mel"].busy_poll and explicit["decoder"].threads == 3  # an explicit setting wins
+    two_gpus = placed(EXAMPLES / "two-gpus.yaml")
+    assert (two_gpus["encoder"].device, two_gpus["decoder"].device) == ("cuda:0", "cuda:1")
+
+
+def test_placement_only_touches_this_hosts_stages(gpu_host):
+    stages = placed(REPO_PIPELINE, local=["capture", "resample", "mel", "output"])
+    assert stages["encoder"].device == "auto" and stages["encoder"].busy_poll is None  # its own host decides
+    assert not stages["mel"].busy_poll  # no model stage on a GPU here
+
+
+def test_a_missing_gpu_is_one_line_with_what_to_do():
+    with pytest.raises(RunnerError) as caught:
+        placed(REPO_PIPELINE, ["encoder.device=cuda:1"])
+    assert str(caught.value) == (
+        "stages.encoder.device: cuda:1 does not exist on this host (0 CUDA devices); "
+        "use device: auto, or --set encoder.device=cpu"
+    )
+
+
+def test_the_default_pipeline_is_the_repository_pipeline():
+    """`voxtral-run talk.wav` runs what pipeline.yaml spells out (whose delay is the model's default)."""
+    shipped = load_pipeline(REPO_PIPELINE).model_dump(exclude={"delay_ms"})
+    assert load_pipeline(None).model_dump(exclude={"delay_ms"}) == shipped
+    assert load_pipeline(None, ["encoder.device=cpu"]).stages["encoder"].device == "cpu"
 
 
 def test_transport_follows_placement(tmp_path):
