@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
+import pty
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -14,7 +17,7 @@ import pytest
 import soundfile
 from rich.console import Console
 
-from tests.runner.conftest import marked_processes, wait_until_gone, write_noise_wav, write_toy_pipeline
+from tests.runner.conftest import REPO, marked_processes, wait_until_gone, write_noise_wav, write_toy_pipeline
 from tests.runner.toy_stages import ToyTranscriber
 from voxtral_run.runner.config import load_pipeline
 from voxtral_run.runner.sink import TranscriptSink
@@ -299,3 +302,123 @@ def test_profile_writes_a_table_and_a_chrome_trace(runner, tmp_path):
         if event["ph"] in "st":
             flows.setdefault(event["id"], set()).add(event["tid"])
     assert sum(tids == set(tracks.values()) for tids in flows.values()) >= 10
+
+
+def test_version(runner):
+    result = runner.run("--version")
+    assert result.returncode == 0
+    assert result.stdout.decode() == f"voxtral-run {importlib.metadata.version('voxtral-run')}\n"
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["NOPIPELINE"], "missing PIPELINE and --input: try voxtral-run talk.wav"),
+        ([], "no audio input: give an audio file, --input FILE"),
+        (["NOPIPELINE", "talk.wav", "-i", "b.wav"], "talk.wav is not a pipeline YAML (.yaml or .yml) and --input is"),
+        (["--input", "-", "--rate", "1"], "--rate: rate 1 is outside 8000..384000"),
+        (["--input", "-", "--rate", "16000", "--channels", "0"], "--channels: channels 0 is outside 1..64"),
+        (["--input", "-", "--rate", "16000", "--realtime"], "--realtime paces audio files"),
+        (["--input", "WAV", "--delay-ms", "5"], "--delay-ms: 5 is outside 80..2400 ms"),
+        (["--input", "missing.wav"], "missing.wav: no such file"),
+        (["--input", "WAV", "-o", "/nonexistent/talk.srt"], "--output /nonexistent/talk.srt: the folder /nonexistent"),
+        (["--input", "WAV", "-o", "TMP"], "is a directory; give a file name"),
+        (["--input", "WAV", "-o", "talk.srt", "--format", "docx"], "--format: unknown format 'docx'"),
+    ],
+)
+def test_options_are_checked_before_any_stage_starts(runner, tmp_path, args, expected):
+    """Each bad option is one line naming the option, found before a stage process is started."""
+    wav = write_noise_wav(tmp_path / "a.wav", 0.2)
+    pipeline = [] if args[:1] == ["NOPIPELINE"] else [write_toy_pipeline(tmp_path / "p.yaml")]
+    args = [{"WAV": str(wav), "TMP": str(tmp_path)}.get(arg, arg) for arg in args if arg != "NOPIPELINE"]
+    result = runner.run(*pipeline, *args)
+    assert result.returncode == 1
+    assert expected in one_error_line(result.stderr)
+    assert "starting stages" not in result.stderr.decode() and " ready in " not in result.stderr.decode()
+
+
+@pytest.mark.parametrize(
+    ("name", "format", "check"),
+    [
+        ("talk.srt", None, lambda text: text.startswith("1\n00:00:00,000 --> ")),
+        ("talk.vtt", None, lambda text: text.startswith("WEBVTT")),
+        ("talk.jsonl", None, lambda text: jsonl_events(text)[-1]["type"] == "done"),
+        ("talk.txt", None, lambda text: text.startswith("t") and "-->" not in text),
+        ("talk.srt", "text", lambda text: "-->" not in text and text.strip().startswith("t")),
+    ],
+)
+def test_the_format_follows_the_output_extension_unless_given(runner, tmp_path, name, format, check):
+    wav = write_noise_wav(tmp_path / "a.wav", 0.3)
+    out = tmp_path / name
+    extra = ["--format", format] if format else []
+    result = runner.run(write_toy_pipeline(tmp_path / "p.yaml"), "--input", wav, "-o", out, *extra)
+    assert result.returncode == 0, result.stderr.decode()
+    assert check(out.read_text())
+    assert not out.with_name(name + ".partial").exists()
+
+
+@pytest.mark.parametrize("name", ["talk.srt", "talk.txt", "talk.jsonl"])
+def test_a_failed_run_leaves_no_finished_looking_transcript(runner, tmp_path, name):
+    """Text written at close stays under FILE.partial; JSONL has the deltas so far and no done event."""
+    wav = write_noise_wav(tmp_path / "a.wav", 1.0)
+    out = tmp_path / name
+    args = ["--input", wav, "-o", out, "--set", "detokenize.fail_after=6"]
+    result = runner.run(write_toy_pipeline(tmp_path / "p.yaml"), *args)
+    assert result.returncode == 1
+    partial = out.with_name(name + ".partial")
+    if name.endswith(".jsonl"):
+        events = jsonl_events(out.read_text())
+        assert 1 <= len(events) <= 6 and {event["type"] for event in events} == {"delta"}
+        assert not partial.exists()
+    else:
+        assert not out.exists()
+        # The deltas the sink took before the failure stopped the run: some, never past the sixth.
+        words = [word for word in partial.read_text().split() if word.startswith("t")]
+        assert 1 <= len(words) <= 6 and words == [f"t{token_id % 1000}" for token_id in expected_ids(wav)][: len(words)]
+        assert f"the transcript up to the failure is in {partial}" in result.stderr.decode()
+
+
+def test_quiet_prints_no_table(runner, tmp_path):
+    wav = write_noise_wav(tmp_path / "a.wav", 0.3)
+    loud = runner.run(write_toy_pipeline(tmp_path / "p.yaml"), "--input", wav)
+    quiet = runner.run(write_toy_pipeline(tmp_path / "p.yaml"), "--input", wav, "--quiet")
+    assert loud.returncode == quiet.returncode == 0
+    assert "bottleneck" in loud.stderr.decode() and quiet.stderr.decode() == ""
+    assert quiet.stdout == loud.stdout
+
+
+def run_on_a_terminal(runner, *args: str) -> tuple[int, str, str]:
+    """Run with stderr on a pseudo-terminal and stdout on a pipe; exit status, stdout, what the terminal showed."""
+    controller, terminal = pty.openpty()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "runner", *map(str, args)],
+        cwd=REPO,
+        env=runner.env | {"COLUMNS": "160"},
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=terminal,
+    )
+    os.close(terminal)
+    shown = b""
+    while True:
+        try:
+            data = os.read(controller, 65536)
+        except OSError:  # the terminal closed: every writer exited
+            break
+        if not data:
+            break
+        shown += data
+    stdout = process.communicate(timeout=60)[0].decode()
+    os.close(controller)
+    return process.returncode, stdout, shown.decode(errors="replace")
+
+
+def test_a_file_shows_a_progress_bar_when_stdout_is_not_the_live_text(runner, tmp_path):
+    wav = write_noise_wav(tmp_path / "a.wav", 2.0)
+    pipeline = write_toy_pipeline(tmp_path / "p.yaml", relay={"throttle_ms": 10})
+    status, stdout, shown = run_on_a_terminal(runner, pipeline, "--input", wav)
+    assert status == 0
+    assert "s of audio" in shown and "x real time" in shown and "ETA" in shown
+    assert stdout.split() == [f"t{token_id % 1000}" for token_id in expected_ids(wav)]
+    status, _, quiet = run_on_a_terminal(runner, pipeline, "--input", wav, "--quiet")
+    assert status == 0 and "s of audio" not in quiet

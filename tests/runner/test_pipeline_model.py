@@ -131,3 +131,16 @@ def test_model_problems_are_one_line(runner, tiny_model_dir, tmp_path, audio_wav
 def test_runner_module_has_help():
     result = subprocess.run(["python", "-m", "runner", "--help"], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and "--stages" in result.stdout and "pipeline.yaml" in result.stdout
+
+
+@pytest.mark.slow
+def test_an_audio_file_as_pipeline_runs_the_default_pipeline(
+    runner, tiny_model_dir, audio_wav, reference_ids, tmp_path
+):
+    """The whisper habit: `voxtral-run talk.wav` runs pipeline.yaml's chain with its stages placed by
+    `device: auto` (the CPU here), writing the format --output's extension names, and --quiet prints nothing."""
+    out = tmp_path / "talk.jsonl"
+    result = runner.run(audio_wav, "--model", tiny_model_dir, "-o", out, "--quiet")
+    assert result.returncode == 0, result.stderr.decode()
+    assert done_ids(out.read_bytes()) == reference_ids
+    assert result.stderr.decode() == ""
