@@ -2,17 +2,34 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import uuid
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from tests.runner.conftest import Runner, marked_processes
 from voxtral_run.stages.audio import SAMPLE_RATE, SAMPLES_PER_TOKEN
 from voxtral_run.tools.hf_reference import hf_model_for
 from voxtral_run.tools.make_tiny_checkpoint import TINY, CheckpointSpec, write_tiny_checkpoint
 
 # Windows smaller than the test audio, so the rolling caches really slide.
 SMALL_WINDOWS = CheckpointSpec(enc_window=16, dec_window=12)
+
+
+@pytest.fixture
+def runner():
+    """A Runner (voxtral-run in a child process) whose processes are all killed after the test, whatever
+    happened."""
+    marker = uuid.uuid4().hex
+    yield Runner(marker)
+    for pid in marked_processes(marker):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 @pytest.fixture(scope="session")

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import numpy as np
-import pytest
 import soundfile
 import yaml
 
@@ -75,18 +72,6 @@ class Runner:
             capture_output=True,
             timeout=timeout,
         )
-
-
-@pytest.fixture
-def runner():
-    """A Runner whose processes are all killed after the test, whatever happened."""
-    marker = uuid.uuid4().hex
-    yield Runner(marker)
-    for pid in marked_processes(marker):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def write_toy_pipeline(path: Path, *, relay: dict | None = None, capacity: int = 4, policy: str = "block") -> Path:

@@ -16,6 +16,17 @@ TRANSCRIPT = (
 )
 
 
+def delta(text: str, token_id: int, start_s: float, duration_s: float) -> dict:
+    """A delta event of one token, its times rounded to the millisecond."""
+    return {
+        "type": "delta",
+        "text": text,
+        "token_ids": [token_id],
+        "start_s": round(start_s, 3),
+        "end_s": round(start_s + duration_s, 3),
+    }
+
+
 def synthetic_events(text: str = TRANSCRIPT, gap_every: int = 17) -> list[dict]:
     """Deltas of at most 3 characters (a word's first piece keeps its leading space), one token apart, with a
     pause now and then, and a done event."""
@@ -27,15 +38,7 @@ def synthetic_events(text: str = TRANSCRIPT, gap_every: int = 17) -> list[dict]:
             time_s += 1.5
         pieces = [word[i : i + 3] for i in range(0, len(word), 3)]
         for piece in pieces:
-            events.append(
-                {
-                    "type": "delta",
-                    "text": piece,
-                    "token_ids": [token_id],
-                    "start_s": round(time_s, 3),
-                    "end_s": round(time_s + TOKEN_S, 3),
-                }
-            )
+            events.append(delta(piece, token_id, time_s, TOKEN_S))
             time_s += TOKEN_S
             token_id += 1
     events.append({"type": "done", "text": text, "token_ids": list(range(1000, token_id))})
@@ -145,15 +148,7 @@ def cjk_events(text: str, seconds_per_delta: float = TOKEN_S, seed: int = 0) -> 
     for index, piece in enumerate(pieces):
         if index % 23 == 22:
             time_s += 1.5
-        events.append(
-            {
-                "type": "delta",
-                "text": piece,
-                "token_ids": [index],
-                "start_s": round(time_s, 3),
-                "end_s": round(time_s + seconds_per_delta, 3),
-            }
-        )
+        events.append(delta(piece, index, time_s, seconds_per_delta))
         time_s += seconds_per_delta
     events.append({"type": "done", "text": text, "token_ids": list(range(len(pieces)))})
     return events
@@ -183,10 +178,7 @@ def test_text_without_spaces_splits_within_the_limits(fmt: str, text: str, secon
 
 def one_token_each(pieces: list[str]) -> list[dict]:
     """A delta for each piece, one token (80 ms) after another."""
-    return [
-        {"type": "delta", "text": piece, "token_ids": [i], "start_s": i * TOKEN_S, "end_s": (i + 1) * TOKEN_S}
-        for i, piece in enumerate(pieces)
-    ]
+    return [delta(piece, i, i * TOKEN_S, TOKEN_S) for i, piece in enumerate(pieces)]
 
 
 def cue_texts(deltas: list[dict]) -> list[str]:

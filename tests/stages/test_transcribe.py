@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import gc
 import json
-import os
-import signal
 import threading
-import uuid
 from itertools import cycle
 from pathlib import Path
 
@@ -17,7 +14,7 @@ import soundfile
 import soxr
 
 from tests.conftest import speechlike_audio
-from tests.runner.conftest import REPO, Runner, marked_processes, wait_until_gone
+from tests.runner.conftest import REPO, wait_until_gone
 from voxtral_run.stages.audio import MS_PER_TOKEN, OFFLINE_STREAMING_BUFFER_TOKENS, SAMPLE_RATE, delay_tokens
 from voxtral_run.stages.base import StageError
 from voxtral_run.stages.capture import FileSource
@@ -51,18 +48,6 @@ def stereo_wav(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("audio") / "stereo.wav"
     soundfile.write(path, STEREO, CD_RATE, subtype="FLOAT")  # float WAV: the samples read back exactly
     return path
-
-
-@pytest.fixture
-def cli():
-    """Runs voxtral-run as a child process; whatever it leaves behind is killed after the test."""
-    marker = uuid.uuid4().hex
-    yield Runner(marker)
-    for pid in marked_processes(marker):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def capture_chain_ids(wav: Path, model_dir: Path) -> list[int]:
@@ -220,12 +205,12 @@ def test_errors_are_one_line_stage_errors(transcriber, stereo_wav, call, message
 
 
 @pytest.mark.slow
-def test_token_ids_and_deltas_equal_the_cli(cli, transcriber, tiny_model_dir, stereo_wav, tmp_path):
+def test_token_ids_and_deltas_equal_the_cli(runner, transcriber, tiny_model_dir, stereo_wav, tmp_path):
     out = tmp_path / "transcript.jsonl"
     args = [REPO / "examples" / "cpu.yaml", "--model", tiny_model_dir, "--input", stereo_wav, "--format", "jsonl"]
-    completed = cli.run(*args, "-o", out)
+    completed = runner.run(*args, "-o", out)
     assert completed.returncode == 0, completed.stderr.decode()
-    assert wait_until_gone(cli.marker) == []
+    assert wait_until_gone(runner.marker) == []
     events = [json.loads(line) for line in out.read_text().splitlines()]
     result = transcriber.transcribe(str(stereo_wav))
     assert events[-1]["type"] == "done" and events[-1]["token_ids"] == result.token_ids
