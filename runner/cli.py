@@ -16,10 +16,10 @@ from voxtral_run.runner.errors import RunnerError
 from voxtral_run.runner.sink import LiveText, TranscriptSink
 from voxtral_run.runner.stage_process import MIC_INPUT, STDIN_INPUT
 from voxtral_run.runner.supervisor import EXIT_FAILED, Reporting, Supervisor
-from voxtral_run.stages.audio import MAX_DELAY_MS, MIN_DELAY_MS, MIN_SOURCE_RATE, check_source_format
+from voxtral_run.stages.audio.constants import MAX_DELAY_MS, MIN_DELAY_MS, MIN_SOURCE_RATE, check_source_format
 from voxtral_run.stages.base import StageError
 from voxtral_run.stages.capture import FileSource
-from voxtral_run.stages.hub import resolve_model
+from voxtral_run.stages.model.hub import resolve_model
 from voxtral_run.stages.output import FORMATS, open_writer
 
 # Stages that read the model directory (weights or tekken.json); a host running none of them needs no model.

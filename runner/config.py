@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from voxtral_run.runner.edges import EdgeSpec, Policy
 from voxtral_run.runner.errors import RunnerError
-from voxtral_run.stages.audio import MAX_DELAY_MS, MIN_DELAY_MS
+from voxtral_run.stages.audio.constants import MAX_DELAY_MS, MIN_DELAY_MS
 from voxtral_run.stages.factory import AUTO_DEVICE, MODEL_STAGE_KINDS, STAGE_KINDS, auto_device, cuda_device_count
 
 DEFAULT_MODEL = "mistralai/Voxtral-Mini-4B-Realtime-2602"

@@ -39,7 +39,7 @@ from voxtral_run.runner.prometheus import REPORT_EVERY_S, MetricsEndpoint
 from voxtral_run.runner.sink import TranscriptSink
 from voxtral_run.runner.stage_process import StageSpec, pack, stage_main, unpack
 from voxtral_run.runner.wire import Envelope, Kind
-from voxtral_run.stages.audio import SECONDS_PER_TOKEN
+from voxtral_run.stages.audio.constants import SECONDS_PER_TOKEN
 
 DRAIN_TIMEOUT_S = 3.0  # after Ctrl-C, how long the end of stream may take to pass every stage
 STOP_GRACE_S = 1.0  # how long a stage may take to exit after "stop" before it is terminated

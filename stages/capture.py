@@ -15,7 +15,7 @@ from typing import Any, BinaryIO
 import numpy as np
 import soundfile
 
-from voxtral_run.stages.audio import MIN_SOURCE_RATE, MS_PER_TOKEN, check_source_format
+from voxtral_run.stages.audio.constants import MIN_SOURCE_RATE, MS_PER_TOKEN, check_source_format
 from voxtral_run.stages.base import Item, Source, StageError
 
 DEFAULT_CHUNK_MS = MS_PER_TOKEN  # one decoder position of audio per chunk

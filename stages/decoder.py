@@ -10,12 +10,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from voxtral_run.stages.audio import ENCODER_FRAMES_PER_TOKEN
+from voxtral_run.stages.audio.constants import ENCODER_FRAMES_PER_TOKEN
 from voxtral_run.stages.base import PerStreamStage, StageError
-from voxtral_run.stages.checkpoint import ADAPTER_PREFIX, DECODER_PREFIXES, TOKEN_EMBEDDING, ModelDir, ModelParams
-from voxtral_run.stages.graphs import StagedInput, StagedOutput, StepGraphs, StepPosition
-from voxtral_run.stages.kernel_overlap import DEFAULT_OVERLAP, Overlap
-from voxtral_run.stages.layers import (
+from voxtral_run.stages.kernels.graphs import StagedInput, StagedOutput, StepGraphs, StepPosition
+from voxtral_run.stages.kernels.matvec import Norm, matvec
+from voxtral_run.stages.kernels.overlap import DEFAULT_OVERLAP, Overlap
+from voxtral_run.stages.model.checkpoint import ADAPTER_PREFIX, DECODER_PREFIXES, TOKEN_EMBEDDING, ModelDir, ModelParams
+from voxtral_run.stages.model.layers import (
     EAGER,
     Block,
     KVCache,
@@ -30,8 +31,7 @@ from voxtral_run.stages.layers import (
     position_inputs,
     warm_attention_spans,
 )
-from voxtral_run.stages.matvec import Norm, matvec
-from voxtral_run.stages.tekken import Tekken
+from voxtral_run.stages.text.tekken import Tekken
 
 TIME_EMBEDDING_THETA = 10_000.0
 

@@ -10,11 +10,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from voxtral_run.stages.audio import CONV_STRIDE, ENCODER_FRAMES_PER_TOKEN, MEL_FRAMES_PER_TOKEN, NUM_MEL_BINS
+from voxtral_run.stages.audio.constants import CONV_STRIDE, ENCODER_FRAMES_PER_TOKEN, MEL_FRAMES_PER_TOKEN, NUM_MEL_BINS
 from voxtral_run.stages.base import PerStreamStage, StageError
-from voxtral_run.stages.checkpoint import ENCODER_PREFIX, ModelDir, TransformerParams
-from voxtral_run.stages.graphs import StagedInput, StagedOutput, StepGraphs, StepPosition
-from voxtral_run.stages.layers import (
+from voxtral_run.stages.kernels.graphs import StagedInput, StagedOutput, StepGraphs, StepPosition
+from voxtral_run.stages.model.checkpoint import ENCODER_PREFIX, ModelDir, TransformerParams
+from voxtral_run.stages.model.layers import (
     EAGER,
     Block,
     KVCache,

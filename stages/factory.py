@@ -6,14 +6,14 @@ import functools
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from voxtral_run.stages.audio import delay_tokens
+from voxtral_run.stages.audio.constants import delay_tokens
 from voxtral_run.stages.base import Stage, StageError
-from voxtral_run.stages.tekken import TEKKEN_FILE, Tekken, load_tekken
+from voxtral_run.stages.text.tekken import TEKKEN_FILE, Tekken, load_tekken
 
 if TYPE_CHECKING:
     import torch
 
-    from voxtral_run.stages.checkpoint import ModelDir
+    from voxtral_run.stages.model.checkpoint import ModelDir
 
 # Model stages import torch and the model code only when built, so the resample, detokenize and capture
 # processes start in a fraction of a second.
@@ -34,7 +34,7 @@ STAGE_PARAMS: dict[str, tuple[str, ...]] = {
 @functools.lru_cache(maxsize=4)
 def open_model(model_dir: Path) -> ModelDir:
     """Open (and validate) a model directory once per process."""
-    from voxtral_run.stages.checkpoint import ModelDir
+    from voxtral_run.stages.model.checkpoint import ModelDir
 
     return ModelDir(model_dir)
 
@@ -101,23 +101,23 @@ def build_stage(
         raise StageError(f"stage '{kind}': unknown setting '{unknown[0]}'")
     target = resolve_device(device) if kind in MODEL_STAGE_KINDS else None
     if kind == "resample":
-        from voxtral_run.stages.resample import ResampleStage
+        from voxtral_run.stages.audio.resample import ResampleStage
 
         return ResampleStage()
     tekken = _tekken(model_dir)
     delay = num_delay_tokens(tekken, delay_ms)
     if kind == "mel":
-        from voxtral_run.stages.mel import MelStage
+        from voxtral_run.stages.audio.mel import MelStage
 
         return MelStage(tekken.audio.streaming_n_left_pad_tokens, delay)
     if kind == "detokenize":
-        from voxtral_run.stages.tokenizer import DetokenizeStage
+        from voxtral_run.stages.text.detokenize import DetokenizeStage
 
         return DetokenizeStage(tekken)
-    from voxtral_run.stages.checkpoint import torch_dtype
     from voxtral_run.stages.decoder import DecoderStage, load_text_decoder
     from voxtral_run.stages.encoder import EncoderStage, load_audio_encoder
-    from voxtral_run.stages.kernel_cache import pin_triton_cache
+    from voxtral_run.stages.kernels.triton_cache import pin_triton_cache
+    from voxtral_run.stages.model.checkpoint import torch_dtype
 
     model = open_model(Path(model_dir).resolve())
     # On a GPU: bf16 (the published weights' dtype, as the reference runs), static ring caches, compiled

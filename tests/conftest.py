@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from tests.runner.conftest import Runner, marked_processes
-from voxtral_run.stages.audio import SAMPLE_RATE, SAMPLES_PER_TOKEN
+from voxtral_run.stages.audio.constants import SAMPLE_RATE, SAMPLES_PER_TOKEN
 from voxtral_run.tools.hf_reference import hf_model_for
 from voxtral_run.tools.make_tiny_checkpoint import TINY, CheckpointSpec, write_tiny_checkpoint
 

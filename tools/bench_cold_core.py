@@ -16,8 +16,8 @@ os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
 
 import numpy as np  # noqa: E402
 
-from voxtral_run.stages.audio import MS_PER_TOKEN, SAMPLE_RATE, SAMPLES_PER_TOKEN  # noqa: E402
-from voxtral_run.stages.mel import MelStage  # noqa: E402
+from voxtral_run.stages.audio.constants import MS_PER_TOKEN, SAMPLE_RATE, SAMPLES_PER_TOKEN  # noqa: E402
+from voxtral_run.stages.audio.mel import MelStage  # noqa: E402
 
 
 def spin(seconds: float) -> None:

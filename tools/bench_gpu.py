@@ -26,14 +26,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from voxtral_run.stages.audio import SAMPLE_RATE, SAMPLES_PER_TOKEN, delay_tokens, pad_audio
-from voxtral_run.stages.checkpoint import DECODER_PREFIXES, ENCODER_PREFIX, ModelDir
+from voxtral_run.stages.audio.constants import SAMPLE_RATE, SAMPLES_PER_TOKEN, delay_tokens, pad_audio
+from voxtral_run.stages.audio.mel import log_mel_frames
 from voxtral_run.stages.decoder import streaming_prompt
 from voxtral_run.stages.factory import build_stage, open_model
-from voxtral_run.stages.graphs import StepGraphs
-from voxtral_run.stages.kernel_overlap import NO_OVERLAP, Overlap
-from voxtral_run.stages.layers import Attention, compiled_block_functions, fused_block_functions
-from voxtral_run.stages.mel import log_mel_frames
+from voxtral_run.stages.kernels.graphs import StepGraphs
+from voxtral_run.stages.kernels.overlap import NO_OVERLAP, Overlap
+from voxtral_run.stages.model.checkpoint import DECODER_PREFIXES, ENCODER_PREFIX, ModelDir
+from voxtral_run.stages.model.layers import Attention, compiled_block_functions, fused_block_functions
 from voxtral_run.tools.make_tiny_checkpoint import REAL_SIZE, write_tiny_checkpoint
 
 BYTES_PER_BF16 = 2
@@ -158,7 +158,7 @@ def transformers_streaming(hf_model, audio: np.ndarray, model: ModelDir, num_del
 
 def teacher_forced_logits(model_dir: Path, mel: np.ndarray, sequence: torch.Tensor, dtype: str) -> torch.Tensor:
     """Our logits [T, vocab] (as float32) for a whole id sequence over its audio, run as one block."""
-    from voxtral_run.stages.layers import RollingKVCache
+    from voxtral_run.stages.model.layers import RollingKVCache
 
     device = sequence.device
     settings = {"dtype": dtype, "cache": "dynamic", "cuda_graphs": False, "compile": False}

@@ -24,10 +24,10 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from voxtral_run.stages.kernel_overlap import DEFAULT_OVERLAP, NO_OVERLAP, Overlap
-from voxtral_run.stages.layers import rms_norm
-from voxtral_run.stages.matvec import MatvecConfig, Norm, matvec, matvec_config
-from voxtral_run.stages.rows_matmul import RowsConfig, rows_config, rows_matmul
+from voxtral_run.stages.kernels.matvec import MatvecConfig, Norm, matvec, matvec_config
+from voxtral_run.stages.kernels.overlap import DEFAULT_OVERLAP, NO_OVERLAP, Overlap
+from voxtral_run.stages.kernels.rows_matmul import RowsConfig, rows_config, rows_matmul
+from voxtral_run.stages.model.layers import rms_norm
 from voxtral_run.tools.bench_gpu import copy_bandwidth
 from voxtral_run.tools.bench_step_attention import graph_us
 from voxtral_run.tools.make_tiny_checkpoint import REAL_SIZE

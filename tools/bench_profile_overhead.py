@@ -27,7 +27,7 @@ import numpy as np
 import soundfile
 
 from voxtral_run.runner.metrics import ItemRecord, StageMetrics
-from voxtral_run.stages.audio import SAMPLE_RATE
+from voxtral_run.stages.audio.constants import SAMPLE_RATE
 from voxtral_run.tools.make_tiny_checkpoint import TINY, write_tiny_checkpoint
 
 PIPELINE = Path("pipeline.yaml")

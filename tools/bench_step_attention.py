@@ -14,8 +14,8 @@ from collections.abc import Callable
 
 import torch
 
-from voxtral_run.stages.layers import Attention, attention_bias
-from voxtral_run.stages.step_attention import step_attention
+from voxtral_run.stages.kernels.step_attention import step_attention
+from voxtral_run.stages.model.layers import Attention, attention_bias
 from voxtral_run.tools.make_tiny_checkpoint import REAL_SIZE
 
 # (name, query heads, KV heads, positions per step, head dim, cached keys, window, layers)

@@ -21,7 +21,7 @@ import zmq
 
 from voxtral_run.runner.edges import EdgeReceiver, EdgeSender, EdgeSpec, Policy
 from voxtral_run.runner.wire import Envelope, Kind
-from voxtral_run.stages.audio import (
+from voxtral_run.stages.audio.constants import (
     ENCODER_FRAMES_PER_TOKEN,
     FRAME_RATE,
     MEL_FRAMES_PER_TOKEN,

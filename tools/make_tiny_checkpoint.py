@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from voxtral_run.stages.audio import (
+from voxtral_run.stages.audio.constants import (
     ENCODER_FRAMES_PER_TOKEN,
     FRAME_RATE,
     HOP_LENGTH,
@@ -26,7 +26,7 @@ from voxtral_run.stages.audio import (
     SAMPLE_RATE,
     WINDOW_SIZE,
 )
-from voxtral_run.stages.checkpoint import (
+from voxtral_run.stages.model.checkpoint import (
     ADA_NORM_DIM,
     CONSOLIDATED_FILE,
     PARAMS_FILE,

@@ -11,8 +11,15 @@ import json
 import random
 from pathlib import Path
 
-from voxtral_run.stages.audio import FRAME_RATE, HOP_LENGTH, MS_PER_TOKEN, NUM_MEL_BINS, SAMPLE_RATE, WINDOW_SIZE
-from voxtral_run.stages.tekken import BOS, EOS, NUM_BYTE_TOKENS, STREAMING_FORMAT, STREAMING_PAD, STREAMING_WORD
+from voxtral_run.stages.audio.constants import (
+    FRAME_RATE,
+    HOP_LENGTH,
+    MS_PER_TOKEN,
+    NUM_MEL_BINS,
+    SAMPLE_RATE,
+    WINDOW_SIZE,
+)
+from voxtral_run.stages.text.tekken import BOS, EOS, NUM_BYTE_TOKENS, STREAMING_FORMAT, STREAMING_PAD, STREAMING_WORD
 
 NUM_SPECIAL_TOKENS = 1000
 # Named special tokens at their real tekken ids (spec 9.1); ids 3..19 carry the names mistral-common's

@@ -31,7 +31,7 @@ from voxtral_run.runner.metrics import (
     upper_bound,
 )
 from voxtral_run.runner.stage_process import CudaTimer
-from voxtral_run.stages.audio import SAMPLES_PER_TOKEN
+from voxtral_run.stages.audio.constants import SAMPLES_PER_TOKEN
 from voxtral_run.tools.make_tiny_checkpoint import TINY
 from voxtral_run.tools.profile_report import main as profile_report
 

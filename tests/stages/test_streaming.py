@@ -9,12 +9,18 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import speechlike_audio
-from voxtral_run.stages.audio import ENCODER_FRAMES_PER_TOKEN, N_FFT, SAMPLES_PER_TOKEN, delay_tokens, pad_audio
+from voxtral_run.stages.audio.constants import (
+    ENCODER_FRAMES_PER_TOKEN,
+    N_FFT,
+    SAMPLES_PER_TOKEN,
+    delay_tokens,
+    pad_audio,
+)
+from voxtral_run.stages.audio.mel import log_mel_frames
 from voxtral_run.stages.base import StageError
-from voxtral_run.stages.checkpoint import ModelDir
 from voxtral_run.stages.decoder import streaming_prompt
 from voxtral_run.stages.factory import build_stage
-from voxtral_run.stages.mel import log_mel_frames
+from voxtral_run.stages.model.checkpoint import ModelDir
 from voxtral_run.stages.transcribe import build_chain, run_chain, transcribe_audio, transcript_of
 
 AUDIO = speechlike_audio(2.5, seed=7)

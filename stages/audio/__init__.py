@@ -1,0 +1,1 @@
+"""Audio: constants, capture sources, resampling to 16 kHz mono, log-mel features."""

@@ -1,0 +1,1 @@
+"""The model in pure torch, batch-first: parameters, checkpoint loading, layers, KV cache, encoder, decoder."""

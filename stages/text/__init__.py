@@ -1,0 +1,1 @@
+"""Text: the Tekken tokenizer, incremental detokenization, transcript writers."""

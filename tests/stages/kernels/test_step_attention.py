@@ -1,0 +1,102 @@
+"""The split-key step attention kernels (in Triton's CPU interpreter here) compute what SDPA computes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from voxtral_run.stages.kernels.step_attention import (
+    BLOCK_KEYS,
+    MERGE_SLICES,
+    key_splits,
+    split_tickets,
+    step_attention,
+    step_attention_available,
+)
+from voxtral_run.stages.model.layers import Attention, attention_bias, step_attend
+
+pytestmark = pytest.mark.skipif(
+    not step_attention_available(torch.device("cpu")), reason="needs Triton (the dev extra installs it)"
+)
+
+# (query heads, KV heads, positions per step, head dim, cached keys, window): an encoder step (4 frames,
+# no grouping), a decoder step (1 position, groups of 4), and key counts that leave a partial last tile.
+SHAPES = [(4, 4, 4, 16, 200, 150), (8, 2, 1, 32, 300, 1000), (4, 1, 4, 16, 70, 40), (2, 2, 1, 16, 5, 8)]
+
+
+def ring_step(heads, kv_heads, length, head_dim, n_keys, window, dtype, seed=0):
+    """A step's queries over a ring of cached keys in scrambled slot order, some of them outside the window."""
+    generator = torch.Generator().manual_seed(seed)
+    q = torch.randn(length, heads, head_dim, generator=generator).to(dtype).transpose(0, 1)
+    keys, values = (torch.randn(n_keys, kv_heads, head_dim, generator=generator).to(dtype) for _ in range(2))
+    first = n_keys + window // 2
+    positions = torch.arange(first, first + length)
+    key_positions = torch.randperm(first, generator=generator)[:n_keys]
+    key_positions[torch.randperm(n_keys, generator=generator)[:length]] = positions  # the step's own keys
+    return q, keys, values, attention_bias(positions, key_positions, window, dtype)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_step_attention_equals_sdpa_in_float32(shape) -> None:
+    q, keys, values, bias = ring_step(*shape, torch.float32)
+    torch.testing.assert_close(step_attention(q, keys, values, bias), Attention.attend(q, keys, values, bias))
+
+
+@pytest.mark.parametrize("shape", SHAPES[:2])
+def test_step_attention_in_bf16_is_within_bf16_rounding_of_exact(shape) -> None:
+    q, keys, values, bias = ring_step(*shape, torch.bfloat16, seed=1)
+    ours = step_attention(q, keys, values, bias)
+    exact = Attention.attend(q.double(), keys.double(), values.double(), bias.double())
+    assert ours.dtype == torch.bfloat16
+    assert ((ours.double() - exact).norm() / exact.norm()).item() < 4e-3
+
+
+def test_a_long_cache_is_merged_a_chunk_of_slices_at_a_time() -> None:
+    """More slices than the merge loads at once, visible keys in each chunk: a later chunk's larger maximum
+    rescales what the earlier chunks added."""
+    q, keys, values, bias = ring_step(8, 2, 1, 16, 2200, 3000, torch.float32, seed=4)
+    assert key_splits(keys.shape[0], keys.shape[1])[0] > 2 * MERGE_SLICES
+    torch.testing.assert_close(step_attention(q, keys, values, bias), Attention.attend(q, keys, values, bias))
+
+
+def test_slices_wholly_outside_the_window_add_nothing() -> None:
+    """Only the newest keys are visible, so most slices of the keys hold no visible key at all."""
+    heads, kv_heads, head_dim, n_keys = 4, 4, 16, 40 * BLOCK_KEYS
+    generator = torch.Generator().manual_seed(2)
+    q = torch.randn(heads, 1, head_dim, generator=generator)
+    keys, values = (torch.randn(n_keys, kv_heads, head_dim, generator=generator) for _ in range(2))
+    bias = attention_bias(torch.tensor([n_keys - 1]), torch.arange(n_keys), 3, torch.float32)
+    assert key_splits(n_keys, kv_heads)[0] > 1
+    ours = step_attention(q, keys, values, bias)
+    assert torch.isfinite(ours).all()
+    torch.testing.assert_close(ours, Attention.attend(q, keys, values, bias))
+
+
+def test_the_last_slice_to_finish_merges_and_leaves_the_counters_at_zero_for_the_next_launch() -> None:
+    """Each KV head's last program merges its slices and resets the head's counter: later launches (and graph
+    replays) see zeros and merge exactly once, to the same result."""
+    q, keys, values, bias = ring_step(*SHAPES[1], torch.float32, seed=3)
+    assert key_splits(keys.shape[0], keys.shape[1])[0] > 1
+    first = step_attention(q, keys, values, bias)
+    assert not split_tickets(q.device).any()
+    assert torch.equal(step_attention(q, keys, values, bias), first)
+    torch.testing.assert_close(first, Attention.attend(q, keys, values, bias))
+
+
+def test_output_is_position_major_for_the_output_projection() -> None:
+    q, keys, values, bias = ring_step(*SHAPES[0], torch.float32)
+    out = step_attention(q, keys, values, bias)
+    assert out.transpose(0, 1).is_contiguous()
+
+
+@pytest.mark.parametrize(("n_keys", "kv_heads"), [(1, 8), (63, 8), (1024, 32), (8256, 8), (8256, 1)])
+def test_key_splits_cover_every_key_once_in_whole_tiles(n_keys, kv_heads) -> None:
+    slices, per_slice = key_splits(n_keys, kv_heads)
+    assert per_slice % BLOCK_KEYS == 0
+    assert (slices - 1) * per_slice < n_keys <= slices * per_slice
+
+
+def test_step_attend_takes_sdpa_for_many_rows() -> None:
+    """A block of many positions (a file's first push) is no step: SDPA serves it, exactly."""
+    q, keys, values, bias = ring_step(4, 4, 32, 16, 64, 100, torch.float32)
+    assert torch.equal(step_attend(q, keys, values, bias), Attention.attend(q, keys, values, bias))
