@@ -13,6 +13,7 @@ from rich.console import Console
 
 from voxtral_run.runner.config import LOOPBACK, SINK, SOURCE, load_pipeline, place_local_stages
 from voxtral_run.runner.errors import RunnerError
+from voxtral_run.runner.security import KEYS_VARIABLE, CurveKeys, default_key_file, load_or_create_key_file
 from voxtral_run.runner.sink import LiveText, TranscriptSink
 from voxtral_run.runner.stage_process import MIC_INPUT, STDIN_INPUT
 from voxtral_run.runner.supervisor import EXIT_FAILED, Reporting, Supervisor
@@ -48,6 +49,7 @@ peaks, drops, end-to-end latency and the bottleneck stage. Ctrl-C stops the capt
 transcribed so far; a second Ctrl-C stops at once.
 """
 MAX_PORT = 65535
+MIN_STATS_EVERY_S = 0.1
 
 app = typer.Typer(add_completion=False, rich_markup_mode=None, context_settings={"help_option_names": ["-h", "--help"]})
 
@@ -69,6 +71,16 @@ def _local_nodes(stages: str | None, nodes: list[str]) -> list[str]:
     if not chosen:
         raise RunnerError("--stages: give at least one stage name")
     return chosen
+
+
+def _deployment_keys(keys: Path | None) -> CurveKeys:
+    """The key every invocation of a split run shares: --keys, else $VOXTRAL_RUN_KEYS, else the user's default
+    key file; created (0600) on first use."""
+    if keys is not None:
+        return load_or_create_key_file(keys, "--keys")
+    if os.environ.get(KEYS_VARIABLE):
+        return load_or_create_key_file(Path(os.environ[KEYS_VARIABLE]), KEYS_VARIABLE)
+    return load_or_create_key_file(default_key_file(), "key file")
 
 
 def _print_version(value: bool) -> None:
@@ -207,6 +219,14 @@ def run(
     metrics_host: Annotated[
         str, typer.Option(metavar="HOST", help="Address the metrics endpoint listens on.")
     ] = LOOPBACK,
+    keys: Annotated[
+        Path | None,
+        typer.Option(
+            metavar="FILE",
+            help="CURVE key file shared by the invocations of a split run (--stages); created on first use. "
+            f"Default: ${KEYS_VARIABLE}, else ~/.config/voxtral-run/curve.key.",
+        ),
+    ] = None,
     list_devices: Annotated[bool, typer.Option("--list-devices", help="List microphones and exit.")] = False,
     quiet: Annotated[
         bool, typer.Option("--quiet", "-q", help="No start-up line, progress bar or table of figures.")
@@ -222,8 +242,8 @@ def run(
             _list_devices()
             return
         pipeline, input = _pipeline_and_input(pipeline, input)
-        if stats_every is not None and not stats_every > 0:
-            raise RunnerError(f"--stats-every: give a positive number of seconds, not {stats_every:g}")
+        if stats_every is not None and not stats_every >= MIN_STATS_EVERY_S:
+            raise RunnerError(f"--stats-every: give at least {MIN_STATS_EVERY_S:g} seconds, not {stats_every:g}")
         if metrics_port is not None and not 1 <= metrics_port <= MAX_PORT:
             raise RunnerError(f"--metrics-port: give a port from 1 to {MAX_PORT}, not {metrics_port}")
         if delay_ms is not None and not MIN_DELAY_MS <= delay_ms <= MAX_DELAY_MS:
@@ -262,8 +282,16 @@ def run(
         reporting = Reporting(
             profile, stats_every, stats_json, metrics_port, metrics_host, quiet, duration_s if progress else None
         )
+        # Queues to other invocations authenticate with the deployment's key; a run all here makes its own.
+        deployment_keys = _deployment_keys(keys) if set(local) != set(config.chain()) else None
         supervisor = Supervisor(
-            config, local=local, model_dir=model_dir, sink=sink, console=console, reporting=reporting
+            config,
+            local=local,
+            model_dir=model_dir,
+            sink=sink,
+            console=console,
+            reporting=reporting,
+            keys=deployment_keys,
         )
         status = supervisor.run()
     except (RunnerError, StageError) as error:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import ipaddress
 import itertools
+import math
 import os
+import socket
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
@@ -12,9 +14,17 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from voxtral_run.runner.edges import EdgeSpec, Policy
+from voxtral_run.runner.edges import DEFAULT_HEARTBEAT_TIMEOUT_S, EdgeSpec, Policy
 from voxtral_run.runner.errors import RunnerError
-from voxtral_run.stages.audio.constants import MAX_DELAY_MS, MIN_DELAY_MS
+from voxtral_run.stages.audio.constants import (
+    MAX_DELAY_MS,
+    MAX_SOURCE_CHANNELS,
+    MAX_SOURCE_RATE,
+    MIN_DELAY_MS,
+    MS_PER_TOKEN,
+    NUM_MEL_BINS,
+    SAMPLES_PER_TOKEN,
+)
 from voxtral_run.stages.factory import AUTO_DEVICE, MODEL_STAGE_KINDS, STAGE_KINDS, auto_device, cuda_device_count
 
 DEFAULT_MODEL = "mistralai/Voxtral-Mini-4B-Realtime-2602"
@@ -26,6 +36,16 @@ SINK = "output"  # the runner's own node that receives the final events and writ
 RUNNER_STAGE_KEYS = ("device", "host", "throttle_ms", "threads", "impl", "busy_poll")
 DEFAULT_BASE_PORT = 5550
 LOOPBACK = "127.0.0.1"
+MAX_PORT = 65535
+# Bounds on what a pipeline may ask for: beyond them a number is a mistake, and the memory or time it would
+# take is not bounded by anything else.
+MAX_QUEUE_CAPACITY = 4096  # messages (80 ms each by default: over 5 minutes of audio)
+MIN_CHUNK_MS, MAX_CHUNK_MS = 10, 1000
+DEFAULT_CHUNK_MS = MS_PER_TOKEN
+MAX_THROTTLE_MS = 60_000
+MAX_THREADS = 1024
+MAX_STARTUP_TIMEOUT_S = 86_400
+MIN_HEARTBEAT_TIMEOUT_S, MAX_HEARTBEAT_TIMEOUT_S = 0.5, 600
 
 
 class _Strict(BaseModel):
@@ -39,9 +59,9 @@ class StageConfig(_Strict):
     device: str = Field(AUTO_DEVICE, pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     host: str | None = None
     params: dict[str, Any] = Field(default_factory=dict)
-    throttle_ms: float = Field(0.0, ge=0)
+    throttle_ms: float = Field(0.0, ge=0, le=MAX_THROTTLE_MS)
     # CPU threads of the stage's process (torch and its OpenMP pool).
-    threads: int | None = Field(None, ge=1)
+    threads: int | None = Field(None, ge=1, le=MAX_THREADS)
     impl: str | None = Field(None, pattern=r"^[\w.]+:[\w.]+$")
     # Wait for input by polling without sleeping while a stream is open: a core busy, for the wake-up latency
     # a sleeping process pays per message (0.1 to 0.8 ms, by host).
@@ -59,9 +79,9 @@ class QueueConfig(_Strict):
 
     source: str = Field(alias="from")
     target: str = Field(alias="to")
-    capacity: int = Field(ge=1)
+    capacity: int = Field(ge=1, le=MAX_QUEUE_CAPACITY)
     policy: Policy = Policy.BLOCK
-    port: int | None = Field(None, ge=1, le=65535)
+    port: int | None = Field(None, ge=1, le=MAX_PORT)
     endpoint: str | None = Field(None, pattern=r"^(ipc|tcp)://.+$")
 
 
@@ -71,8 +91,12 @@ class Pipeline(_Strict):
     model: str = DEFAULT_MODEL
     delay_ms: int | None = Field(None, ge=MIN_DELAY_MS, le=MAX_DELAY_MS)
     transport: Literal["auto", "tcp"] = "auto"
-    base_port: int = Field(DEFAULT_BASE_PORT, ge=1, le=65535)
-    startup_timeout_s: float = Field(600.0, gt=0)
+    base_port: int = Field(DEFAULT_BASE_PORT, ge=1, le=MAX_PORT)
+    startup_timeout_s: float = Field(600.0, gt=0, le=MAX_STARTUP_TIMEOUT_S)
+    # A stage, the runner, or the other end of a queue to another invocation silent this long fails the run.
+    heartbeat_timeout_s: float = Field(
+        DEFAULT_HEARTBEAT_TIMEOUT_S, ge=MIN_HEARTBEAT_TIMEOUT_S, le=MAX_HEARTBEAT_TIMEOUT_S
+    )
     stages: dict[str, StageConfig]
     output: OutputConfig = Field(default_factory=OutputConfig)
     queues: list[QueueConfig]
@@ -84,6 +108,12 @@ class Pipeline(_Strict):
                 raise _KeyError(f"stages.{name}", f"unknown stage (choose from {', '.join(KNOWN_STAGES)})")
         if SOURCE not in self.stages:
             raise _KeyError("stages", f"no '{SOURCE}' stage")
+        chunk_ms = self.stages[SOURCE].params.get("chunk_ms", DEFAULT_CHUNK_MS)
+        if isinstance(chunk_ms, bool) or not isinstance(chunk_ms, (int, float)):
+            raise _KeyError(f"stages.{SOURCE}.params.chunk_ms", f"{chunk_ms!r} is not a number of milliseconds")
+        if not MIN_CHUNK_MS <= chunk_ms <= MAX_CHUNK_MS:
+            bounds = f"{MIN_CHUNK_MS}..{MAX_CHUNK_MS} ms"
+            raise _KeyError(f"stages.{SOURCE}.params.chunk_ms", f"{chunk_ms:g} is outside {bounds}")
         nodes = [*self.stages, SINK]
         inputs: dict[str, int] = {}
         outputs: dict[str, int] = {}
@@ -101,6 +131,8 @@ class Pipeline(_Strict):
                 raise _KeyError(f"{where}.policy", f"only the queue out of {SOURCE} may drop")
             if queue.policy is Policy.DROP_OLDEST and queue.capacity < 2:
                 raise _KeyError(f"{where}.capacity", "drop_oldest needs a capacity of at least 2")
+            if queue.port is None and queue.endpoint is None and self.base_port + index > MAX_PORT:
+                raise _KeyError("base_port", f"{self.base_port} + {index} (queue {index}) is past port {MAX_PORT}")
         node, visited = SOURCE, {SOURCE}
         while node != SINK:
             if node not in outputs:
@@ -237,19 +269,55 @@ def place_local_stages(pipeline: Pipeline, local: Iterable[str]) -> None:
             stage.busy_poll = bool(named_gpus)
 
 
-def _bind_address(host: str) -> str:
-    """ZeroMQ binds interfaces, not names: an IP literal binds that address, a host name binds all."""
+def _bind_address(host: str, where: str) -> str:
+    """ZeroMQ binds interfaces, not names: an IP literal binds that address, a host name the address it resolves
+    to (never every interface)."""
     try:
         ipaddress.ip_address(host)
     except ValueError:
-        return "*"
-    return host
+        try:
+            address = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)[0][4][0]
+        except (OSError, UnicodeError) as error:
+            raise RunnerError(f"{where}: cannot resolve host '{host}' ({error})") from None
+        return f"[{address}]" if ":" in address else address
+    return f"[{host}]" if ":" in host else host
+
+
+# Bytes per 80 ms of audio in the arrays each built-in stage sends: the capture's raw chunk at the highest rate
+# and channel count it accepts (float32), 16 kHz mono samples, 8 mel frames, 4 encoder frames of up to 8192
+# float32 (Voxtral's are 1280 wide), token ids.
+_BYTES_PER_TOKEN = {
+    SOURCE: math.ceil(MAX_SOURCE_RATE * MS_PER_TOKEN / 1000) * MAX_SOURCE_CHANNELS * 4,
+    "resample": SAMPLES_PER_TOKEN * 4,
+    "mel": 8 * NUM_MEL_BINS * 4,
+    "encoder": 4 * 8192 * 4,
+    "decoder": 16,
+}
+# Messages also carry a stream's padding (the mel stage's left pad of 32 tokens, the right pad up to the longest
+# delay and its buffer) on top of one chunk.
+_PAD_TOKENS = 128
+_MESSAGE_SLACK_BYTES = 64 << 10  # the msgpack header, the CURVE box, a small item's whole size
+# The last stage's done event carries every token id and the whole text: over a day of audio fits.
+_TRANSCRIPT_MAX_BYTES = 32 << 20
+
+
+def max_message_bytes(source_kind: str, chunk_ms: float) -> int:
+    """The largest frame an edge out of a stage of `source_kind` accepts (ZMQ_MAXMSGSIZE): twice what the stage
+    can legitimately send for one chunk of `chunk_ms`; an unknown (impl) stage gets the capture's bound."""
+    if source_kind == "detokenize":
+        return _TRANSCRIPT_MAX_BYTES
+    chunk_tokens = math.ceil(chunk_ms / MS_PER_TOKEN)
+    per_token = _BYTES_PER_TOKEN.get(source_kind, _BYTES_PER_TOKEN[SOURCE])
+    tokens = chunk_tokens if source_kind == SOURCE else chunk_tokens + _PAD_TOKENS
+    return 2 * tokens * per_token + _MESSAGE_SLACK_BYTES
 
 
 def plan_edges(pipeline: Pipeline, local: set[str], run_dir: Path) -> list[EdgeSpec]:
     """Endpoints for every queue: ipc:// in `run_dir` when this invocation runs both ends (transport auto),
-    otherwise tcp:// at the receiving node's host; a queue's `endpoint` overrides both."""
+    otherwise tcp:// at the receiving node's host; a queue's `endpoint` overrides both. A queue with one end
+    elsewhere is `remote`: its link is watched."""
     hosts = {name: stage.host for name, stage in pipeline.stages.items()} | {SINK: pipeline.output.host}
+    chunk_ms = pipeline.stages[SOURCE].params.get("chunk_ms", DEFAULT_CHUNK_MS)
     specs = []
     for index, queue in enumerate(pipeline.queues):
         if queue.endpoint is not None:
@@ -259,6 +327,22 @@ def plan_edges(pipeline: Pipeline, local: set[str], run_dir: Path) -> list[EdgeS
         else:
             host = hosts[queue.target] or LOOPBACK
             port = queue.port or pipeline.base_port + index
-            bind, connect = f"tcp://{_bind_address(host)}:{port}", f"tcp://{host}:{port}"
-        specs.append(EdgeSpec(queue.source, queue.target, bind, connect, queue.capacity, queue.policy))
+            where = "output.host" if queue.target == SINK else f"stages.{queue.target}.host"
+            bind = f"tcp://{_bind_address(host, where)}:{port}" if queue.target in local else ""
+            connect = f"tcp://{host}:{port}"
+        kind = queue.source if pipeline.stages[queue.source].impl is None else "impl"
+        specs.append(
+            EdgeSpec(
+                queue.source,
+                queue.target,
+                bind,
+                connect,
+                queue.capacity,
+                queue.policy,
+                max_message_bytes=max_message_bytes(kind, chunk_ms),
+                remote=not {queue.source, queue.target} <= local,
+                heartbeat_timeout_s=pipeline.heartbeat_timeout_s,
+                link_timeout_s=pipeline.startup_timeout_s,
+            )
+        )
     return specs

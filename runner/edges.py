@@ -1,25 +1,39 @@
-"""Bounded queues between processes: a ZeroMQ DEALER pair per edge with credit-based flow control.
+"""Bounded queues between processes: a DEALER (sender) to ROUTER (receiver) pair per edge, with credit-based flow
+control, one accepted sender, checked messages and, on tcp, CURVE-authenticated links.
 
-The receiver grants one credit per message it takes, so at most `capacity` messages are ever in an edge, and
-the sender applies the edge's policy when it has no credit: wait (block), or drop the newest or the oldest.
+The receiver grants one credit per message it takes, and only to the edge's own sender (known by its routing id
+and its hello), so at most `capacity` messages are ever in an edge and other connections get nothing; the
+sender applies the edge's policy when it has no credit: wait (block), or drop the newest or the oldest. Every
+message is checked as it arrives (size, envelope, stream id, order); a bad one is a one-line RunnerError naming
+the edge. An edge to another invocation (`remote`) also watches its link: ZeroMQ heartbeats drop a connection
+whose peer process stopped answering, and a lost link fails the stage instead of waiting for ever.
 """
 
 from __future__ import annotations
 
 import struct
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from voxtral_run.runner.errors import RunnerError
-from voxtral_run.runner.wire import Envelope, Kind, decode, encode, payload_bytes
+from voxtral_run.runner.security import CurveKeys, make_client, make_server
+from voxtral_run.runner.wire import Envelope, Kind, WireError, decode, encode, payload_bytes
 
 LINGER_MS = 1000  # how long a closing socket may still try to deliver queued messages
-_HELLO = b""  # first frame a sender puts on an edge; the receiver answers with the initial credits
+_HELLO = b"voxtral-run hello"  # first message a sender puts on an edge; the receiver answers with the credits
 _CREDIT = struct.Struct("<I")
+CREDIT_MAX_BYTES = 64  # what a sender accepts from its receiver: credit frames only
+DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
+DEFAULT_HEARTBEAT_TIMEOUT_S = 5.0
+DEFAULT_LINK_TIMEOUT_S = 600.0
+_LINK_EVENTS = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+_LINK_EVENTS |= zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
 
 
 class Policy(str, Enum):
@@ -32,7 +46,8 @@ class Policy(str, Enum):
 
 @dataclass(frozen=True)
 class EdgeSpec:
-    """One queue of the pipeline as both ends see it: names, where to bind and connect, size and policy."""
+    """One queue of the pipeline as both ends see it: names, where to bind and connect, size and policy, the
+    largest frame it carries, and whether its other end belongs to another invocation (link watched)."""
 
     source: str
     target: str
@@ -40,6 +55,10 @@ class EdgeSpec:
     connect: str
     capacity: int
     policy: Policy
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    remote: bool = False
+    heartbeat_timeout_s: float = DEFAULT_HEARTBEAT_TIMEOUT_S
+    link_timeout_s: float = DEFAULT_LINK_TIMEOUT_S  # how long the other end may take to appear
 
     @property
     def name(self) -> str:
@@ -51,42 +70,145 @@ class EdgeSpec:
         at the sender, where the oldest can still be dropped."""
         return 1 if self.policy is Policy.DROP_OLDEST else self.capacity
 
+    @property
+    def routing_id(self) -> bytes:
+        """The sender's identity at the receiver: the only peer the receiver takes messages from."""
+        return f"{self.source}->{self.target}".encode()
 
-def _data_socket(context: zmq.Context) -> zmq.Socket:
-    socket = context.socket(zmq.DEALER)
+    @property
+    def check_every_s(self) -> float:
+        """How often a waiting end looks at its link."""
+        return self.heartbeat_timeout_s / 4
+
+    @property
+    def is_tcp(self) -> bool:
+        return self.connect.startswith("tcp://")
+
+
+def _data_socket(context: zmq.Context, kind: int, spec: EdgeSpec, keys: CurveKeys | None) -> zmq.Socket:
+    socket = context.socket(kind)
     socket.setsockopt(zmq.LINGER, LINGER_MS)
     # Credits bound the queue exactly; ZeroMQ's own high-water marks must never block or drop before that.
     socket.setsockopt(zmq.SNDHWM, 0)
     socket.setsockopt(zmq.RCVHWM, 0)
+    if spec.remote:
+        # ZMTP pings from the I/O thread, so a busy stage still answers; a stopped or vanished peer does not,
+        # and its connection is dropped within the heartbeat timeout.
+        interval_ms = max(1, int(spec.heartbeat_timeout_s * 1000 / 4))
+        socket.setsockopt(zmq.HEARTBEAT_IVL, interval_ms)
+        socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, 2 * interval_ms)
+        socket.setsockopt(zmq.HEARTBEAT_TTL, 2 * interval_ms)
+    if spec.is_tcp:
+        if keys is None:
+            raise RunnerError(f"queue {spec.name}: a tcp queue needs the run's CURVE keys")
+        (make_server if kind == zmq.ROUTER else make_client)(socket, keys)
     return socket
 
 
-class EdgeReceiver:
-    """The input end of an edge: binds its endpoint and grants a credit for every message taken."""
+def add_gap(gaps: list[list[float]], gap: list[float]) -> None:
+    """Append an audio gap to a list in time order, merging it into the last one when they touch."""
+    if gaps and abs(gaps[-1][0] + gaps[-1][1] - gap[0]) < 1e-9:
+        gaps[-1] = [gaps[-1][0], gaps[-1][1] + gap[1]]
+    else:
+        gaps.append(list(gap))
 
-    def __init__(self, context: zmq.Context, spec: EdgeSpec):
+
+class EdgeReceiver:
+    """The input end of an edge: binds its endpoint, takes messages from its own sender only and grants a credit
+    for every message taken."""
+
+    def __init__(self, context: zmq.Context, spec: EdgeSpec, keys: CurveKeys | None = None):
         self.spec = spec
-        self.socket = _data_socket(context)
+        self.socket = _data_socket(context, zmq.ROUTER, spec, keys)
+        # Sends to a sender that is not (or no longer) connected fail at once instead of vanishing: the link check.
+        self.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.socket.setsockopt(zmq.MAXMSGSIZE, spec.max_message_bytes)
         try:
             self.socket.bind(spec.bind)
         except zmq.ZMQError as error:
             self.socket.close(linger=0)
             raise RunnerError(f"queue {spec.name}: cannot bind {spec.bind} ({error.strerror})") from None
+        self._linked = False  # the sender's hello came
+        self._open: str | None = None  # the stream id being carried
+        self._last_seq = -1
+        self._ended: set[str] = set()
+        self._created = time.monotonic()
+        self._next_check = self._created
 
     def receive(self) -> Envelope | None:
-        """Take one waiting message (call when the socket is readable); None for a sender's hello."""
-        frames = self.socket.recv_multipart()
+        """Take one waiting message (call when the socket is readable); None for the sender's hello. A message
+        from another peer, a malformed one, or one out of its stream's order is a RunnerError naming the edge."""
+        identity, *frames = self.socket.recv_multipart(copy=True)
+        if identity != self.spec.routing_id:
+            raise self._error("a message from a peer that is not this queue's sender")
         if frames == [_HELLO]:
+            if self._linked:
+                raise self._error("a second hello from the sender")
+            self._linked = True
             self._grant(self.spec.window)
             return None
+        if not self._linked:
+            raise self._error("a message before the sender's hello")
+        try:
+            envelope = decode(frames)
+        except WireError as error:
+            raise self._error(str(error)) from None
+        self._check_order(envelope)
         self._grant(1)
-        return decode(frames)
+        return envelope
+
+    def _check_order(self, envelope: Envelope) -> None:
+        """An edge carries one stream at a time (a run is one stream): its first message, data or end, opens it,
+        its end closes it, a message for any other stream id while it is open is refused, and sequence numbers
+        only grow (a dropping queue skips some)."""
+        stream = envelope.stream_id
+        if stream in self._ended:
+            raise self._error(f"a message for stream {stream!r} after its end")
+        if self._open is not None and stream != self._open:
+            raise self._error(f"a message for an unknown stream id {stream!r} (stream {self._open!r} is open)")
+        if self._open is not None and envelope.seq <= self._last_seq:
+            raise self._error(f"stream {stream!r}: message {envelope.seq} after {self._last_seq}")
+        if envelope.kind is Kind.EOS:
+            self._open = None
+            self._ended.add(stream)
+        else:
+            self._open, self._last_seq = stream, envelope.seq
+
+    def _error(self, problem: str) -> RunnerError:
+        return RunnerError(f"queue {self.spec.name}: {problem}")
 
     def _grant(self, credits: int) -> None:
         try:  # a sender that already left (it sent its end of stream) needs no credit: never wait for it
-            self.socket.send(_CREDIT.pack(credits), zmq.NOBLOCK)
+            self.socket.send_multipart([self.spec.routing_id, _CREDIT.pack(credits)], zmq.NOBLOCK)
+        except (zmq.Again, zmq.ZMQError):
+            pass
+
+    @property
+    def streaming(self) -> bool:
+        """Whether the link still matters: before the first stream and while a stream is open."""
+        return self._open is not None or not self._ended
+
+    def check_link(self) -> None:
+        """For a remote edge: fail if the sender never connected within the link timeout, or left mid-stream."""
+        now = time.monotonic()
+        if not self.spec.remote or now < self._next_check or not self.streaming:
+            return
+        self._next_check = now + self.spec.check_every_s
+        if not self._linked:
+            if now - self._created > self.spec.link_timeout_s:
+                raise self._error(
+                    f"no sender connected to {self.spec.bind} within {self.spec.link_timeout_s:g} s "
+                    "(startup_timeout_s); is the invocation running its other end started, with the same key?"
+                )
+            return
+        try:  # a zero credit: costs the sender nothing, and fails here if its connection is gone
+            self.socket.send_multipart([self.spec.routing_id, _CREDIT.pack(0)], zmq.NOBLOCK)
         except zmq.Again:
             pass
+        except zmq.ZMQError:
+            raise self._error(
+                "lost the link to the sending stage (its invocation stopped, or its host is unreachable)"
+            ) from None
 
     def close(self) -> None:
         self.socket.close()
@@ -96,7 +218,8 @@ class EdgeSender:
     """The output end of an edge: connects, sends while it has credit, otherwise applies the edge's policy.
 
     While blocked it also watches `interrupts` (sockets or file descriptors) and calls `on_interrupt` when
-    one is readable; that callback may raise to give up the send (the run is stopping).
+    one is readable or, on a remote edge, at every link check; that callback may raise to give up the send.
+    `on_drop` hears of every envelope the policy drops; `annotate` adds audio gaps to the next envelope sent.
     """
 
     def __init__(
@@ -104,20 +227,30 @@ class EdgeSender:
         context: zmq.Context,
         spec: EdgeSpec,
         *,
+        keys: CurveKeys | None = None,
         interrupts: Sequence[zmq.Socket | int] = (),
         on_interrupt: Callable[[], None] = lambda: None,
+        on_drop: Callable[[Envelope], None] = lambda envelope: None,
     ):
         self.spec = spec
-        self.socket = _data_socket(context)
+        self.socket = _data_socket(context, zmq.DEALER, spec, keys)
+        self.socket.setsockopt(zmq.ROUTING_ID, spec.routing_id)
+        self.socket.setsockopt(zmq.MAXMSGSIZE, CREDIT_MAX_BYTES)
+        self._monitor = self.socket.get_monitor_socket(_LINK_EVENTS) if spec.remote else None
         self.socket.connect(spec.connect)
         self.socket.send(_HELLO)
         self._credits = 0
-        self._pending: deque[list] = deque()  # drop_oldest only: messages waiting at the sender
+        self._linked = False
+        self._ended = False  # end of stream sent: the receiver may leave from here on
+        self._created = time.monotonic()
+        self._pending: deque[Envelope] = deque()  # drop_oldest only: messages waiting at the sender
+        self._gaps: list[list[float]] = []  # audio gaps to carry on the next envelope put on the wire
         self._poller = zmq.Poller()
         self._poller.register(self.socket, zmq.POLLIN)
         for interrupt in interrupts:
             self._poller.register(interrupt, zmq.POLLIN)
         self._on_interrupt = on_interrupt
+        self._on_drop = on_drop
         self.sent = 0
         self.dropped = 0
         self.peak_depth = 0  # most messages ever in the edge (unacknowledged plus pending): at most capacity
@@ -127,37 +260,55 @@ class EdgeSender:
 
         End-of-stream is never dropped: it waits for credit whatever the policy.
         """
-        frames = encode(envelope)
         self._take_credits()
         self._flush_pending()
         if self._credits > 0 and not self._pending:
-            self._put(frames)
-        elif envelope.kind is Kind.EOS or self.spec.policy is Policy.BLOCK:
+            return self._put(envelope)
+        if envelope.kind is Kind.EOS or self.spec.policy is Policy.BLOCK:
             self._flush_pending(wait=True)
             self._wait_for_credit()
-            self._put(frames)
-        elif self.spec.policy is Policy.DROP_NEWEST:
-            self.dropped += 1
+            return self._put(envelope)
+        if self.spec.policy is Policy.DROP_NEWEST:
+            self._drop(envelope)
         else:
             if len(self._pending) >= self.spec.capacity - self.spec.window:
-                self._pending.popleft()
-                self.dropped += 1
-            self._pending.append(frames)
+                self._drop(self._pending.popleft())
+            self._pending.append(envelope)
             self._note_depth()
-        return payload_bytes(frames)
+        return 0
 
-    def _put(self, frames: list) -> None:
+    def annotate(self, gap: list[float]) -> None:
+        """Carry an audio gap ([start s, length s] of dropped audio) on the next envelope put on the wire; one
+        that starts where the last ends extends it, so a run of drops stays one gap."""
+        add_gap(self._gaps, gap)
+
+    def _drop(self, envelope: Envelope) -> None:
+        self.dropped += 1
+        self._on_drop(envelope)
+
+    def _put(self, envelope: Envelope) -> int:
+        if self._gaps:
+            envelope.gaps, self._gaps = [*envelope.gaps, *self._gaps], []
+        frames = encode(envelope)
         self.socket.send_multipart(frames, copy=False)
         self._credits -= 1
         self.sent += 1
+        self._ended = envelope.kind is Kind.EOS
         self._note_depth()
+        return payload_bytes(frames)
 
     def _note_depth(self) -> None:
         self.peak_depth = max(self.peak_depth, self.spec.window - self._credits + len(self._pending))
 
     def _take_credits(self) -> None:
         while self.socket.poll(0, zmq.POLLIN):
-            self._credits += _CREDIT.unpack(self.socket.recv())[0]
+            frame = self.socket.recv()
+            if len(frame) != _CREDIT.size:
+                raise RunnerError(f"queue {self.spec.name}: a malformed credit from the receiver")
+            credits = _CREDIT.unpack(frame)[0]
+            if self._credits + credits > self.spec.window:
+                raise RunnerError(f"queue {self.spec.name}: the receiver granted more credit than the queue holds")
+            self._credits += credits
 
     def _flush_pending(self, *, wait: bool = False) -> None:
         while self._pending and (self._credits > 0 or wait):
@@ -165,12 +316,48 @@ class EdgeSender:
             self._put(self._pending.popleft())
 
     def _wait_for_credit(self) -> None:
+        timeout_ms = int(self.spec.check_every_s * 1000) if self.spec.remote else None
         while self._credits == 0:
-            events = dict(self._poller.poll())
+            events = dict(self._poller.poll(timeout_ms))
             if self.socket in events:
                 self._take_credits()
             if any(ready is not self.socket for ready in events):
                 self._on_interrupt()
+            self.check_link()
+
+    def check_link(self) -> None:
+        """For a remote edge: fail on a rejected key, on a receiver that never appeared within the link timeout,
+        or on a link lost before the end of the stream went out."""
+        if self._monitor is None:
+            return
+        while self._monitor.poll(0, zmq.POLLIN):
+            event = recv_monitor_message(self._monitor)["event"]
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self._linked = True
+            elif event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                raise RunnerError(
+                    f"queue {self.spec.name}: the receiver at {self.spec.connect} rejected this invocation's key "
+                    "(every invocation of a run needs the same key file: --keys or VOXTRAL_RUN_KEYS)"
+                )
+            elif event in (zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL):
+                if not self._linked:
+                    raise RunnerError(
+                        f"queue {self.spec.name}: {self.spec.connect} does not answer as a voxtral-run stage "
+                        "(failed secure handshake)"
+                    )
+            elif event == zmq.EVENT_DISCONNECTED and self._linked and not self._ended:
+                raise RunnerError(
+                    f"queue {self.spec.name}: lost the link to the receiving stage at {self.spec.connect} "
+                    "(its invocation stopped, or its host is unreachable)"
+                )
+        if not self._linked and time.monotonic() - self._created > self.spec.link_timeout_s:
+            raise RunnerError(
+                f"queue {self.spec.name}: no receiver at {self.spec.connect} within {self.spec.link_timeout_s:g} s "
+                "(startup_timeout_s); is the invocation running its other end started?"
+            )
 
     def close(self) -> None:
+        if self._monitor is not None:
+            self.socket.disable_monitor()
+            self._monitor.close(linger=0)
         self.socket.close()

@@ -6,6 +6,7 @@ stats; start and stop back), apart from the data queues, so control never waits 
 
 from __future__ import annotations
 
+import ctypes
 import importlib
 import multiprocessing
 import os
@@ -25,9 +26,11 @@ import zmq
 from setproctitle import setproctitle
 
 from voxtral_run.runner.config import SOURCE
-from voxtral_run.runner.edges import LINGER_MS, EdgeReceiver, EdgeSender, EdgeSpec, Policy
+from voxtral_run.runner.edges import LINGER_MS, EdgeReceiver, EdgeSender, EdgeSpec, Policy, add_gap
 from voxtral_run.runner.errors import RunnerError
+from voxtral_run.runner.heartbeat import StageHeartbeat
 from voxtral_run.runner.metrics import ItemRecord, StageMetrics
+from voxtral_run.runner.security import CurveKeys, start_authenticator
 from voxtral_run.runner.wire import Envelope, Kind
 from voxtral_run.stages.base import Source, Stage, StageError
 
@@ -36,6 +39,8 @@ PROCESS_TITLE = "voxtral-run: {name}"
 CAPTURE_PARAMS = ("input", "rate", "channels", "realtime", "chunk_ms", "mic_device")
 STDIN_INPUT = "-"
 MIC_INPUT = "mic"
+LAG_WARNING_S = 1.0  # a live capture this far behind the wall clock says so
+PR_SET_PDEATHSIG = 1  # prctl option (linux/prctl.h)
 
 
 @dataclass(frozen=True)
@@ -44,6 +49,7 @@ class StageSpec:
 
     name: str
     control: str  # the runner's control endpoint
+    heartbeat: str  # the runner's heartbeat endpoint
     output_edge: EdgeSpec
     input_edge: EdgeSpec | None = None  # None for the capture stage
     device: str = "cpu"
@@ -56,6 +62,8 @@ class StageSpec:
     delay_ms: int | None = None
     profile: bool = False  # also send every item's record, for the trace
     report_every_s: float | None = None  # report figures while running this often (live table, metrics endpoint)
+    heartbeat_timeout_s: float = 5.0
+    keys: CurveKeys | None = None  # for tcp queues (CURVE)
 
 
 def pack(message: dict) -> bytes:
@@ -202,6 +210,11 @@ class StageProcess:
         self._open_streams: set[str] = set()  # streams with data taken and no end of stream yet
         self._capture_reading = False
         self._capture_interrupted = False
+        self._gaps: dict[str, list[list[float]]] = {}  # audio gaps to pass on with a stream's next output
+        self._recent_chunks: deque[tuple[int, float, float]] = deque()  # capture: (seq, start s, length s)
+        self._lag = {"max_lag_s": 0.0, "late_chunks": 0}  # capture: how far behind the wall clock a live source fell
+        self.heartbeat = StageHeartbeat(self.context, spec.heartbeat, spec.name, spec.heartbeat_timeout_s)
+        self.authenticator = None  # answers the CURVE handshakes of a tcp input queue
 
     def report(self, kind: str, **fields: Any) -> None:
         try:  # never wait on a runner that is gone
@@ -215,13 +228,20 @@ class StageProcess:
             self.report("loading")
             started = time.perf_counter()
             if self.spec.input_edge is not None:
-                self.receiver = EdgeReceiver(self.context, self.spec.input_edge)
+                if self.spec.input_edge.is_tcp and self.spec.keys is not None:
+                    self.authenticator = start_authenticator(self.context, self.spec.keys)
+                self.receiver = EdgeReceiver(self.context, self.spec.input_edge, self.spec.keys)
             core = build_core(self.spec)
             if self.spec.device.startswith("cuda"):
                 self.device_timer = CudaTimer(self.spec.device, self.metrics)
             watched = [self.control] + ([self.parent_sentinel] if self.parent_sentinel is not None else [])
             self.sender = EdgeSender(
-                self.context, self.spec.output_edge, interrupts=watched, on_interrupt=self._check_control
+                self.context,
+                self.spec.output_edge,
+                keys=self.spec.keys,
+                interrupts=watched,
+                on_interrupt=self._check_control,
+                on_drop=self._on_drop,
             )
             self.report("ready", load_s=time.perf_counter() - started)
             self._wait_for("start")
@@ -258,6 +278,7 @@ class StageProcess:
             stats |= {"sent": self.sender.sent, "dropped": self.sender.dropped, "peak_depth": self.sender.peak_depth}
         if self.source is not None:
             stats["overflows"] = getattr(self.source, "overflows", 0)
+            stats |= self._lag
         self.report("stats", **stats)
 
     def _report_timeout_ms(self) -> int | None:
@@ -281,13 +302,18 @@ class StageProcess:
         for end in (self.receiver, self.sender):
             if end is not None:
                 end.close()
+        if self.authenticator is not None:
+            self.authenticator.stop()
+        self.heartbeat.close()
         self.control.close()
         self.context.term()
 
     def _check_control(self) -> None:
-        """Handle waiting control messages without blocking; raise _Stop on stop or when the runner died."""
+        """Handle waiting control messages without blocking; raise _Stop on stop or when the runner died, and
+        RunnerError when a queue to another invocation lost its link."""
         if self.parent is not None and not self.parent.is_alive():
             raise _Stop()
+        self._check_links()
         while self.control.poll(0, zmq.POLLIN):
             if unpack(self.control.recv())["type"] == "stop":
                 raise _Stop()
@@ -310,10 +336,23 @@ class StageProcess:
             if message["type"] == kind:
                 return
 
+    def _check_links(self) -> None:
+        for end in (self.receiver, self.sender):
+            if end is not None:
+                end.check_link()
+
+    def _wait_timeout_ms(self) -> int | None:
+        """How long a wait for input may last: until the next live report, or the next link check."""
+        timeouts = [self._report_timeout_ms()]
+        edges = [end.spec for end in (self.receiver, self.sender) if end is not None and end.spec.remote]
+        timeouts += [int(edge.check_every_s * 1000) for edge in edges]
+        return min((timeout for timeout in timeouts if timeout is not None), default=None)
+
     def _send(self, stream_id: str, capture_time: float, kind: Kind, item: Any = None) -> int:
         seq = self._output_seq.get(stream_id, 0)
         self._output_seq[stream_id] = seq + 1
-        return self.sender.send(Envelope(stream_id, seq, capture_time, kind, item))
+        gaps = self._gaps.pop(stream_id, [])
+        return self.sender.send(Envelope(stream_id, seq, capture_time, kind, item, gaps=gaps))
 
     def _serve(self, stage: Stage) -> None:
         poller = zmq.Poller()
@@ -322,18 +361,21 @@ class StageProcess:
                 poller.register(pollable, zmq.POLLIN)
         while True:
             spinning = self.spec.busy_poll and bool(self._open_streams)  # between streams a wake-up costs nothing
-            events = dict(poller.poll(0 if spinning else self._report_timeout_ms()))
+            events = dict(poller.poll(0 if spinning else self._wait_timeout_ms()))
             if self.receiver.socket in events:
                 envelope = self.receiver.receive()
                 if envelope is not None:
                     self._handle(stage, envelope)
             if any(ready is not self.receiver.socket for ready in events):
                 self._check_control()
+            self._check_links()
             self._report_if_due()
 
     def _handle(self, stage: Stage, envelope: Envelope) -> None:
         began = time.time()
         wait_s = max(0.0, began - envelope.sent_time)
+        for gap in envelope.gaps:
+            add_gap(self._gaps.setdefault(envelope.stream_id, []), gap)
         if self.device_timer is not None:
             self.device_timer.start()
         started = time.perf_counter()
@@ -367,14 +409,39 @@ class StageProcess:
         if self._capture_reading:
             raise _CaptureInterrupted()
 
+    def _on_drop(self, envelope: Envelope) -> None:
+        """A chunk the capture's dropping queue left out: its place in the audio travels on as a gap, so the text
+        after it keeps the real audio's times."""
+        for seq, start_s, length_s in self._recent_chunks:
+            if seq == envelope.seq:
+                self.sender.annotate([start_s, length_s])
+                return
+
+    def _note_lag(self, started: float, audio_end_s: float) -> None:
+        """A paced source's chunk ending at `audio_end_s` was due at `started` plus that: note how late it is, and
+        say so once when it passes LAG_WARNING_S."""
+        lag_s = time.monotonic() - started - audio_end_s
+        if lag_s > LAG_WARNING_S:
+            if not self._lag["late_chunks"]:
+                self.report(
+                    "warning",
+                    message=f"the capture is {lag_s:.1f} s behind real time: the pipeline is slower than the audio",
+                )
+            self._lag["late_chunks"] += 1
+        self._lag["max_lag_s"] = max(self._lag["max_lag_s"], lag_s)
+
     def _capture(self, source: Source, *, paced: bool) -> None:
         """Send the source's chunks as one stream; on its end or on SIGINT, close it and send end of stream.
 
         Its service time is reading a chunk (not when `paced`: then reading is waiting for the audio)."""
         stream_id = uuid.uuid4().hex[:8]
         signal.signal(signal.SIGINT, self._on_sigint)
+        # Drops only ever concern the chunks still in the queue or at the sender: capacity of them at most.
+        self._recent_chunks = deque(maxlen=self.spec.output_edge.capacity + 1)
+        started = time.monotonic()
         chunks = iter(source.chunks())
         capture_time = time.time()
+        position_s = 0.0
         try:
             while not self._capture_interrupted:
                 self._capture_reading = True
@@ -390,10 +457,15 @@ class StageProcess:
                 self._check_control()
                 if self.spec.throttle_ms:
                     time.sleep(self.spec.throttle_ms / 1000)
+                length_s = len(chunk["samples"]) / chunk["sample_rate"]
+                self._recent_chunks.append((self._output_seq.get(stream_id, 0), position_s, length_s))
+                position_s += length_s
+                if paced:
+                    self._note_lag(started, position_s)
                 record = ItemRecord(began, None, time.time() - began, capture_time=capture_time)
-                started = time.perf_counter()
+                send_started = time.perf_counter()
                 record.out_bytes = self._send(stream_id, capture_time, Kind.DATA, chunk)
-                record.send_s = time.perf_counter() - started
+                record.send_s = time.perf_counter() - send_started
                 self.metrics.record(record)
                 self._report_if_due()
         except _CaptureInterrupted:
@@ -405,8 +477,20 @@ class StageProcess:
         self._report_at_end_of_stream()
 
 
+def _die_with_parent() -> None:
+    """Ask Linux to SIGKILL this process when the runner that spawned it dies, however it dies (SIGKILL too)."""
+    if not sys.platform.startswith("linux"):
+        return  # elsewhere the parent's sentinel and the heartbeat stop the stage
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    parent = multiprocessing.parent_process()
+    if parent is not None and os.getppid() != parent.pid:  # the runner died before the request was made
+        os._exit(1)
+
+
 def stage_main(spec: StageSpec) -> None:
     """Entry point of a spawned stage process."""
+    _die_with_parent()
     setproctitle(PROCESS_TITLE.format(name=spec.name))
     # Before anything imports torch: its thread pools read these once.
     for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):

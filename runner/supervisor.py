@@ -27,6 +27,7 @@ from rich.console import Console
 from voxtral_run.runner.config import LOOPBACK, SINK, SOURCE, Pipeline, plan_edges
 from voxtral_run.runner.edges import EdgeReceiver, Policy
 from voxtral_run.runner.errors import RunnerError
+from voxtral_run.runner.heartbeat import RunnerHeartbeat
 from voxtral_run.runner.metrics import (
     LogHistogram,
     RunFigures,
@@ -36,10 +37,12 @@ from voxtral_run.runner.metrics import (
 )
 from voxtral_run.runner.progress import AudioProgress
 from voxtral_run.runner.prometheus import REPORT_EVERY_S, MetricsEndpoint
+from voxtral_run.runner.security import CurveKeys, start_authenticator
 from voxtral_run.runner.sink import TranscriptSink
-from voxtral_run.runner.stage_process import StageSpec, pack, stage_main, unpack
+from voxtral_run.runner.stage_process import LAG_WARNING_S, StageSpec, pack, stage_main, unpack
 from voxtral_run.runner.wire import Envelope, Kind
 from voxtral_run.stages.audio.constants import SECONDS_PER_TOKEN
+from voxtral_run.stages.base import StageError
 
 DRAIN_TIMEOUT_S = 3.0  # after Ctrl-C, how long the end of stream may take to pass every stage
 STOP_GRACE_S = 1.0  # how long a stage may take to exit after "stop" before it is terminated
@@ -52,6 +55,8 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_INTERRUPTED = 130  # the shell's convention for a run ended by SIGINT
 CLOCK_PINGS = 4  # control round trips per stage before the start; the shortest gives its clock offset
+RUN_DIR_PREFIX = "voxtral-run-"
+OWNER_FILE = "owner"  # in a run folder: the runner's pid and start time, so a later run can remove it once dead
 
 
 @dataclass(frozen=True)
@@ -115,6 +120,7 @@ class Supervisor:
         sink: TranscriptSink | None,
         console: Console,
         reporting: Reporting = Reporting(),
+        keys: CurveKeys | None = None,
     ):
         self.pipeline = pipeline
         self.local_stages = [name for name in pipeline.chain() if name in local and name != SINK]
@@ -122,7 +128,10 @@ class Supervisor:
         self.model_dir = model_dir
         self.console = console
         self.reporting = reporting
+        self.keys = keys  # the deployment's, for queues to other invocations; else made per run when tcp is used
         self.stages: dict[str, StageState] = {}
+        self.heartbeat: RunnerHeartbeat | None = None
+        self.authenticator = None  # answers CURVE handshakes when the sink's queue is tcp
         self.e2e = LogHistogram() if self.sink is not None else None  # latency of each delta at the sink
         self.sink_arrivals: list[list[float]] = []  # [arrival, capture time] per delta, for the trace
         self.stream_started: float | None = None  # wall clock, when the stages were told to start
@@ -139,13 +148,17 @@ class Supervisor:
 
     # --- setup ---
 
-    def _spawn(self, run_dir: Path, control_endpoint: str) -> None:
+    def _spawn(self, run_dir: Path, control_endpoint: str, heartbeat_endpoint: str) -> None:
         local = set(self.local_stages) | ({SINK} if self.sink is not None else set())
         edges = plan_edges(self.pipeline, local, run_dir)
         inputs = {edge.target: edge for edge in edges}
         outputs = {edge.source: edge for edge in edges}
+        if self.keys is None and any(edge.is_tcp for edge in edges):
+            self.keys = CurveKeys.generate()  # this invocation runs both ends of every queue
         if self.sink is not None:
-            self.sink_receiver = EdgeReceiver(self.context, inputs[SINK])
+            if inputs[SINK].is_tcp:
+                self.authenticator = start_authenticator(self.context, self.keys)
+            self.sink_receiver = EdgeReceiver(self.context, inputs[SINK], self.keys)
         spawn = multiprocessing.get_context("spawn")
         # Children start with SIGINT ignored (kept across exec) so Ctrl-C during their imports cannot kill them.
         previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -155,6 +168,7 @@ class Supervisor:
                 spec = StageSpec(
                     name=name,
                     control=control_endpoint,
+                    heartbeat=heartbeat_endpoint,
                     output_edge=outputs[name],
                     input_edge=inputs.get(name),
                     device=config.device,
@@ -167,6 +181,8 @@ class Supervisor:
                     delay_ms=self.pipeline.delay_ms,
                     profile=self.reporting.trace is not None,
                     report_every_s=self.reporting.report_every_s,
+                    heartbeat_timeout_s=self.pipeline.heartbeat_timeout_s,
+                    keys=self.keys,
                 )
                 process = spawn.Process(target=stage_main, args=(spec,), name=f"voxtral-run: {name}")
                 process.start()
@@ -182,12 +198,16 @@ class Supervisor:
 
     def run(self) -> int:
         """Run this host's stages to the end of the stream; the process exit status."""
-        run_dir = Path(tempfile.mkdtemp(prefix="voxtral-run-"))
+        remove_stale_run_dirs()
+        run_dir = Path(tempfile.mkdtemp(prefix=RUN_DIR_PREFIX))
+        (run_dir / OWNER_FILE).write_text(_process_identity(os.getpid()) or "")
         self.context = zmq.Context()
         self.control = self.context.socket(zmq.ROUTER)
         self.control.setsockopt(zmq.LINGER, 0)
         control_endpoint = f"ipc://{run_dir / 'control'}"
         self.control.bind(control_endpoint)
+        heartbeat_endpoint = f"ipc://{run_dir / 'heartbeat'}"
+        self.heartbeat = RunnerHeartbeat(self.context, heartbeat_endpoint, self.pipeline.heartbeat_timeout_s)
         # Signals only count and wake the poll; the loops decide what they mean at each point of the run.
         old_handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
         self._wake_read, wake_write = socket.socketpair()
@@ -198,12 +218,14 @@ class Supervisor:
         status = EXIT_FAILED
         streamed = False
         failed = True  # until the run gets to its end or is interrupted
+        output_error: StageError | RunnerError | None = None  # the transcript could not be finished
         try:
             if self.reporting.metrics_port is not None:
                 self.metrics_endpoint = MetricsEndpoint(
                     self.reporting.metrics_host, self.reporting.metrics_port, self.figures
                 )
-            self._spawn(run_dir, control_endpoint)
+            self._spawn(run_dir, control_endpoint, heartbeat_endpoint)
+            self.heartbeat.watch(self.stages)
             pollables = [self.control, self._wake_read.fileno(), *(s.process.sentinel for s in self.stages.values())]
             if self.sink_receiver is not None:
                 pollables.append(self.sink_receiver.socket)
@@ -225,7 +247,10 @@ class Supervisor:
             if self.metrics_endpoint is not None:
                 self.metrics_endpoint.close()
             if self.sink is not None:
-                partial = self.sink.close(complete=not failed)
+                try:
+                    partial = self.sink.close(complete=not failed)
+                except (StageError, RunnerError) as error:  # reported once the processes are cleaned up
+                    output_error, partial = error, None
                 if partial is not None:
                     self.console.print(f"voxtral-run: the transcript up to the failure is in {partial}")
             self._report_losses()
@@ -236,9 +261,14 @@ class Supervisor:
             wake_write.close()
             if self.sink_receiver is not None:
                 self.sink_receiver.close()
+            if self.authenticator is not None:
+                self.authenticator.stop()
+            self.heartbeat.close()
             self.control.close()
             self.context.term()
             shutil.rmtree(run_dir, ignore_errors=True)
+        if output_error is not None:
+            raise output_error
         if streamed:  # a run that failed says so in one line, without figures
             self._report_run()
         return status
@@ -250,8 +280,24 @@ class Supervisor:
         self._send_control(name, "clock", sent=time.time())
 
     def _poll(self, timeout_s: float | None) -> dict:
-        timeout_ms = None if timeout_s is None else max(0, int(timeout_s * 1000))
-        return dict(self.poller.poll(timeout_ms))
+        """Wait for events at most `timeout_s`, and never past the next heartbeat check."""
+        check_s = self.pipeline.heartbeat_timeout_s / 4
+        timeout_s = check_s if timeout_s is None else min(timeout_s, check_s)
+        return dict(self.poller.poll(max(0, int(timeout_s * 1000))))
+
+    def _check_liveness(self) -> None:
+        """Fail the run, naming it, when a stage stopped beating (stopped or frozen: it is killed at once), or
+        when the sink's queue from another invocation lost its link."""
+        for name in self.heartbeat.silent():
+            state = self.stages[name]
+            if state.process.is_alive():
+                state.process.kill()  # SIGKILL ends a stopped process too
+            raise RunnerError(
+                f"stage '{name}' stopped responding: no heartbeat for {self.pipeline.heartbeat_timeout_s:g} s "
+                "(heartbeat_timeout_s)"
+            )
+        if self.sink_receiver is not None:
+            self.sink_receiver.check_link()
 
     def _drain_control(self) -> None:
         """Take every waiting control message; an error report fails the run at once."""
@@ -264,6 +310,8 @@ class Supervisor:
             if kind == "error":
                 if not self._stopping:
                     raise RunnerError(f"stage '{name}' failed: {message['message']}")
+            elif kind == "warning":
+                self.console.print(f"voxtral-run: warning: {name}: {message['message']}", highlight=False)
             elif kind == "stats":
                 state.stats = message
             elif kind == "clock":
@@ -322,6 +370,7 @@ class Supervisor:
                     raise Interrupted()
                 self._drain_control()
                 self._check_processes(events)
+                self._check_liveness()
                 if status is not None:
                     status.update(self._progress_line())
         if self.stages and not self.reporting.quiet:
@@ -380,8 +429,11 @@ class Supervisor:
             self._drain_control()
             waiting -= {name for name, state in self.stages.items() if state.status == "eos"}
             self._check_processes(events)
+            self._check_liveness()
             if self.sink_receiver is not None and self.sink_receiver.socket in events:
                 envelope = self.sink_receiver.receive()
+                if envelope is not None:
+                    self.sink.add_gaps(envelope.gaps)
                 if envelope is not None and envelope.kind is Kind.DATA:
                     self.sink.write(envelope.item)
                     self._note_arrival(envelope)
@@ -475,6 +527,42 @@ class Supervisor:
                 )
             if stats.get("overflows"):
                 self.console.print(f"voxtral-run: capture input overflows: {stats['overflows']}", highlight=False)
+            if stats.get("late_chunks"):
+                self.console.print(
+                    f"voxtral-run: the capture fell behind real time by up to {stats['max_lag_s']:.1f} s "
+                    f"({stats['late_chunks']} chunks over {LAG_WARNING_S:g} s late)",
+                    highlight=False,
+                )
+
+
+def _process_identity(pid: int) -> str | None:
+    """A process's pid and start time (so a reused pid is not taken for it), or None if it is not running."""
+    try:
+        start = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except FileNotFoundError:
+        return None
+    except OSError:  # no /proc: the pid alone
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            pass
+        start = "?"
+    return f"{pid} {start}"
+
+
+def remove_stale_run_dirs() -> None:
+    """Remove the run folders of runners that died without cleaning up (SIGKILL): those whose owner is gone."""
+    for run_dir in Path(tempfile.gettempdir()).glob(f"{RUN_DIR_PREFIX}*"):
+        try:
+            if run_dir.stat().st_uid != os.getuid():
+                continue
+            owner = (run_dir / OWNER_FILE).read_text().split()
+        except OSError:  # not ours, being created, or already gone
+            continue
+        if len(owner) == 2 and owner[0].isdigit() and _process_identity(int(owner[0])) != " ".join(owner):
+            shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def _write(path: Path, flag: str, text: str) -> None:

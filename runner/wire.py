@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from enum import Enum
@@ -14,6 +15,8 @@ from voxtral_run.stages.base import Item
 
 # msgpack extension code marking an array leaf in the header: its data is [frame index, dtype, shape].
 _ARRAY_EXT = 1
+MAX_STREAM_ID_CHARS = 64
+MAX_GAPS = 4096  # gaps one message may carry: a queue drops at most its capacity between two sends
 
 
 class WireError(Exception):
@@ -37,6 +40,9 @@ class Envelope:
     kind: Kind = Kind.DATA
     item: Item = None
     sent_time: float = field(default=0.0)  # wall-clock seconds when the sender put it on the wire
+    # Audio a dropping queue left out before this message, as [start s, length s] of the source's own time: the
+    # sink moves later text by it, so times stay those of the real audio.
+    gaps: list[list[float]] = field(default_factory=list)
 
 
 def encode(envelope: Envelope) -> list[bytes | np.ndarray]:
@@ -63,6 +69,8 @@ def encode(envelope: Envelope) -> list[bytes | np.ndarray]:
         "ts": time.time(),
         "p": envelope.item,
     }
+    if envelope.gaps:
+        header["g"] = envelope.gaps
     packed = msgpack.packb(header, default=pack_leaf, use_bin_type=True)
     return [packed, *(array.reshape(-1).view(np.uint8) for array in arrays)]
 
@@ -80,16 +88,43 @@ def decode(frames: list[bytes]) -> Envelope:
 
     try:
         header = msgpack.unpackb(frames[0], ext_hook=unpack_ext, raw=False, strict_map_key=False)
-        return Envelope(
+        envelope = Envelope(
             stream_id=header["s"],
             seq=header["q"],
             capture_time=header["t"],
             kind=Kind(header["k"]),
             item=header["p"],
             sent_time=header["ts"],
+            gaps=header.get("g", []),
         )
-    except (ValueError, KeyError, TypeError, msgpack.UnpackException) as error:
-        raise WireError(f"malformed envelope: {error}") from error
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError, msgpack.UnpackException) as error:
+        raise WireError(f"malformed envelope: {one_line(error)}") from None
+    _check_header(envelope)
+    return envelope
+
+
+def one_line(text: object) -> str:
+    """Any text on one line, at most 200 characters."""
+    return " ".join(str(text).split())[:200]
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_header(envelope: Envelope) -> None:
+    """The routing fields must have their types and sizes; what a stage does with the payload is its own check."""
+    stream = envelope.stream_id
+    if not isinstance(stream, str) or not 0 < len(stream) <= MAX_STREAM_ID_CHARS:
+        raise WireError(f"malformed envelope: stream id {stream!r:.80}")
+    if not isinstance(envelope.seq, int) or isinstance(envelope.seq, bool) or envelope.seq < 0:
+        raise WireError(f"malformed envelope: sequence number {envelope.seq!r:.80}")
+    if not (_is_number(envelope.capture_time) and _is_number(envelope.sent_time)):
+        raise WireError("malformed envelope: times are not numbers")
+    gaps = envelope.gaps
+    pairs = isinstance(gaps, list) and len(gaps) <= MAX_GAPS
+    if not pairs or not all(isinstance(gap, list) and len(gap) == 2 and all(map(_is_number, gap)) for gap in gaps):
+        raise WireError("malformed envelope: audio gaps are not [start, length] pairs")
 
 
 def payload_bytes(frames: list[bytes | np.ndarray]) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import numbers
 import os
@@ -66,16 +67,24 @@ class TranscriptWriter(ABC):
         self._receive(event)
 
     def close(self) -> None:
-        """Write what was received (all of it, or what came before an interrupt) and release the output."""
+        """Write what was received (all of it, or what came before an interrupt) and release the output; a write
+        error (full disk, revoked permission) is a one-line StageError, and a partial file keeps its name."""
         if self._closed:
             return
         self._closed = True
         try:
-            self._out.write(self._final_content())
-        finally:
-            self._release()
-        if self._commit_to is not None:
-            os.replace(self._out.name, self._commit_to)
+            try:
+                self._out.write(self._final_content())
+            finally:
+                self._release()
+            if self._commit_to is not None:
+                os.replace(self._out.name, self._commit_to)
+        except OSError as err:
+            raise self._write_error(err) from None
+
+    def _write_error(self, err: OSError) -> StageError:
+        where = self._commit_to or getattr(self._out, "name", "the output")
+        return StageError(f"{where}: cannot write the transcript ({err.strerror or err})")
 
     def abort(self) -> Path | None:
         """Release the output without finishing the transcript (the run failed). A transcript written at close
@@ -86,9 +95,12 @@ class TranscriptWriter(ABC):
         self._closed = True
         content = self._final_content()
         try:
-            self._out.write(content)
-        finally:
-            self._release()
+            try:
+                self._out.write(content)
+            finally:
+                self._release()
+        except OSError:  # the run failed already; a disk that is full too changes nothing in what is reported
+            pass
         if self._commit_to is None:
             return None
         partial = Path(self._out.name)
@@ -144,8 +156,39 @@ class JsonlWriter(TranscriptWriter):
     writes_as_it_goes = True
 
     def _receive(self, event: dict) -> None:
-        self._out.write(json.dumps(event, ensure_ascii=False, default=_json_default) + "\n")
-        self._out.flush()
+        line = json.dumps(event, ensure_ascii=False, default=_json_default) + "\n"
+        try:
+            self._write_record(line)
+        except OSError as err:
+            raise self._write_error(err) from None
+
+    def _write_record(self, line: str) -> None:
+        """Write one whole line; if the write fails part way, cut the file back to the last whole record, so a
+        reader never meets half a line."""
+        try:
+            descriptor = self._out.fileno()
+        except (AttributeError, io.UnsupportedOperation):  # an in-memory stream
+            self._out.write(line)
+            self._out.flush()
+            return
+        data = line.encode("utf-8")
+        self._out.flush()  # nothing of ours is buffered; the stream's own earlier text goes first
+        try:
+            committed = os.lseek(descriptor, 0, os.SEEK_CUR)
+        except OSError:  # a pipe or terminal: nothing to cut back
+            committed = None
+        written = 0
+        try:
+            while written < len(data):
+                written += os.write(descriptor, data[written:])
+        except OSError:
+            if written and committed is not None:
+                try:
+                    os.ftruncate(descriptor, committed)
+                    os.lseek(descriptor, committed, os.SEEK_SET)
+                except OSError:
+                    pass
+            raise
 
     def _final_content(self) -> str:
         return ""

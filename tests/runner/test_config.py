@@ -171,17 +171,22 @@ def test_transport_follows_placement(tmp_path):
 
     here = {"capture", "resample", "mel", "detokenize", SINK}
     edges = {edge.name: edge for edge in plan_edges(pipeline, here, tmp_path)}
-    assert edges["resample -> mel"].bind.startswith("ipc://")
-    assert (edges["mel -> encoder"].bind, edges["mel -> encoder"].connect) == (
-        "tcp://10.0.0.7:5552",
-        "tcp://10.0.0.7:5552",
-    )
-    # A host name cannot be bound, so its receiver binds every interface; senders connect by name.
-    assert (edges["encoder -> decoder"].bind, edges["encoder -> decoder"].connect) == (
-        "tcp://*:5553",
-        "tcp://gpu-box:5553",
-    )
+    assert edges["resample -> mel"].bind.startswith("ipc://") and not edges["resample -> mel"].remote
+    # A queue another invocation receives is connected to, by the receiver's host name, never bound here.
+    assert (edges["mel -> encoder"].bind, edges["mel -> encoder"].connect) == ("", "tcp://10.0.0.7:5552")
+    assert (edges["encoder -> decoder"].bind, edges["encoder -> decoder"].connect) == ("", "tcp://gpu-box:5553")
+    assert edges["mel -> encoder"].remote and edges["decoder -> detokenize"].remote
     assert edges["decoder -> detokenize"].connect == "tcp://127.0.0.1:5554"
+    # The receiving invocation binds the address its host name resolves to, never every interface.
+    raw["stages"]["decoder"]["host"] = "localhost"
+    pipeline = load_pipeline(write(tmp_path, raw))
+    edges = {edge.name: edge for edge in plan_edges(pipeline, {"decoder"}, tmp_path)}
+    assert edges["encoder -> decoder"].bind == "tcp://127.0.0.1:5553"
+    raw["stages"]["decoder"]["host"] = "no-such-host.invalid"
+    pipeline = load_pipeline(write(tmp_path, raw))
+    with pytest.raises(RunnerError, match="stages.decoder.host: cannot resolve host 'no-such-host.invalid'"):
+        plan_edges(pipeline, {"decoder"}, tmp_path)
+    del raw["stages"]["decoder"]["host"]
 
     raw["transport"] = "tcp"
     raw["queues"][0]["port"] = 6000
