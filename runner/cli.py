@@ -138,6 +138,8 @@ def _check_capture(params: dict) -> float | None:
         return None
     source = FileSource(source_input)  # opens the file: a missing or unreadable one fails here, named
     source.close()
+    for warning in source.warnings:
+        print(f"voxtral-run: warning: {warning}", file=sys.stderr)
     return source.duration_s
 
 

@@ -28,7 +28,7 @@ from voxtral_run.runner.wire import Envelope, Kind, WireError, decode, encode, p
 LINGER_MS = 1000  # how long a closing socket may still try to deliver queued messages
 _HELLO = b"voxtral-run hello"  # first message a sender puts on an edge; the receiver answers with the credits
 _CREDIT = struct.Struct("<I")
-CREDIT_MAX_BYTES = 64  # what a sender accepts from its receiver: credit frames only
+CREDIT_MAX_BYTES = 4096  # what a sender accepts from its receiver: credit frames, and the CURVE handshake
 DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
 DEFAULT_HEARTBEAT_TIMEOUT_S = 5.0
 DEFAULT_LINK_TIMEOUT_S = 600.0

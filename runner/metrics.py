@@ -178,8 +178,9 @@ class RunFigures:
             entry["clock_offset_ms"] = self.clock_offsets.get(name, 0.0) * MS
             if "edge" in report:
                 entry["queue"] = {key: report[key] for key in QUEUE_KEYS if key in report}
-            if "overflows" in report:
-                entry["overflows"] = report["overflows"]
+            for key in CAPTURE_KEYS:
+                if key in report:
+                    entry[key] = report[key]
             stages[name] = entry
         result: dict = {"wall_s": self.wall_s, "delay_ms": self.delay_ms, "bottleneck": self.bottleneck()}
         result["stages"] = stages
@@ -188,6 +189,8 @@ class RunFigures:
         return result
 
 
+# What the capture reports about its source: input overflows, and how far a live source fell behind real time.
+CAPTURE_KEYS = ("overflows", "max_lag_s", "late_chunks")
 # What a stage reports about its output queue.
 QUEUE_KEYS = ("edge", "policy", "capacity", "sent", "dropped", "depth", "peak_depth")
 

@@ -74,16 +74,21 @@ def load_or_create_key_file(path: Path, option: str) -> CurveKeys:
 def _create_key_file(path: Path, option: str) -> None:
     public, secret = zmq.curve_keypair()
     text = _KEY_FILE_TEXT.format(public=public.decode(), secret=secret.decode())
+    staging = path.with_name(f".{path.name}.{os.getpid()}")
     try:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        # O_EXCL: two invocations starting at once on a shared folder agree on the first file written.
-        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, KEY_FILE_MODE)
+        descriptor = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, KEY_FILE_MODE)
+        with os.fdopen(descriptor, "w") as file:
+            file.write(text)
+        # A link appears whole, and fails if the file exists: invocations starting at once on a shared folder
+        # all use the first key written.
+        os.link(staging, path)
     except FileExistsError:
-        return
+        pass
     except OSError as error:
         raise RunnerError(f"{option} {path}: cannot create the key file ({error.strerror})") from None
-    with os.fdopen(descriptor, "w") as file:
-        file.write(text)
+    finally:
+        staging.unlink(missing_ok=True)
 
 
 class _OnlyOurKey:

@@ -11,6 +11,8 @@ from voxtral_run.runner.errors import RunnerError
 from voxtral_run.stages.output import TranscriptWriter
 
 EVENT_TYPES = ("delta", "done")
+# Audio times are sums of chunk lengths on both sides of a comparison, rounded differently; chunks are 10 ms or more.
+TIME_TOLERANCE_S = 1e-6
 
 
 class LiveText:
@@ -75,7 +77,7 @@ class TranscriptSink:
 
     def _real_time(self, seconds: float) -> float:
         for start_s, length_s in self._gaps:
-            if seconds >= start_s:
+            if seconds >= start_s - TIME_TOLERANCE_S:
                 seconds += length_s
         return seconds
 

@@ -141,6 +141,26 @@ class _AvReader:
         self._container.close()
 
 
+def _wav_unclaimed_bytes(path: Path) -> int:
+    """Bytes of a RIFF/WAVE file that no chunk of its header claims (0 for other files): audio written past the
+    size its header gives, or garbage. Readers follow the header; the caller says what was left out."""
+    with open(path, "rb") as file:
+        riff = file.read(12)
+        if len(riff) < 12 or riff[:4] != b"RIFF" or riff[8:] != b"WAVE":
+            return 0
+        size = path.stat().st_size
+        position = 12
+        while position + 8 <= size:
+            file.seek(position)
+            chunk_id, chunk_size = struct.unpack("<4sI", file.read(8))
+            if not all(32 <= byte < 127 for byte in chunk_id):  # not a chunk: what follows is unclaimed
+                break
+            if chunk_id == b"data" and chunk_size in _UNKNOWN_WAV_DATA_SIZES:
+                return 0  # a streamed WAV: the data runs to the end
+            position += 8 + chunk_size + chunk_size % 2
+        return max(0, size - position)
+
+
 def _open_audio_file(path: Path) -> _SoundfileReader | _AvReader:
     """soundfile's reader for what it opens, else PyAV's (imported only then, as an optional extra)."""
     try:
@@ -182,6 +202,14 @@ class FileSource(Source):
             self._file.close()
             raise
         self.duration_s: float | None = self._file.duration_s  # None: the container does not say
+        unclaimed = _wav_unclaimed_bytes(self.path)
+        # One-line notes for the user (the runner prints them): what was read differs from what the file holds.
+        self.warnings: list[str] = []
+        if unclaimed:
+            self.warnings.append(
+                f"{self.path}: {unclaimed} bytes after the audio the WAV header declares are not read "
+                "(the header's data size is smaller than the file)"
+            )
         self._chunk_frames = _frames_per_chunk(self.sample_rate, chunk_ms)
         self._realtime = realtime
         self._closed = threading.Event()
