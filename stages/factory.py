@@ -25,8 +25,8 @@ AUTO_DEVICE = "auto"
 STAGE_PARAMS: dict[str, tuple[str, ...]] = {
     "resample": (),
     "mel": (),
-    "encoder": ("dtype", "cache", "cuda_graphs", "compile"),
-    "decoder": ("dtype", "cache", "cuda_graphs", "compile", "stop_at_eos"),
+    "encoder": ("dtype", "fused_kernels", "cuda_graphs"),
+    "decoder": ("dtype", "fused_kernels", "cuda_graphs", "stop_at_eos"),
     "detokenize": (),
 }
 
@@ -114,41 +114,29 @@ def build_stage(
         from voxtral_run.stages.text.detokenize import DetokenizeStage
 
         return DetokenizeStage(tekken)
-    from voxtral_run.stages.decoder import DecoderStage, load_text_decoder
-    from voxtral_run.stages.encoder import EncoderStage, load_audio_encoder
     from voxtral_run.stages.kernels.triton_cache import pin_triton_cache
     from voxtral_run.stages.model.checkpoint import torch_dtype
+    from voxtral_run.stages.model.decoder import load_text_decoder
+    from voxtral_run.stages.model.encoder import load_audio_encoder
+    from voxtral_run.stages.model_stages import DecoderStage, EncoderStage
 
     model = open_model(Path(model_dir).resolve())
-    # On a GPU: bf16 (the published weights' dtype, as the reference runs), static ring caches, compiled
-    # steps and CUDA graphs. On a CPU: fp32, exact against the reference, and caches that grow as they go.
+    # On a GPU: bf16 (the published weights' dtype, as the reference runs), the fused kernels and CUDA graphs.
+    # On a CPU: fp32, exact against the reference.
     on_gpu = target.type == "cuda"
     if on_gpu:
         pin_triton_cache(target)
     dtype = torch_dtype(params.get("dtype", "bfloat16" if on_gpu else "float32"))
-    cache = params.get("cache", "static" if on_gpu else "dynamic")
-    if cache not in ("static", "dynamic"):
-        raise StageError(f"stage '{kind}': cache must be static or dynamic, got {cache!r}")
-    fast = {"static_cache": cache == "static", "cuda_graphs": bool(params.get("cuda_graphs", on_gpu))}
-    compiled = bool(params.get("compile", on_gpu))
+    fast = {
+        "fused_kernels": bool(params.get("fused_kernels", on_gpu)),
+        "cuda_graphs": bool(params.get("cuda_graphs", on_gpu)),
+    }
     if kind == "encoder":
-        encoder = load_audio_encoder(model, dtype=dtype, device=target)
-        if compiled:
-            encoder.compile_steps()
-        stage: EncoderStage | DecoderStage = EncoderStage(encoder, **fast)
+        stage: EncoderStage | DecoderStage = EncoderStage(load_audio_encoder(model, dtype=dtype, device=target), **fast)
     else:
         decoder = load_text_decoder(model, dtype=dtype, device=target)
-        if compiled:
-            decoder.compile_steps()
         stop_at_eos = bool(params.get("stop_at_eos", True))
         stage = DecoderStage(decoder, model.tekken, delay, stop_at_eos=stop_at_eos, **fast)
-    if compiled:
-        try:
-            stage.warm_up()  # compiling takes seconds: do it before the stage reports ready, not in a stream
-        except Exception as error:  # inductor's failures (no compiler, no Triton) are long and many-lined
-            first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
-            raise StageError(
-                f"stage '{kind}': torch.compile failed ({type(error).__name__}: {first_line}); "
-                "set compile: false to run without it"
-            ) from None
+    if stage.steps:
+        stage.warm_up()  # compiling and capturing take seconds: done before the stage reports ready
     return stage

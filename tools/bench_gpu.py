@@ -28,12 +28,12 @@ import torch.nn.functional as F
 
 from voxtral_run.stages.audio.constants import SAMPLE_RATE, SAMPLES_PER_TOKEN, delay_tokens, pad_audio
 from voxtral_run.stages.audio.mel import log_mel_frames
-from voxtral_run.stages.decoder import streaming_prompt
 from voxtral_run.stages.factory import build_stage, open_model
+from voxtral_run.stages.kernels.fused import FusedBlocks
 from voxtral_run.stages.kernels.graphs import StepGraphs
 from voxtral_run.stages.kernels.overlap import NO_OVERLAP, Overlap
 from voxtral_run.stages.model.checkpoint import DECODER_PREFIXES, ENCODER_PREFIX, ModelDir
-from voxtral_run.stages.model.layers import Attention, compiled_block_functions, fused_block_functions
+from voxtral_run.stages.model.decoder import streaming_prompt
 from voxtral_run.tools.make_tiny_checkpoint import REAL_SIZE, write_tiny_checkpoint
 
 BYTES_PER_BF16 = 2
@@ -158,19 +158,18 @@ def transformers_streaming(hf_model, audio: np.ndarray, model: ModelDir, num_del
 
 def teacher_forced_logits(model_dir: Path, mel: np.ndarray, sequence: torch.Tensor, dtype: str) -> torch.Tensor:
     """Our logits [T, vocab] (as float32) for a whole id sequence over its audio, run as one block."""
-    from voxtral_run.stages.model.layers import RollingKVCache
-
     device = sequence.device
-    settings = {"dtype": dtype, "cache": "dynamic", "cuda_graphs": False, "compile": False}
+    settings = {"dtype": dtype, "cuda_graphs": False, "fused_kernels": False}
     encoder = build_stage("encoder", model_dir=model_dir, device=str(device), params=settings)
     decoder = build_stage("decoder", model_dir=model_dir, device=str(device), params=settings)
     dec = decoder.decoder
     with torch.inference_mode():
         frames = torch.from_numpy(encoder.push("tf", mel[: 8 * len(sequence)])[0]).to(device, dec.norm.weight.dtype)
-        cache = RollingKVCache(dec.params.decoder.sliding_window, len(dec.layers))
-        positions = torch.arange(len(sequence), device=device)
-        hidden = dec(dec.adapt(frames), sequence, positions, cache, decoder.ffn_scales)
-        return dec.logits(hidden).float()
+        cache = dec.new_cache(block=len(sequence))  # every position in one forward
+        cache.prepare(len(sequence))
+        positions = torch.arange(len(sequence), device=device)[None]
+        hidden = dec(dec.adapt(frames[None]), sequence[None], positions, cache, decoder.ffn_scales)
+        return dec.logits(hidden)[0].float()
 
 
 def compare_logits(logits: torch.Tensor, reference: torch.Tensor) -> dict:
@@ -443,35 +442,24 @@ def measure(args: argparse.Namespace, device: torch.device, results: dict) -> No
     audio = synthetic_speechlike(args.seconds)
     model = open_model(model_dir.resolve())
     stages = model_stages(model_dir)
-    # The same code without CUDA graphs, without compiling, with SDPA for the steps' attention, with
-    # cuBLAS and compiled code for the steps' products, and without the kernels' overlap (or also
-    # prefetching weights into L2): what each is worth, and how much each changes what is computed.
+    # The same code without CUDA graphs, with the model's own blocks (cuBLAS products, SDPA attention) in the
+    # graphs instead of the fused kernels, and without the kernels' overlap (or with other L2 prefetching):
+    # what each is worth, and how much each changes what is computed.
     check_audio = audio[: int(10 * SAMPLE_RATE)]
     graphed = run_stream(stages, check_audio, "graphed")
     # The default itself again, on the same audio as the variants: their yardstick (and a determinism check).
     results["variants"] = {"default": variant(stages, check_audio, graphed)}
     settings_of = {
         "no_cuda_graphs": {"cuda_graphs": False},
-        "not_compiled": {"compile": False},
-        "sdpa_attention": {},
-        "cublas_products": {},
+        "model_blocks": {"fused_kernels": False},
         **{name: {} for name in OVERLAP_VARIANTS},
     }
     for name, settings in settings_of.items():
         other = model_stages(model_dir, **settings)
-        if name == "sdpa_attention":
-            for network in (other[1].encoder, other[2].decoder):
-                network.step_functions = network.step_functions._replace(attend=Attention.attend)
-        if name == "cublas_products":
-            for network in (other[1].encoder, other[2].decoder):
-                network.step_functions = compiled_block_functions()
-            other[2].decoder.fused_ends = None
         if name in OVERLAP_VARIANTS:
-            overlap = OVERLAP_VARIANTS[name]
             encoder, decoder = other[1].encoder, other[2].decoder
-            for network, blocks in ((encoder, encoder.transformer.layers), (decoder, decoder.layers)):
-                network.step_functions = fused_block_functions(blocks, overlap)
-            decoder.fused_ends = overlap
+            other[1].blocks = FusedBlocks(encoder.transformer.layers, encoder.rope, OVERLAP_VARIANTS[name])
+            other[2].blocks = FusedBlocks(decoder.layers, decoder.rope, OVERLAP_VARIANTS[name])
         results["variants"][name] = variant(other, check_audio, graphed)
         if args.profile and name == "no_cuda_graphs":
             profile_steps(other, check_audio)

@@ -14,8 +14,9 @@ from collections.abc import Callable
 
 import torch
 
+from voxtral_run.stages.kernels.fused import sdpa_attention
 from voxtral_run.stages.kernels.step_attention import step_attention
-from voxtral_run.stages.model.layers import Attention, attention_bias
+from voxtral_run.stages.model.layers import attention_bias
 from voxtral_run.tools.make_tiny_checkpoint import REAL_SIZE
 
 # (name, query heads, KV heads, positions per step, head dim, cached keys, window, layers)
@@ -54,12 +55,12 @@ def measure(heads: int, kv_heads: int, length: int, head_dim: int, n_keys: int, 
     caches = [
         [torch.randn(n_keys, kv_heads, head_dim, device=device, dtype=dtype) for _ in range(2)] for _ in range(layers)
     ]
-    positions = torch.arange(n_keys, n_keys + length, device=device)
-    bias = attention_bias(positions, torch.arange(n_keys, device=device) + length, window, dtype)
+    positions = torch.arange(n_keys, n_keys + length, device=device)[None]
+    bias = attention_bias(positions, torch.arange(n_keys, device=device)[None] + length, window, dtype)[0]
     keys, values = caches[0]
-    exact = Attention.attend(q.float(), keys.float(), values.float(), bias.float())
+    exact = sdpa_attention(q.float(), keys.float(), values.float(), bias.float())
     figures = {}
-    for name, attend in (("sdpa", Attention.attend), ("step_attention", step_attention)):
+    for name, attend in (("sdpa", sdpa_attention), ("step_attention", step_attention)):
         error = (attend(q, keys, values, bias).float() - exact).norm() / exact.norm()
         us = graph_us(lambda attend=attend: [attend(q, k, v, bias) for k, v in caches], layers)
         figures[name] = {"us_per_layer": us, "relative_error": float(error)}

@@ -1,9 +1,9 @@
 """Transport benchmark: per-hop latency and messages per second of the runner's queues for 80 ms messages.
 
-Run from the repository root: `python -m tools.bench_transport [--write docs/PERFORMANCE.md]`.
+Run from the repository root: `python -m tools.bench_transport`.
 Runs source -> relay -> sink as three spawned processes joined by the runner's own edges (credits, msgpack
-envelope, raw array frames), over ipc:// and tcp:// on loopback, and prints a Markdown table;
-`--write docs/PERFORMANCE.md` puts it under that file's "## Transport" heading.
+envelope, raw array frames), over ipc:// and tcp:// on loopback, and prints a Markdown section whose figures
+docs/PERFORMANCE.md's CPU table quotes.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import platform
-import re
 import tempfile
 import time
 from pathlib import Path
@@ -151,24 +150,12 @@ def run(count: int, port: int) -> str:
     )
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace (or append) the "## Transport" section of a Markdown file, keeping the others."""
-    text = path.read_text() if path.exists() else "# Performance\n\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    text = pattern.sub(lambda _: section + "\n", text) if pattern.search(text) else text.rstrip() + "\n\n" + section
-    path.write_text(text.rstrip() + "\n")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=2000, help="messages per latency measurement")
     parser.add_argument("--port", type=int, default=5750, help="first tcp port to use")
-    parser.add_argument("--write", type=Path, help="Markdown file whose Transport section to replace")
     args = parser.parse_args()
-    section = run(args.count, args.port)
-    print(section)
-    if args.write:
-        write_section(args.write, section)
+    print(run(args.count, args.port))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """transformers' VoxtralRealtimeForConditionalGeneration holding the weights of a Mistral-layout model directory.
 
 The correctness oracle for tests (fp32, CPU) and for the GPU benchmark (bf16). Its Mistral -> Hugging Face
-mapping is written from the spec's section 3.2 independently of the loader in stages/checkpoint.py, so the
+mapping is written from docs/MODEL.md §3 independently of the loader in stages/model/checkpoint.py, so the
 two check each other.
 """
 
@@ -34,7 +34,7 @@ def _permute_for_hf(tensor: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 def hf_config_for(model_dir: Path):
-    """VoxtralRealtimeConfig equivalent to a Mistral params.json (spec 2.3)."""
+    """VoxtralRealtimeConfig equivalent to a Mistral params.json (docs/MODEL.md §1)."""
     from transformers import VoxtralRealtimeConfig
 
     p = json.loads((model_dir / "params.json").read_text())

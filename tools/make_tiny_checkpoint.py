@@ -64,7 +64,7 @@ class CheckpointSpec:
 
 TINY = CheckpointSpec()
 
-# The published model's shapes (spec 2.1).
+# The published model's shapes (docs/MODEL.md §1).
 REAL_SIZE = CheckpointSpec(
     enc_dim=1280, enc_layers=32, enc_heads=32, enc_head_dim=64, enc_hidden_dim=5120, enc_window=750,
     dec_dim=3072, dec_layers=26, dec_heads=32, dec_kv_heads=8, dec_head_dim=128, dec_hidden_dim=9216,
@@ -73,7 +73,7 @@ REAL_SIZE = CheckpointSpec(
 
 
 def params_json(spec: CheckpointSpec) -> dict:
-    """params.json content in the published structure (spec 2.1) for these shapes."""
+    """params.json content in the published structure (docs/MODEL.md §1) for these shapes."""
     return {
         "dim": spec.dec_dim,
         "n_layers": spec.dec_layers,
@@ -130,7 +130,7 @@ def params_json(spec: CheckpointSpec) -> dict:
 
 
 # With plain 1/sqrt(fan_in) weights the fed-back token's embedding dominates the residual stream and the
-# greedy output repeats one id; small embeddings and a strong adapter let the audio decide (spec 13 note).
+# greedy output repeats one id; small embeddings and a strong adapter let the audio decide.
 TOKEN_EMBEDDING_STD = 0.3
 ADAPTER_GAIN = 3.0
 

@@ -1,4 +1,4 @@
-"""Write a small tekken.json in the real schema (spec 10): real special ids, byte tokens, seeded merges.
+"""Write a small tekken.json in the real schema (docs/MODEL.md §2): real special ids, byte tokens, seeded merges.
 
 Run from the repository root: `python -m tools.tiny_tekken OUT.json [--num-normal-tokens N] ...`.
 """
@@ -22,7 +22,7 @@ from voxtral_run.stages.audio.constants import (
 from voxtral_run.stages.text.tekken import BOS, EOS, NUM_BYTE_TOKENS, STREAMING_FORMAT, STREAMING_PAD, STREAMING_WORD
 
 NUM_SPECIAL_TOKENS = 1000
-# Named special tokens at their real tekken ids (spec 9.1); ids 3..19 carry the names mistral-common's
+# Named special tokens at their real tekken ids (docs/MODEL.md §2); ids 3..19 carry the names mistral-common's
 # instruct tokenizer looks up, so MistralTokenizer.from_file loads the file too. Others are fillers.
 NAMED_SPECIAL_TOKENS = {
     0: "<unk>",
@@ -51,7 +51,7 @@ NAMED_SPECIAL_TOKENS = {
     33: STREAMING_WORD,
     34: "[REPEAT_AUDIO_TEXT]",
 }
-# vLLM's realtime framing values from the real file (spec 2.2); this engine does not use them itself.
+# vLLM's realtime framing values from the real file (docs/MODEL.md §2); this engine does not use them itself.
 STREAMING_LOOK_AHEAD_MS = 2.5
 STREAMING_LOOK_BACK_MS = 52.5
 TOKENIZER_VERSION = "v7"  # the newest version whose instruct tokenizer needs no names beyond ids 0..19
@@ -72,7 +72,7 @@ def special_token_entries(num_special: int = NUM_SPECIAL_TOKENS) -> list[dict]:
 
 
 def audio_block(delay_ms: int, left_pad_tokens: int) -> dict:
-    """The spec 2.2 `audio` block with the given delay and left pad."""
+    """The `audio` block (docs/MODEL.md §2) with the given delay and left pad."""
     if delay_ms <= 0 or delay_ms % MS_PER_TOKEN != 0:
         raise ValueError(f"delay_ms={delay_ms} must be a positive multiple of {MS_PER_TOKEN:g}")
     if left_pad_tokens < 0:

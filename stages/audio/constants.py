@@ -1,4 +1,5 @@
-"""Audio constants of Voxtral Realtime, each named once and derived from the others, and the padding rules."""
+"""Audio constants of Voxtral Realtime, each named once and derived from the others, and the padding rules
+(docs/MODEL.md §4)."""
 
 from __future__ import annotations
 

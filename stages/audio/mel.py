@@ -1,4 +1,4 @@
-"""Log-mel front end of Voxtral Realtime (spec 4.3, 4.4): the exact offline features and a streaming stage.
+"""Log-mel front end of Voxtral Realtime (docs/MODEL.md §5): the exact offline features and a streaming stage.
 
 Frame t of the padded stream is the periodic-Hann STFT of samples [HOP*t - 200, HOP*t + 200): it is centred
 on sample HOP*t and needs CENTER_PAD = 200 samples beyond its centre (a 12.5 ms look-ahead), so it can be

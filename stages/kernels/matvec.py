@@ -2,7 +2,7 @@
 around them fused in: the RMSNorm (times the FFN scale) before, and SwiGLU, GELU or the residual add after.
 
 A one-position step multiplies one row by every weight, so a product is a weight read. cuBLAS reads the
-decoder's wo at about half the copy bandwidth (its tiles leave most multiprocessors idle) and adds split-K
+decoder's wo well below the copy bandwidth (its tiles leave most multiprocessors idle) and adds split-K
 reductions, and the norms, activation and residual adds are kernels of their own between the products. Here
 every program owns a few whole output columns, so no reduction crosses programs and the fusions are local.
 """
@@ -85,13 +85,13 @@ def matvec_available(device: torch.device) -> bool:
 
 
 def matvec_config(n: int, k: int, device: torch.device, normed: bool, swiglu: bool) -> MatvecConfig:
-    """The launch for an [n, k] product, the fastest of a sweep on an H200 (`tools.bench_products --sweep`):
-    one output column per program (thousands of programs keep the most reads in flight), or four when every
-    program first reads the input for the norm, which more columns amortise; SwiGLU's two columns a program
-    over the whole row as one tile, padded to a power of two and all of it loaded before the program waits
-    for its predecessor (decoder w1/w3 28.8 -> 27.3 us). Other tiles are powers of two that divide k, so no
-    load needs a mask. Triton's CPU interpreter runs programs one by one in Python, so there a program takes
-    up to 128 columns (a tiny vocabulary's LM head is then a few programs, not hundreds)."""
+    """The launch for an [n, k] product, the fastest of `tools.bench_products --sweep` (figures in
+    docs/PERFORMANCE.md): one output column per program (thousands of programs keep the most reads in flight),
+    or four when every program first reads the input for the norm, which more columns amortise; SwiGLU's two
+    columns a program over the whole row as one tile, padded to a power of two and all of it loaded before the
+    program waits for its predecessor. Other tiles are powers of two that divide k, so no load needs a mask.
+    Triton's CPU interpreter runs programs one by one in Python, so there a program takes up to 128 columns (a
+    tiny vocabulary's LM head is then a few programs, not hundreds)."""
     tile, warps = min(NORMED_BLOCK_K if normed else BLOCK_K, k & -k), 4 if normed else 8
     if device.type != "cuda":
         return MatvecConfig(min(1 << (n - 1).bit_length(), 128), tile, warps)

@@ -36,10 +36,9 @@ class Overlap(NamedTuple):
     product's first weight loads come before its wait."""
 
     pdl: bool = True
-    # 1 MB: on an H200, with the products' first weight tile loaded before their wait, four interleaved rounds
-    # each gave encoder 1.56 -> 1.53 ms and decoder 2.27 -> 2.24 ms against none; 4 MB helped the decoder as
-    # much but slowed the encoder, and 16 MB and more were slower everywhere. `tools.bench_products` and
-    # `tools.bench_gpu` measure it.
+    # 1 MB: larger prefetches compete with the running product's own reads (the products alone slow down from
+    # 4 MB on) and gain nothing clear in the steps. `tools.bench_products` and `tools.bench_gpu` compare the
+    # sizes; figures in docs/PERFORMANCE.md.
     prefetch_bytes: int = 1 << 20
     # A product issues the loads of its first weight tile before it waits for its predecessor.
     early_weights: bool = True

@@ -2,7 +2,7 @@
 cache's ring of slots, the RoPE rotations and the attention bias.
 
 As torch operations these are about fifteen small kernels on every step's path; here they are one launch
-(on an H200 the encoder's and the decoder's steps each about 0.02 ms shorter), with the same values: float32
+(which shortens both steps; figures in docs/PERFORMANCE.md), with the same values: float32
 angles, their cosine and sine (CUDA's own, as torch's) rounded to the activation dtype, and a bias of 0 or -inf
 from integer comparisons.
 """

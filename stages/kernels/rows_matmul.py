@@ -2,7 +2,7 @@
 fused in: the RMSNorm before, and the bias, SwiGLU or the residual add after.
 
 An 80 ms encoder step multiplies 4 rows by every weight, so a product is still a weight read, of 3 to 26 MB.
-cuBLAS reads these at about 45% of the copy bandwidth, and the norms, activation and residual adds are kernels
+cuBLAS reads these well below the copy bandwidth, and the norms, activation and residual adds are kernels
 of their own. Here the rows are padded to a 16-row tensor-core tile, every program owns a block of output
 columns, and the reduction is split over several programs per block, the last of which adds the partial sums
 in a fixed order and finishes the columns.
@@ -63,11 +63,12 @@ def rows_matmul_available(device: torch.device) -> bool:
 
 
 def rows_config(n: int, k: int, device: torch.device, swiglu: bool) -> RowsConfig:
-    """The launch for an [n, k] product, the fastest of a sweep on an H200 (`tools.bench_products --sweep`): 64
-    columns per program, and the reduction split until each program's share of the weight is one tile of at
-    most MAX_BLOCK_K columns (the widest power of two dividing k), all of it loaded before the program waits
-    for its predecessor; SwiGLU, whose two columns finish together, unsplit over pipelined 256-wide tiles.
-    Triton's CPU interpreter runs programs one by one in Python, so there they are as few as the shape allows."""
+    """The launch for an [n, k] product, the fastest of `tools.bench_products --sweep` (figures in
+    docs/PERFORMANCE.md): 64 columns per program, and the reduction split until each program's share of the
+    weight is one tile of at most MAX_BLOCK_K columns (the widest power of two dividing k), all of it loaded
+    before the program waits for its predecessor; SwiGLU, whose two columns finish together, unsplit over
+    pipelined 256-wide tiles. Triton's CPU interpreter runs programs one by one in Python, so there they are as
+    few as the shape allows."""
     block_k = min(k & -k, MAX_BLOCK_K)
     if device.type != "cuda":
         return RowsConfig(min(n & -n, BLOCK_N), block_k, 1, 1, 4)

@@ -1,9 +1,9 @@
 """Attention of a step's few queries over a KV cache as one Triton kernel, split over the keys.
 
 A streaming step has 4 query rows per KV head (the encoder's 4 frames, or the decoder's 4 query heads of a
-group at one position), too few for a library attention kernel to fill the GPU: cuDNN takes about 20 us
-per encoder layer over 1024 cached keys, which take 2 us to read. Here every (KV head, slice of keys) pair is a program
-that leaves a partial softmax, and the last of a head's programs to finish merges its slices.
+group at one position), too few for a library attention kernel to fill the GPU: cuDNN's takes many times as
+long as reading the cached keys (figures in docs/PERFORMANCE.md). Here every (KV head, slice of keys) pair is
+a program that leaves a partial softmax, and the last of a head's programs to finish merges its slices.
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ if triton is not None:  # Triton's jit helpers exist only where Triton does
     from voxtral_run.stages.kernels.overlap import prefetch_share_to_l2, wait_for_inputs
 
 BLOCK_KEYS = 64  # keys per inner tile
-TARGET_PROGRAMS = 256  # about two programs per multiprocessor of an H100 or H200
-NUM_WARPS = 2  # with the merge below, the best of 2 and 4 in both models' steps on an H200
+TARGET_PROGRAMS = 256  # about two programs per multiprocessor of the GPUs targeted (132 multiprocessors)
+NUM_WARPS = 2  # with the merge below, the better of 2 and 4 in both models' steps (`tools.bench_gpu`)
 MAX_ROWS = 16  # query rows per KV head this path takes; tl.dot needs at least 16 rows, so fewer are padded
 MERGE_SLICES = 16  # slices of a head merged per load: all of a step's but those of a long decoder cache
 LOG2_E = math.log2(math.e)

@@ -87,7 +87,7 @@ class ModelParams:
         return self.encoder.dim * self.downsample_factor
 
 
-# Dotted keys of params.json (spec 2.1): the top level is the text decoder.
+# Dotted keys of params.json (docs/MODEL.md §1): the top level is the text decoder.
 ENCODER_ARGS = "multimodal.whisper_model_args.encoder_args"
 AUDIO_ENCODING_ARGS = ENCODER_ARGS + ".audio_encoding_args"
 DOWNSAMPLE_FACTOR = "multimodal.whisper_model_args.downsample_args.downsample_factor"
@@ -178,7 +178,7 @@ _STACK_FIELDS = tuple(field.name for field in fields(TransformerParams) if field
 
 
 def parse_params(path: Path) -> ModelParams:
-    """Read and validate params.json (spec section 2.1); the only reader of that file.
+    """Read and validate params.json (docs/MODEL.md §1); the only reader of that file.
 
     model_parallel and the encoder's vocab_size, use_cache and max_source_positions play no part in
     inference and are not checked.
@@ -246,7 +246,7 @@ _HF_STACK_KEYS = {
 
 
 def parse_hf_config(path: Path) -> ModelParams:
-    """Read a Hugging Face config.json of the same model into ModelParams (spec section 2.3 mapping)."""
+    """Read a Hugging Face config.json of the same model into ModelParams (key mapping: docs/MODEL.md §1)."""
     path = Path(path)
     raw = read_json_object(path)
     _expect(raw, "model_type", str, HF_MODEL_TYPE, path, "the Voxtral Realtime architecture")
@@ -274,7 +274,7 @@ def parse_hf_config(path: Path) -> ModelParams:
 
 
 def expected_tensor_shapes(params: ModelParams) -> dict[str, tuple[int, ...]]:
-    """Every tensor of consolidated.safetensors with the shape params.json implies (spec section 3.1)."""
+    """Every tensor of consolidated.safetensors with the shape params.json implies (docs/MODEL.md §3)."""
     enc, dec = params.encoder, params.decoder
     shapes: dict[str, tuple[int, ...]] = {
         TOKEN_EMBEDDING: (params.vocab_size, dec.dim),
@@ -435,7 +435,7 @@ def _rename_layer(name: str, *, encoder: bool) -> str:
 
 
 def unpermute_rope_rows(tensor: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Hugging Face rotate-half row order -> Mistral interleaved order for q/k weights or biases."""
+    """Hugging Face rotate-half row order -> Mistral interleaved order for q/k weights or biases (docs/MODEL.md §3)."""
     head_dim = tensor.shape[0] // n_heads
     rest = tensor.shape[1:]
     return tensor.reshape(n_heads, 2, head_dim // 2, *rest).transpose(1, 2).reshape(tensor.shape)

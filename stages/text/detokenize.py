@@ -69,7 +69,7 @@ class _StreamState:
 class DetokenizeStage(Stage):
     """Stage core: token ids in, `delta` events with text and audio times out, a `done` event at the end.
 
-    Generated token j describes real-audio token j, so its time span is [j, j+1) * 80 ms (spec 9.3).
+    Generated token j describes real-audio token j, so its time span is [j, j+1) * 80 ms (docs/MODEL.md §11).
     """
 
     name = "detokenize"

@@ -32,7 +32,7 @@ REQUIRED_SPECIAL_TOKENS = (BOS, EOS, STREAMING_PAD, STREAMING_WORD)
 STREAMING_FORMAT = "streaming"
 NUM_BYTE_TOKENS = 256  # ranks 0..255 are the single bytes 0x00..0xFF
 
-# (key in the audio block, expected value from stages/audio.py); the model is built for exactly these rates.
+# (key in the audio block, expected value from stages/audio/constants.py); the model is built for exactly these rates.
 _FIXED_AUDIO_VALUES = (
     ("sampling_rate", SAMPLE_RATE),
     ("frame_rate", FRAME_RATE),
@@ -44,7 +44,7 @@ _FIXED_AUDIO_VALUES = (
 
 @dataclass(frozen=True)
 class TekkenAudio:
-    """The `audio` block of tekken.json (spec 2.2), streaming format only."""
+    """The `audio` block of tekken.json (docs/MODEL.md §2), streaming format only."""
 
     sampling_rate: int
     frame_rate: float
@@ -59,7 +59,7 @@ class TekkenAudio:
 
     @property
     def num_delay_tokens(self) -> int:
-        """Delay in decoder tokens (spec 4.2 rounding)."""
+        """Delay in decoder tokens, rounded up as mistral-common rounds (docs/MODEL.md §4)."""
         return delay_tokens(self.transcription_delay_ms)
 
 

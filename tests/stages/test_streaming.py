@@ -18,9 +18,9 @@ from voxtral_run.stages.audio.constants import (
 )
 from voxtral_run.stages.audio.mel import log_mel_frames
 from voxtral_run.stages.base import StageError
-from voxtral_run.stages.decoder import streaming_prompt
 from voxtral_run.stages.factory import build_stage
 from voxtral_run.stages.model.checkpoint import ModelDir
+from voxtral_run.stages.model.decoder import streaming_prompt
 from voxtral_run.stages.transcribe import build_chain, run_chain, transcribe_audio, transcript_of
 
 AUDIO = speechlike_audio(2.5, seed=7)
@@ -113,7 +113,7 @@ def test_state_stops_growing_once_windows_fill(small_window_model_dir) -> None:
         for stage in chain:
             items = [out for item in items for out in stage.push("long", item)]
         if index % 250 == 249:
-            enc_state, dec_state = encoder.state("long"), decoder.state("long")
+            enc_state, dec_state = encoder.state("long").state, decoder.state("long")
             sizes.append(
                 (
                     len(enc_state.cache),

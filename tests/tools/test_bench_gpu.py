@@ -6,8 +6,8 @@ import torch
 from tests.conftest import speechlike_audio
 from voxtral_run.stages.audio.constants import delay_tokens, pad_audio
 from voxtral_run.stages.audio.mel import log_mel_frames
-from voxtral_run.stages.decoder import streaming_prompt
 from voxtral_run.stages.model.checkpoint import ModelDir
+from voxtral_run.stages.model.decoder import streaming_prompt
 from voxtral_run.tools.bench_gpu import products_summed_in_reverse
 
 

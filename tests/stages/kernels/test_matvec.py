@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from voxtral_run.stages.kernels.matvec import Heads, MatvecConfig, Norm, matvec, matvec_available
 from voxtral_run.stages.kernels.rows_matmul import RowsConfig, rows_matmul
 from voxtral_run.stages.model.checkpoint import TransformerParams
-from voxtral_run.stages.model.layers import Attention, RotaryEmbedding, rms_norm
+from voxtral_run.stages.model.layers import RotaryEmbedding, rms_norm
 
 pytestmark = pytest.mark.skipif(
     not matvec_available(torch.device("cpu")), reason="needs Triton (the dev extra installs it)"
@@ -101,10 +101,16 @@ HEADS = TransformerParams(
 )  # fmt: skip
 
 
+def split_heads(qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A q/k/v output [rows, (heads + 2 kv_heads) head_dim] as queries, keys and values [rows, heads, head_dim]."""
+    heads = qkv.view(qkv.shape[0], -1, HEADS.head_dim)
+    return heads.split((HEADS.n_heads, HEADS.n_kv_heads, HEADS.n_kv_heads), dim=1)
+
+
 def test_a_qkv_product_takes_whole_column_blocks_only() -> None:
     """Its epilogue pairs a block's columns for RoPE, so a last block past the output's end is refused."""
     x, weight, *_ = tensors(96, 64, torch.float32)
-    rotations = RotaryEmbedding(16, 1e6).rotations(torch.arange(1), x.dtype)
+    rotations = RotaryEmbedding(16, 1e6).rotations(torch.arange(1)[None], x.dtype)[:, 0]
     with pytest.raises(ValueError, match=r"does not fit a \[96, 64\] product"):
         matvec(x, weight, heads=Heads(rotations, 64, 16, 16), config=MatvecConfig(64, 64, 4))
 
@@ -121,21 +127,23 @@ def test_a_qkv_product_takes_whole_column_blocks_only() -> None:
 @pytest.mark.parametrize("cached", [True, False], ids=["static-cache", "no-cache"])
 def test_a_qkv_product_rotates_and_caches_its_heads_as_eager_does(product, rows, config, cached) -> None:
     """Through an identity weight (a product that adds nothing of its own, in float16 for the interpreter's
-    sake: see above), the q/k/v kernels' RoPE gives `Attention.heads`' bits, and the keys and values land in
+    sake: see above), the q/k/v kernels' RoPE gives the model's bits, and the keys and values land in
     their ring slots and nowhere else."""
-    attention = Attention(HEADS)
     x = tensors(HEADS.dim, rows * HEADS.dim, torch.float16, seed=5)[0].view(rows, HEADS.dim)
     positions = torch.arange(13, 13 + rows)
-    rotations = RotaryEmbedding(HEADS.head_dim, HEADS.rope_theta).rotations(positions, x.dtype)
+    rotations = RotaryEmbedding(HEADS.head_dim, HEADS.rope_theta).rotations(positions[None], x.dtype)
     keys = torch.zeros(HEADS.sliding_window, HEADS.n_kv_heads, HEADS.head_dim, dtype=x.dtype)
     values = torch.zeros_like(keys)
     slots = positions % HEADS.sliding_window
     q_dim, kv_dim = HEADS.n_heads * HEADS.head_dim, HEADS.n_kv_heads * HEADS.head_dim
-    heads = Heads(rotations, q_dim, kv_dim, HEADS.head_dim, (keys, values, slots) if cached else None)
+    heads = Heads(rotations[:, 0], q_dim, kv_dim, HEADS.head_dim, (keys, values, slots) if cached else None)
     qkv = product(x, torch.eye(HEADS.dim, dtype=x.dtype), heads=heads, config=config)
-    expected = attention.heads(x, rotations)
-    for ours, eager in zip(attention.rotated_heads(qkv), expected, strict=True):
-        assert torch.equal(ours, eager)
+    # The model's attention: RoPE on the queries' and keys' heads, then the heads split.
+    qk = x[None, :, : q_dim + kv_dim].unflatten(-1, (-1, HEADS.head_dim))
+    rotated = torch.cat((RotaryEmbedding.apply(qk, rotations)[0].flatten(1), x[:, q_dim + kv_dim :]), dim=1)
+    expected, ours = split_heads(rotated), split_heads(qkv)
+    for mine, eager in zip(ours, expected, strict=True):
+        assert torch.equal(mine, eager)
     if cached:
         assert torch.equal(keys[slots], expected[1]) and torch.equal(values[slots], expected[2])
         others = torch.ones(HEADS.sliding_window, dtype=torch.bool).index_fill_(0, slots, False)

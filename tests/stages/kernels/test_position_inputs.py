@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from voxtral_run.stages.kernels import position_inputs as position_inputs_module
-from voxtral_run.stages.kernels.position_inputs import position_inputs_available
-from voxtral_run.stages.model.layers import RotaryEmbedding, StaticKVCache, attention_bias, position_inputs
+from voxtral_run.stages.kernels.position_inputs import fused_position_inputs, position_inputs_available
+from voxtral_run.stages.model.cache import KVCache
+from voxtral_run.stages.model.layers import RotaryEmbedding, position_inputs
 
 pytestmark = pytest.mark.skipif(
     not position_inputs_available(torch.device("cpu"), 8), reason="needs Triton (the dev extra installs it)"
@@ -21,22 +22,24 @@ TOLERANCE = {torch.float32: {"rtol": 0, "atol": 2e-7}, torch.bfloat16: {"rtol": 
 @pytest.mark.parametrize("rows", [1, 3, 4, 63])
 def test_the_kernel_enters_positions_and_computes_what_torch_computes_across_ring_wraps(rows, dtype) -> None:
     rope = RotaryEmbedding(head_dim=16, theta=10_000.0)
-    fused, reference = (StaticKVCache(WINDOW, 64, 1, 1, 16, dtype=dtype, device="cpu") for _ in range(2))
+    fused, reference = (KVCache(WINDOW, 64, 1, 1, 16, dtype=dtype, device="cpu") for _ in range(2))
     # Several wraps of the ring, and positions far along a stream (the angles' float32 rounding).
     starts = [0, rows, 5 * rows, 3 * fused.capacity + 7, 100_003]
     for start in starts:
         positions = torch.arange(start, start + rows)
         for cache in (fused, reference):
             cache.prepare(start + rows)
-        rotations, bias = position_inputs(positions, rope, fused, WINDOW, dtype)
-        expected_bias = attention_bias(positions, reference.begin(positions), WINDOW, dtype)
+        slots, rotations, bias = fused_position_inputs(
+            positions, rope.inv_freq, fused.positions[0], fused.span, WINDOW, dtype
+        )
+        expected_rotations, expected_bias = position_inputs(positions[None], rope, reference, dtype)
         assert torch.equal(fused.positions, reference.positions)
-        assert torch.equal(fused.slot_buffers(0)[2], reference.slot_buffers(0)[2])
-        assert torch.equal(bias, expected_bias)
+        assert torch.equal(slots, reference.slots[0])
+        assert torch.equal(bias, expected_bias[0])
         assert bool((bias == 0).any()) and bool(bias.isinf().any())
         # On a GPU the kernel's cosine is CUDA's, as torch's, and rounds to nearest; the CPU interpreter's is
         # NumPy's, a float32 ulp off at times, and it rounds float32 to bfloat16 toward zero.
-        torch.testing.assert_close(rotations, rope.rotations(positions, dtype), **TOLERANCE[dtype])
+        torch.testing.assert_close(rotations, expected_rotations[:, 0], **TOLERANCE[dtype])
 
 
 def test_one_compiled_variant_serves_every_span_and_block_length(monkeypatch) -> None:
@@ -55,10 +58,11 @@ def test_one_compiled_variant_serves_every_span_and_block_length(monkeypatch) ->
 
     monkeypatch.setattr(position_inputs_module, "_position_inputs", Recorder())
     rope = RotaryEmbedding(head_dim=16, theta=10_000.0)
-    cache = StaticKVCache(1000, 64, 1, 1, 16, dtype=torch.float32, device="cpu")
+    cache = KVCache(1000, 64, 1, 1, 16, dtype=torch.float32, device="cpu")
     for start, rows in ((0, 131), (131, 4), (300, 3), (700, 4), (5000, 1)):
         cache.prepare(start + rows)
-        position_inputs(torch.arange(start, start + rows), rope, cache, 1000, torch.float32)
+        positions = torch.arange(start, start + rows)
+        fused_position_inputs(positions, rope.inv_freq, cache.positions[0], cache.span, 1000, torch.float32)
     assert len({launch for launch in launches}) == 1 and len(launches) == 5
 
 

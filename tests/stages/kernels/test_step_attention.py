@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from voxtral_run.stages.kernels.fused import attend, sdpa_attention
+from voxtral_run.stages.kernels.overlap import DEFAULT_OVERLAP
 from voxtral_run.stages.kernels.step_attention import (
     BLOCK_KEYS,
     MERGE_SLICES,
@@ -13,7 +15,7 @@ from voxtral_run.stages.kernels.step_attention import (
     step_attention,
     step_attention_available,
 )
-from voxtral_run.stages.model.layers import Attention, attention_bias, step_attend
+from voxtral_run.stages.model.layers import attention_bias
 
 pytestmark = pytest.mark.skipif(
     not step_attention_available(torch.device("cpu")), reason="needs Triton (the dev extra installs it)"
@@ -33,20 +35,20 @@ def ring_step(heads, kv_heads, length, head_dim, n_keys, window, dtype, seed=0):
     positions = torch.arange(first, first + length)
     key_positions = torch.randperm(first, generator=generator)[:n_keys]
     key_positions[torch.randperm(n_keys, generator=generator)[:length]] = positions  # the step's own keys
-    return q, keys, values, attention_bias(positions, key_positions, window, dtype)
+    return q, keys, values, attention_bias(positions[None], key_positions[None], window, dtype)[0]
 
 
 @pytest.mark.parametrize("shape", SHAPES)
 def test_step_attention_equals_sdpa_in_float32(shape) -> None:
     q, keys, values, bias = ring_step(*shape, torch.float32)
-    torch.testing.assert_close(step_attention(q, keys, values, bias), Attention.attend(q, keys, values, bias))
+    torch.testing.assert_close(step_attention(q, keys, values, bias), sdpa_attention(q, keys, values, bias))
 
 
 @pytest.mark.parametrize("shape", SHAPES[:2])
 def test_step_attention_in_bf16_is_within_bf16_rounding_of_exact(shape) -> None:
     q, keys, values, bias = ring_step(*shape, torch.bfloat16, seed=1)
     ours = step_attention(q, keys, values, bias)
-    exact = Attention.attend(q.double(), keys.double(), values.double(), bias.double())
+    exact = sdpa_attention(q.double(), keys.double(), values.double(), bias.double())
     assert ours.dtype == torch.bfloat16
     assert ((ours.double() - exact).norm() / exact.norm()).item() < 4e-3
 
@@ -56,7 +58,7 @@ def test_a_long_cache_is_merged_a_chunk_of_slices_at_a_time() -> None:
     rescales what the earlier chunks added."""
     q, keys, values, bias = ring_step(8, 2, 1, 16, 2200, 3000, torch.float32, seed=4)
     assert key_splits(keys.shape[0], keys.shape[1])[0] > 2 * MERGE_SLICES
-    torch.testing.assert_close(step_attention(q, keys, values, bias), Attention.attend(q, keys, values, bias))
+    torch.testing.assert_close(step_attention(q, keys, values, bias), sdpa_attention(q, keys, values, bias))
 
 
 def test_slices_wholly_outside_the_window_add_nothing() -> None:
@@ -65,11 +67,11 @@ def test_slices_wholly_outside_the_window_add_nothing() -> None:
     generator = torch.Generator().manual_seed(2)
     q = torch.randn(heads, 1, head_dim, generator=generator)
     keys, values = (torch.randn(n_keys, kv_heads, head_dim, generator=generator) for _ in range(2))
-    bias = attention_bias(torch.tensor([n_keys - 1]), torch.arange(n_keys), 3, torch.float32)
+    bias = attention_bias(torch.tensor([[n_keys - 1]]), torch.arange(n_keys)[None], 3, torch.float32)[0]
     assert key_splits(n_keys, kv_heads)[0] > 1
     ours = step_attention(q, keys, values, bias)
     assert torch.isfinite(ours).all()
-    torch.testing.assert_close(ours, Attention.attend(q, keys, values, bias))
+    torch.testing.assert_close(ours, sdpa_attention(q, keys, values, bias))
 
 
 def test_the_last_slice_to_finish_merges_and_leaves_the_counters_at_zero_for_the_next_launch() -> None:
@@ -80,7 +82,7 @@ def test_the_last_slice_to_finish_merges_and_leaves_the_counters_at_zero_for_the
     first = step_attention(q, keys, values, bias)
     assert not split_tickets(q.device).any()
     assert torch.equal(step_attention(q, keys, values, bias), first)
-    torch.testing.assert_close(first, Attention.attend(q, keys, values, bias))
+    torch.testing.assert_close(first, sdpa_attention(q, keys, values, bias))
 
 
 def test_output_is_position_major_for_the_output_projection() -> None:
@@ -99,4 +101,4 @@ def test_key_splits_cover_every_key_once_in_whole_tiles(n_keys, kv_heads) -> Non
 def test_step_attend_takes_sdpa_for_many_rows() -> None:
     """A block of many positions (a file's first push) is no step: SDPA serves it, exactly."""
     q, keys, values, bias = ring_step(4, 4, 32, 16, 64, 100, torch.float32)
-    assert torch.equal(step_attend(q, keys, values, bias), Attention.attend(q, keys, values, bias))
+    assert torch.equal(attend(q, keys, values, bias, DEFAULT_OVERLAP), sdpa_attention(q, keys, values, bias))

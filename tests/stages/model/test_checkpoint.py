@@ -18,8 +18,6 @@ from tests.conftest import speechlike_audio
 from voxtral_run.stages.audio.constants import pad_audio
 from voxtral_run.stages.audio.mel import log_mel_frames
 from voxtral_run.stages.base import CheckpointError
-from voxtral_run.stages.decoder import load_text_decoder
-from voxtral_run.stages.encoder import load_audio_encoder
 from voxtral_run.stages.model import checkpoint
 from voxtral_run.stages.model.checkpoint import (
     ADAPTER_PREFIX,
@@ -43,10 +41,11 @@ from voxtral_run.stages.model.checkpoint import (
     torch_dtype,
     unpermute_rope_rows,
 )
-from voxtral_run.stages.model.layers import RollingKVCache
+from voxtral_run.stages.model.decoder import load_text_decoder
+from voxtral_run.stages.model.encoder import load_audio_encoder
 from voxtral_run.tools.make_tiny_checkpoint import REAL_SIZE, TINY, params_json, write_tiny_checkpoint
 
-# The published model (spec 1 and 3.1): tensor count and parameter counts per part.
+# The published model (docs/MODEL.md §3): tensor count and parameter counts per part.
 REAL_TENSOR_COUNT = 711
 REAL_PARAMETERS = 4_429_679_360
 REAL_ENCODER_PARAMETERS = 970_395_392
@@ -227,7 +226,8 @@ def test_unpermute_rope_rows_follows_the_spec_row_form(heads: int, head_dim: int
     mistral = torch.randn(shape, generator=torch.Generator().manual_seed(heads))
     hf = torch.empty_like(mistral)
     half = head_dim // 2
-    for h in range(heads):  # spec 3.2: HF row h*d + i = Mistral row h*d + 2i, HF row h*d + d/2 + i = row h*d + 2i + 1
+    # docs/MODEL.md §3: HF row h*d + i = Mistral row h*d + 2i, HF row h*d + d/2 + i = row h*d + 2i + 1
+    for h in range(heads):
         for i in range(half):
             hf[h * head_dim + i] = mistral[h * head_dim + 2 * i]
             hf[h * head_dim + half + i] = mistral[h * head_dim + 2 * i + 1]
@@ -263,15 +263,15 @@ def test_hf_layout_gives_identical_encoder_frames_and_logits(tiny_model_dir: Pat
         model = ModelDir(model_dir)
         encoder = load_audio_encoder(model, dtype=torch.float32, device="cpu")
         decoder = load_text_decoder(model, dtype=torch.float32, device="cpu")
-        frames = encoder(mel, encoder.new_state())
-        cache = RollingKVCache(model.params.decoder.sliding_window, model.params.decoder.n_layers)
+        frames = encoder(mel[None], encoder.new_state())
+        cache = decoder.new_cache(block=len(token_ids))
+        cache.prepare(len(token_ids))
         with torch.inference_mode():
-            audio_vectors = decoder.adapt(frames[: 4 * len(token_ids)])
-            positions = torch.arange(len(token_ids))
-            hidden = decoder(
-                audio_vectors, token_ids, positions, cache, decoder.ffn_scales(tekken.audio.num_delay_tokens)
-            )
-            logits.append(decoder.logits(hidden))
+            audio_vectors = decoder.adapt(frames[:, : 4 * len(token_ids)])
+            positions = torch.arange(len(token_ids))[None]
+            scales = decoder.ffn_scales(tekken.audio.num_delay_tokens)
+            hidden = decoder(audio_vectors, token_ids[None], positions, cache, scales)
+            logits.append(decoder.logits(hidden)[0])
     assert logits[0].shape == (len(token_ids), tekken.vocab_size)
     assert len(set(logits[0].argmax(-1).tolist())) > 1  # the positions differ, so the comparison covers them
     assert torch.equal(logits[0], logits[1])

@@ -13,11 +13,10 @@ from safetensors.torch import load_file, save_file
 from tests.conftest import SMALL_WINDOWS, speechlike_audio
 from voxtral_run.stages.audio.constants import delay_tokens, pad_audio
 from voxtral_run.stages.audio.mel import log_mel_frames
-from voxtral_run.stages.decoder import load_text_decoder, streaming_prompt
-from voxtral_run.stages.encoder import load_audio_encoder
 from voxtral_run.stages.factory import build_stage
 from voxtral_run.stages.model.checkpoint import CONSOLIDATED_FILE, TOKEN_EMBEDDING, ModelDir
-from voxtral_run.stages.model.layers import RollingKVCache
+from voxtral_run.stages.model.decoder import load_text_decoder, streaming_prompt
+from voxtral_run.stages.model.encoder import load_audio_encoder
 from voxtral_run.stages.transcribe import MODEL_CHAIN, run_chain, transcribe_audio, transcript_of
 from voxtral_run.tools.make_tiny_checkpoint import TINY, CheckpointSpec
 
@@ -82,10 +81,12 @@ def test_teacher_forced_logits_match_transformers(checkpoint_factory, hf_oracle,
         ).logits[0]
         encoder = load_audio_encoder(model, dtype=torch.float32, device="cpu")
         decoder = load_text_decoder(model, dtype=torch.float32, device="cpu")
-        frames = encoder(torch.from_numpy(mel), encoder.new_state())
-        cache = RollingKVCache(model.params.decoder.sliding_window, model.params.decoder.n_layers)
-        hidden = decoder(decoder.adapt(frames), ids, torch.arange(len(ids)), cache, decoder.ffn_scales(num_delay))
-        logits = decoder.logits(hidden)
+        frames = encoder(torch.from_numpy(mel)[None], encoder.new_state())
+        cache = decoder.new_cache(block=len(ids))  # every position in one forward, as the oracle runs them
+        cache.prepare(len(ids))
+        positions = torch.arange(len(ids))[None]
+        hidden = decoder(decoder.adapt(frames), ids[None], positions, cache, decoder.ffn_scales(num_delay))
+        logits = decoder.logits(hidden)[0]
 
     assert logits.shape == expected.shape
     relative = (logits - expected).abs().max(dim=-1).values / expected.abs().max(dim=-1).values
