@@ -286,7 +286,7 @@ def test_metrics_endpoint_and_live_table_during_a_run(runner, tmp_path):
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
-        (["--stats-every", "0"], "--stats-every: give a positive number of seconds"),
+        (["--stats-every", "0"], "--stats-every: give at least 0.1 seconds"),
         (["--metrics-port", "70000"], "--metrics-port: give a port from 1 to 65535"),
     ],
 )
