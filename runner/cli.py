@@ -15,13 +15,12 @@ from voxtral_run.runner.config import LOOPBACK, SINK, SOURCE, load_pipeline, pla
 from voxtral_run.runner.errors import RunnerError
 from voxtral_run.runner.security import KEYS_VARIABLE, CurveKeys, default_key_file, load_or_create_key_file
 from voxtral_run.runner.sink import LiveText, TranscriptSink
-from voxtral_run.runner.stage_process import MIC_INPUT, STDIN_INPUT
 from voxtral_run.runner.supervisor import EXIT_FAILED, Reporting, Supervisor
-from voxtral_run.stages.audio.constants import MAX_DELAY_MS, MIN_DELAY_MS, MIN_SOURCE_RATE, check_source_format
+from voxtral_run.stages.audio.capture import inspect_capture
+from voxtral_run.stages.audio.constants import MAX_DELAY_MS, MIN_DELAY_MS
 from voxtral_run.stages.base import StageError
-from voxtral_run.stages.capture import FileSource
 from voxtral_run.stages.model.hub import resolve_model
-from voxtral_run.stages.output import FORMATS, open_writer
+from voxtral_run.stages.text.writers import FORMATS, open_writer
 
 # Stages that read the model directory (weights or tekken.json); a host running none of them needs no model.
 MODEL_READING_STAGES = ("mel", "encoder", "decoder", "detokenize")
@@ -55,7 +54,7 @@ app = typer.Typer(add_completion=False, rich_markup_mode=None, context_settings=
 
 
 def _list_devices() -> None:
-    from voxtral_run.stages.capture import list_input_devices
+    from voxtral_run.stages.audio.capture import list_input_devices
 
     for device in list_input_devices():
         print(f"{device['index']:3d}  {device['name']}  ({device['channels']} ch, {device['default_rate']} Hz)")
@@ -122,22 +121,11 @@ def _transcript_format(format: str | None, output: Path | None) -> str:
 
 
 def _check_capture(params: dict) -> float | None:
-    """Check the capture's input and source format before any process starts; the input file's duration in
-    seconds, where it is a file that says."""
-    source_input = params.get("input")
-    if source_input is None:
-        raise RunnerError("no audio input: give an audio file, --input FILE, --input - (stdin) or --input mic")
-    source_input = str(source_input)
-    for option, value in (("--rate", params.get("rate")), ("--channels", params.get("channels"))):
-        if value is not None:
-            rate, channels = (value, 1) if option == "--rate" else (MIN_SOURCE_RATE, value)
-            check_source_format(rate, channels, option)
-    if source_input in (STDIN_INPUT, MIC_INPUT):
-        if params.get("realtime"):
-            raise RunnerError("--realtime paces audio files; stdin and microphones already arrive in real time")
+    """The capture's settings and input checked before any process starts (warnings printed); the input file's
+    duration in seconds where it is a file that says."""
+    source = inspect_capture(params)
+    if source is None:
         return None
-    source = FileSource(source_input)  # opens the file: a missing or unreadable one fails here, named
-    source.close()
     for warning in source.warnings:
         print(f"voxtral-run: warning: {warning}", file=sys.stderr)
     return source.duration_s

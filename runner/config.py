@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from voxtral_run.runner.edges import DEFAULT_HEARTBEAT_TIMEOUT_S, EdgeSpec, Policy
 from voxtral_run.runner.errors import RunnerError
+from voxtral_run.stages.audio.capture import DEFAULT_CHUNK_MS, check_chunk_ms
 from voxtral_run.stages.audio.constants import (
     MAX_DELAY_MS,
     MAX_SOURCE_CHANNELS,
@@ -25,6 +26,7 @@ from voxtral_run.stages.audio.constants import (
     NUM_MEL_BINS,
     SAMPLES_PER_TOKEN,
 )
+from voxtral_run.stages.base import StageError
 from voxtral_run.stages.factory import AUTO_DEVICE, MODEL_STAGE_KINDS, STAGE_KINDS, auto_device, cuda_device_count
 
 DEFAULT_MODEL = "mistralai/Voxtral-Mini-4B-Realtime-2602"
@@ -40,8 +42,6 @@ MAX_PORT = 65535
 # Bounds on what a pipeline may ask for: beyond them a number is a mistake, and the memory or time it would
 # take is not bounded by anything else.
 MAX_QUEUE_CAPACITY = 4096  # messages (80 ms each by default: over 5 minutes of audio)
-MIN_CHUNK_MS, MAX_CHUNK_MS = 10, 1000
-DEFAULT_CHUNK_MS = MS_PER_TOKEN
 MAX_THROTTLE_MS = 60_000
 MAX_THREADS = 1024
 MAX_STARTUP_TIMEOUT_S = 86_400
@@ -108,12 +108,10 @@ class Pipeline(_Strict):
                 raise _KeyError(f"stages.{name}", f"unknown stage (choose from {', '.join(KNOWN_STAGES)})")
         if SOURCE not in self.stages:
             raise _KeyError("stages", f"no '{SOURCE}' stage")
-        chunk_ms = self.stages[SOURCE].params.get("chunk_ms", DEFAULT_CHUNK_MS)
-        if isinstance(chunk_ms, bool) or not isinstance(chunk_ms, (int, float)):
-            raise _KeyError(f"stages.{SOURCE}.params.chunk_ms", f"{chunk_ms!r} is not a number of milliseconds")
-        if not MIN_CHUNK_MS <= chunk_ms <= MAX_CHUNK_MS:
-            bounds = f"{MIN_CHUNK_MS}..{MAX_CHUNK_MS} ms"
-            raise _KeyError(f"stages.{SOURCE}.params.chunk_ms", f"{chunk_ms:g} is outside {bounds}")
+        try:  # the queues' message sizes follow from the chunk, so it is checked with the graph
+            check_chunk_ms(self.stages[SOURCE].params.get("chunk_ms", DEFAULT_CHUNK_MS))
+        except StageError as error:
+            raise _KeyError(f"stages.{SOURCE}.params.chunk_ms", str(error)) from None
         nodes = [*self.stages, SINK]
         inputs: dict[str, int] = {}
         outputs: dict[str, int] = {}

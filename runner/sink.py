@@ -8,7 +8,7 @@ from typing import TextIO
 
 from voxtral_run.runner.edges import add_gap
 from voxtral_run.runner.errors import RunnerError
-from voxtral_run.stages.output import TranscriptWriter
+from voxtral_run.stages.text.writers import TranscriptWriter
 
 EVENT_TYPES = ("delta", "done")
 # Audio times are sums of chunk lengths on both sides of a comparison, rounded differently; chunks are 10 ms or more.

@@ -35,10 +35,6 @@ from voxtral_run.runner.wire import Envelope, Kind
 from voxtral_run.stages.base import Source, Stage, StageError
 
 PROCESS_TITLE = "voxtral-run: {name}"
-# Settings of the capture stage (pipeline.yaml params or the command line's --input, --rate, ...).
-CAPTURE_PARAMS = ("input", "rate", "channels", "realtime", "chunk_ms", "mic_device")
-STDIN_INPUT = "-"
-MIC_INPUT = "mic"
 LAG_WARNING_S = 1.0  # a live capture this far behind the wall clock says so
 PR_SET_PDEATHSIG = 1  # prctl option (linux/prctl.h)
 
@@ -85,37 +81,6 @@ def describe_exception(error: BaseException) -> str:
     return f"{type(error).__name__}: {one_line(error)}{where}"
 
 
-def is_paced(source: Source, params: dict[str, Any]) -> bool:
-    """Whether the source's chunks arrive at the audio's pace (a microphone, or a file with `realtime`)."""
-    return source.live or bool(params.get("realtime", False))
-
-
-def build_source(params: dict[str, Any]) -> tuple[Source, bool]:
-    """The capture source for `params` and whether it is live (a microphone, or a file paced in real time)."""
-    from voxtral_run.stages.capture import DEFAULT_CHUNK_MS, FileSource, MicSource, StdinSource
-
-    unknown = sorted(set(params) - set(CAPTURE_PARAMS))
-    if unknown:
-        raise StageError(f"stage '{SOURCE}': unknown setting '{unknown[0]}' (choose from {', '.join(CAPTURE_PARAMS)})")
-    source_input = params.get("input")
-    chunk_ms = params.get("chunk_ms", DEFAULT_CHUNK_MS)
-    realtime = bool(params.get("realtime", False))
-    if source_input is None:
-        raise StageError("no audio input: give --input FILE, --input - (stdin) or --input mic")
-    source_input = str(source_input)
-    if realtime and source_input in (STDIN_INPUT, MIC_INPUT):
-        raise StageError("--realtime paces audio files; stdin and microphones already arrive in real time")
-    channels = params.get("channels", 1)
-    if source_input == STDIN_INPUT:
-        stdin = os.fdopen(os.dup(0), "rb")  # the spawned process keeps the runner's fd 0
-        source: Source = StdinSource(stdin, rate=params.get("rate"), channels=channels, chunk_ms=chunk_ms)
-    elif source_input == MIC_INPUT:
-        source = MicSource(params.get("mic_device"), rate=params.get("rate"), channels=channels, chunk_ms=chunk_ms)
-    else:
-        source = FileSource(source_input, chunk_ms=chunk_ms, realtime=realtime)
-    return source, is_paced(source, params)
-
-
 def build_core(spec: StageSpec) -> Stage | Source:
     """The stage core: an `impl` class if given, the capture source, or a model stage from the factory."""
     if spec.impl is not None:
@@ -128,17 +93,18 @@ def build_core(spec: StageSpec) -> Stage | Source:
             return factory(**spec.params)
         except TypeError as error:  # settings that do not match the constructor
             raise StageError(f"impl {spec.impl}: {one_line(error)}") from None
+    # Imports torch only for a model stage: the other processes start in a fraction of a second.
+    from voxtral_run.stages.factory import build_stage
+
     if spec.name == SOURCE:
-        source, live = build_source(spec.params)
-        if spec.output_edge.policy is not Policy.BLOCK and not live:
+        source = build_stage(SOURCE, model_dir=spec.model_dir, params=spec.params)
+        if spec.output_edge.policy is not Policy.BLOCK and not source.paced:
             source.close()
             raise StageError(
                 f"queue {spec.output_edge.name}: policy {spec.output_edge.policy.value} needs a live capture "
                 "(--input mic, or a file with --realtime)"
             )
         return source
-    from voxtral_run.stages.factory import build_stage  # imports torch: only processes running a model stage pay for it
-
     return build_stage(
         spec.name, model_dir=spec.model_dir, device=spec.device, delay_ms=spec.delay_ms, params=spec.params
     )
@@ -247,7 +213,7 @@ class StageProcess:
             self._wait_for("start")
             if isinstance(core, Source):
                 self.source = core
-                self._capture(core, paced=is_paced(core, self.spec.params))
+                self._capture(core, paced=core.paced)
                 self._wait_for("stop")
             else:
                 self._serve(core)

@@ -87,6 +87,11 @@ class Source(ABC):
     name: str = "capture"
     live: bool = False  # a live source cannot be paused, so only its outgoing edge may drop
 
+    @property
+    def paced(self) -> bool:
+        """Whether chunks arrive at the audio's own pace (a live source, or a file read in real time)."""
+        return self.live
+
     @abstractmethod
     def chunks(self) -> Iterator[Item]:
         """Yield the stream's audio chunks until the source ends or `close` is called."""

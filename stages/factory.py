@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from voxtral_run.stages.audio.constants import delay_tokens
-from voxtral_run.stages.base import Stage, StageError
+from voxtral_run.stages.base import Source, Stage, StageError
 from voxtral_run.stages.text.tekken import TEKKEN_FILE, Tekken, load_tekken
 
 if TYPE_CHECKING:
@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 STAGE_KINDS = ("capture", "resample", "mel", "encoder", "decoder", "detokenize")
 MODEL_STAGE_KINDS = ("encoder", "decoder")  # the kinds that compute on their device; the others run on the CPU
 AUTO_DEVICE = "auto"
-# Settings each kind accepts in pipeline.yaml beyond device (capture is built by the runner).
+# Settings each kind accepts in pipeline.yaml beyond device (capture checks its own: audio/capture.py).
 STAGE_PARAMS: dict[str, tuple[str, ...]] = {
     "resample": (),
     "mel": (),
@@ -87,12 +87,16 @@ def num_delay_tokens(tekken: Tekken, delay_ms: float | None) -> int:
 def build_stage(
     kind: str,
     *,
-    model_dir: Path,
+    model_dir: Path | None,
     device: str = "cpu",
     delay_ms: float | None = None,
     params: dict[str, Any] | None = None,
-) -> Stage:
-    """The stage core of `kind` with its weights (if any) loaded on `device`."""
+) -> Stage | Source:
+    """The stage core of `kind` with its weights (if any) loaded on `device`; for `capture`, the audio source."""
+    if kind == "capture":
+        from voxtral_run.stages.audio.capture import build_source
+
+        return build_source(params or {})
     if kind not in STAGE_PARAMS:
         raise StageError(f"unknown stage kind '{kind}' (choose from {', '.join(STAGE_PARAMS)})")
     params = dict(params or {})

@@ -17,12 +17,12 @@ from pathlib import Path
 
 import numpy as np
 
+from voxtral_run.stages.audio.capture import FileSource
 from voxtral_run.stages.audio.constants import MAX_SOURCE_CHANNELS, MS_PER_TOKEN, check_source_format
 from voxtral_run.stages.base import Item, Stage, StageError
-from voxtral_run.stages.capture import FileSource
 from voxtral_run.stages.factory import build_stage
 from voxtral_run.stages.model.hub import resolve_model
-from voxtral_run.stages.output import Cue, build_cues
+from voxtral_run.stages.text.writers import Cue, build_cues
 
 MODEL_CHAIN = ("mel", "encoder", "decoder", "detokenize")
 AUDIO_CHAIN = ("resample", *MODEL_CHAIN)

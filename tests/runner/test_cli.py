@@ -22,7 +22,7 @@ from tests.runner.toy_stages import ToyTranscriber
 from voxtral_run.runner.config import load_pipeline
 from voxtral_run.runner.sink import TranscriptSink
 from voxtral_run.runner.supervisor import EXIT_OK, Supervisor
-from voxtral_run.stages.capture import FileSource
+from voxtral_run.stages.audio.capture import FileSource
 
 EXIT_TIME_S = 5.0
 

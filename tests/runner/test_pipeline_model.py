@@ -13,8 +13,8 @@ import pytest
 import soundfile
 
 from tests.runner.conftest import REPO, wait_until_gone, write_noise_wav
+from voxtral_run.stages.audio.capture import FileSource
 from voxtral_run.stages.audio.resample import ResampleStage
-from voxtral_run.stages.capture import FileSource
 from voxtral_run.stages.transcribe import transcribe_audio
 
 PIPELINE = REPO / "pipeline.yaml"

@@ -15,10 +15,10 @@ import soxr
 
 from tests.conftest import speechlike_audio
 from tests.runner.conftest import REPO, wait_until_gone
+from voxtral_run.stages.audio.capture import FileSource
 from voxtral_run.stages.audio.constants import MS_PER_TOKEN, OFFLINE_STREAMING_BUFFER_TOKENS, SAMPLE_RATE, delay_tokens
 from voxtral_run.stages.audio.resample import ResampleStage
 from voxtral_run.stages.base import StageError
-from voxtral_run.stages.capture import FileSource
 from voxtral_run.stages.transcribe import Result, Transcriber, build_chain, run_chain, transcribe_audio, transcript_of
 
 DURATION_S = 2.0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import queue
 import struct
 import threading
@@ -19,6 +20,11 @@ from voxtral_run.stages.audio.constants import MIN_SOURCE_RATE, MS_PER_TOKEN, ch
 from voxtral_run.stages.base import Item, Source, StageError
 
 DEFAULT_CHUNK_MS = MS_PER_TOKEN  # one decoder position of audio per chunk
+MIN_CHUNK_MS, MAX_CHUNK_MS = 10, 1000  # shorter chunks are all overhead; longer ones delay every token
+# Settings of the capture stage (pipeline.yaml params or the command line's --input, --rate, ...).
+CAPTURE_PARAMS = ("input", "rate", "channels", "realtime", "chunk_ms", "mic_device")
+STDIN_INPUT = "-"
+MIC_INPUT = "mic"
 DEFAULT_MIC_QUEUE_CHUNKS = 64  # ~5 s of 80 ms chunks buffered between the audio callback and the reader
 MIC_POLL_S = 0.05  # how often a reader waiting on an empty microphone queue checks whether it was closed
 
@@ -34,9 +40,12 @@ def _one_line(err: BaseException | str) -> str:
     return " ".join(str(err).split())
 
 
-def _check_chunk_ms(chunk_ms: float) -> None:
-    if chunk_ms <= 0:
-        raise StageError(f"chunk_ms={chunk_ms:g} must be positive")
+def check_chunk_ms(chunk_ms: object) -> None:
+    """A one-line StageError unless `chunk_ms` is a number of milliseconds within MIN_CHUNK_MS..MAX_CHUNK_MS."""
+    if isinstance(chunk_ms, bool) or not isinstance(chunk_ms, (int, float)):
+        raise StageError(f"{chunk_ms!r} is not a number of milliseconds")
+    if not MIN_CHUNK_MS <= chunk_ms <= MAX_CHUNK_MS:
+        raise StageError(f"{chunk_ms:g} is outside {MIN_CHUNK_MS}..{MAX_CHUNK_MS} ms")
 
 
 def _frames_per_chunk(sample_rate: int, chunk_ms: float) -> int:
@@ -187,7 +196,7 @@ class FileSource(Source):
     MP3), or with PyAV installed what FFmpeg decodes (M4A/AAC, MP4, WebM/Opus)."""
 
     def __init__(self, path: str | Path, *, chunk_ms: float = DEFAULT_CHUNK_MS, realtime: bool = False):
-        _check_chunk_ms(chunk_ms)
+        check_chunk_ms(chunk_ms)
         self.path = Path(path)
         if not self.path.exists():
             raise StageError(f"{self.path}: no such file")
@@ -232,6 +241,10 @@ class FileSource(Source):
             if self._realtime and self._closed.wait(start + position / self.sample_rate - time.monotonic()):
                 return
             yield _chunk(samples, self.sample_rate)
+
+    @property
+    def paced(self) -> bool:
+        return self._realtime
 
     def close(self) -> None:
         """Release the file; `chunks` ends at its next step (at once if it is waiting to pace a chunk)."""
@@ -292,7 +305,7 @@ class StdinSource(Source):
         chunk_ms: float = DEFAULT_CHUNK_MS,
     ):
         check_source_format(MIN_SOURCE_RATE if rate is None else rate, channels, "stdin")
-        _check_chunk_ms(chunk_ms)
+        check_chunk_ms(chunk_ms)
         self._stream = stream
         self._rate = rate
         self._channels = channels
@@ -423,7 +436,7 @@ class MicSource(Source):
         chunk_ms: float = DEFAULT_CHUNK_MS,
         max_queued_chunks: int = DEFAULT_MIC_QUEUE_CHUNKS,
     ):
-        _check_chunk_ms(chunk_ms)
+        check_chunk_ms(chunk_ms)
         sounddevice = _import_sounddevice()
         self._port_audio_error = sounddevice.PortAudioError
         self._queue: queue.Queue[np.ndarray] = queue.Queue(maxsize=max_queued_chunks)
@@ -485,3 +498,45 @@ class MicSource(Source):
             self._stream_open = False
             self._stream.stop()
             self._stream.close()
+
+
+def _checked_params(params: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The input and the settings of a capture, checked: known settings, an input, --realtime only for files,
+    the raw format's bounds."""
+    unknown = sorted(set(params) - set(CAPTURE_PARAMS))
+    if unknown:
+        raise StageError(f"stage 'capture': unknown setting '{unknown[0]}' (choose from {', '.join(CAPTURE_PARAMS)})")
+    if params.get("input") is None:
+        raise StageError("no audio input: give an audio file, --input FILE, --input - (stdin) or --input mic")
+    source_input = str(params["input"])
+    if params.get("realtime") and source_input in (STDIN_INPUT, MIC_INPUT):
+        raise StageError("--realtime paces audio files; stdin and microphones already arrive in real time")
+    for option, value in (("--rate", params.get("rate")), ("--channels", params.get("channels"))):
+        if value is not None:
+            rate, channels = (value, 1) if option == "--rate" else (MIN_SOURCE_RATE, value)
+            check_source_format(rate, channels, option)
+    return source_input, params
+
+
+def inspect_capture(params: dict[str, Any]) -> FileSource | None:
+    """Check a capture's settings before any process starts, opening an input file (and closing it again) to
+    know it is audio; that file's source (for its duration and warnings), None for stdin or a microphone."""
+    source_input, params = _checked_params(params)
+    if source_input in (STDIN_INPUT, MIC_INPUT):
+        return None
+    source = FileSource(source_input)
+    source.close()
+    return source
+
+
+def build_source(params: dict[str, Any]) -> Source:
+    """The capture source for `params`: a file (paced in real time with `realtime`), stdin or a microphone."""
+    source_input, params = _checked_params(params)
+    chunk_ms = params.get("chunk_ms", DEFAULT_CHUNK_MS)
+    channels = params.get("channels", 1)
+    if source_input == STDIN_INPUT:
+        stdin = os.fdopen(os.dup(0), "rb")  # a spawned process keeps the runner's fd 0
+        return StdinSource(stdin, rate=params.get("rate"), channels=channels, chunk_ms=chunk_ms)
+    if source_input == MIC_INPUT:
+        return MicSource(params.get("mic_device"), rate=params.get("rate"), channels=channels, chunk_ms=chunk_ms)
+    return FileSource(source_input, chunk_ms=chunk_ms, realtime=bool(params.get("realtime", False)))

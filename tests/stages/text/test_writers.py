@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from voxtral_run.stages.base import StageError
-from voxtral_run.stages.output import FORMATS, MAX_CUE_CHARS, MAX_CUE_SECONDS, format_timestamp, open_writer
+from voxtral_run.stages.text.writers import FORMATS, MAX_CUE_CHARS, MAX_CUE_SECONDS, format_timestamp, open_writer
 
 TOKEN_S = 0.08
 TRANSCRIPT = (
