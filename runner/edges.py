@@ -287,8 +287,8 @@ class EdgeSender:
         self._on_drop(envelope)
 
     def _put(self, envelope: Envelope) -> int:
-        if self._gaps:
-            envelope.gaps, self._gaps = [*envelope.gaps, *self._gaps], []
+        if self._gaps:  # in time order: the drops before this envelope, then the audio lost just before it
+            envelope.gaps, self._gaps = [*self._gaps, *envelope.gaps], []
         frames = encode(envelope)
         self.socket.send_multipart(frames, copy=False)
         self._credits -= 1

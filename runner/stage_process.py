@@ -1,7 +1,7 @@
 """One pipeline stage as an OS process: build the stage core, report ready, then receive, call, send.
 
-A stage process talks to its runner over its own control socket (loading, ready, error, end of stream,
-stats; start and stop back), apart from the data queues, so control never waits behind data.
+A stage process talks to its runner over its own control socket (loading, ready, warnings, error, end of
+stream, stats; start and stop back), apart from the data queues, so control never waits behind data.
 """
 
 from __future__ import annotations
@@ -376,8 +376,10 @@ class StageProcess:
             raise _CaptureInterrupted()
 
     def _on_drop(self, envelope: Envelope) -> None:
-        """A chunk the capture's dropping queue left out: its place in the audio travels on as a gap, so the text
-        after it keeps the real audio's times."""
+        """A chunk the capture's dropping queue left out: its place in the audio, after the gaps it carried (audio
+        the source lost before it), travels on as gaps, so the text after it keeps the real audio's times."""
+        for gap in envelope.gaps:
+            self.sender.annotate(gap)
         for seq, start_s, length_s in self._recent_chunks:
             if seq == envelope.seq:
                 self.sender.annotate([start_s, length_s])
@@ -397,10 +399,13 @@ class StageProcess:
         self._lag["max_lag_s"] = max(self._lag["max_lag_s"], lag_s)
 
     def _capture(self, source: Source, *, paced: bool) -> None:
-        """Send the source's chunks as one stream; on its end or on SIGINT, close it and send end of stream.
+        """Send the source's chunks as one stream; on its end or on SIGINT, close it, pass on the warnings it found
+        while reading, and send end of stream. Audio the source lost (`dropped_before_s`) travels on as a gap.
 
         Its service time is reading a chunk (not when `paced`: then reading is waiting for the audio)."""
         stream_id = uuid.uuid4().hex[:8]
+        # A source's warnings from opening its input the runner printed already: it inspects the input first.
+        known_warnings = len(getattr(source, "warnings", []))
         signal.signal(signal.SIGINT, self._on_sigint)
         # Drops only ever concern the chunks still in the queue or at the sender: capacity of them at most.
         self._recent_chunks = deque(maxlen=self.spec.output_edge.capacity + 1)
@@ -424,6 +429,10 @@ class StageProcess:
                 if self.spec.throttle_ms:
                     time.sleep(self.spec.throttle_ms / 1000)
                 length_s = len(chunk["samples"]) / chunk["sample_rate"]
+                dropped_s = getattr(source, "dropped_before_s", 0.0)
+                if dropped_s:  # the source itself lost audio just before this chunk (a microphone's full queue)
+                    add_gap(self._gaps.setdefault(stream_id, []), [position_s, dropped_s])
+                    position_s += dropped_s
                 self._recent_chunks.append((self._output_seq.get(stream_id, 0), position_s, length_s))
                 position_s += length_s
                 if paced:
@@ -438,6 +447,8 @@ class StageProcess:
             pass
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         source.close()
+        for warning in getattr(source, "warnings", [])[known_warnings:]:
+            self.report("warning", message=warning)
         self._send(stream_id, capture_time, Kind.EOS)
         self.report("eos", stream=stream_id)
         self._report_at_end_of_stream()

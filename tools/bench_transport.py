@@ -2,8 +2,9 @@
 
 Run from the repository root: `python -m tools.bench_transport`.
 Runs source -> relay -> sink as three spawned processes joined by the runner's own edges (credits, msgpack
-envelope, raw array frames), over ipc:// and tcp:// on loopback, and prints a Markdown section whose figures
-docs/PERFORMANCE.md's CPU table quotes.
+envelope, raw array frames), over ipc:// and tcp:// on loopback (CURVE-encrypted and authenticated with a fresh
+keypair, as the runner's tcp queues are), and prints a Markdown section whose figures docs/PERFORMANCE.md's CPU
+table quotes.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import numpy as np
 import zmq
 
 from voxtral_run.runner.edges import EdgeReceiver, EdgeSender, EdgeSpec, Policy
+from voxtral_run.runner.security import CurveKeys, start_authenticator
 from voxtral_run.runner.wire import Envelope, Kind
 from voxtral_run.stages.audio.constants import (
     ENCODER_FRAMES_PER_TOKEN,
@@ -41,11 +43,13 @@ HOPS = 2
 SECTION = "## Transport"
 
 
-def _relay(input_spec: EdgeSpec, output_spec: EdgeSpec | None, results) -> None:
-    """Receive until end of stream, forwarding (relay) or not (sink); report one-way latencies and timings."""
+def _relay(input_spec: EdgeSpec, output_spec: EdgeSpec | None, keys: CurveKeys, results) -> None:
+    """Receive until end of stream, forwarding (relay) or not (sink); report one-way latencies and timings.
+    A tcp input is a CURVE server admitting only `keys`, as a stage process's is."""
     context = zmq.Context()
-    receiver = EdgeReceiver(context, input_spec)
-    sender = EdgeSender(context, output_spec) if output_spec is not None else None
+    authenticator = start_authenticator(context, keys) if input_spec.is_tcp else None
+    receiver = EdgeReceiver(context, input_spec, keys)
+    sender = EdgeSender(context, output_spec, keys=keys) if output_spec is not None else None
     latencies, first, last = [], None, None
     while True:
         envelope = receiver.receive()
@@ -65,6 +69,8 @@ def _relay(input_spec: EdgeSpec, output_spec: EdgeSpec | None, results) -> None:
     for end in (receiver, sender):
         if end is not None:
             end.close()
+    if authenticator is not None:
+        authenticator.stop()
     context.term()
 
 
@@ -78,6 +84,7 @@ def _endpoints(transport: str, directory: Path, index: int, port: int) -> tuple[
 def measure(transport: str, payload: np.ndarray, count: int, paced: bool, port: int) -> dict:
     """Send `count` messages through HOPS hops; per-hop latencies (s) and the sink's messages per second."""
     spawn = multiprocessing.get_context("spawn")
+    keys = CurveKeys.generate()  # a run's keypair, as the runner makes one (ipc ignores it)
     with tempfile.TemporaryDirectory() as directory:
         specs = [
             EdgeSpec(f"n{i}", f"n{i + 1}", *_endpoints(transport, Path(directory), i, port), CAPACITY, Policy.BLOCK)
@@ -87,12 +94,12 @@ def measure(transport: str, payload: np.ndarray, count: int, paced: bool, port: 
         for i in range(HOPS):
             receive_end, send_end = spawn.Pipe(duplex=False)
             output = specs[i + 1] if i + 1 < HOPS else None
-            process = spawn.Process(target=_relay, args=(specs[i], output, send_end))
+            process = spawn.Process(target=_relay, args=(specs[i], output, keys, send_end))
             process.start()
             pipes.append(receive_end)
             processes.append(process)
         context = zmq.Context()
-        sender = EdgeSender(context, specs[0])
+        sender = EdgeSender(context, specs[0], keys=keys)
         warmup = 200
         for seq in range(count + warmup):
             sender.send(Envelope("bench", seq, time.time(), Kind.DATA, payload))
@@ -132,7 +139,8 @@ def run(count: int, port: int) -> str:
             f"ZeroMQ {zmq.zmq_version()}).",
             "",
             f"Three spawned processes (source -> relay -> sink, {HOPS} hops) joined by the runner's own queues: "
-            "credit-bounded DEALER pairs, msgpack header, the array as a raw frame. Latency is one way per hop, "
+            "credit-bounded DEALER pairs, msgpack header, the array as a raw frame, tcp encrypted with CURVE. "
+            "Latency is one way per hop, "
             f"from encoding at the sender to decoding at the receiver, with one message every "
             f"{PACED_INTERVAL_S * 1e3:g} ms ({count} messages per hop after a warm-up). Messages per second is "
             f"the sink's rate when the source sends as fast as the queue lets it (capacity {CAPACITY}).",

@@ -33,6 +33,7 @@ _WAVE_FORMAT_IEEE_FLOAT = 3
 _WAVE_FORMAT_EXTENSIBLE = 0xFFFE
 # Writers that stream a WAV into a pipe (arecord, ffmpeg) cannot know the data size and write one of these.
 _UNKNOWN_WAV_DATA_SIZES = (0, 0xFFFFFFFF)
+_DISCARD_BLOCK_BYTES = 1 << 16  # stdin after a WAV's data is read this much at a time, and not kept
 
 
 def _one_line(err: BaseException | str) -> str:
@@ -150,6 +151,19 @@ class _AvReader:
         self._container.close()
 
 
+def _is_chunk_id(chunk_id: bytes) -> bool:
+    """Whether four bytes can be a RIFF chunk id (printable ASCII); anything else is not a chunk."""
+    return all(32 <= byte < 127 for byte in chunk_id)
+
+
+def _unread_wav_warning(name: str, unclaimed: int, holder: str) -> str:
+    """The one-line warning for a WAV (file or stdin) whose header declares less than `holder` holds."""
+    return (
+        f"{name}: {unclaimed} bytes after the audio the WAV header declares are not read "
+        f"(the header's data size is smaller than the {holder})"
+    )
+
+
 def _wav_unclaimed_bytes(path: Path) -> int:
     """Bytes of a RIFF/WAVE file that no chunk of its header claims (0 for other files): audio written past the
     size its header gives, or garbage. Readers follow the header; the caller says what was left out."""
@@ -162,7 +176,7 @@ def _wav_unclaimed_bytes(path: Path) -> int:
         while position + 8 <= size:
             file.seek(position)
             chunk_id, chunk_size = struct.unpack("<4sI", file.read(8))
-            if not all(32 <= byte < 127 for byte in chunk_id):  # not a chunk: what follows is unclaimed
+            if not _is_chunk_id(chunk_id):  # not a chunk: what follows is unclaimed
                 break
             if chunk_id == b"data" and chunk_size in _UNKNOWN_WAV_DATA_SIZES:
                 return 0  # a streamed WAV: the data runs to the end
@@ -215,10 +229,7 @@ class FileSource(Source):
         # One-line notes for the user (the runner prints them): what was read differs from what the file holds.
         self.warnings: list[str] = []
         if unclaimed:
-            self.warnings.append(
-                f"{self.path}: {unclaimed} bytes after the audio the WAV header declares are not read "
-                "(the header's data size is smaller than the file)"
-            )
+            self.warnings.append(_unread_wav_warning(str(self.path), unclaimed, "file"))
         self._chunk_frames = _frames_per_chunk(self.sample_rate, chunk_ms)
         self._realtime = realtime
         self._closed = threading.Event()
@@ -294,7 +305,8 @@ class _PcmFormat:
 
 class StdinSource(Source):
     """Reads raw s16le PCM (needs `rate`) or a WAV (rate and channels from its header) from a binary stream,
-    incrementally, so it can follow a live pipe."""
+    incrementally, so it can follow a live pipe. A WAV is read as its header says; what follows its declared data
+    is read to the end of the input and, where no chunk claims it, told in `warnings` once `chunks` ends."""
 
     def __init__(
         self,
@@ -311,6 +323,9 @@ class StdinSource(Source):
         self._channels = channels
         self._chunk_ms = chunk_ms
         self._closed = threading.Event()
+        # One-line notes for the user (the capture stage passes them to the runner): what was read differs from
+        # what the input holds.
+        self.warnings: list[str] = []
 
     def _read(self, size: int) -> bytes:
         """Up to `size` bytes, fewer only at the end of the input (pipes return short reads)."""
@@ -322,6 +337,31 @@ class StdinSource(Source):
             parts.append(part)
             size -= len(part)
         return b"".join(parts)
+
+    def _discard(self, size: int | None) -> int:
+        """Read and drop up to `size` bytes (all that is left for None), a block at a time, until the input ends
+        or `close` is called; how many were dropped."""
+        dropped = 0
+        while (size is None or dropped < size) and not self._closed.is_set():
+            want = _DISCARD_BLOCK_BYTES if size is None else min(_DISCARD_BLOCK_BYTES, size - dropped)
+            part = self._stream.read(want)
+            if not part:
+                break
+            dropped += len(part)
+        return dropped
+
+    def _unclaimed_after_data(self, data_size: int) -> int:
+        """Bytes after a WAV's declared data that no chunk claims, as FileSource counts them in a file: the input
+        is read to its end; a chunk cut short by the end claims the rest."""
+        skip = data_size % 2  # the data chunk's pad byte
+        while True:
+            if self._discard(skip) < skip:
+                return 0
+            header = self._read(8)
+            if len(header) < 8 or not _is_chunk_id(header[:4]):
+                return len(header) + self._discard(None)
+            (size,) = struct.unpack("<I", header[4:])
+            skip = size + size % 2
 
     def _read_wav_header(self) -> tuple[_PcmFormat, int | None]:
         """Parse the RIFF header after its 4-byte magic up to the data chunk; return the format and the data
@@ -359,11 +399,13 @@ class StdinSource(Source):
             raise StageError("stdin: empty input, no audio")
         if prefix == b"RIFF":
             pcm_format, remaining = self._read_wav_header()
+            declared = remaining
             prefix = b""
         elif self._rate is None:
             raise StageError("stdin: raw s16le input needs a sample rate (or send a WAV)")
         else:
             pcm_format, remaining = _PcmFormat(_WAVE_FORMAT_PCM, 16, self._rate, self._channels), None
+            declared = None
         chunk_bytes = _frames_per_chunk(pcm_format.sample_rate, self._chunk_ms) * pcm_format.bytes_per_frame
         total_frames = 0
         while not self._closed.is_set():
@@ -379,6 +421,10 @@ class StdinSource(Source):
             yield _chunk(pcm_format.decode(data[:whole]), pcm_format.sample_rate)
         if total_frames == 0 and not self._closed.is_set():
             raise StageError("stdin: the input holds no audio frames")
+        if remaining == 0 and not self._closed.is_set():  # the declared data was all there: what follows it?
+            unclaimed = self._unclaimed_after_data(declared)
+            if unclaimed:
+                self.warnings.append(_unread_wav_warning("stdin", unclaimed, "input"))
 
     def close(self) -> None:
         """Stop after the current read; the stream itself belongs to the caller."""
@@ -423,7 +469,8 @@ def list_input_devices() -> list[dict]:
 
 class MicSource(Source):
     """Captures a microphone through sounddevice; the audio callback never blocks and drops (counting them)
-    the chunks the reader does not take in time."""
+    the chunks the reader does not take in time. After each chunk `dropped_before_s` says how much audio the
+    queue dropped just before it, so the text after a drop keeps the audio's real times."""
 
     live = True
 
@@ -439,8 +486,11 @@ class MicSource(Source):
         check_chunk_ms(chunk_ms)
         sounddevice = _import_sounddevice()
         self._port_audio_error = sounddevice.PortAudioError
-        self._queue: queue.Queue[np.ndarray] = queue.Queue(maxsize=max_queued_chunks)
+        # Blocks with the frames the full queue dropped just before each (so a drop is placed where it happened).
+        self._queue: queue.Queue[tuple[np.ndarray, int]] = queue.Queue(maxsize=max_queued_chunks)
         self._overflows = 0
+        self._dropped_frames = 0  # the audio thread's: frames dropped since the last block it queued
+        self.dropped_before_s = 0.0  # seconds of audio dropped just before the chunk `chunks` yielded last
         self._ended = threading.Event()  # set by close() or when PortAudio stops the stream
         self._stream_open = True
         try:
@@ -463,7 +513,8 @@ class MicSource(Source):
 
     @property
     def overflows(self) -> int:
-        """Chunks lost so far: PortAudio input overflows plus chunks dropped because the queue was full."""
+        """Chunks lost so far: PortAudio input overflows plus chunks dropped because the queue was full. Only the
+        latter move later times (`dropped_before_s`): PortAudio does not say how much an overflow lost."""
         return self._overflows
 
     def _on_audio(self, indata: np.ndarray, frames: int, time_info: Any, status: Any) -> None:
@@ -471,9 +522,11 @@ class MicSource(Source):
         if status.input_overflow:
             self._overflows += 1
         try:
-            self._queue.put_nowait(indata.copy())
+            self._queue.put_nowait((indata.copy(), self._dropped_frames))
+            self._dropped_frames = 0
         except queue.Full:
             self._overflows += 1
+            self._dropped_frames += frames
 
     def chunks(self) -> Iterator[Item]:
         """Start the microphone and yield its chunks; after `close`, yield what was already queued and end."""
@@ -484,11 +537,12 @@ class MicSource(Source):
                 raise StageError(f"microphone {self._device_name}: cannot start ({_one_line(err)})") from None
         while True:
             try:
-                samples = self._queue.get(timeout=MIC_POLL_S)
+                samples, dropped_frames = self._queue.get(timeout=MIC_POLL_S)
             except queue.Empty:
                 if self._ended.is_set():
                     return
                 continue
+            self.dropped_before_s = dropped_frames / self.sample_rate
             yield _chunk(samples, self.sample_rate)
 
     def close(self) -> None:

@@ -10,9 +10,11 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
-from tests.runner.conftest import REPO, wait_until_gone, write_noise_wav, write_toy_pipeline
+from tests.runner.conftest import REPO, TOY, wait_until_gone, write_noise_wav, write_toy_pipeline
 from tests.runner.test_cli import expected_ids, jsonl_events, one_error_line
+from tests.runner.toy_stages import LossyLiveSource
 
 
 @pytest.mark.parametrize(
@@ -76,7 +78,9 @@ def test_a_write_cut_short_leaves_only_whole_records(runner, tmp_path):
     assert wait_until_gone(runner.marker) == []
 
 
-def test_a_wav_header_claiming_less_is_read_as_it_says_with_a_warning(runner, tmp_path):
+@pytest.mark.parametrize("via", ["file", "stdin"])
+def test_a_wav_header_claiming_less_is_read_as_it_says_with_a_warning(runner, tmp_path, via):
+    """As a file or on stdin, once: a file's warning comes before the run starts, stdin's from the capture."""
     whole = write_noise_wav(tmp_path / "whole.wav", 1.0)
     half = write_noise_wav(tmp_path / "half.wav", 0.5)
     data = whole.read_bytes()
@@ -84,12 +88,18 @@ def test_a_wav_header_claiming_less_is_read_as_it_says_with_a_warning(runner, tm
     declared = int.from_bytes(half.read_bytes()[at + 4 : at + 8], "little")
     lying = tmp_path / "lying.wav"
     lying.write_bytes(data[: at + 4] + struct.pack("<I", declared) + data[at + 8 :])
-    result = runner.run(write_toy_pipeline(tmp_path / "p.yaml"), "--input", lying, "-f", "jsonl")
-    assert result.returncode == 0
+    pipeline = write_toy_pipeline(tmp_path / "p.yaml")
+    unread = "16000 bytes after the audio the WAV header declares are not read (the header's data size is smaller"
+    if via == "file":
+        result = runner.run(pipeline, "--input", lying, "-f", "jsonl")
+        warning = f"voxtral-run: warning: {lying}: {unread} than the file)"
+    else:
+        result = runner.run(pipeline, "--input", "-", "-f", "jsonl", input_bytes=lying.read_bytes())
+        warning = f"voxtral-run: warning: capture: stdin: {unread} than the input)"
+    assert result.returncode == 0, result.stderr
     assert jsonl_events(result.stdout.decode())[-1]["token_ids"] == expected_ids(half)
-    assert f"voxtral-run: warning: {lying}: 16000 bytes after the audio the WAV header declares are not read" in (
-        result.stderr.decode()
-    )
+    stderr = result.stderr.decode()
+    assert f"{warning}\n" in stderr and stderr.count(unread) == 1
 
 
 def test_drops_on_a_live_queue_keep_the_real_audio_times(runner, tmp_path):
@@ -101,6 +111,30 @@ def test_drops_on_a_live_queue_keep_the_real_audio_times(runner, tmp_path):
     everything = expected_ids(wav)
     deltas = [event for event in jsonl_events(result.stdout.decode()) if event["type"] == "delta"]
     assert len(deltas) < len(everything)  # some were dropped
+    for delta in deltas:
+        index = everything.index(delta["token_ids"][0])
+        assert delta["start_s"] == pytest.approx(index * 0.08) and delta["end_s"] == pytest.approx((index + 1) * 0.08)
+
+
+@pytest.mark.parametrize("policy", ["block", "drop_oldest"])
+def test_audio_a_live_source_lost_keeps_the_real_audio_times(runner, tmp_path, policy):
+    """Chunks the source itself lost (a microphone's full queue) move later text as queue drops do, alone or with
+    drops on the queue (a slow relay behind a drop_oldest queue)."""
+    wav = write_noise_wav(tmp_path / "a.wav", 1.5)
+    relay = {"throttle_ms": 200} if policy == "drop_oldest" else None
+    pipeline = write_toy_pipeline(tmp_path / "p.yaml", relay=relay, capacity=2, policy=policy)
+    data = yaml.safe_load(pipeline.read_text())
+    data["stages"]["capture"]["impl"] = f"{TOY}:LossyLiveSource"
+    pipeline.write_text(yaml.safe_dump(data, sort_keys=False))
+    result = runner.run(pipeline, "--input", wav, "--format", "jsonl")
+    assert result.returncode == 0, result.stderr
+    everything = expected_ids(wav)
+    kept = [token_id for index, token_id in enumerate(everything) if index not in LossyLiveSource.LOST]
+    deltas = [event for event in jsonl_events(result.stdout.decode()) if event["type"] == "delta"]
+    if policy == "block":
+        assert [delta["token_ids"][0] for delta in deltas] == kept
+    else:
+        assert len(deltas) < len(kept)  # the queue dropped some as well
     for delta in deltas:
         index = everything.index(delta["token_ids"][0])
         assert delta["start_s"] == pytest.approx(index * 0.08) and delta["end_s"] == pytest.approx((index + 1) * 0.08)

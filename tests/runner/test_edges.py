@@ -115,6 +115,18 @@ def test_drop_oldest_keeps_the_newest_and_delivers_end_of_stream(context, tmp_pa
     assert received[-1].kind is Kind.EOS
 
 
+def test_gaps_go_out_in_time_order(context, tmp_path):
+    """Gaps of drops before an envelope come before the gap it carries itself (audio its source lost just
+    before it), as the sink moves later times past them in order."""
+    receiver, sender = make_edge(context, tmp_path, 2, Policy.DROP_NEWEST)
+    receive_all(receiver)
+    sender._wait_for_credit()
+    sender.annotate([0.08, 0.08])  # a dropped chunk
+    sender.send(Envelope("s", 2, 0.0, Kind.DATA, np.zeros(4, np.float32), gaps=[[0.24, 0.16]]))
+    [message] = receive_all(receiver)
+    assert message.gaps == [[0.08, 0.08], [0.24, 0.16]]
+
+
 def test_payload_survives_the_hop(context, tmp_path):
     receiver, sender = make_edge(context, tmp_path, 4, Policy.BLOCK)
     receive_all(receiver)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 
-from voxtral_run.stages.base import Item, Stage, StageError
+from voxtral_run.stages.audio.capture import FileSource
+from voxtral_run.stages.base import Item, Source, Stage, StageError
 
 
 def _token_of(samples: np.ndarray) -> int:
@@ -50,3 +53,27 @@ class Passthrough(Stage):
 
     def finish(self, stream_id: str) -> list[Item]:
         return []
+
+
+class LossyLiveSource(Source):
+    """A file read at its real pace that loses the chunks at LOST, as a microphone whose queue filled up does, and
+    says after each chunk how much audio it lost just before it (`dropped_before_s`, as MicSource does)."""
+
+    live = True
+    LOST = (3, 4, 10)
+
+    def __init__(self, input: str):
+        self._file = FileSource(input, realtime=True)
+        self.dropped_before_s = 0.0
+
+    def chunks(self) -> Iterator[Item]:
+        lost_s = 0.0
+        for index, chunk in enumerate(self._file.chunks()):
+            if index in self.LOST:
+                lost_s += len(chunk["samples"]) / chunk["sample_rate"]
+                continue
+            self.dropped_before_s, lost_s = lost_s, 0.0
+            yield chunk
+
+    def close(self) -> None:
+        self._file.close()

@@ -345,16 +345,33 @@ def test_stdin_wav_stops_at_the_data_size_and_skips_other_chunks() -> None:
     audio = random_audio(1000, 1)
     trailer = b"LIST" + struct.pack("<I", 400) + bytes(range(256)) + bytes(144)
     data = wav_bytes(pcm16_bytes(audio), channels=1, rate=16000, data_size=None, extra=trailer)
-    samples, _ = collect(StdinSource(io.BytesIO(data)))
+    source = StdinSource(io.BytesIO(data))
+    samples, _ = collect(source)
     np.testing.assert_array_equal(samples, (np.frombuffer(pcm16_bytes(audio), "<i2") / 32768)[:, None])
+    assert source.warnings == []  # the chunk after the data claims every byte that follows
+
+
+def test_stdin_wav_header_claiming_less_is_read_as_it_says_with_a_warning() -> None:
+    payload = pcm16_bytes(random_audio(1000, 1))
+    declared = 600 * 2  # bytes: 600 of the 1000 frames
+    data = wav_bytes(payload, channels=1, rate=16000, data_size=declared)
+    source = StdinSource(TrickleStream(data, step=5))
+    samples, _ = collect(source)
+    np.testing.assert_array_equal(samples, (np.frombuffer(payload[:declared], "<i2") / 32768)[:, None])
+    assert source.warnings == [
+        "stdin: 800 bytes after the audio the WAV header declares are not read "
+        "(the header's data size is smaller than the input)"
+    ]
 
 
 @pytest.mark.parametrize("unknown_size", [0, 0xFFFFFFFF])
 def test_stdin_streamed_wav_of_unknown_size_reads_to_the_end(unknown_size: int) -> None:
     payload = pcm16_bytes(random_audio(3000, 2))
     data = wav_bytes(payload, channels=2, rate=48000, data_size=unknown_size)
-    samples, items = collect(StdinSource(io.BytesIO(data)))
+    source = StdinSource(io.BytesIO(data))
+    samples, items = collect(source)
     assert samples.shape == (3000, 2) and items[0]["sample_rate"] == 48000
+    assert source.warnings == []
 
 
 def test_stdin_reads_incrementally_from_a_pipe() -> None:
@@ -519,6 +536,27 @@ def test_mic_callback_never_blocks_and_counts_overflows(fake_sounddevice: types.
     assert mic.overflows == 1 + (10 - 4)  # one PortAudio overflow flag, six chunks dropped on a full queue
     mic.close()
     assert len(list(mic.chunks())) == 4
+
+
+def test_mic_says_how_much_audio_its_full_queue_dropped_before_each_chunk(
+    fake_sounddevice: types.ModuleType,
+) -> None:
+    mic = MicSource(None, rate=16000, max_queued_chunks=2)
+    (stream,) = fake_sounddevice.streams
+    blocks = [np.full((frames_per_chunk(16000), 1), i, np.float32) for i in range(7)]
+    chunks = mic.chunks()
+    for block in blocks[:5]:  # nobody reads: 0 and 1 are queued, 2..4 dropped
+        stream.deliver(block)
+    assert [next(chunks)["samples"][0, 0] for _ in range(2)] == [0, 1]
+    assert mic.dropped_before_s == 0
+    stream.deliver(blocks[5], overflow=True)  # PortAudio lost audio too, but does not say how much
+    stream.deliver(blocks[6])
+    assert next(chunks)["samples"][0, 0] == 5
+    assert mic.dropped_before_s == pytest.approx(3 * 0.08)  # blocks 2..4 were dropped just before block 5
+    assert next(chunks)["samples"][0, 0] == 6
+    assert mic.dropped_before_s == 0
+    assert mic.overflows == 3 + 1
+    mic.close()
 
 
 def test_mic_ends_when_portaudio_finishes_the_stream(fake_sounddevice: types.ModuleType) -> None:
