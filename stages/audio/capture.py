@@ -33,6 +33,8 @@ _WAVE_FORMAT_IEEE_FLOAT = 3
 _WAVE_FORMAT_EXTENSIBLE = 0xFFFE
 # Writers that stream a WAV into a pipe (arecord, ffmpeg) cannot know the data size and write one of these.
 _UNKNOWN_WAV_DATA_SIZES = (0, 0xFFFFFFFF)
+MAX_FMT_CHUNK_BYTES = 40  # WAVE_FORMAT_EXTENSIBLE's, the largest fmt chunk
+SKIP_BLOCK_BYTES = 1 << 16
 _DISCARD_BLOCK_BYTES = 1 << 16  # stdin after a WAV's data is read this much at a time, and not kept
 
 
@@ -363,6 +365,15 @@ class StdinSource(Source):
             (size,) = struct.unpack("<I", header[4:])
             skip = size + size % 2
 
+    def _skip(self, size: int) -> None:
+        """Read past `size` bytes of a chunk the capture does not use, a block at a time: a header may claim
+        gigabytes."""
+        while size > 0:
+            block = self._read(min(size, SKIP_BLOCK_BYTES))
+            if not block:
+                raise StageError("stdin: the WAV header ends early")
+            size -= len(block)
+
     def _read_wav_header(self) -> tuple[_PcmFormat, int | None]:
         """Parse the RIFF header after its 4-byte magic up to the data chunk; return the format and the data
         size (None when the writer could not know it)."""
@@ -379,17 +390,19 @@ class StdinSource(Source):
                 if pcm_format is None:
                     raise StageError("stdin: the WAV has no fmt chunk before its data")
                 return pcm_format, None if size in _UNKNOWN_WAV_DATA_SIZES else size
-            body = self._read(size + size % 2)  # RIFF chunks are padded to an even size
+            if chunk_id != b"fmt ":
+                self._skip(size + size % 2)  # RIFF chunks are padded to an even size
+                continue
+            if not 16 <= size <= MAX_FMT_CHUNK_BYTES:
+                raise StageError(f"stdin: the WAV fmt chunk has {size} bytes (expected 16..{MAX_FMT_CHUNK_BYTES})")
+            body = self._read(size + size % 2)
             if len(body) < size:
                 raise StageError("stdin: the WAV header ends early")
-            if chunk_id == b"fmt ":
-                if size < 16:
-                    raise StageError("stdin: the WAV fmt chunk is too short")
-                format_tag, channels, sample_rate, _, _, bits = struct.unpack("<HHIIHH", body[:16])
-                if format_tag == _WAVE_FORMAT_EXTENSIBLE and size >= 26:
-                    (format_tag,) = struct.unpack("<H", body[24:26])  # first field of the SubFormat GUID
-                pcm_format = _PcmFormat(format_tag, bits, sample_rate, channels)
-                pcm_format.check()
+            format_tag, channels, sample_rate, _, _, bits = struct.unpack("<HHIIHH", body[:16])
+            if format_tag == _WAVE_FORMAT_EXTENSIBLE and size >= 26:
+                (format_tag,) = struct.unpack("<H", body[24:26])  # first field of the SubFormat GUID
+            pcm_format = _PcmFormat(format_tag, bits, sample_rate, channels)
+            pcm_format.check()
 
     def chunks(self) -> Iterator[Item]:
         """Yield chunks as the input arrives, until it ends or `close` is called (a read already blocked

@@ -409,6 +409,8 @@ def test_stdin_close_ends_chunks() -> None:
         (b"\x01", 16000, "no audio frames"),
         (b"RIFF\x00\x00\x00\x00AVI ", None, "not a WAV"),
         (b"RIFF\x24\x00\x00\x00WAVEfmt ", None, "ends before its data chunk"),
+        (b"RIFF\x24\x00\x00\x00WAVEfmt \x08\x00\x00\x00", None, "fmt chunk has 8 bytes"),
+        (b"RIFF\x24\x00\x00\x00WAVELIST\xff\xff\xff\xf0" + b"\x00" * 100, None, "header ends early"),
         (wav_bytes(b"", channels=1, rate=16000, data_size=None), None, "no audio frames"),
         (wav_bytes(b"\x00" * 64, channels=1, rate=16000, data_size=None, format_tag=2), None, "unsupported"),
         (wav_bytes(b"\x00" * 64, channels=0, rate=16000, data_size=None), None, "channels 0 is outside 1..64"),
