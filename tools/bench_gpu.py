@@ -255,7 +255,7 @@ def run_pipeline(
     output, figures and trace written under `out_dir` as `name`.*)."""
     jsonl, stats, trace = (out_dir / f"{name}.{suffix}" for suffix in ("jsonl", "stats.json", "trace.json"))
     command = [
-        sys.executable, "-m", "runner", str(pipeline), "--model", str(model_dir), "--input", str(wav),
+        sys.executable, "-m", "voxtral_run.runner", str(pipeline), "--model", str(model_dir), "--input", str(wav),
         "--realtime", "--format", "jsonl", "--output", str(jsonl), "--stats-json", str(stats),
         "--profile", str(trace), "--set", "decoder.stop_at_eos=false",
     ]  # fmt: skip
