@@ -30,7 +30,7 @@ from voxtral_run.stages.base import StageError
 from voxtral_run.stages.factory import AUTO_DEVICE, MODEL_STAGE_KINDS, STAGE_KINDS, auto_device, cuda_device_count
 
 DEFAULT_MODEL = "mistralai/Voxtral-Mini-4B-Realtime-2602"
-# Stage names the runner knows how to build; the model stages come from stages.factory, capture from the runner.
+# Stage names the runner knows how to build: every built-in kind of stages.factory, capture included.
 KNOWN_STAGES = STAGE_KINDS
 SOURCE = "capture"  # the stage that produces audio: the only one without an input queue
 SINK = "output"  # the runner's own node that receives the final events and writes the transcript

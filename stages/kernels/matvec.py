@@ -46,7 +46,7 @@ class Norm(NamedTuple):
 
 class Heads(NamedTuple):
     """How a q/k/v product's columns leave its kernel: RoPE on the query and key columns at the step's
-    `rotations` [2, rows, head_dim / 2] (cos, sin), and, given a static cache's slot buffers, the keys and
+    `rotations` [2, rows, head_dim / 2] (cos, sin), and, given a KV cache ring's slot buffers, the keys and
     values also written into their slots."""
 
     rotations: torch.Tensor

@@ -124,7 +124,7 @@ def test_a_qkv_product_takes_whole_column_blocks_only() -> None:
     ],
     ids=["matvec", "matvec-4-columns", "matvec-2-columns", "rows", "rows-16-columns", "rows-split"],
 )  # fmt: skip
-@pytest.mark.parametrize("cached", [True, False], ids=["static-cache", "no-cache"])
+@pytest.mark.parametrize("cached", [True, False], ids=["cached", "no-cache"])
 def test_a_qkv_product_rotates_and_caches_its_heads_as_eager_does(product, rows, config, cached) -> None:
     """Through an identity weight (a product that adds nothing of its own, in float16 for the interpreter's
     sake: see above), the q/k/v kernels' RoPE gives the model's bits, and the keys and values land in
