@@ -31,12 +31,14 @@ OUTPUT_SUFFIXES = {".txt": "text", ".jsonl": "jsonl", ".srt": "srt", ".vtt": "vt
 HELP = """Transcribe speech with Voxtral Mini 4B Realtime, each pipeline stage running as its own process.
 
 PIPELINE is a YAML file naming the model, the stages (device, host, parameters) and the queues between them;
-the repository's pipeline.yaml is the single-machine default and documents every key.
+the repository's pipeline.yaml is the default (built in: an audio file in its place runs it) and documents every
+key.
 
 \b
 Examples:
-  voxtral-run pipeline.yaml --input talk.wav                  live text in the terminal
-  voxtral-run pipeline.yaml --input talk.flac --output talk.srt --format srt
+  voxtral-run talk.wav                                        the default pipeline: live text in the terminal
+  voxtral-run talk.m4a -o talk.srt                            subtitles (format from the extension), progress bar
+  voxtral-run pipeline.yaml --input talk.wav                  the same, the pipeline spelled out
   arecord -f S16_LE -r 16000 | voxtral-run pipeline.yaml --input - --rate 16000
   voxtral-run pipeline.yaml --input mic                       (see --list-devices)
   voxtral-run pipeline.yaml --set encoder.device=cuda:1 --set decoder.dtype=float32
