@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from voxtral_run.stages.audio.capture import FileSource
-from voxtral_run.stages.audio.constants import MAX_SOURCE_CHANNELS, MS_PER_TOKEN, check_source_format
+from voxtral_run.stages.audio.capture import FileSource, frames_per_chunk
+from voxtral_run.stages.audio.constants import MAX_SOURCE_CHANNELS, check_source_format
 from voxtral_run.stages.base import Item, Stage, StageError
 from voxtral_run.stages.factory import build_stage
 from voxtral_run.stages.model.hub import resolve_model
@@ -182,7 +182,7 @@ class Transcriber:
             raise StageError("no audio: the array holds 0 samples")
         # 80 ms pieces, as the capture stage reads a file: memory stays bounded for long audio, and on a GPU
         # each piece is one captured encoder step.
-        step = max(1, round(rate * MS_PER_TOKEN / 1000))
+        step = frames_per_chunk(rate)
         return self._transcribe_chunks((frames[i : i + step] for i in range(0, len(frames), step)), rate)
 
     def stream(self, sample_rate: float) -> TranscriptionStream:

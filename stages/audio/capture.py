@@ -51,7 +51,8 @@ def check_chunk_ms(chunk_ms: object) -> None:
         raise StageError(f"{chunk_ms:g} is outside {MIN_CHUNK_MS}..{MAX_CHUNK_MS} ms")
 
 
-def _frames_per_chunk(sample_rate: int, chunk_ms: float) -> int:
+def frames_per_chunk(sample_rate: int, chunk_ms: float = DEFAULT_CHUNK_MS) -> int:
+    """Source frames in one chunk of `chunk_ms` at `sample_rate` (at least one)."""
     return max(1, round(sample_rate * chunk_ms / 1000))
 
 
@@ -232,7 +233,7 @@ class FileSource(Source):
         self.warnings: list[str] = []
         if unclaimed:
             self.warnings.append(_unread_wav_warning(str(self.path), unclaimed, "file"))
-        self._chunk_frames = _frames_per_chunk(self.sample_rate, chunk_ms)
+        self._chunk_frames = frames_per_chunk(self.sample_rate, chunk_ms)
         self._realtime = realtime
         self._closed = threading.Event()
         self._lock = threading.Lock()  # close() may come from another thread while chunks() reads
@@ -419,7 +420,7 @@ class StdinSource(Source):
         else:
             pcm_format, remaining = _PcmFormat(_WAVE_FORMAT_PCM, 16, self._rate, self._channels), None
             declared = None
-        chunk_bytes = _frames_per_chunk(pcm_format.sample_rate, self._chunk_ms) * pcm_format.bytes_per_frame
+        chunk_bytes = frames_per_chunk(pcm_format.sample_rate, self._chunk_ms) * pcm_format.bytes_per_frame
         total_frames = 0
         while not self._closed.is_set():
             size = chunk_bytes - len(prefix) if remaining is None else min(chunk_bytes, remaining)
@@ -515,7 +516,7 @@ class MicSource(Source):
                 samplerate=self.sample_rate,
                 channels=channels,
                 dtype="float32",
-                blocksize=_frames_per_chunk(self.sample_rate, chunk_ms),
+                blocksize=frames_per_chunk(self.sample_rate, chunk_ms),
                 callback=self._on_audio,
                 finished_callback=self._ended.set,  # PortAudio stopped the stream (device gone)
             )
