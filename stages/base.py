@@ -5,13 +5,40 @@ from __future__ import annotations
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 # An item is a numpy array (audio samples, mel frames, encoder frames, token ids) or a dict of
 # msgpack-friendly values whose leaves may be numpy arrays (audio chunks with their rate, text events).
 Item = Any
-WARM_UP_STREAM = "__warm-up__"  # the stream id of `PerStreamStage.push_and_forget`
+WARM_UP_STREAM = "__warm-up__"  # the stream a stage compiles and captures its steps with, then drops
+
+
+@dataclass(frozen=True)
+class StreamStart:
+    """Opens a stream in a stage's work, with the stream's own options (None: the stage's setting)."""
+
+    delay_ms: int | None = None
+
+
+@dataclass(frozen=True)
+class StreamEnd:
+    """Ends a stream: in a stage's work, its input is over; in its outputs, the stage has finished it."""
+
+
+@dataclass(frozen=True)
+class StreamFailed:
+    """A stream a stage gave up on (refused at capacity, bad input): the stage holds nothing of it any more, and
+    ignores what else arrives for it. In a later stage's work, the same news from upstream."""
+
+    message: str
+
+
+END = StreamEnd()
+Marker = StreamStart | StreamEnd | StreamFailed
+Work = tuple[str, Any]  # (stream id, an item or a marker): what a stage consumes, in arrival order
+Output = tuple[str, Any]  # (stream id, an item, END or a StreamFailed): what it produces, each stream's in order
 
 
 class StageError(Exception):
@@ -58,26 +85,43 @@ class Stage(ABC):
         """Ids of the streams this stage currently holds state for."""
         return []
 
+    def start(self, stream_id: str, options: StreamStart) -> None:  # noqa: B027 - a hook: most stages need none
+        """Open a stream with its own options; a stage without per-stream options needs none (`push` opens)."""
 
-class PerStreamStage(Stage):
-    """A stage whose per-stream state lives in one dict keyed by stream id."""
+    def step(self, work: list[Work]) -> list[Output]:
+        """Consume the work waiting for this stage, many streams' at once in arrival order, and return what it
+        produced: each stream's items in order, then END once a stream is finished, or a StreamFailed for a
+        stream given up on. A batching stage runs one batched step for every stream with work; this default
+        pushes item by item, and a bad item fails its stream only."""
+        outputs: list[Output] = []
+        failed: set[str] = set()
+        for stream_id, item in work:
+            if stream_id in failed:
+                continue
+            if isinstance(item, StreamStart):
+                self.start(stream_id, item)
+                continue
+            if isinstance(item, StreamFailed):
+                self.finish(stream_id)
+                failed.add(stream_id)
+                outputs.append((stream_id, item))
+                continue
+            try:
+                produced = self.finish(stream_id) if isinstance(item, StreamEnd) else self.push(stream_id, item)
+            except StageError as error:
+                self.finish(stream_id)
+                failed.add(stream_id)
+                outputs.append((stream_id, StreamFailed(str(error))))
+                continue
+            outputs.extend((stream_id, out) for out in produced)
+            if isinstance(item, StreamEnd):
+                outputs.append((stream_id, END))
+        self.batch_sizes = [1] * sum(1 for _, item in work if not isinstance(item, Marker))
+        return outputs
 
-    def __init__(self) -> None:
-        self._states: dict[str, Any] = {}
-
-    def streams(self) -> list[str]:
-        return list(self._states)
-
-    def state(self, stream_id: str) -> Any:
-        """The live state of a stream (for inspection, e.g. of cache sizes)."""
-        return self._states[stream_id]
-
-    def push_and_forget(self, *items: Item) -> Any:
-        """Push items through a stream that is dropped straight after: a warm-up that compiles and captures
-        the stage's step code before real streams arrive. Returns the dropped stream's state."""
-        for item in items:
-            self.push(WARM_UP_STREAM, item)
-        return self._states.pop(WARM_UP_STREAM, None)
+    # Rows in each batched computation of the last `step` call (profiling); one per item for a stage without
+    # batching.
+    batch_sizes: list[int] = []
 
 
 class Source(ABC):

@@ -21,12 +21,16 @@ if TYPE_CHECKING:
 STAGE_KINDS = ("capture", "resample", "mel", "encoder", "decoder", "detokenize")
 MODEL_STAGE_KINDS = ("encoder", "decoder")  # the kinds that compute on their device; the others run on the CPU
 AUTO_DEVICE = "auto"
+# How many streams a model stage batches and how much KV memory it pools for them (stages/model_stages.py).
+BATCH_PARAMS = ("max_streams", "kv_memory_gb", "reserve_s", "when_full")
+DEFAULT_MAX_STREAMS = {"cuda": 32, "cpu": 4}
+MAX_STREAMS = 1024  # every one with its whole window's KV memory by default
 # Settings each kind accepts in pipeline.yaml beyond device (capture checks its own: audio/capture.py).
 STAGE_PARAMS: dict[str, tuple[str, ...]] = {
     "resample": (),
     "mel": (),
-    "encoder": ("dtype", "fused_kernels", "cuda_graphs"),
-    "decoder": ("dtype", "fused_kernels", "cuda_graphs", "stop_at_eos"),
+    "encoder": ("dtype", "fused_kernels", "cuda_graphs", *BATCH_PARAMS),
+    "decoder": ("dtype", "fused_kernels", "cuda_graphs", "stop_at_eos", *BATCH_PARAMS),
     "detokenize": (),
 }
 
@@ -134,13 +138,42 @@ def build_stage(
     fast = {
         "fused_kernels": bool(params.get("fused_kernels", on_gpu)),
         "cuda_graphs": bool(params.get("cuda_graphs", on_gpu)),
+        **batch_settings(params, target.type, dtype),
     }
     if kind == "encoder":
-        stage: EncoderStage | DecoderStage = EncoderStage(load_audio_encoder(model, dtype=dtype, device=target), **fast)
+        encoder = load_audio_encoder(model, dtype=dtype, device=target)
+        stage: EncoderStage | DecoderStage = EncoderStage(encoder, **pool_pages(fast, encoder.params, dtype))
     else:
         decoder = load_text_decoder(model, dtype=dtype, device=target)
         stop_at_eos = bool(params.get("stop_at_eos", True))
-        stage = DecoderStage(decoder, model.tekken, delay, stop_at_eos=stop_at_eos, **fast)
-    if stage.steps:
+        settings = pool_pages(fast, decoder.params.decoder, dtype)
+        stage = DecoderStage(decoder, model.tekken, delay, stop_at_eos=stop_at_eos, **settings)
+    if stage.fused_kernels or stage.cuda_graphs:
         stage.warm_up()  # compiling and capturing take seconds: done before the stage reports ready
     return stage
+
+
+def batch_settings(params: dict[str, Any], device_type: str, dtype: torch.dtype) -> dict[str, Any]:
+    """A model stage's batching settings from its params, checked: max_streams, when_full, reserve_s, and
+    kv_memory_gb (kept for `pool_pages`, which knows the model)."""
+    max_streams = params.get("max_streams", DEFAULT_MAX_STREAMS[device_type])
+    if isinstance(max_streams, bool) or not isinstance(max_streams, int) or not 1 <= max_streams <= MAX_STREAMS:
+        raise StageError(f"max_streams must be an integer in 1..{MAX_STREAMS}, got {max_streams!r}")
+    settings: dict[str, Any] = {"max_streams": max_streams, "when_full": params.get("when_full", "wait")}
+    for key in ("reserve_s", "kv_memory_gb"):
+        value = params.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
+            raise StageError(f"{key} must be a number > 0, got {value!r}")
+        settings[key] = value
+    return settings
+
+
+def pool_pages(settings: dict[str, Any], params: Any, dtype: torch.dtype) -> dict[str, Any]:
+    """Settings with kv_memory_gb turned into the pool's pages for a stack of `params` (None: whole windows)."""
+    from voxtral_run.stages.model.cache import PAGE_SLOTS
+
+    settings = dict(settings)
+    memory_gb = settings.pop("kv_memory_gb")
+    page_bytes = 2 * params.n_layers * PAGE_SLOTS * params.n_kv_heads * params.head_dim * dtype.itemsize
+    settings["kv_pages"] = None if memory_gb is None else max(1, int(memory_gb * 1e9 // page_bytes))
+    return settings

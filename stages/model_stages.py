@@ -1,8 +1,15 @@
-"""The encoder and decoder stage cores: a model, per-stream state, and the 80 ms steps of `kernels.steps`."""
+"""The encoder and decoder stage cores: a model, the KV pool its streams share, and batched 80 ms steps.
+
+A call to `step` takes the work of many streams at once and runs ONE batched step for every stream with a step
+to take, again while any has more (continuous batching: streams join and leave between steps). A stream holds a
+row of the pool from its first item to its end; past the ceiling (`max_streams` rows, or pages too few for its
+reservation) a new stream waits for a row or is refused, as `when_full` says, and never disturbs the others.
+"""
 
 from __future__ import annotations
 
 from abc import abstractmethod
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -10,120 +17,359 @@ import numpy as np
 import torch
 from torch import nn
 
-from voxtral_run.stages.audio.constants import ENCODER_FRAMES_PER_TOKEN, MEL_FRAMES_PER_TOKEN, NUM_MEL_BINS
-from voxtral_run.stages.base import Item, PerStreamStage, StageError
+from voxtral_run.stages.audio.constants import (
+    ENCODER_FRAMES_PER_TOKEN,
+    MEL_FRAMES_PER_TOKEN,
+    NUM_MEL_BINS,
+    SECONDS_PER_TOKEN,
+    delay_tokens,
+)
+from voxtral_run.stages.base import (
+    END,
+    WARM_UP_STREAM,
+    Item,
+    Output,
+    Stage,
+    StageError,
+    StreamEnd,
+    StreamFailed,
+    StreamStart,
+    Work,
+)
 from voxtral_run.stages.kernels.fused import FusedBlocks, fused_kernels_available, fused_next_token
 from voxtral_run.stages.kernels.steps import DecoderStep, EncoderStep
-from voxtral_run.stages.model.cache import KVCache
+from voxtral_run.stages.model.cache import PAGE_SLOTS, KVPool, PoolFull, ring_capacity
 from voxtral_run.stages.model.decoder import PREFILL_BLOCK, TextDecoder, streaming_prompt
-from voxtral_run.stages.model.encoder import AudioEncoder, EncoderState
+from voxtral_run.stages.model.encoder import BLOCK_FRAMES, CONV1_CONTEXT, CONV1_TAIL_LENGTHS, AudioEncoder, EncoderState
 from voxtral_run.stages.text.tekken import Tekken
 
+WHEN_FULL = ("wait", "refuse")
+MAX_HELD_ITEMS = 4096  # items a stage holds for streams waiting for a row; past it the newest is refused
+FAILED_MEMORY = 4096  # ids of streams this stage gave up on, remembered to ignore what else arrives for them
 
-class ModelStage(PerStreamStage):
-    """What the encoder and decoder stages share: the fast-path settings, the blocks a step runs, and the warm-up.
-    With `fused_kernels` the 80 ms step's blocks run as the fused kernels; with `cuda_graphs` the step is replayed
-    as CUDA graphs."""
 
-    _step_rows: int  # query rows of a step's attention
+@dataclass
+class StreamState:
+    """What a stage keeps of one stream: its row of the pool (None while it waits for one), its options, the
+    items not yet stepped, and whether its input is over."""
+
+    options: StreamStart
+    row: int | None = None
+    pending: list[np.ndarray] = field(default_factory=list)
+    ended: bool = False
+    place: Any = None  # the stage's own record of the stream's progress (EncoderRow, DecoderRow)
+
+
+class ModelStage(Stage):
+    """What the encoder and decoder stages share: the pool and its ceiling, admission, per-stream failure, the
+    batch buckets of the steps, and the warm-up. With `fused_kernels` the steps' blocks run as the fused kernels;
+    with `cuda_graphs` each step is replayed as CUDA graphs, one set per batch bucket (1, 2, 4, ...)."""
 
     def __init__(
-        self, model: AudioEncoder | TextDecoder, layers: nn.ModuleList, *, fused_kernels: bool, cuda_graphs: bool
+        self,
+        model: AudioEncoder | TextDecoder,
+        layers: nn.ModuleList,
+        pool: KVPool,
+        *,
+        fused_kernels: bool,
+        cuda_graphs: bool,
+        when_full: str,
+        reserve_positions: int,
     ) -> None:
-        super().__init__()
         device = layers[0].attention.wqkv.weight.device
         if cuda_graphs and device.type != "cuda":
             raise StageError(f"{self.name}: cuda_graphs needs a CUDA device")
         if fused_kernels and not fused_kernels_available(device):
             raise StageError(f"{self.name}: fused_kernels needs Triton on a CUDA device (or its CPU interpreter)")
+        if when_full not in WHEN_FULL:
+            raise StageError(f"{self.name}: when_full must be one of {', '.join(WHEN_FULL)}, got {when_full!r}")
         self.fused_kernels = fused_kernels
         self.cuda_graphs = cuda_graphs
+        self.when_full = when_full
+        self.reserve_positions = reserve_positions
+        self.pool = pool
         self.blocks = FusedBlocks(layers, model.rope) if fused_kernels else model.blocks
+        self.device = device
+        self._graph_pool = torch.cuda.graph_pool_handle() if cuda_graphs else None
+        self._streams: dict[str, StreamState] = {}
+        self._failed: OrderedDict[str, None] = OrderedDict()
+        self._steps: dict[Any, Any] = {}
+        self.batch_sizes: list[int] = []
 
     @property
-    def steps(self) -> bool:
-        """Whether a stream's 80 ms pushes go through a step object (`kernels.steps`) rather than the model."""
-        return self.fused_kernels or self.cuda_graphs
+    def max_streams(self) -> int:
+        return self.pool.max_streams
+
+    def streams(self) -> list[str]:
+        return list(self._streams)
+
+    def state(self, stream_id: str) -> StreamState:
+        """A stream's live state (for inspection)."""
+        return self._streams[stream_id]
+
+    def bucket(self, count: int) -> int:
+        """The batch size a step of `count` rows runs at: the next power of two (one graph set each) with CUDA
+        graphs, else exactly `count`."""
+        if not self.cuda_graphs:
+            return count
+        return min(1 << (count - 1).bit_length(), self.max_streams)
+
+    def push(self, stream_id: str, item: Item) -> list[Item]:
+        return self._single(self.step([(stream_id, item)]))
+
+    def finish(self, stream_id: str) -> list[Item]:
+        return self._single(self.step([(stream_id, END)]))
+
+    @staticmethod
+    def _single(outputs: list[Output]) -> list[Item]:
+        """The items of a one-stream step; a failure is the caller's StageError."""
+        items = []
+        for _, item in outputs:
+            if isinstance(item, StreamFailed):
+                raise StageError(item.message)
+            if not isinstance(item, StreamEnd):
+                items.append(item)
+        return items
+
+    def step(self, work: list[Work]) -> list[Output]:
+        outputs: list[Output] = []
+        self.batch_sizes = []
+        for stream_id, item in work:
+            if stream_id in self._failed:
+                if isinstance(item, (StreamEnd, StreamFailed)):
+                    del self._failed[stream_id]
+                continue
+            if isinstance(item, StreamFailed):
+                self._drop(stream_id)
+                outputs.append((stream_id, item))
+                continue
+            stream = self._streams.get(stream_id)
+            if stream is None:
+                try:
+                    stream = self._open(stream_id, item if isinstance(item, StreamStart) else StreamStart())
+                except StageError as error:
+                    self._fail(stream_id, str(error), outputs)
+                    continue
+            if isinstance(item, StreamStart):
+                continue
+            if isinstance(item, StreamEnd):
+                stream.ended = True
+                continue
+            if self._done(stream):
+                continue
+            try:
+                stream.pending.append(self._checked(item))
+            except StageError as error:
+                self._fail(stream_id, str(error), outputs)
+        with torch.inference_mode():
+            self._admit(outputs)
+            self._compute(outputs)
+        for stream_id, stream in list(self._streams.items()):
+            if stream.ended and not stream.pending:
+                self._drop(stream_id)
+                outputs.append((stream_id, END))
+        return outputs
+
+    def _done(self, stream: StreamState) -> bool:
+        """Whether a stream takes no more input (the decoder's after EOS)."""
+        return False
+
+    def _open(self, stream_id: str, options: StreamStart) -> StreamState:
+        stream = StreamState(options)
+        self._streams[stream_id] = stream
+        return stream
+
+    def _admit(self, outputs: list[Output]) -> None:
+        """Rows for waiting streams, oldest first; past the ceiling a stream waits or is refused."""
+        held = 0
+        for stream_id, stream in list(self._streams.items()):
+            if stream.row is not None or not stream.pending:
+                continue
+            row = self.pool.admit(self.reserve_positions)
+            if row is not None:
+                stream.row = row
+                self._on_admit(stream)
+                continue
+            held += len(stream.pending)
+            if self.when_full == "refuse" or held > MAX_HELD_ITEMS:
+                self._fail(stream_id, f"{self.name} at capacity ({self.capacity_line()})", outputs)
+
+    def capacity_line(self) -> str:
+        """The ceiling in words: streams, and the KV pages in use."""
+        pool = self.pool
+        return (
+            f"{pool.rows_in_use} of {pool.max_streams} streams, {pool.pages_in_use} of {pool.total_pages} KV pages "
+            "in use"
+        )
+
+    def _fail(self, stream_id: str, message: str, outputs: list[Output]) -> None:
+        self._drop(stream_id)
+        self._failed[stream_id] = None
+        while len(self._failed) > FAILED_MEMORY:
+            self._failed.popitem(last=False)
+        outputs.append((stream_id, StreamFailed(message)))
+
+    def _drop(self, stream_id: str) -> None:
+        """Forget a stream and free its row and pages at once."""
+        stream = self._streams.pop(stream_id, None)
+        if stream is not None and stream.row is not None:
+            self.pool.release(stream.row)
+
+    def _grow_failed(self, stream_id: str, error: PoolFull, outputs: list[Output]) -> None:
+        self._fail(stream_id, f"{self.name}: {error}", outputs)
+
+    def _batched(self, kind: Any, count: int, build: Any) -> Any:
+        """The step object of a batch of `count` rows (built once per bucket and `kind`)."""
+        bucket = self.bucket(count)
+        key = (kind, bucket)
+        step = self._steps.get(key)
+        if step is None:
+            step = self._steps[key] = build(bucket)
+        self.batch_sizes.append(count)
+        return step
 
     def warm_up(self) -> None:
-        """Compile and capture the step now, not in a stream: silence through a stream that is then dropped; with
-        the fused kernels, attention at every span the cache can read too."""
-        record = self.push_and_forget(*self._warm_up_items())
-        if self.fused_kernels:
-            self.blocks.warm_spans(self._cache_of(record), self._step_rows)
+        """Compile and capture the one-stream step now, not in a stream: silence through a stream dropped after."""
+        self.step([(WARM_UP_STREAM, item) for item in self._warm_up_items()] + [(WARM_UP_STREAM, END)])
 
     @abstractmethod
     def _warm_up_items(self) -> list[Item]:
         """Silence that takes a new stream through every step shape."""
 
     @abstractmethod
-    def _cache_of(self, record: Any) -> KVCache:
-        """The KV cache of a stream's record."""
+    def _checked(self, item: Item) -> np.ndarray:
+        """An input item as the stage's array; StageError when it is malformed."""
+
+    @abstractmethod
+    def _on_admit(self, stream: StreamState) -> None:
+        """Set up a stream's row once it has one."""
+
+    @abstractmethod
+    def _compute(self, outputs: list[Output]) -> None:
+        """Run batched steps until no admitted stream has one to take; outputs in stream order."""
 
 
 @dataclass
-class _EncoderStream:
-    state: EncoderState
-    step: EncoderStep | None
+class EncoderRow:
+    """An encoder stream's place: the next encoder frame position and its conv1 tail's length."""
+
+    next_position: int = 0
+    tail_length: int = CONV1_TAIL_LENGTHS[0]
 
 
 class EncoderStage(ModelStage):
-    """Streaming encoder: mel frames [k, 128] in, encoder frames [m, dim] (float32) out, per stream."""
+    """Streaming encoder: mel frames [k, 128] in, encoder frames [m, dim] (float32) out, per stream. An item of 8
+    frames (80 ms) is one row of a batched step; any other count runs alone through the model's forward."""
 
     name = "encoder"
-    _step_rows = ENCODER_FRAMES_PER_TOKEN
 
-    def __init__(self, encoder: AudioEncoder, *, fused_kernels: bool = False, cuda_graphs: bool = False) -> None:
+    def __init__(
+        self,
+        encoder: AudioEncoder,
+        *,
+        fused_kernels: bool = False,
+        cuda_graphs: bool = False,
+        max_streams: int = 1,
+        kv_pages: int | None = None,
+        when_full: str = "wait",
+        reserve_s: float | None = None,
+    ) -> None:
         self.encoder = encoder
-        super().__init__(encoder, encoder.transformer.layers, fused_kernels=fused_kernels, cuda_graphs=cuda_graphs)
+        params = encoder.params
+        ref = encoder.conv_layers[0].conv.weight
+        pool = new_pool(params, BLOCK_FRAMES, max_streams, kv_pages, ref.dtype, ref.device)
+        frames = pool.window if reserve_s is None else round(reserve_s / SECONDS_PER_TOKEN) * ENCODER_FRAMES_PER_TOKEN
+        super().__init__(
+            encoder, encoder.transformer.layers, pool, fused_kernels=fused_kernels, cuda_graphs=cuda_graphs,
+            when_full=when_full, reserve_positions=frames,
+        )  # fmt: skip
+        rows = max_streams + 1
+        self.mel_tails = ref.new_zeros(rows, CONV1_CONTEXT, NUM_MEL_BINS)
+        self.conv1_tails = ref.new_zeros(rows, max(CONV1_TAIL_LENGTHS), params.dim)
 
-    def push(self, stream_id: str, item: Item) -> list[np.ndarray]:
+    def _checked(self, item: Item) -> np.ndarray:
         mel = np.asarray(item)
         if mel.ndim != 2 or mel.shape[1] != NUM_MEL_BINS:
             raise StageError(f"encoder: expected mel frames of shape [k, {NUM_MEL_BINS}], got {list(mel.shape)}")
-        stream = self._states.get(stream_id)
-        if stream is None:
-            state = self.encoder.new_state()
-            step = EncoderStep(self.encoder, state, self.blocks, graphs=self.cuda_graphs) if self.steps else None
-            stream = self._states[stream_id] = _EncoderStream(state, step)
-        if stream.step is not None and mel.shape[0] == MEL_FRAMES_PER_TOKEN:
-            return [stream.step(mel)]
-        frames = self.encoder(torch.from_numpy(mel)[None], stream.state)[0]
-        return [frames.float().cpu().numpy()] if frames.shape[0] else []
+        return mel.astype(np.float32, copy=False)
 
-    def finish(self, stream_id: str) -> list[np.ndarray]:
-        # Causal: nothing is held back that more input would not have released; an odd stem frame is dropped.
-        self._states.pop(stream_id, None)
-        return []
+    def _on_admit(self, stream: StreamState) -> None:
+        stream.place = EncoderRow()
+        self.mel_tails[stream.row] = 0
+        self.conv1_tails[stream.row] = 0
+
+    def _compute(self, outputs: list[Output]) -> None:
+        while any(stream.row is not None and stream.pending for stream in self._streams.values()):
+            steps: dict[int, list[tuple[str, StreamState]]] = {}
+            for stream_id, stream in list(self._streams.items()):
+                if stream.row is None or not stream.pending:
+                    continue
+                if stream.pending[0].shape[0] == MEL_FRAMES_PER_TOKEN:
+                    steps.setdefault(stream.place.tail_length, []).append((stream_id, stream))
+                else:  # an odd item (a stream's first, or its last) alone through the model
+                    frames = self._forward(stream, stream.pending.pop(0))
+                    if frames.shape[0]:
+                        outputs.append((stream_id, frames))
+            for length, batch in steps.items():
+                for start in range(0, len(batch), self.max_streams):
+                    self._step(batch[start : start + self.max_streams], length, outputs)
+
+    def _step(self, batch: list[tuple[str, StreamState]], tail_length: int, outputs: list[Output]) -> None:
+        step = self._batched(("step", tail_length), len(batch), self._new_step)
+        places = [stream.place for _, stream in batch]
+        mel = np.stack([stream.pending.pop(0) for _, stream in batch])
+        frames = step(mel, [s.row for _, s in batch], [p.next_position for p in places], tail_length)
+        for (stream_id, _), place, out in zip(batch, places, frames, strict=True):
+            place.next_position += ENCODER_FRAMES_PER_TOKEN
+            outputs.append((stream_id, out))
+
+    def _new_step(self, bucket: int) -> EncoderStep:
+        return EncoderStep(
+            self.encoder, self.pool, (self.mel_tails, self.conv1_tails), self.blocks, bucket,
+            graphs=self.cuda_graphs, graph_pool=self._graph_pool,
+        )  # fmt: skip
+
+    def _forward(self, stream: StreamState, mel: np.ndarray) -> np.ndarray:
+        """The model's forward over one stream's odd item, continuing (and then updating) its row's state."""
+        row, place = stream.row, stream.place
+        state = EncoderState(
+            mel_tail=self.mel_tails[row : row + 1].clone(),
+            conv1_tail=self.conv1_tails[row : row + 1, : place.tail_length].clone(),
+            cache=self.pool.cache([row]),
+            next_position=place.next_position,
+        )
+        frames = self.encoder(torch.from_numpy(mel)[None], state)[0]
+        self.batch_sizes.append(1)
+        place.next_position = state.next_position
+        place.tail_length = state.conv1_tail.shape[1]
+        self.mel_tails[row] = state.mel_tail[0]
+        self.conv1_tails[row, : place.tail_length] = state.conv1_tail[0]
+        return frames.float().cpu().numpy()
 
     def _warm_up_items(self) -> list[Item]:
         # After either conv1 tail length: 80 ms of silence, one mel frame more, 80 ms again.
         silence = np.zeros((MEL_FRAMES_PER_TOKEN, NUM_MEL_BINS), dtype=np.float32)
         return [silence, silence[:1], silence]
 
-    def _cache_of(self, record: _EncoderStream) -> KVCache:
-        return record.state.cache
-
 
 @dataclass
-class _DecoderStream:
-    """A stream's frames awaiting a group of 4, groups awaiting decoding (the whole prompt's first), its cache."""
+class DecoderRow:
+    """A decoder stream's place: its prompt, frames awaiting a group of 4, the next position, EOS seen."""
 
-    cache: KVCache
-    step: DecoderStep | None
+    prompt: list[int]
+    delay: int  # in tokens
     frames: np.ndarray | None = None  # [< 4, enc_dim] float32 frames awaiting the rest of their group
-    pending: list[np.ndarray] = field(default_factory=list)  # [4, enc_dim] groups awaiting decoding
+    groups: list[np.ndarray] = field(default_factory=list)  # [4, enc_dim] groups awaiting decoding
     next_position: int = 0
-    last_token: int | None = None
     ended: bool = False  # EOS generated: later positions are ignored
 
 
 class DecoderStage(ModelStage):
     """Streaming adapter + decoder: encoder frames in, greedy token ids (int64 arrays) out, one per position
-    after the prompt. `stop_at_eos=False` keeps decoding after EOS."""
+    after the prompt. Each stream may have its own delay (its StreamStart's). `stop_at_eos=False` keeps
+    decoding after EOS."""
 
     name = "decoder"
-    _step_rows = 1
 
     def __init__(
         self,
@@ -134,94 +380,162 @@ class DecoderStage(ModelStage):
         fused_kernels: bool = False,
         cuda_graphs: bool = False,
         stop_at_eos: bool = True,
+        max_streams: int = 1,
+        kv_pages: int | None = None,
+        when_full: str = "wait",
+        reserve_s: float | None = None,
     ) -> None:
         self.decoder = decoder
-        super().__init__(decoder, decoder.layers, fused_kernels=fused_kernels, cuda_graphs=cuda_graphs)
-        self.prompt = streaming_prompt(tekken, num_delay_tokens)
-        if len(self.prompt) > PREFILL_BLOCK:
-            raise StageError(f"decoder: a prompt of {len(self.prompt)} positions exceeds {PREFILL_BLOCK}")
+        weight = decoder.tok_embeddings.weight
+        pool = new_pool(decoder.params.decoder, PREFILL_BLOCK, max_streams, kv_pages, weight.dtype, weight.device)
+        positions = pool.window if reserve_s is None else round(reserve_s / SECONDS_PER_TOKEN)
+        super().__init__(
+            decoder, decoder.layers, pool, fused_kernels=fused_kernels, cuda_graphs=cuda_graphs,
+            when_full=when_full, reserve_positions=positions,
+        )  # fmt: skip
+        self.tekken = tekken
+        self.num_delay_tokens = num_delay_tokens
+        self.prompt = streaming_prompt(tekken, num_delay_tokens)  # a stream's without a delay of its own
         # Without stopping, EOS is fed back like any token (benchmarks need steps to go on).
         self.eos_id = tekken.eos_id if stop_at_eos else None
-        self.ffn_scales = decoder.ffn_scales(num_delay_tokens)
+        self._scales: dict[int, torch.Tensor] = {}  # delay tokens -> FFN scales [layers, dim]
+        self.tokens = torch.zeros(max_streams + 1, dtype=torch.long, device=weight.device)
+        self.ffn_scales = weight.new_zeros(len(decoder.layers), max_streams + 1, decoder.params.decoder.dim)
 
-    def push(self, stream_id: str, item: Item) -> list[np.ndarray]:
+    def _open(self, stream_id: str, options: StreamStart) -> StreamState:
+        delay = self.num_delay_tokens if options.delay_ms is None else delay_tokens(options.delay_ms)
+        prompt = streaming_prompt(self.tekken, delay)
+        if len(prompt) > PREFILL_BLOCK:
+            raise StageError(f"decoder: a prompt of {len(prompt)} positions exceeds {PREFILL_BLOCK}")
+        stream = super()._open(stream_id, options)
+        stream.place = DecoderRow(prompt, delay)
+        return stream
+
+    def _done(self, stream: StreamState) -> bool:
+        return stream.place.ended
+
+    def scales(self, num_delay_tokens: int) -> torch.Tensor:
+        """The FFN scales [layers, dim] of a delay, computed once."""
+        scales = self._scales.get(num_delay_tokens)
+        if scales is None:
+            scales = self._scales[num_delay_tokens] = torch.stack(self.decoder.ffn_scales(num_delay_tokens))
+        return scales
+
+    def _checked(self, item: Item) -> np.ndarray:
         frames = np.asarray(item)
         enc_dim = self.decoder.params.encoder.dim
         if frames.ndim != 2 or frames.shape[1] != enc_dim:
             raise StageError(f"decoder: expected encoder frames of shape [k, {enc_dim}], got {list(frames.shape)}")
-        stream = self._states.get(stream_id)
-        if stream is None:
-            cache = self.decoder.new_cache()
-            step = None
-            if self.steps:
-                step = DecoderStep(
-                    self.decoder, cache, self.ffn_scales, self.blocks, fused=self.fused_kernels, graphs=self.cuda_graphs
-                )
-            stream = self._states[stream_id] = _DecoderStream(cache, step)
-        if stream.ended or frames.shape[0] == 0:
-            return []
-        # Buffered on the host in numpy: the prompt's frames leave some over, so each 80 ms push completes a
-        # position whose frames straddle two pushes (copied: groups may wait for later pushes).
-        arrived = np.asarray(frames, dtype=np.float32)
-        buffered = arrived.copy() if stream.frames is None else np.concatenate((stream.frames, arrived))
-        usable = buffered.shape[0] - buffered.shape[0] % ENCODER_FRAMES_PER_TOKEN
-        stream.frames = buffered[usable:] if usable < buffered.shape[0] else None
-        if usable == 0:
-            return []
-        stream.pending.extend(buffered[:usable].reshape(-1, ENCODER_FRAMES_PER_TOKEN, enc_dim))
-        with torch.inference_mode():
-            tokens = self._decode(stream)
-        return [np.asarray(tokens, dtype=np.int64)] if tokens else []
+        return frames.astype(np.float32, copy=False)
 
-    def _decode(self, stream: _DecoderStream) -> list[int]:
-        tokens: list[int] = []
-        prompt_len = len(self.prompt)
-        if stream.next_position < prompt_len:
-            if stream.next_position + len(stream.pending) < prompt_len:
-                return tokens
-            frames = np.concatenate(stream.pending[:prompt_len])
-            tokens.append(self._forward(stream, frames, self.prompt))
-            del stream.pending[:prompt_len]
-        while stream.pending and not stream.ended:
-            frames = stream.pending.pop(0)
-            if stream.step is None:
-                tokens.append(self._forward(stream, frames, [stream.last_token]))
-            else:
-                tokens.append(self._advance(stream, 1, stream.step(frames, stream.next_position)))
-        if stream.ended:
+    def _on_admit(self, stream: StreamState) -> None:
+        self.ffn_scales[:, stream.row] = self.scales(stream.place.delay)
+
+    def _compute(self, outputs: list[Output]) -> None:
+        for stream in self._streams.values():
+            if stream.row is not None:
+                self._group(stream)
+        while True:
+            self._prefill(outputs)
+            batch = [
+                (stream_id, stream)
+                for stream_id, stream in self._streams.items()
+                if stream.row is not None and stream.place.groups and stream.place.next_position
+            ]
+            if not batch:
+                return
+            for start in range(0, len(batch), self.max_streams):
+                self._step(batch[start : start + self.max_streams], outputs)
+
+    def _group(self, stream: StreamState) -> None:
+        """Move a stream's frames into whole groups of 4 (one position each); the rest waits for more."""
+        place = stream.place
+        if place.ended:
             stream.pending.clear()
-        return tokens
+            return
+        for arrived in stream.pending:
+            buffered = arrived.copy() if place.frames is None else np.concatenate((place.frames, arrived))
+            usable = buffered.shape[0] - buffered.shape[0] % ENCODER_FRAMES_PER_TOKEN
+            place.frames = buffered[usable:] if usable < buffered.shape[0] else None
+            place.groups.extend(buffered[:usable].reshape(-1, ENCODER_FRAMES_PER_TOKEN, buffered.shape[1]))
+        stream.pending.clear()
 
-    def _forward(self, stream: _DecoderStream, frames: np.ndarray, ids: list[int]) -> int:
-        """The model's forward over positions of `frames` [4n, enc_dim] with the previous tokens `ids` [n]."""
+    def _prefill(self, outputs: list[Output]) -> None:
+        """The prompts of the streams whose first groups are all there, one forward per prompt length."""
+        waiting: dict[int, list[tuple[str, StreamState]]] = {}
+        for stream_id, stream in self._streams.items():
+            place = stream.place if stream.row is not None else None
+            if place is not None and place.next_position == 0 and len(place.groups) >= len(place.prompt):
+                waiting.setdefault(len(place.prompt), []).append((stream_id, stream))
+        for length, batch in waiting.items():
+            for start in range(0, len(batch), self.max_streams):
+                self._prefill_batch(batch[start : start + self.max_streams], length, outputs)
+
+    def _prefill_batch(self, batch: list[tuple[str, StreamState]], length: int, outputs: list[Output]) -> None:
         weight = self.decoder.tok_embeddings.weight
-        audio = self.decoder.adapt(torch.from_numpy(frames).to(device=weight.device, dtype=weight.dtype)[None])
-        count = audio.shape[1]
-        stream.cache.prepare(stream.next_position + count)
-        positions = torch.arange(stream.next_position, stream.next_position + count, device=weight.device)[None]
-        ids_tensor = torch.tensor([ids], device=weight.device)
-        hidden = self.decoder(audio, ids_tensor, positions, stream.cache, self.ffn_scales)
-        # The greedy id as the step computes it, so a prompt's token is the one the step would give.
-        greedy = int(fused_next_token(self.decoder, hidden) if self.fused_kernels else self.decoder.next_token(hidden))
-        if stream.step is not None:
-            stream.step.set_token(greedy)
-        return self._advance(stream, count, greedy)
+        rows = [stream.row for _, stream in batch]
+        frames = np.stack([np.concatenate(stream.place.groups[:length]) for _, stream in batch])
+        audio = self.decoder.adapt(torch.from_numpy(frames).to(device=weight.device, dtype=weight.dtype))
+        cache = self.pool.cache(rows)
+        try:
+            cache.prepare(length)
+        except PoolFull as error:
+            for stream_id, _ in batch:
+                self._grow_failed(stream_id, error, outputs)
+            return
+        positions = torch.arange(length, device=weight.device).expand(len(rows), -1)
+        ids = torch.tensor([stream.place.prompt for _, stream in batch], device=weight.device)
+        scales = list(self.ffn_scales[:, cache.rows, None])
+        hidden = self.decoder(audio, ids, positions, cache, scales)
+        # The greedy id as the one-row step computes it, so a prompt's token is the one the step would give.
+        if self.fused_kernels and len(rows) == 1:
+            greedy = fused_next_token(self.decoder, hidden)
+        else:
+            greedy = self.decoder.next_token(hidden)
+        self.batch_sizes.append(len(rows))
+        self.tokens[cache.rows] = greedy
+        for (stream_id, stream), token in zip(batch, greedy.tolist(), strict=True):
+            del stream.place.groups[:length]
+            self._advance(stream_id, stream, length, token, outputs)
 
-    def _advance(self, stream: _DecoderStream, count: int, token: int) -> int:
-        stream.next_position += count
-        stream.last_token = token
-        stream.ended = token == self.eos_id
-        return token
+    def _step(self, batch: list[tuple[str, StreamState]], outputs: list[Output]) -> None:
+        step = self._batched("step", len(batch), self._new_step)
+        frames = np.stack([stream.place.groups.pop(0) for _, stream in batch])
+        rows = [stream.row for _, stream in batch]
+        try:
+            tokens = step(frames, rows, [stream.place.next_position for _, stream in batch])
+        except PoolFull as error:  # no step ran: each stream that needed a page fails, the rest go on next round
+            for stream_id, stream in batch:
+                try:
+                    self.pool.grow(stream.row, stream.place.next_position + 1)
+                except PoolFull:
+                    self._grow_failed(stream_id, error, outputs)
+                else:
+                    stream.place.groups.insert(0, frames[rows.index(stream.row)])
+            return
+        for (stream_id, stream), token in zip(batch, tokens.tolist(), strict=True):
+            self._advance(stream_id, stream, 1, token, outputs)
 
-    def finish(self, stream_id: str) -> list[np.ndarray]:
-        # Every complete position was decoded on arrival; a partial group of frames carries no position.
-        self._states.pop(stream_id, None)
-        return []
+    def _advance(self, stream_id: str, stream: StreamState, count: int, token: int, outputs: list[Output]) -> None:
+        place = stream.place
+        place.next_position += count
+        outputs.append((stream_id, np.asarray([token], dtype=np.int64)))
+        if token == self.eos_id:  # done: the row and its pages go back now, the end of stream comes later
+            place.ended = True
+            place.groups.clear()
+            self.pool.release(stream.row)
+            stream.row = None
+            stream.pending.clear()
+
+    def _new_step(self, bucket: int) -> DecoderStep:
+        return DecoderStep(
+            self.decoder, self.pool, self.tokens, self.ffn_scales, self.blocks, bucket, fused=self.fused_kernels,
+            graphs=self.cuda_graphs, graph_pool=self._graph_pool,
+        )  # fmt: skip
 
     def _warm_up_items(self) -> list[Item]:
-        return [
-            np.zeros(((len(self.prompt) + 1) * ENCODER_FRAMES_PER_TOKEN, self.decoder.params.encoder.dim), np.float32)
-        ]
+        length = len(self.prompt)
+        return [np.zeros(((length + 1) * ENCODER_FRAMES_PER_TOKEN, self.decoder.params.encoder.dim), np.float32)]
 
     def warm_up(self) -> None:
         eos_id, self.eos_id = self.eos_id, None  # an EOS from the prompt would end the warm-up before its step
@@ -230,5 +544,18 @@ class DecoderStage(ModelStage):
         finally:
             self.eos_id = eos_id
 
-    def _cache_of(self, record: _DecoderStream) -> KVCache:
-        return record.cache
+
+def new_pool(
+    params: Any, block: int, max_streams: int, kv_pages: int | None, dtype: torch.dtype, device: torch.device
+) -> KVPool:
+    """A stage's KV pool: `kv_pages` pages (default: every stream's whole window) for up to `max_streams`."""
+    if not isinstance(max_streams, int) or max_streams < 1:
+        raise StageError(f"max_streams must be an integer >= 1, got {max_streams!r}")
+    pages_per_stream = ring_capacity(params.sliding_window, block) // PAGE_SLOTS
+    pages = max_streams * pages_per_stream if kv_pages is None else kv_pages
+    if not isinstance(pages, int) or pages < 1:
+        raise StageError(f"kv_pages must be an integer >= 1, got {pages!r}")
+    return KVPool(
+        params.sliding_window, block, params.n_layers, params.n_kv_heads, params.head_dim, max_streams=max_streams,
+        pages=pages, dtype=dtype, device=device,
+    )  # fmt: skip

@@ -26,9 +26,10 @@ from voxtral_run.stages.audio.constants import (
     SAMPLE_RATE,
     SAMPLES_PER_TOKEN,
     WINDOW_SIZE,
+    delay_tokens,
     stream_right_pad_samples,
 )
-from voxtral_run.stages.base import Item, Stage, StageError
+from voxtral_run.stages.base import Item, Stage, StageError, StreamStart
 
 NUM_FREQUENCY_BINS = N_FFT // 2 + 1  # 201 one-sided STFT bins
 MEL_BLOCK_FRAMES = MEL_FRAMES_PER_TOKEN  # frames per filter product (see _log_mel)
@@ -150,6 +151,7 @@ class _MelStream:
     (extended coordinates: padded index + CENTER_PAD)."""
 
     tail: np.ndarray
+    num_delay_tokens: int
     tail_start: int = 0
     next_frame: int = 0
     num_samples: int = 0  # real samples pushed so far, for the right pad
@@ -171,8 +173,14 @@ class MelStage(Stage):
         self.num_delay_tokens = num_delay_tokens
         self._streams: dict[str, _MelStream] = {}
 
-    def _new_stream(self) -> _MelStream:
-        return _MelStream(tail=np.zeros(CENTER_PAD + self.left_pad_samples, dtype=np.float32))
+    def _new_stream(self, num_delay_tokens: int | None = None) -> _MelStream:
+        delay = self.num_delay_tokens if num_delay_tokens is None else num_delay_tokens
+        return _MelStream(tail=np.zeros(CENTER_PAD + self.left_pad_samples, dtype=np.float32), num_delay_tokens=delay)
+
+    def start(self, stream_id: str, options: StreamStart) -> None:
+        """Open a stream with its own delay (the right pad at its end covers it)."""
+        delay = None if options.delay_ms is None else delay_tokens(options.delay_ms)
+        self._streams[stream_id] = self._new_stream(delay)
 
     def push(self, stream_id: str, item: Item) -> list[Item]:
         """Append samples to a stream (starting it with the left pad); return the frames now computable."""
@@ -188,7 +196,7 @@ class MelStage(Stage):
         """Append the right pad, return the remaining frames (the last STFT frame dropped) and forget the
         stream; a stream never pushed counts as empty audio."""
         stream = self._streams.pop(stream_id, None) or self._new_stream()
-        right_pad = stream_right_pad_samples(stream.num_samples, self.num_delay_tokens)
+        right_pad = stream_right_pad_samples(stream.num_samples, stream.num_delay_tokens)
         # The zero right pad is longer than CENTER_PAD, so the end reflect pad is zeros too.
         stream.tail = np.concatenate([stream.tail, np.zeros(right_pad + CENTER_PAD, dtype=np.float32)])
         num_frames = (self.left_pad_samples + stream.num_samples + right_pad) // HOP_LENGTH

@@ -12,10 +12,9 @@ from torch import nn
 
 from voxtral_run.stages.kernels.matvec import Heads, Norm, matvec, matvec_available
 from voxtral_run.stages.kernels.overlap import DEFAULT_OVERLAP, Overlap
-from voxtral_run.stages.kernels.position_inputs import fused_position_inputs, position_inputs_available
 from voxtral_run.stages.kernels.rows_matmul import rows_matmul, rows_matmul_available
 from voxtral_run.stages.kernels.step_attention import MAX_ROWS, step_attention, step_attention_available
-from voxtral_run.stages.model.cache import KVCache
+from voxtral_run.stages.model.cache import PAGE_SLOTS, KVCache
 from voxtral_run.stages.model.decoder import TextDecoder
 from voxtral_run.stages.model.layers import Block, RotaryEmbedding, position_inputs
 
@@ -58,12 +57,17 @@ def sdpa_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bi
 
 
 def attend(
-    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor, overlap: Overlap
-) -> torch.Tensor:
-    """`sdpa_attention` as the split-key Triton kernel for a step's few query rows; SDPA itself for more."""
-    if q.shape[0] // keys.shape[1] * q.shape[1] <= MAX_ROWS and step_attention_available(q.device):
-        return step_attention(q, keys, values, bias, overlap)
-    return sdpa_attention(q, keys, values, bias)
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor, pages: torch.Tensor,
+    overlap: Overlap,
+) -> torch.Tensor:  # fmt: skip
+    """Attention of queries [B, heads, T, head_dim] over the KV pool's slots `keys`, `values` [slots, kv_heads,
+    head_dim] through each row's `pages` [B, span / PAGE_SLOTS], with bias [B, T, span] -> [B, heads, T,
+    head_dim]: the split-key Triton kernel for a step's few query rows; else the pages gathered for SDPA."""
+    if q.shape[1] // keys.shape[1] * q.shape[2] <= MAX_ROWS and step_attention_available(q.device):
+        return step_attention(q, keys, values, bias, overlap, pages=pages)
+    batch = (pages.shape[0], bias.shape[-1], *keys.shape[1:])
+    gathered = [t.unflatten(0, (-1, PAGE_SLOTS))[pages].view(batch) for t in (keys, values)]
+    return torch.stack([sdpa_attention(q[b], gathered[0][b], gathered[1][b], bias[b]) for b in range(q.shape[0])])
 
 
 def attention_inputs(
@@ -109,8 +113,10 @@ def attention_output_and_ffn(
 
 
 class FusedBlocks:
-    """A stack of transformer blocks' forward as the fused kernels, for one row of the batch: the same call and
-    result as the model's `blocks` (an encoder's, or a decoder's with its FFN scales)."""
+    """A stack of transformer blocks' forward with the step's kernels: the same call and result as the model's
+    `blocks` (an encoder's, or a decoder's with its FFN scales). One row of the batch runs as the fused
+    kernels; more rows run their products through cuBLAS (each weight read once for all rows). Attention reads
+    each row's own pages of the KV pool either way."""
 
     def __init__(self, blocks: nn.ModuleList, rope: RotaryEmbedding, overlap: Overlap = DEFAULT_OVERLAP) -> None:
         self.blocks = blocks
@@ -121,40 +127,49 @@ class FusedBlocks:
     def __call__(
         self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache, ffn_scales: list[torch.Tensor] | None = None
     ) -> torch.Tensor:
-        """x [1, T, dim] at positions [1, T] -> [1, T, dim]; the new keys and values enter the cache."""
-        if x.shape[0] != 1:
-            raise ValueError(f"fused blocks: one row of the batch, got {x.shape[0]}")
-        rotations, bias = self._position_inputs(positions, cache, x.dtype)
-        rows, slots, span = x[0], cache.slots[0], cache.span
-        for index, block in enumerate(self.blocks):
-            keys, values = cache.keys[index, 0], cache.values[index, 0]
-            q, _, _ = attention_inputs(block, rows, rotations, (keys, values, slots), self.overlap)
-            attended = attend(q, keys[:span], values[:span], bias, self.overlap)
-            scale = None if ffn_scales is None else ffn_scales[index]
+        """x [B, T, dim] at positions [B, T] -> [B, T, dim]; the new keys and values enter the cache."""
+        rotations, bias = position_inputs(positions, self.rope, cache, x.dtype)
+        scales = [None] * len(self.blocks) if ffn_scales is None else ffn_scales
+        if x.shape[0] == 1:
+            return self._one_row(x, rotations, bias, cache, scales)
+        for index, (block, scale) in enumerate(zip(self.blocks, scales, strict=True)):
+            x = self._block(block, index, x, rotations, bias, cache, scale)
+        return x
+
+    def _one_row(
+        self, x: torch.Tensor, rotations: torch.Tensor, bias: torch.Tensor, cache: KVCache, scales: list
+    ) -> torch.Tensor:
+        """One row as the fused kernels: five a layer."""
+        rows, slots = x[0], cache.slots[0]
+        for index, (block, scale) in enumerate(zip(self.blocks, scales, strict=True)):
+            keys, values = cache.layer_slots(index)
+            q, _, _ = attention_inputs(block, rows, rotations[:, 0], (keys, values, slots), self.overlap)
+            attended = attend(q[None], keys, values, bias, cache.pages, self.overlap)[0]
+            scale = None if scale is None else scale.reshape(-1)
             rows = attention_output_and_ffn(block, rows, attended, scale, self.following[index], self.overlap)
         return rows[None]
 
-    def _position_inputs(
-        self, positions: torch.Tensor, cache: KVCache, dtype: torch.dtype
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rotations [2, T, head_dim / 2] and bias [T, span] of the row's positions, which enter the cache: one
-        kernel where it runs, else the model's own operations."""
-        if position_inputs_available(positions.device, self.rope.inv_freq.shape[0]):
-            slots, rotations, bias = fused_position_inputs(
-                positions[0], self.rope.inv_freq, cache.positions[0], cache.span, cache.window, dtype
-            )
-            cache.slots = slots[None]
-            return rotations, bias
-        rotations, bias = position_inputs(positions, self.rope, cache, dtype)
-        return rotations[:, 0], bias[0]
-
-    def warm_spans(self, cache: KVCache, rows: int) -> None:
-        """Run attention on `rows` zero queries once at every span `cache` can read, at start-up: a kernel's first
-        run at a new span prepares per shape, which no stream's step should wait for."""
-        keys, values = cache.keys[0, 0], cache.values[0, 0]
-        queries = keys.new_zeros(self.blocks[0].attention.n_heads, rows, keys.shape[-1])
-        for span in cache.spans():
-            attend(queries, keys[:span], values[:span], keys.new_zeros(rows, span), self.overlap)
+    def _block(
+        self, block: Block, index: int, x: torch.Tensor, rotations: torch.Tensor, bias: torch.Tensor,
+        cache: KVCache, scale: torch.Tensor | None,
+    ) -> torch.Tensor:  # fmt: skip
+        """A block over many rows: the model's own modules around the paged attention kernel."""
+        attention = block.attention
+        batch, length = x.shape[:2]
+        heads, kv_heads, head_dim = attention.n_heads, attention.n_kv_heads, attention.head_dim
+        qk, v = attention.wqkv(block.attention_norm(x)).split(
+            ((heads + kv_heads) * head_dim, kv_heads * head_dim), dim=-1
+        )
+        qk = RotaryEmbedding.apply(qk.view(batch, length, heads + kv_heads, head_dim), rotations)
+        q, k = qk.split((heads, kv_heads), dim=2)
+        keys, values = cache.layer_slots(index)
+        slots = cache.slots.flatten()
+        keys.index_copy_(0, slots, k.flatten(0, 1))
+        values.index_copy_(0, slots, v.reshape(-1, kv_heads, head_dim))
+        attended = attend(q.transpose(1, 2), keys, values, bias, cache.pages, self.overlap)
+        x = x + attention.wo(attended.transpose(1, 2).flatten(2))
+        h = block.ffn_norm(x)
+        return x + block.feed_forward(h if scale is None else h * scale)
 
 
 def fused_adapt(decoder: TextDecoder, frames: torch.Tensor, overlap: Overlap = DEFAULT_OVERLAP) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""CUDA graph capture of fixed-shape steps, one graph per cache span, replayed without launch overhead."""
+"""CUDA graph capture of fixed-shape steps, one graph per shape (cache span), replayed without launch overhead."""
 
 from __future__ import annotations
 
@@ -17,10 +17,13 @@ class StepGraphs:
     Without `capture`, or on a CPU device, the step just runs (same buffers), so its logic runs in tests.
     """
 
-    def __init__(self, step: Callable[[], None], device: torch.device, capture: bool = True) -> None:
+    def __init__(
+        self, step: Callable[[], None], device: torch.device, capture: bool = True, pool: object = None
+    ) -> None:
         self.step = step
         self.device = device
         self.capture = capture and device.type == "cuda"
+        self.pool = pool  # a graph memory pool to share with other steps' graphs (they never run at once)
         self._graphs: dict[Hashable, torch.cuda.CUDAGraph] = {}
 
     def __call__(self, key: Hashable) -> None:
@@ -41,7 +44,7 @@ class StepGraphs:
             self.step()
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, pool=self.pool):
             self.step()
         self._graphs[key] = graph
 
@@ -105,23 +108,3 @@ class StagedOutput:
             self._sent.record(torch.cuda.current_stream(self._device))
             self._sent.synchronize()
         return self._host_array.copy()
-
-
-class StepPosition:
-    """A graph's position input on its device, which each replay advances itself (`advance_on_device`); the
-    host writes it only when a step ran outside the graph since."""
-
-    def __init__(self, tensor: torch.Tensor, step: int) -> None:
-        self.tensor = tensor
-        self.step = step
-        self._next: int | None = None  # what the device holds, when known
-
-    def set(self, position: int) -> None:
-        """Make the device hold `position` for the coming replay, which leaves `position + step` there."""
-        if self._next != position:
-            self.tensor.fill_(position)
-        self._next = position + self.step
-
-    def advance_on_device(self) -> None:
-        """In the step: move the position on by one step, for the next replay."""
-        self.tensor.add_(self.step)

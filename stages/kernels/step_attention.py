@@ -46,15 +46,16 @@ def step_attention_available(device: torch.device) -> bool:
     return triton is not None and (device.type == "cuda" or _INTERPRETED)
 
 
-def key_splits(keys: int, kv_heads: int) -> tuple[int, int]:
-    """(slices, keys per slice) for `keys` keys: enough programs to fill the GPU, slices whole tiles long."""
+def key_splits(keys: int, heads: int) -> tuple[int, int]:
+    """(slices, keys per slice) for `keys` keys of `heads` KV heads (of all rows): enough programs to fill the
+    GPU, slices whole tiles long."""
     tiles = -(-keys // BLOCK_KEYS)
-    wanted = max(1, min(tiles, -(-TARGET_PROGRAMS // kv_heads)))
+    wanted = max(1, min(tiles, -(-TARGET_PROGRAMS // heads)))
     per_split = -(-tiles // wanted) * BLOCK_KEYS
     return -(-keys // per_split), per_split
 
 
-MAX_TICKETS = 4096  # counters a split launch may use (per column block, or per KV head)
+MAX_TICKETS = 32768  # counters a split launch may use (per column block, or per batch row's KV head)
 
 
 @functools.cache
@@ -72,44 +73,60 @@ def step_attention(
     values: torch.Tensor,
     bias: torch.Tensor,
     overlap: Overlap = DEFAULT_OVERLAP,
+    pages: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """What `Attention.attend` computes, for queries [heads, T, head_dim] with heads // kv_heads * T <= 16:
     keys and values [S, kv_heads, head_dim], additive `bias` [T, S]. -> [heads, T, head_dim]. Under `overlap`
     the kernels launch as programmatic dependents, and the first prefetches its keys and values into L2 before
-    it waits for the queries (see `kernel_overlap`)."""
+    it waits for the queries (see `kernel_overlap`).
+
+    Batched over a KV pool's pages when `pages` [B, S / BLOCK_KEYS] is given: queries [B, heads, T, head_dim],
+    keys and values the pool's slots [pages * BLOCK_KEYS, kv_heads, head_dim], bias [B, T, S] -> [B, heads, T,
+    head_dim]; row b's key j is slot pages[b, j // BLOCK_KEYS] * BLOCK_KEYS + j % BLOCK_KEYS."""
+    batched = pages is not None
+    if not batched:
+        q, bias = q[None], bias[None]
     # The kernels index rows by stride and read each head's vector as one contiguous run.
     q, keys, values, bias = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, keys, values, bias))
-    heads, length, head_dim = q.shape
-    n_keys, kv_heads = keys.shape[0], keys.shape[1]
+    batch, heads, length, head_dim = q.shape
+    n_keys = bias.shape[-1]
+    kv_heads = keys.shape[1]
+    if batch * kv_heads > MAX_TICKETS:
+        raise ValueError(f"step attention: {batch} rows of {kv_heads} KV heads exceed {MAX_TICKETS} counters")
     group = heads // kv_heads
     rows = group * length
-    splits, per_split = key_splits(n_keys, kv_heads)
-    partial = torch.empty(kv_heads, splits, rows, head_dim, dtype=torch.float32, device=q.device)
-    stats = torch.empty(kv_heads, splits, 2, rows, dtype=torch.float32, device=q.device)
+    splits, per_split = key_splits(n_keys, batch * kv_heads)
+    partial = torch.empty(batch, kv_heads, splits, rows, head_dim, dtype=torch.float32, device=q.device)
+    stats = torch.empty(batch, kv_heads, splits, 2, rows, dtype=torch.float32, device=q.device)
     # Written position-major, so the output projection's [T, heads * head_dim] view needs no copy.
-    out = torch.empty(length, heads, head_dim, dtype=q.dtype, device=q.device).transpose(0, 1)
+    out = torch.empty(batch, length, heads, head_dim, dtype=q.dtype, device=q.device).transpose(1, 2)
     # Triton launches on the current device; a stage may live on another GPU than that.
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
-        _launch(q, keys, values, bias, partial, stats, out, splits, per_split, overlap)
-    return out
+        _launch(q, keys, values, bias, pages, partial, stats, out, n_keys, splits, per_split, overlap)
+    return out if batched else out[0]
 
 
-def _launch(q, keys, values, bias, partial, stats, out, splits: int, per_split: int, overlap: Overlap) -> None:
+def _launch(
+    q, keys, values, bias, pages, partial, stats, out, n_keys: int, splits: int, per_split: int, overlap: Overlap
+) -> None:
     """The kernel, on the current device."""
-    heads, length, head_dim = q.shape
-    n_keys, kv_heads = keys.shape[0], keys.shape[1]
+    batch, heads, length, head_dim = q.shape
+    kv_heads = keys.shape[1]
     group = heads // kv_heads
-    strides = (*q.stride()[:2], *keys.stride()[:2], *values.stride()[:2], bias.stride(0), *out.stride()[:2])
+    strides = (
+        *q.stride()[:3], *keys.stride()[:2], *values.stride()[:2], *bias.stride()[:2], *out.stride()[:3],
+        0 if pages is None else pages.stride(0),
+    )  # fmt: skip
     pdl = uses_pdl(overlap, q.device)
     # A slice of keys (or values) of every head is one contiguous run when the cache is contiguous.
-    prefetch = overlap.prefetch_bytes > 0 and overlap_supported(q.device) and all(
+    prefetch = pages is None and overlap.prefetch_bytes > 0 and overlap_supported(q.device) and all(
         t.is_contiguous() and t.data_ptr() % PREFETCH_ALIGNMENT == 0 for t in (keys, values)
     )  # fmt: skip
-    _split_attention[(kv_heads, splits)](
-        q, keys, values, bias, partial, stats, out, split_tickets(q.device), *strides, n_keys, per_split,
-        1 / math.sqrt(head_dim), **dot_operand_types(q), LOG2_E=LOG2_E, ROWS=MAX_ROWS, BLOCK=BLOCK_KEYS,
-        PREFETCH=prefetch, PDL=pdl, LENGTH=length, GROUP=group, HEAD_DIM=head_dim,
-        MERGE_SLICES=MERGE_SLICES, MERGE_ROWS=triton.next_power_of_2(group * length),
+    _split_attention[(kv_heads, splits, batch)](
+        q, keys, values, bias, keys if pages is None else pages, partial, stats, out, split_tickets(q.device),
+        *strides, n_keys, per_split, 1 / math.sqrt(head_dim), **dot_operand_types(q), LOG2_E=LOG2_E,
+        ROWS=MAX_ROWS, BLOCK=BLOCK_KEYS, PREFETCH=prefetch, PDL=pdl, PAGED=pages is not None, LENGTH=length,
+        GROUP=group, HEAD_DIM=head_dim, MERGE_SLICES=MERGE_SLICES, MERGE_ROWS=triton.next_power_of_2(group * length),
         num_warps=NUM_WARPS, **launch_options(pdl),
     )  # fmt: skip
 
@@ -128,17 +145,24 @@ if triton is not None:
     # values divisible by 16 and for 1), so every span runs the kernel compiled for the first.
     @triton.jit(do_not_specialize=["n_keys", "per_split"])
     def _split_attention(
-        q_ptr, k_ptr, v_ptr, bias_ptr, partial_ptr, stats_ptr, out_ptr, ticket_ptr,
-        q_head_stride, q_pos_stride, k_key_stride, k_head_stride, v_key_stride, v_head_stride, bias_stride,
-        out_head_stride, out_pos_stride, n_keys, per_split, scale,
+        q_ptr, k_ptr, v_ptr, bias_ptr, pages_ptr, partial_ptr, stats_ptr, out_ptr, ticket_ptr,
+        q_batch_stride, q_head_stride, q_pos_stride, k_key_stride, k_head_stride, v_key_stride, v_head_stride,
+        bias_batch_stride, bias_stride, out_batch_stride, out_head_stride, out_pos_stride, pages_stride,
+        n_keys, per_split, scale,
         DOT: tl.constexpr, PRECISION: tl.constexpr, LOG2_E: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
-        PREFETCH: tl.constexpr, PDL: tl.constexpr, LENGTH: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
-        MERGE_SLICES: tl.constexpr, MERGE_ROWS: tl.constexpr,
+        PREFETCH: tl.constexpr, PDL: tl.constexpr, PAGED: tl.constexpr, LENGTH: tl.constexpr, GROUP: tl.constexpr,
+        HEAD_DIM: tl.constexpr, MERGE_SLICES: tl.constexpr, MERGE_ROWS: tl.constexpr,
     ):  # fmt: skip
-        """One KV head's query rows (row = group member * LENGTH + position) over one slice of the keys: the
-        unnormalised output, the running maximum and the sum of exponentials, in base 2. The head's last
-        program to finish merges its slices into the output."""
+        """One batch row's KV head's query rows (row = group member * LENGTH + position) over one slice of the
+        keys (through the row's page table when PAGED): the unnormalised output, the running maximum and the
+        sum of exponentials, in base 2. The head's last program to finish merges its slices into the output."""
         kv_head, split, splits = tl.program_id(0), tl.program_id(1), tl.num_programs(1)
+        batch_row = tl.program_id(2)
+        q_ptr += batch_row * q_batch_stride
+        bias_ptr += batch_row * bias_batch_stride
+        out_ptr += batch_row * out_batch_stride
+        pages_ptr += batch_row * pages_stride
+        head_at = batch_row * tl.num_programs(0) + kv_head  # this row's head among all the launch's
         start = split * per_split
         end = tl.minimum(start + per_split, n_keys)
         if PREFETCH:  # the slice's keys and values of every head, a share per head's program
@@ -159,9 +183,13 @@ if triton is not None:
         for first in range(start, end, BLOCK):
             key = first + tl.arange(0, BLOCK)
             inside = key < end
-            k = tl.load(k_ptr + kv_head * k_head_stride + key[:, None] * k_key_stride + dims[None, :],
+            if PAGED:  # a tile is one page: its slots follow the row's page table
+                slot = tl.load(pages_ptr + first // BLOCK) * BLOCK + tl.arange(0, BLOCK)
+            else:
+                slot = key
+            k = tl.load(k_ptr + kv_head * k_head_stride + slot[:, None] * k_key_stride + dims[None, :],
                         mask=inside[:, None], other=0.0).to(DOT)  # fmt: skip
-            v = tl.load(v_ptr + kv_head * v_head_stride + key[:, None] * v_key_stride + dims[None, :],
+            v = tl.load(v_ptr + kv_head * v_head_stride + slot[:, None] * v_key_stride + dims[None, :],
                         mask=inside[:, None], other=0.0).to(DOT)  # fmt: skip
             bias = tl.load(bias_ptr + pos[:, None] * bias_stride + key[None, :],
                            mask=live[:, None] & inside[None, :], other=float("-inf")).to(tl.float32)  # fmt: skip
@@ -173,12 +201,12 @@ if triton is not None:
             acc = acc * decay[:, None] + tl.dot(weights.to(DOT), v, input_precision=PRECISION)
             best = new_best
         group_rows: tl.constexpr = GROUP * LENGTH
-        at = (kv_head * splits + split) * group_rows
+        at = (head_at * splits + split) * group_rows
         tl.store(partial_ptr + (at + rows[:, None]) * HEAD_DIM + dims[None, :], acc, mask=live[:, None])
         tl.store(stats_ptr + at * 2 + rows, best, mask=live)
         tl.store(stats_ptr + at * 2 + group_rows + rows, total, mask=live)
         tl.debug_barrier()
-        arrived = tl.atomic_add(ticket_ptr + kv_head, 1, sem="acq_rel", scope="gpu")
+        arrived = tl.atomic_add(ticket_ptr + head_at, 1, sem="acq_rel", scope="gpu")
         if arrived == splits - 1:
             # The slices' outputs weighted by their share of the softmax, added in a fixed order whichever
             # program arrives last. MERGE_SLICES slices' figures are loaded at once (.cg: from L2, where the other
@@ -192,7 +220,7 @@ if triton is not None:
             for chunk in range(0, splits, MERGE_SLICES):
                 slices = chunk + tl.arange(0, MERGE_SLICES)
                 present = (slices < splits)[:, None] & merge_live[None, :]
-                slice_at = (kv_head * splits + slices)[:, None] * group_rows
+                slice_at = (head_at * splits + slices)[:, None] * group_rows
                 slice_best = tl.load(stats_ptr + slice_at * 2 + merge_rows[None, :], mask=present, other=-1e30,
                                      cache_modifier=".cg")  # fmt: skip
                 slice_total = tl.load(stats_ptr + slice_at * 2 + group_rows + merge_rows[None, :], mask=present,
@@ -207,7 +235,7 @@ if triton is not None:
                 merged = merged * rescale[:, None] + tl.sum(weight[:, :, None] * slice_out, 0)
                 weight_sum = weight_sum * rescale + tl.sum(weight * slice_total, 0)
                 top = new_top
-            tl.atomic_xchg(ticket_ptr + kv_head, 0, sem="relaxed", scope="gpu")
+            tl.atomic_xchg(ticket_ptr + head_at, 0, sem="relaxed", scope="gpu")
             merged = merged / tl.where(merge_live, weight_sum, 1.0)[:, None]
             merge_head, merge_pos = kv_head * GROUP + merge_rows // LENGTH, merge_rows % LENGTH
             out_at = merge_head[:, None] * out_head_stride + merge_pos[:, None] * out_pos_stride + dims[None, :]

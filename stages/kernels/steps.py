@@ -1,128 +1,162 @@
-"""The steps a stream repeats every 80 ms, from fixed buffers: the encoder's (8 mel frames in, 4 frames out)
-and the decoder's (a position's 4 encoder frames in, the greedy token out). Each runs the model's own code
-around its blocks, the blocks as the fused kernels when asked, and with CUDA graphs is captured once per shape
-(conv tail length, cache span) and replayed: the host then writes the input, launches one graph and waits on
-one event for the output.
-
-A step holds the stream's cache, never the stage's state that holds the step: a finished stream's graphs are
-then freed at once, not by the cycle collector in the middle of another graph's capture (which fails it).
+"""The steps streams repeat every 80 ms, batched: one step runs the same step of up to `bucket` streams at once,
+each in its own row of the KV pool at its own position. The encoder's takes 8 mel frames a row and gives 4
+frames; the decoder's takes a position's 4 encoder frames a row and gives the greedy token. Each runs the
+model's own code around its blocks, the blocks as the fused kernels when asked, and with CUDA graphs is captured
+once per shape (cache span, and the encoder's conv tail length) and replayed: the host writes the rows' inputs,
+launches one graph and waits on one event for the outputs. Rows past the batch are padding: they compute in the
+pool's scratch row, whose writes land in its scratch page, never in a stream's.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 
 from voxtral_run.stages.audio.constants import ENCODER_FRAMES_PER_TOKEN, MEL_FRAMES_PER_TOKEN, NUM_MEL_BINS
 from voxtral_run.stages.kernels.fused import fused_adapt, fused_next_token
-from voxtral_run.stages.kernels.graphs import StagedInput, StagedOutput, StepGraphs, StepPosition
-from voxtral_run.stages.model.cache import KVCache
+from voxtral_run.stages.kernels.graphs import StagedInput, StagedOutput, StepGraphs
+from voxtral_run.stages.model.cache import KVPool
 from voxtral_run.stages.model.decoder import TextDecoder
-from voxtral_run.stages.model.encoder import CONV1_TAIL_LENGTHS, AudioEncoder, EncoderState
+from voxtral_run.stages.model.encoder import CONV1_TAIL_LENGTHS, AudioEncoder
 
 Blocks = Callable[..., torch.Tensor]  # a model's `blocks`, or the `FusedBlocks` of them
 
 
-class EncoderStep:
-    """One stream's 80 ms encoder step: the model's conv stem, its blocks (`blocks`) and final norm, continuing
-    `state`; replayed as CUDA graphs keyed by the conv1 tail's length and the cache span when `graphs`."""
+class RowInputs:
+    """A batch's rows and first positions, staged like any step input: [bucket, 2] int64 on the device."""
 
-    def __init__(self, encoder: AudioEncoder, state: EncoderState, blocks: Blocks, *, graphs: bool) -> None:
+    def __init__(self, pool: KVPool, bucket: int) -> None:
+        self.pool = pool
+        self.staged = StagedInput(pool.table.new_zeros(bucket, 2), host_dtype=torch.long)
+        self.rows = pool.table.new_zeros(bucket)
+        self.cache = pool.cache(self.rows)
+
+    def load(self, rows: Sequence[int], positions: Sequence[int], step_positions: int) -> None:
+        """The batch's rows at their first positions (padding to the bucket in the scratch row); their pages
+        for `step_positions` more positions, and the span the step reads."""
+        padding = self.rows.shape[0] - len(rows)
+        all_rows = [*rows, *[self.pool.scratch_row] * padding]
+        all_positions = [*positions, *[0] * padding]
+        self.staged.load(np.array([all_rows, all_positions], dtype=np.int64).T)
+        self.cache.prepare([position + step_positions for position in all_positions], rows=all_rows)
+
+    def copy_in(self) -> torch.Tensor:
+        """In the step: the rows into the cache's row buffer; the first positions [bucket, 1]."""
+        self.staged.copy_in()
+        self.rows.copy_(self.staged.buffer[:, 0])
+        return self.staged.buffer[:, 1:]
+
+
+class EncoderStep:
+    """The encoder's 80 ms step for up to `bucket` streams: the conv stem over each row's 8 mel frames after its
+    conv tails (`mel_tails`, `conv1_tails`: [rows, ...] buffers the step reads and writes), the blocks and the
+    final norm; replayed as CUDA graphs keyed by the conv1 tail length and the span when `graphs`."""
+
+    def __init__(
+        self,
+        encoder: AudioEncoder,
+        pool: KVPool,
+        tails: tuple[torch.Tensor, torch.Tensor],
+        blocks: Blocks,
+        bucket: int,
+        *,
+        graphs: bool,
+        graph_pool: object = None,
+    ) -> None:
         ref = encoder.conv_layers[0].conv.weight
-        dim = encoder.params.dim
-        self.mel = StagedInput(ref.new_zeros(1, MEL_FRAMES_PER_TOKEN, NUM_MEL_BINS))
-        self.mel_tail = torch.zeros_like(state.mel_tail)
-        self.conv1_tails = {length: ref.new_zeros(1, length, dim) for length in CONV1_TAIL_LENGTHS}
-        self.first_position = StepPosition(
-            torch.zeros(1, 1, dtype=torch.long, device=ref.device), MEL_FRAMES_PER_TOKEN // 2
-        )
-        self.out = StagedOutput(ref.new_zeros(1, ENCODER_FRAMES_PER_TOKEN, dim), torch.float32)
-        self.state = state
-        mel, mel_tail, first_position, out, cache = self.mel, self.mel_tail, self.first_position, self.out, state.cache
+        self.bucket = bucket
+        self.mel = StagedInput(ref.new_zeros(bucket, MEL_FRAMES_PER_TOKEN, NUM_MEL_BINS))
+        self.inputs = RowInputs(pool, bucket)
+        self.out = StagedOutput(ref.new_zeros(bucket, ENCODER_FRAMES_PER_TOKEN, encoder.params.dim), torch.float32)
+        mel, inputs, out, cache = self.mel, self.inputs, self.out, self.inputs.cache
+        mel_tails, conv1_tails = tails
         offsets = torch.arange(ENCODER_FRAMES_PER_TOKEN, device=ref.device)
 
-        def step_after(conv1_tail: torch.Tensor) -> Callable[[], None]:
+        def step_after(length: int) -> Callable[[], None]:
             def step() -> None:
                 mel.copy_in()
-                frames, new_mel_tail, new_conv1_tail = encoder.stem_frames(mel.buffer, mel_tail, conv1_tail)
-                mel_tail.copy_(new_mel_tail)
-                conv1_tail.copy_(new_conv1_tail)
-                out.copy_out(encoder.transformer.norm(blocks(frames, first_position.tensor + offsets, cache)))
-                first_position.advance_on_device()
+                first = inputs.copy_in()
+                rows = inputs.rows
+                frames, mel_tail, conv1_tail = encoder.stem_frames(
+                    mel.buffer, mel_tails[rows], conv1_tails[rows, :length]
+                )
+                mel_tails[rows] = mel_tail
+                conv1_tails[rows, :length] = conv1_tail
+                out.copy_out(encoder.transformer.norm(blocks(frames, first + offsets, cache)))
 
             return step
 
         self.graphs = {
-            length: StepGraphs(step_after(tail), ref.device, capture=graphs)
-            for length, tail in self.conv1_tails.items()
+            length: StepGraphs(step_after(length), ref.device, capture=graphs, pool=graph_pool)
+            for length in CONV1_TAIL_LENGTHS
         }
 
     @torch.inference_mode()
-    def __call__(self, mel: np.ndarray) -> np.ndarray:
-        """8 mel frames [8, 128] -> 4 encoder frames [4, dim] in float32. The stream's tails move into the step's
-        buffers if an eager forward left them elsewhere, and after it they are those buffers."""
-        state, length = self.state, self.state.conv1_tail.shape[1]
-        self.mel.load(mel[None])
-        for tail, buffer in ((state.mel_tail, self.mel_tail), (state.conv1_tail, self.conv1_tails[length])):
-            if tail is not buffer:
-                buffer.copy_(tail)
-        state.cache.prepare(state.next_position + ENCODER_FRAMES_PER_TOKEN)
-        self.first_position.set(state.next_position)
-        self.graphs[length](state.cache.span)
-        state.mel_tail, state.conv1_tail = self.mel_tail, self.conv1_tails[length]
-        state.next_position += ENCODER_FRAMES_PER_TOKEN
-        return self.out.read()[0]
+    def __call__(self, mel: np.ndarray, rows: Sequence[int], positions: Sequence[int], tail_length: int) -> np.ndarray:
+        """8 mel frames a row [n, 8, 128] of streams at `rows`, whose next encoder frames are at `positions` and
+        whose conv1 tails are `tail_length` long -> 4 encoder frames a row [n, 4, dim] in float32."""
+        count = len(rows)
+        staged = np.zeros((self.bucket, MEL_FRAMES_PER_TOKEN, NUM_MEL_BINS), dtype=np.float32)
+        staged[:count] = mel
+        self.mel.load(staged)
+        self.inputs.load(rows, positions, ENCODER_FRAMES_PER_TOKEN)
+        self.graphs[tail_length](self.inputs.cache.span)
+        return self.out.read()[:count]
 
 
 class DecoderStep:
-    """One stream's one-position decoder step (`step`, the production path of every token): the adapter over the
-    position's 4 encoder frames, the previous token's embedding, the blocks (`blocks`) and the LM head's greedy id,
-    the adapter and head as the fused kernels when `fused`; replayed as CUDA graphs keyed by the cache span when
-    `graphs`. The previous token stays on the device between steps."""
+    """The decoder's one-position step for up to `bucket` streams (the production path of every token after the
+    prompt): the adapter over each row's 4 encoder frames, its previous token's embedding (`tokens`: [rows]
+    on the device, which the step reads and writes), the blocks with each row's FFN scales (`ffn_scales`:
+    [layers, rows, dim]) and the LM head's greedy id; the adapter and head as the fused kernels for one row when
+    `fused`; replayed as CUDA graphs keyed by the span when `graphs`."""
 
     def __init__(
         self,
         decoder: TextDecoder,
-        cache: KVCache,
-        ffn_scales: list[torch.Tensor],
+        pool: KVPool,
+        tokens: torch.Tensor,
+        ffn_scales: torch.Tensor,
         blocks: Blocks,
+        bucket: int,
         *,
         fused: bool,
         graphs: bool,
+        graph_pool: object = None,
     ) -> None:
         weight = decoder.tok_embeddings.weight
-        self.frames = StagedInput(weight.new_zeros(1, ENCODER_FRAMES_PER_TOKEN, decoder.params.encoder.dim))
-        self.token = torch.zeros(1, 1, dtype=torch.long, device=weight.device)
-        self.token_out = StagedOutput(self.token, torch.long)
-        self.position = StepPosition(torch.zeros(1, 1, dtype=torch.long, device=weight.device), 1)
-        self.cache = cache
-        frames, token, token_out, position = self.frames, self.token, self.token_out, self.position
+        self.bucket = bucket
+        self.frames = StagedInput(weight.new_zeros(bucket, ENCODER_FRAMES_PER_TOKEN, decoder.params.encoder.dim))
+        self.inputs = RowInputs(pool, bucket)
+        self.token_out = StagedOutput(tokens.new_zeros(bucket), torch.long)
+        frames, inputs, token_out, cache = self.frames, self.inputs, self.token_out, self.inputs.cache
         adapt, next_token = decoder.adapt, decoder.next_token
-        if fused:  # the adapter and head launched as the fused blocks are
+        if fused and bucket == 1:  # the adapter and head launched as the fused blocks are
             adapt = functools.partial(fused_adapt, decoder, overlap=blocks.overlap)
             next_token = functools.partial(fused_next_token, decoder, overlap=blocks.overlap)
 
         def step() -> None:
             frames.copy_in()
-            x = adapt(frames.buffer) + decoder.tok_embeddings(token)
-            token.copy_(next_token(blocks(x, position.tensor, cache, ffn_scales))[:, None])
-            token_out.copy_out(token)
-            position.advance_on_device()
+            positions = inputs.copy_in()
+            rows = inputs.rows
+            x = adapt(frames.buffer) + decoder.tok_embeddings(tokens[rows][:, None])
+            new_tokens = next_token(blocks(x, positions, cache, list(ffn_scales[:, rows, None])))
+            tokens[rows] = new_tokens
+            token_out.copy_out(new_tokens)
 
-        self.graphs = StepGraphs(step, weight.device, capture=graphs)
+        self.graphs = StepGraphs(step, weight.device, capture=graphs, pool=graph_pool)
 
     @torch.inference_mode()
-    def __call__(self, frames: np.ndarray, position: int) -> int:
-        """The greedy token at `position` of a position's encoder frames [4, enc_dim]."""
-        self.cache.prepare(position + 1)
-        self.frames.load(frames[None])
-        self.position.set(position)
-        self.graphs(self.cache.span)
-        return int(self.token_out.read()[0, 0])
-
-    def set_token(self, token: int) -> None:
-        """The previous token, when a forward outside the step (the prompt's) produced it."""
-        self.token.fill_(token)
+    def __call__(self, frames: np.ndarray, rows: Sequence[int], positions: Sequence[int]) -> np.ndarray:
+        """The greedy tokens [n] at `positions` of the streams at `rows`, from a position's encoder frames a row
+        [n, 4, enc_dim]."""
+        count = len(rows)
+        staged = np.zeros(self.frames.host.shape, dtype=np.float32)
+        staged[:count] = frames
+        self.frames.load(staged)
+        self.inputs.load(rows, positions, 1)
+        self.graphs(self.inputs.cache.span)
+        return self.token_out.read()[:count]

@@ -1,18 +1,29 @@
-"""The KV cache of a transformer stack: preallocated rings of keys and values, batch-first.
+"""KV memory shared by many streams: a pool of pages of keys and values, and the cache a forward reads through.
 
-Every layer keeps, for each row of the batch (one stream), a ring of `capacity` slots (slot = position %
-capacity) with the absolute position each slot holds. The addresses never change, so a step can be replayed as
-a CUDA graph, and attention reads only the filled prefix, rounded up to a power of two (the span), until the
-ring wraps. A query attends to keys within its sliding window, itself included, so the ring keeps the last
-`window - 1` positions plus room for one block of new ones.
+Each stream (a row of the pool) sees a ring of `capacity` slots (slot = position % capacity) holding its last
+`window - 1` positions plus room for one block of new ones. The ring is cut into pages of PAGE_SLOTS slots, and
+a stream's page table maps its ring's pages to pages of the pool, allocated as the stream grows and freed when
+it ends: a short stream holds a few pages, a long one at most `capacity / PAGE_SLOTS`. The pool's tensors never
+move, so a step can be replayed as a CUDA graph, and attention reads each row's filled prefix, rounded up to a
+power of two (the span), until its ring wraps. A query attends to keys within its sliding window, itself
+included; slots no position filled yet are masked by their empty position.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
-MIN_SPAN = 64  # the smallest prefix attention reads; spans double from here
-SLOT_ALIGNMENT = 64  # capacities are whole multiples, which attention kernels read best
+PAGE_SLOTS = 64  # slots a page holds: attention's tile of keys, and the smallest span
+MIN_SPAN = PAGE_SLOTS  # the smallest prefix attention reads; spans double from here
+EMPTY_PAGE = 0  # never written: a ring page not allocated yet reads it (zeros, masked)
+SCRATCH_PAGE = 1  # where the padded rows of a batch write, never a stream's
+RESERVED_PAGES = 2
+
+
+class PoolFull(Exception):
+    """A stream needs a page and the pool has none free (it outgrew its reservation)."""
 
 
 def span_for(total_positions: int, capacity: int) -> int:
@@ -23,9 +34,15 @@ def span_for(total_positions: int, capacity: int) -> int:
     return min(span, capacity)
 
 
-class KVCache:
-    """Keys and values [layers, rows, capacity, kv_heads, head_dim] and the positions [rows, capacity] their slots
-    hold. A forward over new positions calls `prepare` (on the host), `begin`, then `update` for each layer."""
+def ring_capacity(window: int, block: int) -> int:
+    """Slots of a stream's ring: the last `window - 1` positions plus one block of new ones, in whole pages."""
+    return -(-(window - 1 + block) // PAGE_SLOTS) * PAGE_SLOTS
+
+
+class KVPool:
+    """Pages of keys and values [layers, pages, PAGE_SLOTS, kv_heads, head_dim] shared by up to `max_streams`
+    rows, each with its page table and the positions its ring's slots hold; one more row, the scratch row, is
+    where a batch's padding rows compute."""
 
     def __init__(
         self,
@@ -35,47 +52,168 @@ class KVCache:
         n_kv_heads: int,
         head_dim: int,
         *,
-        rows: int = 1,
+        max_streams: int,
+        pages: int,
         dtype: torch.dtype,
         device: torch.device | str,
     ) -> None:
         self.window = window
-        self.capacity = -(-(window - 1 + block) // SLOT_ALIGNMENT) * SLOT_ALIGNMENT
-        self.keys = torch.zeros(n_layers, rows, self.capacity, n_kv_heads, head_dim, dtype=dtype, device=device)
-        self.values = torch.zeros_like(self.keys)
-        # Empty slots hold a position no query is ever within the window of.
-        empty = -2 * self.capacity - window
-        self.positions = torch.full((rows, self.capacity), empty, dtype=torch.long, device=device)
-        self.slots: torch.Tensor | None = None  # [rows, T] the slots of the forward's positions
-        self.filled = 0
-        self.span = 0
+        self.capacity = ring_capacity(window, block)
+        self.pages_per_stream = self.capacity // PAGE_SLOTS
+        self.max_streams = max_streams
+        self.scratch_row = max_streams
+        shape = (n_layers, RESERVED_PAGES + pages, PAGE_SLOTS, n_kv_heads, head_dim)
+        # Unwritten memory may hold NaN, which a masked key's zero weight would still spread: pages are zeroed as
+        # they are first handed out (`_fresh`), so a short-lived pool on a CPU commits only what it uses.
+        self.keys = torch.empty(shape, dtype=dtype, device=device)
+        self.values = torch.empty(shape, dtype=dtype, device=device)
+        for tensor in (self.keys, self.values):
+            tensor[:, :RESERVED_PAGES].zero_()
+        self.table = torch.full((max_streams + 1, self.pages_per_stream), EMPTY_PAGE, dtype=torch.long, device=device)
+        self.table[self.scratch_row] = SCRATCH_PAGE
+        self.empty_position = -2 * self.capacity - window  # no query is ever within the window of it
+        self.positions = torch.full(
+            (max_streams + 1, self.capacity), self.empty_position, dtype=torch.long, device=device
+        )
+        self._free_rows = list(range(max_streams - 1, -1, -1))  # popped from the end: lowest row first
+        self._free_pages = list(range(RESERVED_PAGES + pages - 1, RESERVED_PAGES - 1, -1))
+        self._fresh = set(self._free_pages)
+        self._row_pages: dict[int, list[int]] = {}
+        self._reserved: dict[int, int] = {}  # pages promised to a row and not yet allocated
 
-    def prepare(self, total_positions: int) -> None:
-        """Before a forward after which each row holds `total_positions` positions: the span it reads."""
-        self.filled = min(total_positions, self.capacity)
-        self.span = span_for(total_positions, self.capacity)
+    @property
+    def total_pages(self) -> int:
+        """Pages streams can hold (the reserved ones not counted)."""
+        return self.keys.shape[1] - RESERVED_PAGES
 
-    def begin(self, positions: torch.Tensor) -> torch.Tensor:
-        """Enter the new positions [rows, T] into their slots; the key positions [rows, span] attention reads."""
-        self.slots = positions % self.capacity
-        self.positions.scatter_(1, self.slots, positions)
-        return self.positions[:, : self.span]
+    @property
+    def pages_in_use(self) -> int:
+        return self.total_pages - len(self._free_pages)
 
-    def update(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write a layer's new keys and values [rows, T, kv_heads, head_dim] into their slots; the layer's keys
-        and values [rows, span, kv_heads, head_dim] attention reads (the mask drops stale and empty slots)."""
-        index = self.slots[:, :, None, None].expand_as(keys)
-        self.keys[layer].scatter_(1, index, keys)
-        self.values[layer].scatter_(1, index, values)
-        return self.keys[layer, :, : self.span], self.values[layer, :, : self.span]
+    @property
+    def rows_in_use(self) -> int:
+        return len(self._row_pages)
+
+    def page_bytes(self) -> int:
+        """Bytes of keys and values one page holds, all layers."""
+        return 2 * self.keys[:, 0].numel() * self.keys.element_size()
+
+    def pages_for(self, positions: int) -> int:
+        """Pages a stream holding `positions` positions uses."""
+        return min(-(-positions // PAGE_SLOTS), self.pages_per_stream)
+
+    def admit(self, reserve_positions: int) -> int | None:
+        """A row for a new stream with pages for `reserve_positions` positions set aside, or None when every row
+        is taken or the unpromised free pages are too few."""
+        wanted = self.pages_for(reserve_positions)
+        if not self._free_rows or len(self._free_pages) - sum(self._reserved.values()) < wanted:
+            return None
+        row = self._free_rows.pop()
+        self._row_pages[row] = []
+        self._reserved[row] = wanted
+        return row
+
+    def release(self, row: int) -> None:
+        """Free a row and its pages at once; its ring reads empty to whoever takes it next."""
+        pages = self._row_pages.pop(row)
+        self._reserved.pop(row)
+        self._free_pages.extend(reversed(pages))
+        self.table[row, : len(pages)] = EMPTY_PAGE
+        self.positions[row].fill_(self.empty_position)
+        self._free_rows.append(row)
+
+    def grow(self, row: int, total_positions: int) -> None:
+        """Allocate the pages a row needs to hold `total_positions` positions (from its reservation first);
+        PoolFull when the pool has none left."""
+        pages = self._row_pages[row]
+        wanted = self.pages_for(total_positions)
+        if len(pages) >= wanted:
+            return
+        unpromised = len(self._free_pages) - sum(self._reserved.values())
+        if wanted - len(pages) > self._reserved[row] + unpromised:
+            raise PoolFull(f"KV memory full: a stream needs a page and all {self.total_pages} are in use")
+        new = [self._free_pages.pop() for _ in range(wanted - len(pages))]
+        self._reserved[row] = max(0, self._reserved[row] - len(new))
+        fresh = [page for page in new if page in self._fresh]
+        if fresh:
+            self._fresh.difference_update(fresh)
+            for tensor in (self.keys, self.values):
+                tensor[:, fresh] = 0
+        self.table[row, len(pages) : wanted] = torch.tensor(new, dtype=torch.long).to(self.table.device)
+        pages.extend(new)
+
+    def cache(self, rows: Sequence[int] | torch.Tensor) -> KVCache:
+        """The cache of a batch of rows (a stream's row, or the scratch row for padding)."""
+        return KVCache(self, rows)
 
     def spans(self) -> list[int]:
-        """Every span `prepare` can choose, smallest first."""
+        """Every span a forward can read, smallest first."""
         spans = [span_for(1, self.capacity)]
         while spans[-1] < self.capacity:
             spans.append(span_for(spans[-1] + 1, self.capacity))
         return spans
 
-    def __len__(self) -> int:
-        """Positions a new query can still see, at most `window - 1`."""
-        return min(self.filled, self.window - 1)
+
+class KVCache:
+    """The KV cache of a batch of a pool's rows: what a forward over new positions reads and writes. Call
+    `prepare` (on the host), then `begin`, then `update` for each layer."""
+
+    def __init__(self, pool: KVPool, rows: Sequence[int] | torch.Tensor) -> None:
+        self.pool = pool
+        # The host's copy of the rows, unless they are a device buffer a step fills (then `prepare` is told them).
+        self.host_rows = None if isinstance(rows, torch.Tensor) else list(rows)
+        self.window = pool.window
+        self.capacity = pool.capacity
+        self.rows = torch.as_tensor(rows, dtype=torch.long, device=pool.table.device)
+        self.span = 0
+        self.slots: torch.Tensor | None = None  # [rows, T] the pool slots (page * PAGE_SLOTS + offset) written
+        self.pages: torch.Tensor | None = None  # [rows, span / PAGE_SLOTS] the pages attention reads
+
+    def prepare(self, totals: int | Sequence[int], rows: Sequence[int] | None = None) -> None:
+        """Before a forward after which the batch's rows hold `totals` positions each (one figure: all of them):
+        their pages and the span, the longest row's. `rows`: the rows, when the cache's are a device buffer."""
+        rows = self.host_rows if rows is None else rows
+        totals = [totals] * len(rows) if isinstance(totals, int) else totals
+        for row, total in zip(rows, totals, strict=True):
+            if row != self.pool.scratch_row:
+                self.pool.grow(row, total)
+        self.span = max(span_for(total, self.capacity) for total in totals)
+
+    def begin(self, positions: torch.Tensor) -> torch.Tensor:
+        """Enter the new positions [rows, T] into their slots; the key positions [rows, span] attention reads."""
+        ring_slots = positions % self.capacity
+        rows = self.rows[:, None].expand_as(positions)
+        self.pool.positions[rows, ring_slots] = positions
+        self.slots = self.pool.table[rows, ring_slots // PAGE_SLOTS] * PAGE_SLOTS + ring_slots % PAGE_SLOTS
+        self.pages = self.pool.table[self.rows, : self.span // PAGE_SLOTS]
+        return self.pool.positions[self.rows, : self.span]
+
+    def layer_slots(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A layer's keys and values as [pool slots, kv_heads, head_dim], which `slots` index."""
+        return self.pool.keys[layer].flatten(0, 1), self.pool.values[layer].flatten(0, 1)
+
+    def update(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write a layer's new keys and values [rows, T, kv_heads, head_dim] into their slots; the layer's keys
+        and values [rows, span, kv_heads, head_dim] attention reads (the mask drops stale and empty slots)."""
+        slots = self.slots.flatten()
+        for stored, new in zip(self.layer_slots(layer), (keys, values), strict=True):
+            stored.index_copy_(0, slots, new.flatten(0, 1).to(stored.dtype))
+        batch = (self.rows.shape[0], self.span, *keys.shape[2:])
+        return self.pool.keys[layer][self.pages].view(batch), self.pool.values[layer][self.pages].view(batch)
+
+    def spans(self) -> list[int]:
+        """Every span `prepare` can choose, smallest first."""
+        return self.pool.spans()
+
+
+def single_stream_cache(
+    window: int, block: int, n_layers: int, n_kv_heads: int, head_dim: int, *, dtype: torch.dtype,
+    device: torch.device | str, rows: int = 1,
+) -> KVCache:  # fmt: skip
+    """The cache of `rows` streams in a pool of their own, with pages for their whole windows."""
+    capacity = ring_capacity(window, block)
+    pool = KVPool(
+        window, block, n_layers, n_kv_heads, head_dim, max_streams=rows, pages=rows * capacity // PAGE_SLOTS,
+        dtype=dtype, device=device,
+    )  # fmt: skip
+    return pool.cache([pool.admit(window) for _ in range(rows)])

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from voxtral_run.stages.model.cache import KVCache
+from voxtral_run.stages.model.cache import KVCache, single_stream_cache
 from voxtral_run.stages.model.checkpoint import (
     ADAPTER_PREFIX,
     DECODER_PREFIXES,
@@ -72,7 +72,7 @@ class TextDecoder(nn.Module):
     def new_cache(self, rows: int = 1, block: int = PREFILL_BLOCK) -> KVCache:
         """An empty KV cache for `rows` streams whose forwards take at most `block` positions at once."""
         dec, weight = self.params.decoder, self.tok_embeddings.weight
-        return KVCache(
+        return single_stream_cache(
             dec.sliding_window, block, dec.n_layers, dec.n_kv_heads, dec.head_dim, rows=rows, dtype=weight.dtype,
             device=weight.device,
         )  # fmt: skip

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from voxtral_run.stages.audio.constants import CONV_STRIDE, NUM_MEL_BINS
-from voxtral_run.stages.model.cache import KVCache
+from voxtral_run.stages.model.cache import KVCache, single_stream_cache
 from voxtral_run.stages.model.checkpoint import ENCODER_PREFIX, ModelDir, TransformerParams
 from voxtral_run.stages.model.layers import Block, RMSNorm, RotaryEmbedding, fuse_projections, position_inputs
 
@@ -19,7 +19,7 @@ CONV1_CONTEXT = CONV_KERNEL - 1  # left pad of the stride-1 conv: (k - 1) + 1 - 
 CONV2_CONTEXT = CONV_KERNEL - CONV_STRIDE  # left pad of the stride-2 conv: 1 frame, not 2 (docs/MODEL.md §6)
 # The stride-2 conv waits for pairs, so an odd count of mel frames so far leaves one more conv1 frame behind.
 CONV1_TAIL_LENGTHS = (CONV2_CONTEXT, CONV2_CONTEXT + 1)
-BLOCK_FRAMES = 256  # encoder frames attended in one forward at most; bounds the attention matrix
+BLOCK_FRAMES = 64  # encoder frames attended in one forward at most: bounds the attention matrix and the ring
 
 
 class _Conv(nn.Module):
@@ -59,7 +59,7 @@ class AudioEncoder(nn.Module):
         """Fresh state for `rows` streams: zero conv context (the reference's causal left padding), empty cache."""
         ref = self.conv_layers[0].conv.weight
         p = self.params
-        cache = KVCache(
+        cache = single_stream_cache(
             p.sliding_window, BLOCK_FRAMES, p.n_layers, p.n_kv_heads, p.head_dim, rows=rows, dtype=ref.dtype,
             device=ref.device,
         )  # fmt: skip

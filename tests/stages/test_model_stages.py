@@ -1,100 +1,227 @@
-"""The encoder and decoder stage cores: their 80 ms steps (`kernels.steps`, run here without capture) compute
-what the model's forward computes, and a dropped stream frees its steps at once."""
+"""The encoder and decoder stage cores batch many streams: each stream's ids are its ids alone, whatever joins
+or leaves beside it; the ceiling waits or refuses; KV memory goes back the moment a stream ends."""
 
 from __future__ import annotations
 
-import gc
-import weakref
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from voxtral_run.stages.audio.constants import MEL_FRAMES_PER_TOKEN, NUM_MEL_BINS
-from voxtral_run.stages.base import StageError
+from tests.conftest import speechlike_audio
+from voxtral_run.stages.audio.constants import SAMPLES_PER_TOKEN, delay_tokens, pad_audio
+from voxtral_run.stages.audio.mel import log_mel_frames
+from voxtral_run.stages.base import END, StageError, StreamEnd, StreamFailed, StreamStart
 from voxtral_run.stages.factory import build_stage
-from voxtral_run.stages.kernels.graphs import StepGraphs
-from voxtral_run.stages.kernels.steps import DecoderStep, EncoderStep
-from voxtral_run.stages.model.encoder import CONV1_TAIL_LENGTHS
-from voxtral_run.stages.model_stages import _DecoderStream, _EncoderStream
+from voxtral_run.stages.model.checkpoint import ModelDir
+from voxtral_run.stages.model.decoder import streaming_prompt
+
+CHUNK = SAMPLES_PER_TOKEN  # 80 ms a tick, as live audio arrives
 
 
-def test_settings_that_do_not_fit_the_device_are_one_line(tiny_model_dir) -> None:
+@dataclass
+class Schedule:
+    """A stream's part in a run: its audio, the tick it joins at, and its delay."""
+
+    audio: np.ndarray
+    joins: int = 0
+    delay_ms: int | None = None
+    chunk: int = CHUNK
+
+
+def model_chain(model_dir, **batch) -> list:
+    """mel, encoder and decoder stage cores, the model stages with the given batching settings."""
+    return [
+        build_stage("mel", model_dir=model_dir),
+        build_stage("encoder", model_dir=model_dir, params=batch),
+        build_stage("decoder", model_dir=model_dir, params=batch),
+    ]
+
+
+def run_ticks(chain: list, schedules: dict[str, Schedule]) -> tuple[dict[str, list[int]], dict[str, str], list]:
+    """Every stream pushes one chunk a tick from the tick it joins; each tick, each stage takes all the work
+    waiting for it in one `step`. Returns each stream's ids, the failures, and each stage's batch sizes."""
+    ids: dict[str, list[int]] = {name: [] for name in schedules}
+    failures: dict[str, str] = {}
+    ended: set[str] = set()
+    batches: list[list[int]] = [[] for _ in chain]
+    tick = 0
+    last_input = max(s.joins + -(-len(s.audio) // s.chunk) for s in schedules.values())
+    while len(ended) < len(schedules) or tick < last_input:
+        work = []
+        for name, schedule in schedules.items():
+            index = tick - schedule.joins
+            chunks = -(-len(schedule.audio) // schedule.chunk)
+            if index == 0:
+                work.append((name, StreamStart(schedule.delay_ms)))
+            if 0 <= index < chunks:
+                work.append((name, schedule.audio[index * schedule.chunk : (index + 1) * schedule.chunk]))
+            if index == chunks - 1:
+                work.append((name, END))
+        for position, stage in enumerate(chain):
+            starts = [(name, item) for name, item in work if isinstance(item, StreamStart)]
+            work = starts + stage.step(work)
+            batches[position].extend(stage.batch_sizes)
+        for name, item in work:
+            if isinstance(item, StreamFailed):
+                failures[name] = item.message
+                ended.add(name)
+            elif isinstance(item, StreamEnd):
+                ended.add(name)
+            elif not isinstance(item, StreamStart):
+                ids[name].extend(int(i) for i in item)
+        tick += 1
+        assert tick < 10_000
+    return ids, failures, batches
+
+
+def alone(model_dir, schedule: Schedule) -> list[int]:
+    """A stream's ids when it runs alone."""
+    ids, failures, _ = run_ticks(model_chain(model_dir), {"alone": Schedule(schedule.audio, 0, schedule.delay_ms)})
+    assert not failures
+    return ids["alone"]
+
+
+def transformers_ids(model_dir, hf_oracle, audio: np.ndarray, delay_ms: int) -> list[int]:
+    """The oracle's greedy ids for a stream with this delay."""
+    model = ModelDir(model_dir)
+    num_delay = delay_tokens(delay_ms)
+    prompt = streaming_prompt(model.tekken, num_delay)
+    features = log_mel_frames(pad_audio(audio, model.tekken.audio.streaming_n_left_pad_tokens, num_delay))
+    with torch.inference_mode():
+        return (
+            hf_oracle(model_dir)
+            .generate(
+                input_ids=torch.tensor([prompt]),
+                input_features=torch.from_numpy(features.T[None].copy()),
+                num_delay_tokens=num_delay,
+                do_sample=False,
+            )[0, len(prompt) :]
+            .tolist()
+        )
+
+
+STREAMS = {
+    "a": Schedule(speechlike_audio(2.4, seed=1), joins=0, delay_ms=480),
+    "b": Schedule(speechlike_audio(1.2, seed=2), joins=3, delay_ms=160),
+    "c": Schedule(speechlike_audio(3.0, seed=3), joins=5, delay_ms=1200),
+    "d": Schedule(speechlike_audio(0.7, seed=4), joins=20, delay_ms=480),
+}
+
+
+def test_streams_of_different_lengths_and_delays_batched_give_their_ids_alone_and_the_oracles(
+    small_window_model_dir, hf_oracle
+) -> None:
+    """Four streams join at different ticks, leave at different ticks (different lengths) and each has its own
+    delay; the model stages run them in batches, and each stream's ids are its ids alone, and transformers'."""
+    chain = model_chain(small_window_model_dir, max_streams=4)
+    ids, failures, batches = run_ticks(chain, STREAMS)
+    assert not failures
+    assert max(batches[1]) >= 3 and max(batches[2]) >= 3  # really batched, in the encoder and the decoder
+    for name, schedule in STREAMS.items():
+        expected = transformers_ids(small_window_model_dir, hf_oracle, schedule.audio, schedule.delay_ms)
+        assert len(set(expected)) >= 3
+        assert ids[name] == alone(small_window_model_dir, schedule) == expected, name
+    assert len({tuple(i) for i in ids.values()}) == len(STREAMS)
+
+
+@pytest.fixture(scope="module")
+def solo_ids(tiny_model_dir) -> dict[str, list[int]]:
+    return {name: alone(tiny_model_dir, schedule) for name, schedule in STREAMS.items()}
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    joins=st.lists(st.integers(0, 30), min_size=4, max_size=4),
+    chunks=st.lists(st.sampled_from([CHUNK, 2 * CHUNK, 3000]), min_size=4, max_size=4),
+    max_streams=st.integers(1, 4),
+)
+def test_any_arrival_and_departure_schedule_gives_each_stream_its_ids_alone(
+    tiny_model_dir, solo_ids, joins, chunks, max_streams
+) -> None:
+    """Random join ticks, chunk sizes (so departures move too) and ceilings (streams past it wait)."""
+    schedules = {
+        name: Schedule(schedule.audio, join, schedule.delay_ms, chunk)
+        for (name, schedule), join, chunk in zip(STREAMS.items(), joins, chunks, strict=True)
+    }
+    ids, failures, _ = run_ticks(model_chain(tiny_model_dir, max_streams=max_streams), schedules)
+    assert not failures
+    assert ids == solo_ids
+
+
+def test_a_stream_past_the_ceiling_is_refused_and_the_others_go_on(tiny_model_dir, solo_ids) -> None:
+    chain = model_chain(tiny_model_dir, max_streams=2, when_full="refuse")
+    ids, failures, _ = run_ticks(chain, {name: STREAMS[name] for name in "abc"})
+    assert list(failures) == ["c"]
+    assert failures["c"] == "encoder at capacity (2 of 2 streams, 6 of 26 KV pages in use)"
+    assert ids["a"] == solo_ids["a"] and ids["b"] == solo_ids["b"]
+    assert all(stage.streams() == [] for stage in chain)
+
+
+def test_a_stream_past_the_ceiling_waits_for_a_row_when_asked(tiny_model_dir, solo_ids) -> None:
+    schedules = {name: STREAMS[name] for name in "abc"}
+    ids, failures, batches = run_ticks(model_chain(tiny_model_dir, max_streams=2, when_full="wait"), schedules)
+    assert not failures
+    assert ids == {name: solo_ids[name] for name in "abc"}
+    assert max(batches[1]) == 2
+
+
+def test_a_stream_that_outgrows_the_kv_memory_fails_alone(tiny_model_dir, solo_ids) -> None:
+    """A decoder pool of one page (64 positions) and reservations of 0.2 s: "a" takes the page, "b" waits for
+    room; "a" needs a second page (its 70th position) and fails with a message, which frees its page at once,
+    and "b" then runs with its ids alone."""
+    chain = model_chain(tiny_model_dir, max_streams=2, reserve_s=0.2)
+    settings = {"max_streams": 2, "reserve_s": 0.2, "kv_memory_gb": 1e-9}
+    chain[2] = build_stage("decoder", model_dir=tiny_model_dir, params=settings)
+    assert chain[2].pool.total_pages == 1
+    ids, failures, _ = run_ticks(chain, {name: STREAMS[name] for name in "ab"})
+    assert failures == {"a": "decoder: KV memory full: a stream needs a page and all 1 are in use"}
+    assert ids["b"] == solo_ids["b"]
+    assert chain[2].pool.pages_in_use == 0
+
+
+def test_kv_memory_returns_to_zero_and_a_thousand_short_streams_leave_no_state(tiny_model_dir) -> None:
+    chain = model_chain(tiny_model_dir, max_streams=4)
+    pools = [chain[1].pool, chain[2].pool]
+    peak = []
+    short = speechlike_audio(0.3, seed=9)
+    for first in range(0, 1000, 8):
+        schedules = {f"s{index}": Schedule(short, joins=index % 8) for index in range(first, first + 8)}
+        run_ticks(chain, schedules)
+        peak.append(max(pool.pages_in_use for pool in pools))
+        assert all(pool.pages_in_use == 0 and pool.rows_in_use == 0 for pool in pools)
+    assert all(stage.streams() == [] for stage in chain)
+    assert all(len(stage._failed) == 0 and len(stage._steps) <= 8 for stage in chain[1:])
+    assert len(chain[2]._scales) == 1
+
+
+def test_settings_that_do_not_fit_are_one_line(tiny_model_dir) -> None:
     with pytest.raises(StageError, match="cuda_graphs needs a CUDA device"):
         build_stage("decoder", model_dir=tiny_model_dir, params={"cuda_graphs": True})
     with pytest.raises(StageError, match="unknown setting 'cache'"):
         build_stage("encoder", model_dir=tiny_model_dir, params={"cache": "static"})
+    with pytest.raises(StageError, match=r"max_streams must be an integer in 1..1024, got 0"):
+        build_stage("encoder", model_dir=tiny_model_dir, params={"max_streams": 0})
+    with pytest.raises(StageError, match="when_full must be one of wait, refuse, got 'drop'"):
+        build_stage("decoder", model_dir=tiny_model_dir, params={"when_full": "drop"})
+    with pytest.raises(StageError, match="kv_memory_gb must be a number > 0, got 'lots'"):
+        build_stage("decoder", model_dir=tiny_model_dir, params={"kv_memory_gb": "lots"})
 
 
-def with_steps(stage, stream_id: str) -> None:
-    """Give a stream of a CPU stage the step objects a GPU stage gives every stream (eager blocks, no capture)."""
-    if stage.name == "encoder":
-        state = stage.encoder.new_state()
-        stage._states[stream_id] = _EncoderStream(state, EncoderStep(stage.encoder, state, stage.blocks, graphs=False))
-    else:
-        cache = stage.decoder.new_cache()
-        step = DecoderStep(stage.decoder, cache, stage.ffn_scales, stage.blocks, fused=False, graphs=False)
-        stage._states[stream_id] = _DecoderStream(cache, step)
-
-
-def test_the_steps_compute_what_the_model_computes(small_window_model_dir, monkeypatch) -> None:
-    """Every 80 ms push is a step, whichever conv tail the odd pushes before it left; the tails pass between
-    steps and forwards, and the decoder's step feeds back its token
-    whether a position's frames come in one push or straddle two."""
-    replayed = []
-    replay = StepGraphs.__call__
-    monkeypatch.setattr(StepGraphs, "__call__", lambda graphs, key: (replayed.append(graphs), replay(graphs, key)))
-    encoder, decoder = (build_stage(kind, model_dir=small_window_model_dir) for kind in ("encoder", "decoder"))
-    with_steps(encoder, "stepped")
-    mel = np.random.default_rng(3).standard_normal((500, NUM_MEL_BINS)).astype(np.float32)
-    sizes = [8, 8, 3, 8, 8, 5, 8, 1, 0, 8, 8, 8, 8, 8, 8] + [MEL_FRAMES_PER_TOKEN] * 40
-    starts = np.cumsum([0, *sizes])
-    frames = {"plain": [], "stepped": []}
-    for start, size in zip(starts, sizes, strict=False):
-        for name in frames:
-            frames[name] += encoder.push(name, mel[start : start + size])
-    stepped = encoder.state("stepped")
-    assert stepped.state.next_position == encoder.state("plain").state.next_position == sum(sizes) // 2
-    by_tail = stepped.step.graphs
-    assert [replayed.count(by_tail[length]) for length in CONV1_TAIL_LENGTHS] == [3, sizes.count(8) - 3]
-    encoded = np.concatenate(frames["plain"])
-    assert np.array_equal(np.concatenate(frames["stepped"]), encoded)
-
-    chunks = {"plain": len(encoded), "stepped": len(encoded), "stepped_by_4": 4, "stepped_by_3": 3}
-    for name in chunks:
-        if name != "plain":
-            with_steps(decoder, name)
-    ids = {
-        name: [int(i) for start in range(0, len(encoded), size)
-               for out in decoder.push(name, encoded[start : start + size]) for i in out]
-        for name, size in chunks.items()
-    }  # fmt: skip
-    assert len(ids["plain"]) == len(encoded) // 4 - len(decoder.prompt) + 1
-    assert len(set(ids["plain"])) >= 3
-    assert ids["stepped"] == ids["stepped_by_4"] == ids["stepped_by_3"] == ids["plain"]
-
-
-def test_a_dropped_streams_steps_are_freed_at_once_not_by_the_cycle_collector(tiny_model_dir) -> None:
-    """A stream's steps must not sit in a reference cycle: the cycle collector would free their graphs at some
-    later moment, possibly while another step is being captured, where destroying a CUDA graph fails that
-    capture."""
-    encoder, decoder = (build_stage(kind, model_dir=tiny_model_dir) for kind in ("encoder", "decoder"))
-    for stage in (encoder, decoder):
-        with_steps(stage, "s")
-        stage.push("s", np.zeros((8, NUM_MEL_BINS) if stage is encoder else (4 * 40, 32), np.float32))
-    records = [encoder._states.pop("s"), decoder._states.pop("s")]
-    steps = [record.step for record in records]
-    references = [weakref.ref(thing) for thing in (*records, *steps, *steps[0].graphs.values(), steps[1].graphs)]
-    gc.disable()
-    try:
-        del records, steps
-        assert [reference() for reference in references] == [None] * len(references)
-    finally:
-        gc.enable()
+def test_bad_input_fails_its_stream_only(tiny_model_dir) -> None:
+    encoder = build_stage("encoder", model_dir=tiny_model_dir, params={"max_streams": 2})
+    good = np.zeros((8, 128), np.float32)
+    outputs = encoder.step([("bad", np.zeros((8, 5), np.float32)), ("good", good), ("bad", good)])
+    assert outputs[0] == ("bad", StreamFailed("encoder: expected mel frames of shape [k, 128], got [8, 5]"))
+    assert [name for name, _ in outputs] == ["bad", "good"]
+    assert encoder.streams() == ["good"]
 
 
 def test_warm_up_leaves_no_stream(tiny_model_dir) -> None:
     stage = build_stage("decoder", model_dir=tiny_model_dir)
     stage.warm_up()
-    assert stage.streams() == []
+    assert stage.streams() == [] and stage.pool.pages_in_use == 0
     assert torch.is_inference_mode_enabled() is False

@@ -101,11 +101,9 @@ def test_two_interleaved_streams_equal_each_alone(tiny_model_dir) -> None:
 
 @pytest.mark.slow
 def test_state_stops_growing_once_windows_fill(small_window_model_dir) -> None:
-    """Several minutes of 80 ms chunks: every per-stream cache stays at its window and stops growing."""
+    """Several minutes of 80 ms chunks: every stream's KV pages stop at its ring and nothing else grows."""
     chain = build_chain(small_window_model_dir)
     mel, encoder, decoder = chain[0], chain[1], chain[2]
-    model = ModelDir(small_window_model_dir)
-    enc_window, dec_window = model.params.encoder.sliding_window, model.params.decoder.sliding_window
     audio = speechlike_audio(180.0, seed=5)
     sizes = []
     for index, chunk in enumerate(split(audio, [SAMPLES_PER_TOKEN])):
@@ -113,18 +111,19 @@ def test_state_stops_growing_once_windows_fill(small_window_model_dir) -> None:
         for stage in chain:
             items = [out for item in items for out in stage.push("long", item)]
         if index % 250 == 249:
-            enc_state, dec_state = encoder.state("long").state, decoder.state("long")
+            place = decoder.state("long").place
             sizes.append(
                 (
-                    len(enc_state.cache),
-                    len(dec_state.cache),
-                    (len(dec_state.pending), 0 if dec_state.frames is None else len(dec_state.frames)),
+                    encoder.pool.pages_in_use,
+                    decoder.pool.pages_in_use,
+                    (len(place.groups), 0 if place.frames is None else len(place.frames)),
                     mel._streams["long"].tail.nbytes,
                 )
             )
-    assert decoder.state("long").next_position > 2000  # the stream really ran for minutes
+    assert decoder.state("long").place.next_position > 2000  # the stream really ran for minutes
     assert len(sizes) >= 8
-    assert all(s[0] == enc_window - 1 and s[1] == dec_window - 1 for s in sizes)  # full, and no larger
+    # Each ring's pages, all of them, and no more.
+    assert all(s[0] == encoder.pool.pages_per_stream and s[1] == decoder.pool.pages_per_stream for s in sizes)
     # Nothing waits but a partial group of encoder frames.
     assert all(s[2][0] == 0 and s[2][1] < ENCODER_FRAMES_PER_TOKEN for s in sizes)
     assert max(s[3] for s in sizes) < N_FFT * 4  # the mel overlap tail: under one STFT window of float32

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from voxtral_run.stages.kernels.fused import FusedBlocks, fused_kernels_available
-from voxtral_run.stages.model.cache import KVCache
+from voxtral_run.stages.model.cache import single_stream_cache
 from voxtral_run.stages.model.checkpoint import TransformerParams
 from voxtral_run.stages.model.layers import Block, RotaryEmbedding, fuse_projections, position_inputs
 
@@ -29,29 +29,34 @@ def eager_blocks(blocks: nn.ModuleList, rope: RotaryEmbedding, x, positions, cac
 
 
 @pytest.mark.parametrize(
-    ("params", "rows", "scaled"), [(DECODER_LIKE, 1, True), (ENCODER_LIKE, 4, False)], ids=["decoder", "encoder"]
+    ("params", "streams", "rows", "scaled"),
+    [(DECODER_LIKE, 1, 1, True), (ENCODER_LIKE, 1, 4, False), (DECODER_LIKE, 3, 1, True), (ENCODER_LIKE, 3, 4, False)],
+    ids=["decoder", "encoder", "decoder-batch", "encoder-batch"],
 )
-def test_fused_blocks_step_like_the_eager_blocks(params, rows, scaled) -> None:
-    """A decoder-like pair of blocks (one row, no biases, FFN scales: the one-row kernel) and an encoder-like
-    pair (4 rows, biases: the tile kernel) stepped over a ring that wraps (whose slots the q/k/v kernel fills):
-    the fused blocks give the eager blocks' output at every step, and leave the same cache."""
+def test_fused_blocks_step_like_the_eager_blocks(params, streams, rows, scaled) -> None:
+    """Decoder-like blocks (one position, no biases, FFN scales) and encoder-like ones (4 positions, biases)
+    stepped over rings that wrap, for one stream (the fused kernels) and a batch of streams at different
+    positions (products through torch, attention through each row's pages): the fused blocks give the eager
+    blocks' output at every step, and leave the same keys and values in the pool."""
     torch.manual_seed(0)
     blocks = nn.ModuleList(Block(params) for _ in range(2))
     fuse_projections(blocks)
     assert fused_kernels_available(torch.device("cpu"))
     rope = RotaryEmbedding(params.head_dim, params.rope_theta)
     fused = FusedBlocks(blocks, rope)
-    ffn_scales = [1 + 0.1 * torch.randn(params.dim) for _ in blocks] if scaled else None
+    ffn_scales = [1 + 0.1 * torch.randn(streams, 1, params.dim) for _ in blocks] if scaled else None
     shape = (params.sliding_window, rows, len(blocks), params.n_kv_heads, params.head_dim)
-    caches = [KVCache(*shape, dtype=torch.float32, device="cpu") for _ in "ab"]
+    caches = [single_stream_cache(*shape, rows=streams, dtype=torch.float32, device="cpu") for _ in "ab"]
+    starts = torch.tensor([0, 7, 30][:streams])[:, None] * rows  # rows of the batch at their own positions
     with torch.inference_mode():
         for step in range(80 // rows):
-            x = torch.randn(1, rows, params.dim)
-            positions = torch.arange(step * rows, (step + 1) * rows)[None]
+            x = torch.randn(streams, rows, params.dim)
+            positions = starts + torch.arange(step * rows, (step + 1) * rows)
             for cache in caches:
-                cache.prepare((step + 1) * rows)
+                cache.prepare((positions[:, -1] + 1).tolist())
             eager = eager_blocks(blocks, rope, x, positions, caches[0], ffn_scales)
             torch.testing.assert_close(fused(x, positions, caches[1], ffn_scales), eager, rtol=1e-5, atol=1e-5)
-            torch.testing.assert_close(caches[1].keys, caches[0].keys, rtol=1e-5, atol=1e-5)
-            assert torch.equal(caches[1].positions, caches[0].positions)
-    assert (step + 1) * rows > caches[0].capacity  # the ring wrapped
+    pools = [cache.pool for cache in caches]
+    torch.testing.assert_close(pools[1].keys, pools[0].keys, rtol=1e-5, atol=1e-5)
+    assert torch.equal(pools[1].positions, pools[0].positions)
+    assert (step + 1) * rows > pools[0].capacity  # the ring wrapped

@@ -98,7 +98,41 @@ def test_key_splits_cover_every_key_once_in_whole_tiles(n_keys, kv_heads) -> Non
     assert (slices - 1) * per_slice < n_keys <= slices * per_slice
 
 
-def test_step_attend_takes_sdpa_for_many_rows() -> None:
-    """A block of many positions (a file's first push) is no step: SDPA serves it, exactly."""
-    q, keys, values, bias = ring_step(4, 4, 32, 16, 64, 100, torch.float32)
-    assert torch.equal(attend(q, keys, values, bias, DEFAULT_OVERLAP), sdpa_attention(q, keys, values, bias))
+def paged(q, keys, values, bias, pages: list[int], slots: int):
+    """A step's operands as one row of a KV pool: its keys laid out in the pool's pages `pages` (of `slots`
+    slots, the others random), the bias padded to whole pages."""
+    generator = torch.Generator().manual_seed(5)
+    pool = [torch.randn(slots, *keys.shape[1:], generator=generator).to(keys.dtype) for _ in range(2)]
+    padded = len(pages) * BLOCK_KEYS
+    for stored, row in zip(pool, (keys, values), strict=True):
+        for index, page in enumerate(pages):
+            chunk = row[index * BLOCK_KEYS : (index + 1) * BLOCK_KEYS]
+            stored[page * BLOCK_KEYS : page * BLOCK_KEYS + len(chunk)] = chunk
+    bias = torch.nn.functional.pad(bias, (0, padded - bias.shape[-1]), value=float("-inf"))
+    return q[None], pool[0], pool[1], bias[None], torch.tensor([pages])
+
+
+def test_paged_rows_of_a_batch_each_read_their_own_pages() -> None:
+    """Two rows of a batch, each with its keys scattered over the pool's pages in its own order (the other
+    pages hold other streams' keys): each row's output is SDPA over its own keys."""
+    steps = [ring_step(8, 2, 1, 32, 300, 1000, torch.float32, seed=seed) for seed in (6, 7)]
+    tables = ([7, 2, 9, 0, 4], [1, 3, 11, 5, 6])
+    operands = [paged(*step, pages, 12 * BLOCK_KEYS) for step, pages in zip(steps, tables, strict=True)]
+    pool_keys, pool_values = operands[0][1], operands[0][2]
+    for _, keys, values, _, pages in operands[1:]:  # one pool: the second row's pages into the first's tensors
+        for page in pages[0].tolist():
+            rows = slice(page * BLOCK_KEYS, (page + 1) * BLOCK_KEYS)
+            pool_keys[rows], pool_values[rows] = keys[rows], values[rows]
+    q = torch.cat([operand[0] for operand in operands])
+    bias = torch.cat([operand[3] for operand in operands])
+    pages = torch.cat([operand[4] for operand in operands])
+    batched = step_attention(q, pool_keys, pool_values, bias, pages=pages)
+    for row, step in enumerate(steps):
+        torch.testing.assert_close(batched[row], sdpa_attention(*step))
+
+
+def test_attend_gathers_the_pages_for_sdpa_for_many_rows() -> None:
+    """A block of many positions (a prompt) is no step: SDPA serves it, over the row's pages gathered."""
+    step = ring_step(4, 4, 32, 16, 100, 100, torch.float32)
+    q, keys, values, bias, pages = paged(*step, [3, 0], 4 * BLOCK_KEYS)
+    torch.testing.assert_close(attend(q, keys, values, bias, pages, DEFAULT_OVERLAP)[0], sdpa_attention(*step))
