@@ -159,7 +159,7 @@ def transformers_streaming(hf_model, audio: np.ndarray, model: ModelDir, num_del
 def teacher_forced_logits(model_dir: Path, mel: np.ndarray, sequence: torch.Tensor, dtype: str) -> torch.Tensor:
     """Our logits [T, vocab] (as float32) for a whole id sequence over its audio, run as one block."""
     device = sequence.device
-    settings = {"dtype": dtype, "cuda_graphs": False, "fused_kernels": False}
+    settings = {"dtype": dtype, "cuda_graphs": False, "fused_kernels": False, "max_streams": 1}
     encoder = build_stage("encoder", model_dir=model_dir, device=str(device), params=settings)
     decoder = build_stage("decoder", model_dir=model_dir, device=str(device), params=settings)
     dec = decoder.decoder
@@ -168,7 +168,8 @@ def teacher_forced_logits(model_dir: Path, mel: np.ndarray, sequence: torch.Tens
         cache = dec.new_cache(block=len(sequence))  # every position in one forward
         cache.prepare(len(sequence))
         positions = torch.arange(len(sequence), device=device)[None]
-        hidden = dec(dec.adapt(frames[None]), sequence[None], positions, cache, decoder.ffn_scales)
+        scales = list(decoder.scales(decoder.num_delay_tokens))
+        hidden = dec(dec.adapt(frames[None]), sequence[None], positions, cache, scales)
         return dec.logits(hidden)[0].float()
 
 
@@ -373,6 +374,7 @@ def first_token(model_dir: Path) -> dict:
 
 def model_stages(model_dir: Path, **settings) -> list:
     """Mel, encoder and decoder stages on cuda:0 with the given encoder and decoder settings."""
+    settings = {"max_streams": 1, **settings}  # one stream: KV memory for no more
     decoder = {"stop_at_eos": False, **settings}  # random weights may say EOS anywhere; steps must go on
     params = {"mel": None, "encoder": settings, "decoder": decoder}
     return [build_stage(kind, model_dir=model_dir, device="cuda:0", params=params[kind]) for kind in params]
