@@ -152,6 +152,18 @@ def test_any_arrival_and_departure_schedule_gives_each_stream_its_ids_alone(
     assert ids == solo_ids
 
 
+def test_padding_rows_of_a_bucket_touch_no_streams_memory(tiny_model_dir, solo_ids) -> None:
+    """Batches padded to power-of-two buckets, as CUDA graphs run them: the padding rows compute in the scratch
+    row and page, and every stream keeps its ids alone."""
+    chain = model_chain(tiny_model_dir, max_streams=4)
+    for stage in chain[1:]:
+        stage.bucket = lambda count: 1 << (count - 1).bit_length()
+    ids, failures, batches = run_ticks(chain, STREAMS)
+    assert not failures and ids == solo_ids
+    assert 3 in batches[1]  # a batch of 3 ran in a bucket of 4
+    assert all(len(steps) <= 3 for steps in (chain[1]._steps, chain[2]._steps))  # buckets 1, 2, 4
+
+
 def test_a_stream_past_the_ceiling_is_refused_and_the_others_go_on(tiny_model_dir, solo_ids) -> None:
     chain = model_chain(tiny_model_dir, max_streams=2, when_full="refuse")
     ids, failures, _ = run_ticks(chain, {name: STREAMS[name] for name in "abc"})
