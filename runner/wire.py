@@ -11,12 +11,19 @@ from typing import Any
 import msgpack
 import numpy as np
 
+from voxtral_run.stages.audio.constants import MAX_DELAY_MS, MIN_DELAY_MS
 from voxtral_run.stages.base import Item
 
 # msgpack extension code marking an array leaf in the header: its data is [frame index, dtype, shape].
 _ARRAY_EXT = 1
 MAX_STREAM_ID_CHARS = 64
 MAX_GAPS = 4096  # gaps one message may carry: a queue drops at most its capacity between two sends
+MAX_MESSAGE_CHARS = 1000  # a failed stream's reason
+MAX_INPUT_CHARS = 4096  # a stream's input name (a path: PATH_MAX)
+# A stream's own options, on its first message: its delay, and the input it was read from (the sink names its
+# transcript after it).
+STREAM_OPTIONS = ("delay_ms", "input")
+LAST_STREAM_ID = ""  # the stream id of the sender's last message, which belongs to no stream
 
 
 class WireError(Exception):
@@ -24,10 +31,13 @@ class WireError(Exception):
 
 
 class Kind(str, Enum):
-    """What an envelope carries: a payload item, or the end of its stream."""
+    """What an envelope carries: a payload item, the end of its stream, the news that its stream was given up on,
+    or the sender's last message."""
 
     DATA = "data"
     EOS = "eos"
+    FAILED = "failed"  # a stage gave the stream up: `message` says why; nothing more of it follows
+    LAST = "last"  # every stream the sender carried has ended; `seq` counts them
 
 
 @dataclass
@@ -43,6 +53,8 @@ class Envelope:
     # Audio a dropping queue left out before this message, as [start s, length s] of the source's own time: the
     # sink moves later text by it, so times stay those of the real audio.
     gaps: list[list[float]] = field(default_factory=list)
+    options: dict[str, Any] = field(default_factory=dict)  # the stream's own options: on its first message only
+    message: str = ""  # why a FAILED stream was given up on
 
 
 def encode(envelope: Envelope) -> list[bytes | np.ndarray]:
@@ -71,6 +83,10 @@ def encode(envelope: Envelope) -> list[bytes | np.ndarray]:
     }
     if envelope.gaps:
         header["g"] = envelope.gaps
+    if envelope.options:
+        header["o"] = envelope.options
+    if envelope.message:
+        header["m"] = envelope.message
     packed = msgpack.packb(header, default=pack_leaf, use_bin_type=True)
     return [packed, *(array.reshape(-1).view(np.uint8) for array in arrays)]
 
@@ -96,6 +112,8 @@ def decode(frames: list[bytes]) -> Envelope:
             item=header["p"],
             sent_time=header["ts"],
             gaps=header.get("g", []),
+            options=header.get("o", {}),
+            message=header.get("m", ""),
         )
     except (ValueError, KeyError, TypeError, AttributeError, IndexError, msgpack.UnpackException) as error:
         raise WireError(f"malformed envelope: {one_line(error)}") from None
@@ -108,15 +126,30 @@ def one_line(text: object) -> str:
     return " ".join(str(text).split())[:200]
 
 
+def printable_line(text: object, limit: int) -> str:
+    """Text as a header carries it: on one line, characters that do not print replaced, at most `limit` long."""
+    line = " ".join(str(text).split())[:limit]
+    return "".join(char if char.isprintable() else "\ufffd" for char in line)
+
+
 def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_line(value: object, limit: int) -> bool:
+    return isinstance(value, str) and 0 < len(value) <= limit and value.isprintable()
 
 
 def _check_header(envelope: Envelope) -> None:
     """The routing fields must have their types and sizes; what a stage does with the payload is its own check."""
     stream = envelope.stream_id
-    if not isinstance(stream, str) or not 0 < len(stream) <= MAX_STREAM_ID_CHARS:
+    last = envelope.kind is Kind.LAST
+    if last and stream != LAST_STREAM_ID:
+        raise WireError(f"malformed envelope: the sender's last message names stream {stream!r:.80}")
+    if not last and (not isinstance(stream, str) or not 0 < len(stream) <= MAX_STREAM_ID_CHARS):
         raise WireError(f"malformed envelope: stream id {stream!r:.80}")
+    if last and (envelope.item is not None or envelope.options or envelope.gaps):
+        raise WireError("malformed envelope: the sender's last message carries more than its count")
     if not isinstance(envelope.seq, int) or isinstance(envelope.seq, bool) or envelope.seq < 0:
         raise WireError(f"malformed envelope: sequence number {envelope.seq!r:.80}")
     if not (_is_number(envelope.capture_time) and _is_number(envelope.sent_time)):
@@ -125,6 +158,24 @@ def _check_header(envelope: Envelope) -> None:
     pairs = isinstance(gaps, list) and len(gaps) <= MAX_GAPS
     if not pairs or not all(isinstance(gap, list) and len(gap) == 2 and all(map(_is_number, gap)) for gap in gaps):
         raise WireError("malformed envelope: audio gaps are not [start, length] pairs")
+    _check_options(envelope.options)
+    failed = envelope.kind is Kind.FAILED
+    if failed != (envelope.message != "") or (failed and not _is_line(envelope.message, MAX_MESSAGE_CHARS)):
+        raise WireError(f"malformed envelope: failure message {envelope.message!r:.80} on a {envelope.kind.value}")
+
+
+def _check_options(options: object) -> None:
+    """A stream's options: known keys, a delay within the model's bounds, an input name on one printable line."""
+    if not isinstance(options, dict):
+        raise WireError("malformed envelope: stream options are not a map")
+    unknown = [key for key in options if key not in STREAM_OPTIONS]
+    if unknown:
+        raise WireError(f"malformed envelope: unknown stream option {unknown[0]!r:.80}")
+    delay = options.get("delay_ms", MIN_DELAY_MS)
+    if not isinstance(delay, int) or isinstance(delay, bool) or not MIN_DELAY_MS <= delay <= MAX_DELAY_MS:
+        raise WireError(f"malformed envelope: stream option delay_ms {delay!r:.80}")
+    if "input" in options and not _is_line(options["input"], MAX_INPUT_CHARS):
+        raise WireError(f"malformed envelope: stream option input {options['input']!r:.80}")
 
 
 def payload_bytes(frames: list[bytes | np.ndarray]) -> int:

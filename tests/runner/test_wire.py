@@ -1,4 +1,5 @@
-"""The envelope: msgpack header plus raw array frames round-trips every payload the stages exchange."""
+"""The envelope: msgpack header plus raw array frames round-trips every payload the stages exchange, and a
+stream's options and failure; every header field is checked."""
 
 from __future__ import annotations
 
@@ -9,7 +10,17 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from voxtral_run.runner.wire import Envelope, Kind, WireError, decode, encode
+from voxtral_run.runner.wire import (
+    LAST_STREAM_ID,
+    MAX_INPUT_CHARS,
+    MAX_MESSAGE_CHARS,
+    Envelope,
+    Kind,
+    WireError,
+    decode,
+    encode,
+    printable_line,
+)
 
 DTYPES = st.sampled_from(["float32", "float64", "int16", "int32", "int64", "uint8", "bool"])
 
@@ -47,3 +58,44 @@ def test_malformed_messages_are_rejected():
         decode([bytes(frames[0])])  # the array frame was lost
     with pytest.raises(WireError, match="malformed"):
         decode([msgpack.packb({"k": "bogus"})])
+
+
+def test_stream_options_and_failures_round_trip():
+    options = {"delay_ms": 960, "input": "calls/monday.wav"}
+    first = decode([bytes(frame) for frame in encode(Envelope("s", 0, 1.0, Kind.DATA, np.zeros(2), options=options))])
+    assert first.options == options
+    failed = decode([bytes(frame) for frame in encode(Envelope("s", 1, 1.0, Kind.FAILED, message="stage 'x' failed"))])
+    assert (failed.kind, failed.message, failed.options) == (Kind.FAILED, "stage 'x' failed", {})
+    last = decode([bytes(frame) for frame in encode(Envelope(LAST_STREAM_ID, 3, 1.0, Kind.LAST))])
+    assert (last.kind, last.stream_id, last.seq) == (Kind.LAST, LAST_STREAM_ID, 3)
+
+
+@pytest.mark.parametrize(
+    ("fields", "expected"),
+    [
+        ({"options": {"delay_ms": 5000}}, "stream option delay_ms 5000"),
+        ({"options": {"delay_ms": True}}, "stream option delay_ms True"),
+        ({"options": {"delay_ms": "480"}}, "stream option delay_ms '480'"),
+        ({"options": {"colour": "blue"}}, "unknown stream option 'colour'"),
+        ({"options": {"input": "a\nb.wav"}}, "stream option input"),
+        ({"options": {"input": "x" * (MAX_INPUT_CHARS + 1)}}, "stream option input"),
+        ({"options": ["delay_ms"]}, "stream options are not a map"),
+        ({"kind": Kind.FAILED}, "failure message '' on a failed"),
+        ({"kind": Kind.FAILED, "message": "x" * (MAX_MESSAGE_CHARS + 1)}, "failure message"),
+        ({"kind": Kind.FAILED, "message": "two\nlines"}, "failure message"),
+        ({"message": "why"}, "failure message 'why' on a data"),
+        ({"kind": Kind.LAST}, "the sender's last message names stream 's'"),
+        ({"kind": Kind.LAST, "stream_id": LAST_STREAM_ID, "item": 3}, "the sender's last message carries more"),
+        ({"stream_id": LAST_STREAM_ID}, "stream id ''"),
+    ],
+)
+def test_stream_fields_are_checked(fields, expected):
+    envelope = Envelope(**({"stream_id": "s", "seq": 0, "capture_time": 0.0} | fields))
+    with pytest.raises(WireError, match="malformed envelope") as refused:
+        decode([bytes(frame) for frame in encode(envelope)])
+    assert expected in str(refused.value)
+
+
+def test_printable_line_makes_any_text_a_header_field():
+    assert printable_line("a\tb\n c\x00d", 100) == "a b c\ufffdd"
+    assert printable_line("x" * 50, 10) == "x" * 10
