@@ -1,7 +1,10 @@
-"""Capture sources: audio files, stdin (raw s16le or WAV) and microphones, yielding chunks at source rate."""
+"""Capture sources: audio files, stdin (raw s16le or WAV) and microphones, yielding chunks at source rate; and
+several audio files read at once, each its own stream."""
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import os
 import queue
 import struct
@@ -17,14 +20,18 @@ import numpy as np
 import soundfile
 
 from voxtral_run.stages.audio.constants import MIN_SOURCE_RATE, MS_PER_TOKEN, check_source_format
-from voxtral_run.stages.base import Item, Source, StageError
+from voxtral_run.stages.base import END, Item, Source, StageError, StreamFailed, StreamStart, Work
 
 DEFAULT_CHUNK_MS = MS_PER_TOKEN  # one decoder position of audio per chunk
 MIN_CHUNK_MS, MAX_CHUNK_MS = 10, 1000  # shorter chunks are all overhead; longer ones delay every token
 # Settings of the capture stage (pipeline.yaml params or the command line's --input, --rate, ...).
-CAPTURE_PARAMS = ("input", "rate", "channels", "realtime", "chunk_ms", "mic_device")
+CAPTURE_PARAMS = ("input", "rate", "channels", "realtime", "chunk_ms", "mic_device", "streams")
 STDIN_INPUT = "-"
 MIC_INPUT = "mic"
+MAX_STREAMS = 1024  # files a capture reads at once (--streams), each an open file and a stream in every stage
+# What a directory given as input contributes: its files with these suffixes (soundfile's, and PyAV's usual).
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".m4a", ".aac", ".mp4", ".webm", ".aiff", ".aif")
+FILE_DESCRIPTOR_MARGIN = 256  # descriptors a capture process needs besides its audio files (sockets, libraries)
 DEFAULT_MIC_QUEUE_CHUNKS = 64  # ~5 s of 80 ms chunks buffered between the audio callback and the reader
 MIC_POLL_S = 0.05  # how often a reader waiting on an empty microphone queue checks whether it was closed
 
@@ -568,43 +575,192 @@ class MicSource(Source):
             self._stream.close()
 
 
-def _checked_params(params: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    """The input and the settings of a capture, checked: known settings, an input, --realtime only for files,
-    the raw format's bounds."""
+def expand_inputs(value: object) -> str | list[str]:
+    """The input of a capture as it reads it: one input (a file, `-`, `mic`) as given, or a list of files, each
+    its own stream, for a list or a directory (whose audio files, by their suffix, come sorted by name)."""
+    if isinstance(value, str) and not Path(value).is_dir():
+        return value
+    entries = value if isinstance(value, list) else [value]
+    if not entries or not all(isinstance(entry, str) for entry in entries):
+        raise StageError(f"input: give a file, a directory or a list of files, not {value!r:.80}")
+    files: list[str] = []
+    for entry in entries:
+        if entry in (STDIN_INPUT, MIC_INPUT):
+            raise StageError(f"input '{entry}' is one stream of its own: several inputs must be files or directories")
+        if not Path(entry).is_dir():
+            files.append(entry)
+            continue
+        found = sorted(str(path) for path in Path(entry).iterdir() if path.suffix.lower() in AUDIO_SUFFIXES)
+        if not found:
+            raise StageError(f"{entry}: no audio files in the directory (looked for {', '.join(AUDIO_SUFFIXES)})")
+        files.extend(found)
+    return files
+
+
+def _checked_params(params: dict[str, Any]) -> tuple[str | list[str], dict[str, Any]]:
+    """The input (a list for several files) and the settings of a capture, checked: known settings, an input,
+    --realtime only for files, the raw format's bounds, the number of streams open at once."""
     unknown = sorted(set(params) - set(CAPTURE_PARAMS))
     if unknown:
         raise StageError(f"stage 'capture': unknown setting '{unknown[0]}' (choose from {', '.join(CAPTURE_PARAMS)})")
     if params.get("input") is None:
         raise StageError("no audio input: give an audio file, --input FILE, --input - (stdin) or --input mic")
-    source_input = str(params["input"])
+    source_input = expand_inputs(params["input"] if isinstance(params["input"], list) else str(params["input"]))
     if params.get("realtime") and source_input in (STDIN_INPUT, MIC_INPUT):
         raise StageError("--realtime paces audio files; stdin and microphones already arrive in real time")
     for option, value in (("--rate", params.get("rate")), ("--channels", params.get("channels"))):
         if value is not None:
             rate, channels = (value, 1) if option == "--rate" else (MIN_SOURCE_RATE, value)
             check_source_format(rate, channels, option)
+    streams = params.get("streams", MAX_STREAMS)
+    if isinstance(streams, bool) or not isinstance(streams, int) or not 1 <= streams <= MAX_STREAMS:
+        raise StageError(f"--streams: {streams!r:.80} is not a number of streams in 1..{MAX_STREAMS}")
     return source_input, params
 
 
-def inspect_capture(params: dict[str, Any]) -> FileSource | None:
-    """Check a capture's settings before any process starts, opening an input file (and closing it again) to
-    know it is audio; that file's source (for its duration and warnings), None for stdin or a microphone."""
+def inspect_capture(params: dict[str, Any]) -> list[FileSource]:
+    """Check a capture's settings before any process starts, opening each input file (and closing it again) to
+    know it is audio; those files' sources (for their durations and warnings), none for stdin or a microphone."""
     source_input, params = _checked_params(params)
     if source_input in (STDIN_INPUT, MIC_INPUT):
-        return None
-    source = FileSource(source_input)
-    source.close()
-    return source
+        return []
+    sources = []
+    for path in source_input if isinstance(source_input, list) else [source_input]:
+        source = FileSource(path)
+        source.close()
+        sources.append(source)
+    return sources
 
 
-def build_source(params: dict[str, Any]) -> Source:
-    """The capture source for `params`: a file (paced in real time with `realtime`), stdin or a microphone."""
+def build_source(params: dict[str, Any]) -> Source | FileStreams:
+    """The capture source for `params`: a file (paced in real time with `realtime`), stdin or a microphone; or,
+    for a list of files or a directory, the files read at once, each its own stream."""
     source_input, params = _checked_params(params)
     chunk_ms = params.get("chunk_ms", DEFAULT_CHUNK_MS)
     channels = params.get("channels", 1)
+    realtime = bool(params.get("realtime", False))
+    if isinstance(source_input, list):
+        max_open = params.get("streams", MAX_STREAMS)
+        return FileStreams(source_input, chunk_ms=chunk_ms, realtime=realtime, max_open=max_open)
     if source_input == STDIN_INPUT:
         stdin = os.fdopen(os.dup(0), "rb")  # a spawned process keeps the runner's fd 0
         return StdinSource(stdin, rate=params.get("rate"), channels=channels, chunk_ms=chunk_ms)
     if source_input == MIC_INPUT:
         return MicSource(params.get("mic_device"), rate=params.get("rate"), channels=channels, chunk_ms=chunk_ms)
-    return FileSource(source_input, chunk_ms=chunk_ms, realtime=bool(params.get("realtime", False)))
+    return FileSource(source_input, chunk_ms=chunk_ms, realtime=realtime)
+
+
+def _allow_open_files(count: int) -> None:
+    """Raise this process's soft limit on open files so that `count` audio files fit besides its sockets; a hard
+    limit too low for them is a StageError."""
+    import resource
+
+    needed = count + FILE_DESCRIPTOR_MARGIN
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return
+    if hard != resource.RLIM_INFINITY and hard < needed:
+        raise StageError(
+            f"--streams: {count} files open at once need {needed} file descriptors and this system allows {hard} "
+            "(ulimit -n); give fewer streams"
+        )
+    resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
+
+
+class FileStreams:
+    """Audio files read at once, each its own stream: at most `max_open` are open at a time (the next file starts
+    as one ends), and their chunks interleave: in turn, or with `realtime` each file paced on its own from its
+    start (the chunk due first goes first). `labels` name the streams by their input, in order."""
+
+    def __init__(
+        self,
+        paths: list[str],
+        *,
+        chunk_ms: float = DEFAULT_CHUNK_MS,
+        realtime: bool = False,
+        max_open: int = MAX_STREAMS,
+    ):
+        check_chunk_ms(chunk_ms)
+        self.labels = list(paths)
+        self._chunk_ms = chunk_ms
+        self._realtime = realtime
+        self._max_open = min(len(paths), max_open)
+        _allow_open_files(self._max_open)
+        self._files: dict[int, FileSource] = {}
+        self._lock = threading.Lock()  # close() may come from another thread while events() opens files
+        self._closed = threading.Event()
+
+    @property
+    def paced(self) -> bool:
+        return self._realtime
+
+    def events(self) -> Iterator[Work]:
+        """(index, StreamStart()) as a file's stream starts, (index, chunk) for each chunk of its audio, then
+        (index, END), or (index, StreamFailed(reason)) once it cannot be read; until every file ended or `close`
+        is called."""
+        turn = itertools.count()  # breaks ties, and is the order itself when not paced
+        ready: list[tuple[float, int, int, Item]] = []  # (when due, turn, index, its next chunk read ahead)
+        chunks: dict[int, Iterator[Item]] = {}
+        clocks: dict[int, list[float]] = {}  # per open file: [monotonic start, seconds of audio read]
+        upcoming = iter(range(len(self.labels)))
+        while not self._closed.is_set():
+            while len(chunks) < self._max_open and (index := next(upcoming, None)) is not None:
+                yield index, StreamStart()
+                try:
+                    source = FileSource(self.labels[index], chunk_ms=self._chunk_ms)
+                except StageError as error:
+                    yield index, StreamFailed(str(error))
+                    continue
+                with self._lock:
+                    if self._closed.is_set():
+                        source.close()
+                        return
+                    self._files[index] = source
+                chunks[index], clocks[index] = source.chunks(), [time.monotonic(), 0.0]
+                ended = self._read_ahead(index, chunks, clocks, ready, turn)
+                if ended is not None:
+                    yield ended
+            if not ready:
+                return
+            due, _, index, chunk = heapq.heappop(ready)
+            if self._realtime and self._closed.wait(due - time.monotonic()):
+                return
+            yield index, chunk
+            ended = self._read_ahead(index, chunks, clocks, ready, turn)
+            if ended is not None:
+                yield ended
+
+    def _read_ahead(
+        self,
+        index: int,
+        chunks: dict[int, Iterator[Item]],
+        clocks: dict[int, list[float]],
+        ready: list[tuple[float, int, int, Item]],
+        turn: Iterator[int],
+    ) -> Work | None:
+        """Read a file's next chunk into `ready`, due when its last sample would have been captured live; the
+        file's END or failure instead when there is none, the file then closed."""
+        try:
+            chunk = next(chunks[index], None)
+        except StageError as error:
+            chunk, ended = None, (index, StreamFailed(str(error)))
+        else:
+            ended = (index, END) if chunk is None else None
+        if ended is not None:
+            del chunks[index], clocks[index]
+            with self._lock:
+                self._files.pop(index).close()
+            return ended
+        clock = clocks[index]
+        clock[1] += len(chunk["samples"]) / chunk["sample_rate"]
+        order = next(turn)
+        heapq.heappush(ready, (clock[0] + clock[1] if self._realtime else order, order, index, chunk))
+        return None
+
+    def close(self) -> None:
+        """Release every open file; `events` ends at its next step (at once if it is waiting to pace a chunk)."""
+        with self._lock:
+            self._closed.set()
+            for source in self._files.values():
+                source.close()
+            self._files.clear()

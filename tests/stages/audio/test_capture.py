@@ -13,8 +13,19 @@ import numpy as np
 import pytest
 import soundfile
 
-from voxtral_run.stages.audio.capture import DEFAULT_CHUNK_MS, FileSource, MicSource, StdinSource, list_input_devices
-from voxtral_run.stages.base import StageError
+from voxtral_run.stages.audio.capture import (
+    DEFAULT_CHUNK_MS,
+    MAX_STREAMS,
+    FileSource,
+    FileStreams,
+    MicSource,
+    StdinSource,
+    build_source,
+    expand_inputs,
+    inspect_capture,
+    list_input_devices,
+)
+from voxtral_run.stages.base import END, StageError, StreamFailed, StreamStart
 
 
 def frames_per_chunk(rate: int, chunk_ms: float = DEFAULT_CHUNK_MS) -> int:
@@ -618,3 +629,114 @@ def test_mic_without_portaudio_is_a_stage_error(monkeypatch: pytest.MonkeyPatch,
         with pytest.raises(StageError, match=message) as excinfo:
             action()
         single_line_error(excinfo)
+
+
+# --- several files, each its own stream ---
+
+
+def write_files(folder: Path, seconds: list[float], rate: int = 16000) -> list[str]:
+    folder.mkdir(exist_ok=True)
+    paths = []
+    for index, length in enumerate(seconds):
+        path = folder / f"{index}.wav"
+        soundfile.write(path, random_audio(int(length * rate), 1, seed=index), rate)
+        paths.append(str(path))
+    return paths
+
+
+def per_stream(events: list) -> dict[int, list]:
+    streams: dict[int, list] = {}
+    for index, item in events:
+        streams.setdefault(index, []).append(item)
+    return streams
+
+
+def test_file_streams_interleave_each_file_whole_and_in_order(tmp_path: Path) -> None:
+    paths = write_files(tmp_path, [0.3, 0.5, 0.08])  # the last one chunk long
+    events = list(FileStreams(paths).events())
+    streams = per_stream(events)
+    for index, path in enumerate(paths):
+        items = streams[index]
+        assert items[0] == StreamStart() and items[-1] == END
+        expected = [chunk["samples"] for chunk in FileSource(path).chunks()]
+        assert len(items[1:-1]) == len(expected)
+        for chunk, samples in zip(items[1:-1], expected, strict=True):
+            np.testing.assert_array_equal(chunk["samples"], samples)
+    # In turn: the first chunks of every file come before any file's second.
+    chunk_streams = [index for index, item in events if isinstance(item, dict)]
+    assert chunk_streams[:6] == [0, 1, 2, 0, 1, 0]
+
+
+def test_file_streams_open_at_most_max_open_files(tmp_path: Path) -> None:
+    paths = write_files(tmp_path, [0.2, 0.2, 0.2])
+    events = list(FileStreams(paths, max_open=1).events())
+    assert [index for index, _ in events] == sorted(index for index, _ in events)  # one file after the other
+    open_now, most = set(), 0
+    for index, item in events:
+        open_now.add(index)
+        if item == END:
+            open_now.discard(index)
+        most = max(most, len(open_now))
+    assert most == 1
+
+
+def test_file_streams_pace_each_file_on_its_own(tmp_path: Path) -> None:
+    paths = write_files(tmp_path, [0.4, 0.4, 0.24])
+    started = time.monotonic()
+    arrivals = [(index, time.monotonic() - started) for index, item in FileStreams(paths, realtime=True).events()]
+    elapsed = time.monotonic() - started
+    assert 0.38 < elapsed < 0.6  # concurrently: as long as the longest file, not the three one after the other
+    for index, seconds in ((0, 0.4), (2, 0.24)):
+        last_chunk_at = [at for stream, at in arrivals if stream == index][-2]  # before its END
+        assert seconds - 0.01 < last_chunk_at < seconds + 0.1
+
+
+def test_a_file_that_cannot_be_read_fails_its_stream_only(tmp_path: Path) -> None:
+    paths = write_files(tmp_path, [0.2, 0.2])
+    broken = tmp_path / "broken.wav"
+    broken.write_bytes(b"not audio at all")
+    streams = per_stream(list(FileStreams([paths[0], str(broken), paths[1]]).events()))
+    assert streams[1][0] == StreamStart() and len(streams[1]) == 2
+    assert isinstance(streams[1][1], StreamFailed) and "broken.wav: not a readable audio file" in streams[1][1].message
+    assert streams[0][-1] == END and streams[2][-1] == END
+
+
+def test_closing_file_streams_ends_them_at_once(tmp_path: Path) -> None:
+    paths = write_files(tmp_path, [5.0, 5.0])
+    streams = FileStreams(paths, realtime=True)
+    threading.Timer(0.2, streams.close).start()
+    started = time.monotonic()
+    events = list(streams.events())
+    assert time.monotonic() - started < 1.0
+    assert END not in [item for _, item in events]
+
+
+def test_inputs_expand_directories_to_their_audio_files_sorted(tmp_path: Path) -> None:
+    folder = tmp_path / "calls"
+    write_files(folder, [0.1, 0.1])
+    (folder / "notes.txt").write_text("not audio")
+    (folder / "b.FLAC").write_bytes(b"")
+    assert expand_inputs(str(folder)) == [str(folder / name) for name in ("0.wav", "1.wav", "b.FLAC")]
+    assert expand_inputs(["x.wav", str(folder)])[:2] == ["x.wav", str(folder / "0.wav")]
+    assert expand_inputs("talk.wav") == "talk.wav"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for value, message in [
+        (str(empty), "empty: no audio files in the directory"),
+        (["a.wav", "-"], "input '-' is one stream of its own"),
+        (["a.wav", "mic"], "input 'mic' is one stream of its own"),
+        ([], "give a file, a directory or a list of files"),
+    ]:
+        with pytest.raises(StageError, match=message) as excinfo:
+            expand_inputs(value)
+        single_line_error(excinfo)
+
+
+def test_several_inputs_build_file_streams_and_are_checked(tmp_path: Path) -> None:
+    paths = write_files(tmp_path / "in", [0.1, 0.2])
+    assert [source.duration_s for source in inspect_capture({"input": paths})] == [0.1, 0.2]
+    streams = build_source({"input": str(tmp_path / "in"), "streams": 1})
+    assert isinstance(streams, FileStreams) and streams.labels == paths
+    for bad in (0, MAX_STREAMS + 1, True, "2"):
+        with pytest.raises(StageError, match=rf"--streams: .* is not a number of streams in 1\.\.{MAX_STREAMS}"):
+            build_source({"input": paths, "streams": bad})
