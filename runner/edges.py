@@ -3,10 +3,12 @@ control, one accepted sender, checked messages and, on tcp, CURVE-authenticated 
 
 The receiver grants one credit per message it takes, and only to the edge's own sender (known by its routing id
 and its hello), so at most `capacity` messages are ever in an edge and other connections get nothing; the
-sender applies the edge's policy when it has no credit: wait (block), or drop the newest or the oldest. Every
-message is checked as it arrives (size, envelope, stream id, order); a bad one is a one-line RunnerError naming
-the edge. An edge to another invocation (`remote`) also watches its link: ZeroMQ heartbeats drop a connection
-whose peer process stopped answering, and a lost link fails the stage instead of waiting for ever.
+sender applies the edge's policy when it has no credit: wait (block), or drop the newest or the oldest. An edge
+carries many streams interleaved, each opened by its first message and closed by its end (or its failure), and
+ends with the sender's last message. Every message is checked as it arrives (size, envelope, stream id, its
+stream's order, streams open at once); a bad one is a one-line RunnerError naming the edge. An edge to another
+invocation (`remote`) also watches its link: ZeroMQ heartbeats drop a connection whose peer process stopped
+answering, and a lost link fails the stage instead of waiting for ever.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from zmq.utils.monitor import recv_monitor_message
 
 from voxtral_run.runner.errors import RunnerError
 from voxtral_run.runner.security import CurveKeys, make_client, make_server
-from voxtral_run.runner.wire import Envelope, Kind, WireError, decode, encode, payload_bytes
+from voxtral_run.runner.wire import LAST_STREAM_ID, Envelope, Kind, WireError, decode, encode, payload_bytes
+from voxtral_run.stages.audio.capture import MAX_STREAMS
 
 LINGER_MS = 1000  # how long a closing socket may still try to deliver queued messages
 _HELLO = b"voxtral-run hello"  # first message a sender puts on an edge; the receiver answers with the credits
@@ -34,6 +37,13 @@ DEFAULT_HEARTBEAT_TIMEOUT_S = 5.0
 DEFAULT_LINK_TIMEOUT_S = 600.0
 _LINK_EVENTS = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
 _LINK_EVENTS |= zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+# Streams open at once on an edge. A capture opens at most MAX_STREAMS; a stage that batches may emit a new
+# stream's first items before the end of one the capture already closed, so downstream edges get room beyond it.
+MAX_OPEN_STREAMS = 4 * MAX_STREAMS
+# Ended stream ids an edge remembers, to refuse a message after its stream's end: the most recent this many, so
+# a run of any number of streams keeps this bookkeeping bounded.
+ENDED_STREAMS_REMEMBERED = MAX_OPEN_STREAMS
+ENDING_KINDS = (Kind.EOS, Kind.FAILED)  # the last message of a stream
 
 
 class Policy(str, Enum):
@@ -129,16 +139,39 @@ class EdgeReceiver:
             self.socket.close(linger=0)
             raise RunnerError(f"queue {spec.name}: cannot bind {spec.bind} ({error.strerror})") from None
         self._linked = False  # the sender's hello came
-        self._open: str | None = None  # the stream id being carried
-        self._last_seq = -1
-        self._ended: set[str] = set()
+        self._open: dict[str, int] = {}  # stream id -> the sequence number of its last message
+        self._ended: dict[str, None] = {}  # the most recently ended stream ids, oldest first (an ordered set)
+        self._opened = 0  # streams opened so far: the sender's last message must count as many
+        self._last = False  # the sender's last message came
         self._created = time.monotonic()
         self._next_check = self._created
 
     def receive(self) -> Envelope | None:
         """Take one waiting message (call when the socket is readable); None for the sender's hello. A message
         from another peer, a malformed one, or one out of its stream's order is a RunnerError naming the edge."""
-        identity, *frames = self.socket.recv_multipart(copy=True)
+        envelope = self._take(self.socket.recv_multipart(copy=True))
+        if envelope is not None:
+            self._grant(1)
+        return envelope
+
+    def receive_waiting(self, limit: int) -> list[Envelope]:
+        """Take every message waiting, up to `limit`, without blocking (a hello is taken, not returned), and grant
+        their credits at once; checked as `receive` checks them."""
+        taken: list[Envelope] = []
+        while len(taken) < limit:
+            try:
+                frames = self.socket.recv_multipart(zmq.NOBLOCK, copy=True)
+            except zmq.Again:
+                break
+            envelope = self._take(frames)
+            if envelope is not None:
+                taken.append(envelope)
+        if taken:
+            self._grant(len(taken))
+        return taken
+
+    def _take(self, message: list[bytes]) -> Envelope | None:
+        identity, *frames = message
         if identity != self.spec.routing_id:
             raise self._error("a message from a peer that is not this queue's sender")
         if frames == [_HELLO]:
@@ -154,25 +187,51 @@ class EdgeReceiver:
         except WireError as error:
             raise self._error(str(error)) from None
         self._check_order(envelope)
-        self._grant(1)
         return envelope
 
     def _check_order(self, envelope: Envelope) -> None:
-        """An edge carries one stream at a time (a run is one stream): its first message, data or end, opens it,
-        its end closes it, a message for any other stream id while it is open is refused, and sequence numbers
-        only grow (a dropping queue skips some)."""
+        """Streams interleave: a stream's first message (data, end or failure) opens it, with its options, and its
+        end or failure closes it; its sequence numbers only grow (a dropping queue skips some), and a message for
+        it after its end is refused. At most MAX_OPEN_STREAMS are open at once. The sender's last message comes
+        once every stream has ended, counts them, and nothing follows it."""
+        if self._last:
+            raise self._error("a message after the sender's last")
         stream = envelope.stream_id
+        if envelope.kind is Kind.LAST:
+            if self._open:
+                raise self._error(f"the sender's last message while {len(self._open)} streams are open")
+            if envelope.seq != self._opened:
+                raise self._error(f"the sender's last message counts {envelope.seq} streams, not {self._opened}")
+            self._last = True
+            return
         if stream in self._ended:
             raise self._error(f"a message for stream {stream!r} after its end")
-        if self._open is not None and stream != self._open:
-            raise self._error(f"a message for an unknown stream id {stream!r} (stream {self._open!r} is open)")
-        if self._open is not None and envelope.seq <= self._last_seq:
-            raise self._error(f"stream {stream!r}: message {envelope.seq} after {self._last_seq}")
-        if envelope.kind is Kind.EOS:
-            self._open = None
-            self._ended.add(stream)
+        last_seq = self._open.get(stream)
+        if last_seq is None:
+            if len(self._open) >= MAX_OPEN_STREAMS:
+                raise self._error(f"more than {MAX_OPEN_STREAMS} streams open at once (stream {stream!r})")
+            self._opened += 1
+        elif envelope.seq <= last_seq:
+            raise self._error(f"stream {stream!r}: message {envelope.seq} after {last_seq}")
+        elif envelope.options:
+            raise self._error(f"stream {stream!r}: options on message {envelope.seq}, not on its first")
+        if envelope.kind in ENDING_KINDS:
+            self._open.pop(stream, None)
+            self._ended[stream] = None
+            if len(self._ended) > ENDED_STREAMS_REMEMBERED:
+                del self._ended[next(iter(self._ended))]
         else:
-            self._open, self._last_seq = stream, envelope.seq
+            self._open[stream] = envelope.seq
+
+    @property
+    def open_streams(self) -> int:
+        """Streams opened on this edge and not yet ended."""
+        return len(self._open)
+
+    @property
+    def remembered_streams(self) -> int:
+        """Ended stream ids remembered (at most ENDED_STREAMS_REMEMBERED)."""
+        return len(self._ended)
 
     def _error(self, problem: str) -> RunnerError:
         return RunnerError(f"queue {self.spec.name}: {problem}")
@@ -185,8 +244,8 @@ class EdgeReceiver:
 
     @property
     def streaming(self) -> bool:
-        """Whether the link still matters: before the first stream and while a stream is open."""
-        return self._open is not None or not self._ended
+        """Whether the link still matters: until the sender's last message."""
+        return not self._last
 
     def check_link(self) -> None:
         """For a remote edge: fail if the sender never connected within the link timeout, or left mid-stream."""
@@ -219,7 +278,8 @@ class EdgeSender:
 
     While blocked it also watches `interrupts` (sockets or file descriptors) and calls `on_interrupt` when
     one is readable or, on a remote edge, at every link check; that callback may raise to give up the send.
-    `on_drop` hears of every envelope the policy drops; `annotate` adds audio gaps to the next envelope sent.
+    `on_drop` hears of every envelope the policy drops; `annotate` adds audio gaps to a stream's next envelope
+    sent. A dropped first message's stream options go on that stream's next envelope sent.
     """
 
     def __init__(
@@ -241,10 +301,13 @@ class EdgeSender:
         self.socket.send(_HELLO)
         self._credits = 0
         self._linked = False
-        self._ended = False  # end of stream sent: the receiver may leave from here on
+        self._ended = False  # the last message sent: the receiver may leave from here on
         self._created = time.monotonic()
         self._pending: deque[Envelope] = deque()  # drop_oldest only: messages waiting at the sender
-        self._gaps: list[list[float]] = []  # audio gaps to carry on the next envelope put on the wire
+        self._gaps: dict[str, list[list[float]]] = {}  # per stream: audio gaps to carry on its next envelope
+        self._options: dict[str, dict] = {}  # per stream: options of a dropped first message, for its next one
+        self._open: set[str] = set()  # streams with a message on the wire and no end yet
+        self._opened = 0  # streams put on the wire so far: the last message counts them
         self._poller = zmq.Poller()
         self._poller.register(self.socket, zmq.POLLIN)
         for interrupt in interrupts:
@@ -258,13 +321,14 @@ class EdgeSender:
     def send(self, envelope: Envelope) -> int:
         """Send (or queue, or drop, as the policy says) one envelope; return its size in bytes.
 
-        End-of-stream is never dropped: it waits for credit whatever the policy.
+        Only data is ever dropped: a stream's end or failure, and the last message, wait for credit whatever the
+        policy.
         """
         self._take_credits()
         self._flush_pending()
         if self._credits > 0 and not self._pending:
             return self._put(envelope)
-        if envelope.kind is Kind.EOS or self.spec.policy is Policy.BLOCK:
+        if envelope.kind is not Kind.DATA or self.spec.policy is Policy.BLOCK:
             self._flush_pending(wait=True)
             self._wait_for_credit()
             return self._put(envelope)
@@ -277,23 +341,46 @@ class EdgeSender:
             self._note_depth()
         return 0
 
-    def annotate(self, gap: list[float]) -> None:
-        """Carry an audio gap ([start s, length s] of dropped audio) on the next envelope put on the wire; one
-        that starts where the last ends extends it, so a run of drops stays one gap."""
-        add_gap(self._gaps, gap)
+    def send_last(self) -> int:
+        """Send the last message: every stream this edge carried has ended (sent once all have)."""
+        return self.send(Envelope(LAST_STREAM_ID, self._opened, time.time(), Kind.LAST))
+
+    def annotate(self, stream_id: str, gap: list[float]) -> None:
+        """Carry an audio gap ([start s, length s] of dropped audio) on the stream's next envelope put on the wire;
+        one that starts where the last ends extends it, so a run of drops stays one gap."""
+        add_gap(self._gaps.setdefault(stream_id, []), gap)
+
+    @property
+    def tracked_streams(self) -> int:
+        """Streams this end keeps anything for: open on the wire, gaps or options waiting."""
+        return len(self._open | set(self._gaps) | set(self._options))
 
     def _drop(self, envelope: Envelope) -> None:
         self.dropped += 1
+        if envelope.options:
+            self._options[envelope.stream_id] = envelope.options
         self._on_drop(envelope)
 
     def _put(self, envelope: Envelope) -> int:
-        if self._gaps:  # in time order: the drops before this envelope, then the audio lost just before it
-            envelope.gaps, self._gaps = [*self._gaps, *envelope.gaps], []
+        stream = envelope.stream_id
+        gaps = self._gaps.pop(stream, [])
+        if gaps:  # in time order: the drops before this envelope, then the audio lost just before it
+            envelope.gaps = [*gaps, *envelope.gaps]
+        if stream in self._options:
+            envelope.options = self._options.pop(stream) | envelope.options
         frames = encode(envelope)
         self.socket.send_multipart(frames, copy=False)
         self._credits -= 1
-        self.sent += 1
-        self._ended = envelope.kind is Kind.EOS
+        if envelope.kind is Kind.LAST:
+            self._ended = True
+        else:  # `sent` counts the streams' messages, as the receiving stage counts what it takes
+            self.sent += 1
+            if stream not in self._open:  # its first message: the receiver opens it now
+                self._opened += 1
+            if envelope.kind in ENDING_KINDS:
+                self._open.discard(stream)
+            else:
+                self._open.add(stream)
         self._note_depth()
         return payload_bytes(frames)
 
@@ -327,7 +414,7 @@ class EdgeSender:
 
     def check_link(self) -> None:
         """For a remote edge: fail on a rejected key, on a receiver that never appeared within the link timeout,
-        or on a link lost before the end of the stream went out."""
+        or on a link lost before the last message went out."""
         if self._monitor is None:
             return
         while self._monitor.poll(0, zmq.POLLIN):

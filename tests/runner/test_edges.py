@@ -1,4 +1,5 @@
-"""Credit-bounded queues: capacity is exact, policies block or drop as declared, end of stream is never lost."""
+"""Credit-bounded queues: capacity is exact, policies block or drop as declared, end of stream is never lost;
+streams interleave, each checked in its own order, with bounded bookkeeping."""
 
 from __future__ import annotations
 
@@ -9,8 +10,16 @@ import numpy as np
 import pytest
 import zmq
 
-from voxtral_run.runner.edges import EdgeReceiver, EdgeSender, EdgeSpec, Policy
-from voxtral_run.runner.wire import Envelope, Kind
+from voxtral_run.runner.edges import (
+    ENDED_STREAMS_REMEMBERED,
+    MAX_OPEN_STREAMS,
+    EdgeReceiver,
+    EdgeSender,
+    EdgeSpec,
+    Policy,
+)
+from voxtral_run.runner.errors import RunnerError
+from voxtral_run.runner.wire import LAST_STREAM_ID, Envelope, Kind, encode
 
 
 class Interrupted(Exception):
@@ -121,7 +130,7 @@ def test_gaps_go_out_in_time_order(context, tmp_path):
     receiver, sender = make_edge(context, tmp_path, 2, Policy.DROP_NEWEST)
     receive_all(receiver)
     sender._wait_for_credit()
-    sender.annotate([0.08, 0.08])  # a dropped chunk
+    sender.annotate("s", [0.08, 0.08])  # a dropped chunk
     sender.send(Envelope("s", 2, 0.0, Kind.DATA, np.zeros(4, np.float32), gaps=[[0.24, 0.16]]))
     [message] = receive_all(receiver)
     assert message.gaps == [[0.08, 0.08], [0.24, 0.16]]
@@ -153,3 +162,120 @@ def test_receiver_never_waits_on_a_sender_that_left(context, tmp_path):
     worker.join(timeout=5)
     assert not worker.is_alive(), "the receiver blocked granting a credit to a sender that left"
     assert [message.kind for message in taken] == [Kind.EOS]
+
+
+def test_streams_interleave_and_the_last_message_counts_them(context, tmp_path):
+    receiver, sender = make_edge(context, tmp_path, 16, Policy.BLOCK)
+    receive_all(receiver)
+    sender._wait_for_credit()
+    order = [("a", 0, Kind.DATA), ("b", 0, Kind.DATA), ("a", 1, Kind.DATA), ("c", 0, Kind.EOS), ("b", 1, Kind.FAILED)]
+    order += [("a", 2, Kind.EOS)]
+    for stream, seq, kind in order:
+        message = "gave up" if kind is Kind.FAILED else ""
+        sender.send(Envelope(stream, seq, 0.0, kind, np.zeros(2) if kind is Kind.DATA else None, message=message))
+    assert sender.tracked_streams == 0
+    sender.send_last()
+    received = receive_all(receiver)
+    assert [(message.stream_id, message.seq, message.kind) for message in received] == [
+        *order,
+        (LAST_STREAM_ID, 3, Kind.LAST),
+    ]
+    assert receiver.open_streams == 0 and receiver.remembered_streams == 3 and not receiver.streaming
+
+
+class RawSender:
+    """The edge's sender as a bare socket with its identity: sends whatever envelopes a test makes up."""
+
+    def __init__(self, context, spec: EdgeSpec):
+        self.socket = context.socket(zmq.DEALER)
+        self.socket.setsockopt(zmq.ROUTING_ID, spec.routing_id)
+        self.socket.connect(spec.connect)
+        self.socket.send(b"voxtral-run hello")
+
+    def send(self, stream: str, seq: int, kind: Kind = Kind.DATA, **fields) -> None:
+        self.socket.send_multipart(encode(Envelope(stream, seq, 0.0, kind, **fields)))
+
+
+def first_refusal(receiver: EdgeReceiver) -> str:
+    """The receiver's error on the messages waiting (each taken in turn until one is refused)."""
+    with pytest.raises(RunnerError) as refused:
+        while receiver.socket.poll(2000, zmq.POLLIN):
+            receiver.receive()
+    return str(refused.value)
+
+
+def m(stream: str, seq: int, kind: Kind = Kind.DATA, **fields) -> tuple:
+    """One made-up message: its stream, number, kind and other envelope fields."""
+    return stream, seq, kind, fields
+
+
+@pytest.mark.parametrize(
+    ("messages", "expected"),
+    [
+        ([m("a", 0), m("b", 0), m("a", 1), m("a", 1)], "stream 'a': message 1 after 1"),
+        ([m("a", 3), m("b", 0), m("a", 2)], "stream 'a': message 2 after 3"),
+        ([m("a", 0), m("b", 0), m("a", 1, Kind.EOS), m("b", 1), m("a", 2)], "a message for stream 'a' after its end"),
+        ([m("a", 0, Kind.FAILED, message="gone"), m("a", 1)], "a message for stream 'a' after its end"),
+        ([m("a", 0), m("a", 1, options={"delay_ms": 480})], "stream 'a': options on message 1, not on its first"),
+        ([m("a", 0), m(LAST_STREAM_ID, 1, Kind.LAST)], "the sender's last message while 1 streams are open"),
+        ([m("a", 0, Kind.EOS), m(LAST_STREAM_ID, 2, Kind.LAST)], "the sender's last message counts 2 streams, not 1"),
+        ([m(LAST_STREAM_ID, 0, Kind.LAST), m("a", 0)], "a message after the sender's last"),
+    ],
+)
+def test_a_stream_out_of_its_order_is_refused_naming_the_queue(context, tmp_path, messages, expected):
+    endpoint = f"ipc://{tmp_path / 'edge'}"
+    spec = EdgeSpec("a", "b", endpoint, endpoint, 4, Policy.BLOCK)
+    receiver, raw = EdgeReceiver(context, spec), RawSender(context, spec)
+    for stream, seq, kind, fields in messages:
+        raw.send(stream, seq, kind, **fields)
+    assert first_refusal(receiver) == f"queue a -> b: {expected}"
+
+
+def test_more_streams_open_at_once_than_the_bound_are_refused(context, tmp_path):
+    endpoint = f"ipc://{tmp_path / 'edge'}"
+    spec = EdgeSpec("a", "b", endpoint, endpoint, 4, Policy.BLOCK)
+    receiver, raw = EdgeReceiver(context, spec), RawSender(context, spec)
+    for index in range(MAX_OPEN_STREAMS + 1):
+        raw.send(f"s{index}", 0)
+    refusal = first_refusal(receiver)
+    assert refusal == f"queue a -> b: more than {MAX_OPEN_STREAMS} streams open at once (stream 's{MAX_OPEN_STREAMS}')"
+    assert receiver.open_streams == MAX_OPEN_STREAMS
+
+
+def test_ended_streams_are_remembered_within_a_bound(context, tmp_path):
+    """Thousands of streams, one after the other: the receiver keeps only the most recent ended ids."""
+    endpoint = f"ipc://{tmp_path / 'edge'}"
+    spec = EdgeSpec("a", "b", endpoint, endpoint, 4, Policy.BLOCK)
+    receiver, raw = EdgeReceiver(context, spec), RawSender(context, spec)
+    count = ENDED_STREAMS_REMEMBERED + 1000
+    for index in range(count):
+        raw.send(f"s{index}", 0)
+        raw.send(f"s{index}", 1, Kind.EOS)
+    taken = []
+    while len(taken) < 2 * count:
+        assert receiver.socket.poll(2000, zmq.POLLIN)
+        taken += receiver.receive_waiting(4096)
+    assert receiver.open_streams == 0 and receiver.remembered_streams == ENDED_STREAMS_REMEMBERED
+    raw.send(f"s{count - 1}", 2)  # the latest stream: still known to have ended
+    assert "after its end" in first_refusal(receiver)
+
+
+def test_a_dropped_first_message_passes_its_options_and_gaps_stay_with_their_stream(context, tmp_path):
+    receiver, sender = make_edge(context, tmp_path, 1, Policy.DROP_NEWEST)
+    receive_all(receiver)
+    sender._wait_for_credit()
+    sender.send(Envelope("b", 0, 0.0, Kind.DATA, np.zeros(2)))  # takes the one credit
+    sender.send(Envelope("a", 0, 0.0, Kind.DATA, np.zeros(2), options={"input": "a.wav"}))  # dropped
+    sender.annotate("a", [0.0, 0.08])
+    assert sender.tracked_streams == 2  # b open on the wire; a's options and gap waiting
+    received = receive_all(receiver)
+    sender.send(Envelope("b", 1, 0.0, Kind.EOS))
+    received += receive_all(receiver)
+    sender.send(Envelope("a", 1, 0.0, Kind.EOS))
+    received += receive_all(receiver)
+    assert [(message.stream_id, message.options, message.gaps) for message in received] == [
+        ("b", {}, []),
+        ("b", {}, []),
+        ("a", {"input": "a.wav"}, [[0.0, 0.08]]),
+    ]
+    assert sender.tracked_streams == 0 and receiver.open_streams == 0
