@@ -7,7 +7,8 @@ import math
 from dataclasses import astuple, dataclass, field
 
 PERCENTILES = (50, 95, 99)
-TIMES = ("wait", "service", "send", "device")  # the per-item durations a stage keeps histograms of
+TIMES = ("wait", "service", "send", "device")  # the durations a stage keeps histograms of: per message, per step
+WIRE_ONLY = ("histograms", "batch_counts")  # what a stage reports for the endpoint, not for the JSON figures
 # Log-spaced histogram buckets: a percentile read as its bucket's geometric middle is within 1.2 % (half a
 # bucket) of the exact one, in fixed memory however long the run.
 BUCKETS_PER_DECADE = 100
@@ -82,58 +83,86 @@ def percentiles_ms(histogram: LogHistogram) -> dict[str, float]:
 
 
 @dataclass
-class ItemRecord:
-    """One item through a stage: when its service began (wall clock), and how long each part took."""
+class StepRecord:
+    """One stage call, a step over the messages waiting (or one chunk the capture read): when it began (wall
+    clock), how long its parts took, the rows of each batched computation in it, and the messages it took."""
 
     start: float
-    wait_s: float | None  # in the input queue, from the sender's send to the start of service (None: no input)
-    service_s: float  # the stage call (push or finish)
+    service_s: float  # the stage call (its throttle included)
     send_s: float = 0.0  # putting the outputs on the output queue, blocked time included (backpressure)
     out_bytes: int = 0
-    capture_time: float = 0.0  # of the audio the item covers: follows a frame from capture to text
     device_s: float | None = None  # GPU time of the stage call (CUDA events), None on CPU or until known
-    end_of_stream: bool = False  # the stream's end (the stage's flush), not an 80 ms frame
+    batch_sizes: list[int] = field(default_factory=list)  # rows of each batched computation (none: no stage call)
+    # Per message taken: [stream id, wait s in the input queue from the sender's send to the step's start (None: no
+    # input queue), capture time of the audio it covers (follows a frame from capture to text), whether it is
+    # its stream's end or failure rather than an 80 ms frame].
+    items: list[list] = field(default_factory=list)
 
     def as_list(self) -> list:
         """The fields in order (the form the trace reads), msgpack-friendly."""
         return list(astuple(self))
 
 
+def batch_summary(rows: dict[int, int]) -> dict[str, float]:
+    """Batched computations by their rows ({rows: how many}) as count, mean, p95 (nearest rank) and max rows."""
+    count = sum(rows.values())
+    rank, seen, p95 = math.ceil(0.95 * count - 1e-9), 0, 0
+    for size in sorted(rows):
+        seen += rows[size]
+        if seen >= rank:
+            p95 = size
+            break
+    return {"count": count, "mean": sum(size * n for size, n in rows.items()) / count, "p95": p95, "max": max(rows)}
+
+
 class StageMetrics:
-    """Everything one stage process measured: counters and histograms for the table and the live figures, and,
-    when profiling, every item's record for the trace."""
+    """Everything one stage process measured: counters and histograms for the table and the live figures (waits
+    per message, the other times per step), the batch sizes, and, when profiling, every step's record."""
 
     def __init__(self, keep_records: bool = False):
         self.keep_records = keep_records
-        self.items = 0
+        self.items = 0  # messages taken
+        self.ends = 0  # of them, streams' ends and failures
+        self.steps = 0
         self.out_bytes = 0
         self.busy_s = 0.0
         self.histograms = {name: LogHistogram() for name in TIMES}
-        self.records: list[ItemRecord] = []
+        self.rows: dict[int, int] = {}  # batched computations by their rows: {rows: how many}
+        self.records: list[StepRecord] = []
 
-    def record(self, item: ItemRecord) -> None:
-        self.items += 1
-        self.out_bytes += item.out_bytes
-        self.busy_s += item.service_s
-        if item.wait_s is not None:
-            self.histograms["wait"].add(item.wait_s)
-        self.histograms["service"].add(item.service_s)
-        self.histograms["send"].add(item.send_s)
+    def record(self, step: StepRecord) -> None:
+        self.steps += 1
+        self.items += len(step.items)
+        self.ends += sum(1 for *_, ended in step.items if ended)
+        self.out_bytes += step.out_bytes
+        self.busy_s += step.service_s
+        for _, wait_s, _, _ in step.items:
+            if wait_s is not None:
+                self.histograms["wait"].add(wait_s)
+        self.histograms["service"].add(step.service_s)
+        self.histograms["send"].add(step.send_s)
+        for rows in step.batch_sizes:
+            self.rows[rows] = self.rows.get(rows, 0) + 1
         if self.keep_records:
-            self.records.append(item)
+            self.records.append(step)
 
-    def add_device_time(self, item: ItemRecord, seconds: float) -> None:
-        """The GPU time of an item's stage call, known once the device has passed the call's end."""
-        item.device_s = seconds
+    def add_device_time(self, step: StepRecord, seconds: float) -> None:
+        """The GPU time of a step's stage call, known once the device has passed the call's end."""
+        step.device_s = seconds
         self.histograms["device"].add(seconds)
 
     def snapshot(self) -> dict:
-        """The figures a stage reports (msgpack-friendly): counts, busy time, percentiles in ms, histograms."""
-        result: dict = {"items": self.items, "out_bytes": self.out_bytes, "busy_s": self.busy_s}
+        """The figures a stage reports (msgpack-friendly): counts, busy time, percentiles in ms, batch sizes,
+        histograms."""
+        result: dict = {"items": self.items, "ends": self.ends, "steps": self.steps, "out_bytes": self.out_bytes}
+        result["busy_s"] = self.busy_s
         for name, histogram in self.histograms.items():
             if histogram.count:
                 result[f"{name}_ms"] = percentiles_ms(histogram)
+        if self.rows:
+            result["batch"] = batch_summary(self.rows)
         result["histograms"] = {name: histogram.to_wire() for name, histogram in self.histograms.items()}
+        result["batch_counts"] = sorted(self.rows.items())  # pairs: msgpack maps from a stage need string keys
         return result
 
 
@@ -173,11 +202,13 @@ class RunFigures:
         stages = {}
         for name, report in self.stages.items():
             metrics = report.get("metrics", {})
-            entry = {key: value for key, value in metrics.items() if key != "histograms"}
+            entry = {key: value for key, value in metrics.items() if key not in WIRE_ONLY}
             entry["utilisation"] = self.utilisation(name)
             entry["clock_offset_ms"] = self.clock_offsets.get(name, 0.0) * MS
             if "edge" in report:
                 entry["queue"] = {key: report[key] for key in QUEUE_KEYS if key in report}
+            if "streams" in report:
+                entry["streams"] = report["streams"]
             for key in CAPTURE_KEYS:
                 if key in report:
                     entry[key] = report[key]
@@ -201,9 +232,13 @@ def format_table(figures: RunFigures) -> str:
     def percentile(metrics: dict, key: str, p: int) -> str:
         return f"{metrics[key][f'p{p}']:.2f}" if key in metrics else "-"
 
+    def batch(metrics: dict) -> str:
+        summary = metrics.get("batch")
+        return f"{summary['mean']:.1f}/{summary['p95']}/{summary['max']}" if summary else "-"
+
     columns = [("stage", 11), ("items", 6), ("busy s", 7), ("util", 5)]
     columns += [(f"svc p{p}", 8) for p in PERCENTILES] + [(f"wait p{p}", 9) for p in PERCENTILES]
-    columns += [("dev p50", 8), ("send p99", 9), ("queue", 7), ("drops", 6)]
+    columns += [("dev p50", 8), ("send p99", 9), ("queue", 7), ("drops", 6), ("steps", 6), ("batch", 14)]
     lines = [
         f"per-stage figures over the {figures.wall_s:.2f} s stream (times in ms)",
         " ".join(
@@ -218,7 +253,7 @@ def format_table(figures: RunFigures) -> str:
         cells += [percentile(metrics, "wait_ms", p) for p in PERCENTILES]
         cells += [percentile(metrics, "device_ms", 50), percentile(metrics, "send_ms", 99)]
         cells.append(f"{report['peak_depth']}/{report['capacity']}" if "capacity" in report else "-")
-        cells.append(str(report.get("dropped", 0)))
+        cells += [str(report.get("dropped", 0)), str(metrics.get("steps", 0)), batch(metrics)]
         lines.append(
             " ".join(
                 f"{cell:<{width}}" if index == 0 else f"{cell:>{width}}"
@@ -226,8 +261,9 @@ def format_table(figures: RunFigures) -> str:
             )
         )
     lines.append(
-        "items: messages taken (80 ms frames, then the stream's end); util: busy / wall time; "
-        "queue: peak/capacity of the stage's output queue"
+        "items: messages taken (80 ms frames, then each stream's end); util: busy / wall time; svc, dev, send: per "
+        "step, wait: per message; queue: peak/capacity of the stage's output queue; steps: stage calls, each over "
+        "the messages waiting; batch: rows per batched computation, mean/p95/max"
     )
     if figures.e2e is not None:
         delay = f"{figures.delay_ms} ms" if figures.delay_ms is not None else "model's"
@@ -253,36 +289,39 @@ def chrome_trace(
     sink: list[list[float]] | None = None,
     metadata: dict | None = None,
 ) -> dict:
-    """A Chrome trace (Perfetto, chrome://tracing) of stage records (ItemRecord.as_list, by stage in pipeline
-    order): one track per stage, a slice per item and one while its send was blocked, a flow per frame (its
-    capture time) from stage to stage, and the sink's arrivals ([arrival, capture_time]) as a latency counter.
+    """A Chrome trace (Perfetto, chrome://tracing) of stage records (StepRecord.as_list, by stage in pipeline
+    order): one track per stage, a slice per step (its messages, batch sizes, device time and waits in its args)
+    and one while its send was blocked, a flow per frame (its stream and capture time) from stage to stage, and
+    the sink's arrivals ([arrival, capture_time]) as a latency counter.
 
     Times are in µs from `origin` (the runner's wall clock); each stage's are first moved onto the runner's clock
     by its offset (stage clock minus runner clock), so stages on other hosts line up."""
     offsets = clock_offsets or {}
     events: list[dict] = [{"ph": "M", "name": "process_name", "pid": TRACE_PID, "args": {"name": "voxtral-run"}}]
-    frames: dict[float, list[tuple[int, float]]] = {}  # capture time -> (track, ts) of each span of the frame
+    frames: dict[tuple[str, float], list[tuple[int, float]]] = {}  # (stream, capture time) -> (track, ts) per span
     for track, (name, records) in enumerate(tracks.items(), start=1):
         events.append({"ph": "M", "name": "thread_name", "pid": TRACE_PID, "tid": track, "args": {"name": name}})
         sort = {"sort_index": track}
         events.append({"ph": "M", "name": "thread_sort_index", "pid": TRACE_PID, "tid": track, "args": sort})
         shift = origin + offsets.get(name, 0.0)
-        for start, wait_s, service_s, send_s, out_bytes, capture_time, device_s, end_of_stream in records:
+        for start, service_s, send_s, out_bytes, device_s, batch_sizes, items in records:
             ts = round((start - shift) * US, ROUND_US)
-            args = {"out_bytes": out_bytes, "frame_ms": round((capture_time - origin) * MS, ROUND_MS)}
-            if wait_s is not None:
-                args["wait_ms"] = round(wait_s * MS, ROUND_MS)
+            args: dict = {"items": len(items), "batch_sizes": batch_sizes, "out_bytes": out_bytes}
+            waits = [round(wait_s * MS, ROUND_MS) for _, wait_s, _, _ in items if wait_s is not None]
+            if waits:
+                args["waits_ms"] = waits
             if device_s is not None:
                 args["device_ms"] = round(device_s * MS, ROUND_MS)
-            if end_of_stream:
-                args["end_of_stream"] = True
+            ends = sum(1 for *_, ended in items if ended)
+            if ends:
+                args["stream_ends"] = ends
             dur = round(service_s * US, ROUND_US)
             events.append({"ph": "X", "name": name, "pid": TRACE_PID, "tid": track, "ts": ts, "dur": dur, "args": args})
             if send_s > 0:
                 blocked = {"ph": "X", "name": "send", "pid": TRACE_PID, "tid": track, "ts": round(ts + dur, ROUND_US)}
                 events.append(blocked | {"dur": round(send_s * US, ROUND_US)})
-            if not end_of_stream:
-                frames.setdefault(capture_time, []).append((track, ts))
+            for frame in {(stream, capture_time) for stream, _, capture_time, ended in items if not ended}:
+                frames.setdefault(frame, []).append((track, ts))
     for arrival, capture_time in sink or []:
         latency = {"latency_ms": round((arrival - capture_time) * MS, ROUND_MS)}
         ts = round((arrival - origin) * US, ROUND_US)

@@ -13,6 +13,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 
 from voxtral_run.runner.errors import RunnerError
 from voxtral_run.runner.metrics import BUCKETS_PER_DECADE, TIMES, LogHistogram, RunFigures, bucket_of, upper_bound
+from voxtral_run.runner.stage_process import MAX_MESSAGES_PER_STEP
 
 REPORT_EVERY_S = 1.0  # how often stages report while the endpoint is on
 # Histogram buckets: quarter decades from 100 µs to 100 s, each an edge of the stages' own log histograms, so
@@ -22,16 +23,24 @@ BUCKET_EDGES_S = tuple(
     upper_bound(index) for index in range(bucket_of(FIRST_EDGE_S), bucket_of(LAST_EDGE_S) + 1, BUCKETS_PER_DECADE // 4)
 )
 TIME_HELP = {
-    "wait": "Time items waited in the stage's input queue",
-    "service": "Time the stage took per item",
-    "send": "Time the stage spent putting an item's outputs on its output queue (blocked time included)",
-    "device": "GPU time per item (CUDA events)",
+    "wait": "Time each message waited in the stage's input queue",
+    "service": "Time the stage took per step (a call over the messages waiting)",
+    "send": "Time the stage spent putting a step's outputs on its output queue (blocked time included)",
+    "device": "GPU time per step (CUDA events)",
 }
+# Batch sizes: powers of two up to the most messages one step takes.
+BATCH_EDGES = tuple(2**power for power in range(MAX_MESSAGES_PER_STEP.bit_length()))
 
 
 def _buckets(histogram: LogHistogram) -> list[tuple[str, float]]:
     edges = [(f"{edge:.3g}", histogram.count_at_most(edge)) for edge in BUCKET_EDGES_S]
     return edges + [("+Inf", histogram.count)]
+
+
+def _batch_buckets(rows: dict[int, int]) -> list[tuple[str, float]]:
+    """Cumulative counts of batched computations by their rows, at BATCH_EDGES."""
+    edges = [(str(edge), sum(count for size, count in rows.items() if size <= edge)) for edge in BATCH_EDGES]
+    return edges + [("+Inf", sum(rows.values()))]
 
 
 class RunCollector:
@@ -45,6 +54,12 @@ class RunCollector:
         stage, queue = ["stage"], ["stage", "queue"]
         items = CounterMetricFamily(
             "voxtral_stage_items", "Messages a stage took (80 ms frames, stream ends)", labels=stage
+        )
+        steps = CounterMetricFamily(
+            "voxtral_stage_steps", "Stage calls, each over the messages waiting for the stage", labels=stage
+        )
+        batch = HistogramMetricFamily(
+            "voxtral_stage_batch_rows", "Rows of each batched computation of a stage's steps", labels=stage
         )
         busy = CounterMetricFamily("voxtral_stage_busy_seconds", "Service time a stage spent on items", labels=stage)
         out_bytes = CounterMetricFamily("voxtral_stage_output_bytes", "Bytes a stage sent downstream", labels=stage)
@@ -62,6 +77,10 @@ class RunCollector:
         for name, report in figures.stages.items():
             metrics = report.get("metrics", {})
             items.add_metric([name], metrics.get("items", 0))
+            steps.add_metric([name], metrics.get("steps", 0))
+            rows = {int(size): int(count) for size, count in metrics.get("batch_counts", [])}
+            if rows:
+                batch.add_metric([name], _batch_buckets(rows), sum(size * count for size, count in rows.items()))
             busy.add_metric([name], metrics.get("busy_s", 0.0))
             out_bytes.add_metric([name], metrics.get("out_bytes", 0))
             utilisation.add_metric([name], figures.utilisation(name))
@@ -75,7 +94,7 @@ class RunCollector:
                 dropped.add_metric(labels, report["dropped"])
                 peak.add_metric(labels, report["peak_depth"])
                 capacity.add_metric(labels, report["capacity"])
-        yield from (items, busy, out_bytes, utilisation, *times.values(), sent, dropped, peak, capacity)
+        yield from (items, steps, busy, out_bytes, utilisation, *times.values(), batch, sent, dropped, peak, capacity)
         yield GaugeMetricFamily("voxtral_stream_seconds", "Wall time of the stream so far", value=figures.wall_s)
         if figures.e2e is not None:
             e2e = HistogramMetricFamily(

@@ -31,7 +31,8 @@ SHORTEST_MS = SMALLEST_S * MS  # shorter times are drawn at this floor of the lo
 
 @dataclass
 class StageTrack:
-    """One stage's slices from the trace: (start, duration) in seconds from the stream's start, and waits."""
+    """One stage's slices (steps) from the trace: (start, duration) in seconds from the stream's start, and the
+    waits of the messages each step took."""
 
     busy: list[tuple[float, float]] = field(default_factory=list)
     blocked: list[tuple[float, float]] = field(default_factory=list)
@@ -73,8 +74,7 @@ def read_profile(path: Path) -> Profile:
             else:
                 track.busy.append(span)
                 track.service_ms.append(event["dur"] / US * MS)
-                if "wait_ms" in event.get("args", {}):
-                    track.wait_ms.append(event["args"]["wait_ms"])
+                track.wait_ms += event.get("args", {}).get("waits_ms", [])
         elif event.get("ph") == "C" and event.get("name") == E2E_COUNTER:
             latencies.append((event["ts"] / US, event["args"]["latency_ms"]))
     if not stages:
@@ -111,7 +111,7 @@ def draw_report(profile: Profile, output: Path) -> None:
     timeline.set_xlabel("s from the stream's start (colour: busy, grey: sending, blocked on a full queue included)")
     timeline.set_title("Stages over time")
     _distribution(
-        figure.add_subplot(grid[1, 0]), {n: t.service_ms for n, t in profile.stages.items()}, "Service time per item"
+        figure.add_subplot(grid[1, 0]), {n: t.service_ms for n, t in profile.stages.items()}, "Service time per step"
     )
     _distribution(figure.add_subplot(grid[1, 1]), {n: t.wait_ms for n, t in profile.stages.items()}, "Queue wait")
     histogram, over_time = figure.add_subplot(grid[2, 0]), figure.add_subplot(grid[2, 1])
