@@ -12,6 +12,7 @@ from torch import nn
 
 from voxtral_run.stages.kernels.matvec import Heads, Norm, matvec, matvec_available
 from voxtral_run.stages.kernels.overlap import DEFAULT_OVERLAP, Overlap
+from voxtral_run.stages.kernels.position_inputs import fused_position_inputs, position_inputs_available
 from voxtral_run.stages.kernels.rows_matmul import rows_matmul, rows_matmul_available
 from voxtral_run.stages.kernels.step_attention import MAX_ROWS, step_attention, step_attention_available
 from voxtral_run.stages.model.cache import PAGE_SLOTS, KVCache
@@ -128,7 +129,10 @@ class FusedBlocks:
         self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache, ffn_scales: list[torch.Tensor] | None = None
     ) -> torch.Tensor:
         """x [B, T, dim] at positions [B, T] -> [B, T, dim]; the new keys and values enter the cache."""
-        rotations, bias = position_inputs(positions, self.rope, cache, x.dtype)
+        if position_inputs_available(positions.device, self.rope.inv_freq.shape[0]):
+            rotations, bias = fused_position_inputs(positions, self.rope.inv_freq, cache, x.dtype)
+        else:
+            rotations, bias = position_inputs(positions, self.rope, cache, x.dtype)
         scales = [None] * len(self.blocks) if ffn_scales is None else ffn_scales
         if x.shape[0] == 1:
             return self._one_row(x, rotations, bias, cache, scales)
