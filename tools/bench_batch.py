@@ -315,10 +315,8 @@ def main() -> None:
     model_dir = args.model or args.workdir / "model"
     if not (model_dir / "consolidated.safetensors").exists():
         write_tiny_checkpoint(model_dir, REAL_SIZE, seed=0, dtype="bfloat16", device="cuda")
-    parts = set(args.parts.split(","))
-    try:
-        measure(args, model_dir, parts, results)
-    finally:
+    for part in args.parts.split(","):  # each part's figures saved as soon as it ends
+        measure(args, model_dir, {part}, results)
         args.json.write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))
 
