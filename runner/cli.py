@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import os
 import sys
@@ -11,12 +12,13 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from voxtral_run.runner.config import LOOPBACK, SINK, SOURCE, load_pipeline, place_local_stages
+from voxtral_run.runner.config import LOOPBACK, SINK, SOURCE, load_pipeline, model_stage_ceiling, place_local_stages
 from voxtral_run.runner.errors import RunnerError
 from voxtral_run.runner.security import KEYS_VARIABLE, CurveKeys, default_key_file, load_or_create_key_file
-from voxtral_run.runner.sink import LiveText, TranscriptSink
+from voxtral_run.runner.sink import LiveText, StreamTranscripts, TranscriptSink, transcript_name
 from voxtral_run.runner.supervisor import EXIT_FAILED, Reporting, Supervisor
-from voxtral_run.stages.audio.capture import inspect_capture
+from voxtral_run.runner.wire import MAX_INPUT_CHARS, printable_line
+from voxtral_run.stages.audio.capture import MAX_STREAMS, expand_inputs, inspect_capture
 from voxtral_run.stages.audio.constants import MAX_DELAY_MS, MIN_DELAY_MS
 from voxtral_run.stages.base import StageError
 from voxtral_run.stages.model.hub import resolve_model
@@ -39,6 +41,8 @@ Examples:
   voxtral-run talk.wav                                        the default pipeline: live text in the terminal
   voxtral-run talk.m4a -o talk.srt                            subtitles (format from the extension), progress bar
   voxtral-run pipeline.yaml --input talk.wav                  the same, the pipeline spelled out
+  voxtral-run a.wav b.wav c.wav -o transcripts/               several files at once: a transcript each
+  voxtral-run pipeline.yaml --input calls/ --streams 8        a folder's audio files, 8 at a time
   arecord -f S16_LE -r 16000 | voxtral-run pipeline.yaml --input - --rate 16000
   voxtral-run pipeline.yaml --input mic                       (see --list-devices)
   voxtral-run pipeline.yaml --set encoder.device=cuda:1 --set decoder.dtype=float32
@@ -90,19 +94,52 @@ def _print_version(value: bool) -> None:
         raise typer.Exit()
 
 
-def _pipeline_and_input(pipeline: Path | None, input: str | None) -> tuple[Path | None, str | None]:
-    """The pipeline file and the input: an audio file where PIPELINE goes (the whisper habit) is the input of
-    the default pipeline."""
-    if pipeline is None or pipeline.suffix.lower() in PIPELINE_SUFFIXES:
-        if pipeline is None and input is None:
-            raise RunnerError("missing PIPELINE and --input: try voxtral-run talk.wav, or see --help")
-        return pipeline, input
-    if input is not None:
+def _pipeline_and_input(paths: list[Path], inputs: list[str]) -> tuple[Path | None, str | list[str] | None]:
+    """The pipeline file and the input (a list for several): an audio file where PIPELINE goes (the whisper
+    habit) is the input of the default pipeline, and the arguments after PIPELINE or after --input's file are more
+    inputs."""
+    pipeline, audio = None, [str(path) for path in paths]
+    if paths and paths[0].suffix.lower() in PIPELINE_SUFFIXES:
+        pipeline, audio = paths[0], audio[1:]
+    elif paths and inputs:
         raise RunnerError(
-            f"{pipeline} is not a pipeline YAML (.yaml or .yml) and --input is given too: "
-            f"voxtral-run pipeline.yaml --input {input}"
+            f"{paths[0]} is not a pipeline YAML (.yaml or .yml) and --input is given too: "
+            f"voxtral-run pipeline.yaml --input {inputs[0]}"
         )
-    return None, str(pipeline)
+    given = [*inputs, *audio]
+    if not given:
+        if pipeline is None:
+            raise RunnerError("missing PIPELINE and --input: try voxtral-run talk.wav, or see --help")
+        return pipeline, None
+    return pipeline, given[0] if len(given) == 1 else given
+
+
+def _several_inputs(value: object) -> bool:
+    """Whether the input is several streams: a list of files, or a directory."""
+    return isinstance(value, list) or (isinstance(value, str) and Path(value).is_dir())
+
+
+def _stream_outputs(format: str | None, output: Path | None, inputs: object) -> str:
+    """For several inputs: --format (text unless given), and --output a writable folder in which no two inputs'
+    transcripts would have the same name; without it, a format that can share stdout."""
+    format = format or TEXT_FORMAT
+    if format not in FORMATS:
+        raise RunnerError(f"--format: unknown format '{format}' (choose from {', '.join(FORMATS)})")
+    if output is None:
+        if format not in (TEXT_FORMAT, "jsonl"):
+            raise RunnerError(f"--format {format} with several inputs needs --output FOLDER (a file per input)")
+        return format
+    if not output.is_dir():
+        raise RunnerError(f"--output {output}: with several inputs, give an existing folder (a transcript per input)")
+    if not os.access(output, os.W_OK):
+        raise RunnerError(f"--output {output}: the folder is not writable")
+    owners: dict[str, str] = {}
+    for name in inputs if isinstance(inputs, list) else []:
+        transcript = transcript_name(printable_line(name, MAX_INPUT_CHARS), format)
+        if transcript in owners:
+            raise RunnerError(f"--output {output}: {owners[transcript]} and {name} would both write {transcript}")
+        owners[transcript] = name
+    return format
 
 
 def _transcript_format(format: str | None, output: Path | None) -> str:
@@ -123,23 +160,26 @@ def _transcript_format(format: str | None, output: Path | None) -> str:
 
 
 def _check_capture(params: dict) -> float | None:
-    """The capture's settings and input checked before any process starts (warnings printed); the input file's
-    duration in seconds where it is a file that says."""
-    source = inspect_capture(params)
-    if source is None:
-        return None
-    for warning in source.warnings:
-        print(f"voxtral-run: warning: {warning}", file=sys.stderr)
-    return source.duration_s
+    """The capture's settings and inputs checked before any process starts (warnings printed), a directory
+    replaced by its audio files; the input files' duration in seconds where every file says."""
+    if params.get("input") is not None:
+        params["input"] = expand_inputs(params["input"])
+    sources = inspect_capture(params)
+    for source in sources:
+        for warning in source.warnings:
+            print(f"voxtral-run: warning: {warning}", file=sys.stderr)
+    durations = [source.duration_s for source in sources]
+    return sum(durations) if durations and None not in durations else None
 
 
 @app.command(help=HELP)
 def run(
-    pipeline: Annotated[
-        Path | None,
+    paths: Annotated[
+        list[Path] | None,
         typer.Argument(
-            metavar="PIPELINE",
-            help="Pipeline YAML file; an audio file here is transcribed with the default pipeline.",
+            metavar="PIPELINE [AUDIO]...",
+            help="Pipeline YAML file, then more audio files; an audio file first is transcribed with the default "
+            "pipeline.",
             show_default=False,
         ),
     ] = None,
@@ -147,11 +187,30 @@ def run(
         str | None, typer.Option(help="Model directory or Hugging Face repo id (overrides the YAML's model).")
     ] = None,
     input: Annotated[
-        str | None,
-        typer.Option("--input", "-i", help="Audio file (WAV, FLAC, OGG), '-' for stdin (raw s16le or WAV), or 'mic'."),
+        list[str] | None,
+        typer.Option(
+            "--input",
+            "-i",
+            help="Audio file (WAV, FLAC, OGG), a folder of them, '-' for stdin (raw s16le or WAV), or 'mic'. Several "
+            "files (repeated, or after it) or a folder are transcribed at once, each its own stream.",
+        ),
     ] = None,
     output: Annotated[
-        Path | None, typer.Option("--output", "-o", help="Write the transcript to this file (live text still shows).")
+        Path | None,
+        typer.Option(
+            "--output",
+            "-o",
+            help="Write the transcript to this file (live text still shows); with several inputs, a folder that "
+            "gets one per input (its name, the format's extension).",
+        ),
+    ] = None,
+    streams: Annotated[
+        int | None,
+        typer.Option(
+            metavar="N",
+            help="With several inputs, how many are transcribed at once (default: as many as the encoder and "
+            f"decoder take at once, their max_streams; all, up to {MAX_STREAMS}, where that is not known here).",
+        ),
     ] = None,
     format: Annotated[
         str | None,
@@ -189,7 +248,8 @@ def run(
         typer.Option(
             metavar="FILE",
             help="Write a Chrome trace to FILE (open in Perfetto or chrome://tracing): a track per stage, a slice "
-            "per item, each 80 ms frame followed across stages; tools/profile_report.py draws it as a PNG.",
+            "per step with its batch sizes, each 80 ms frame followed across stages; tools/profile_report.py draws "
+            "it as a PNG.",
         ),
     ] = None,
     stats_every: Annotated[
@@ -233,7 +293,7 @@ def run(
         if list_devices:
             _list_devices()
             return
-        pipeline, input = _pipeline_and_input(pipeline, input)
+        pipeline, input = _pipeline_and_input(paths or [], input or [])
         if stats_every is not None and not stats_every >= MIN_STATS_EVERY_S:
             raise RunnerError(f"--stats-every: give at least {MIN_STATS_EVERY_S:g} seconds, not {stats_every:g}")
         if metrics_port is not None and not 1 <= metrics_port <= MAX_PORT:
@@ -247,6 +307,7 @@ def run(
             "channels": channels,
             "realtime": realtime or None,
             "mic_device": int(mic_device) if mic_device and mic_device.isdigit() else mic_device,
+            "streams": streams,
         }
         config.stages[SOURCE].params.update({key: value for key, value in capture_params.items() if value is not None})
         if model is not None:
@@ -254,16 +315,27 @@ def run(
         if delay_ms is not None:
             config.delay_ms = delay_ms
         local = _local_nodes(stages, config.chain())
-        format = _transcript_format(format, output) if SINK in local else format
-        duration_s = _check_capture(config.stages[SOURCE].params) if SOURCE in local else None
+        capture = config.stages[SOURCE].params
+        several = _several_inputs(capture.get("input"))
+        if SINK in local and not several:
+            format = _transcript_format(format, output)
+        duration_s = _check_capture(capture) if SOURCE in local else None
+        if SINK in local and several:
+            format = _stream_outputs(format, output, capture.get("input"))
         place_local_stages(config, local)
+        if several and "streams" not in capture and (ceiling := model_stage_ceiling(config)) is not None:
+            # Past the model stages' ceiling a stream waits there with its input held: start no more at once.
+            capture["streams"] = min(ceiling, MAX_STREAMS)
         needs_model = any(name in MODEL_READING_STAGES and config.stages[name].impl is None for name in local)
         model_dir = resolve_model(config.model) if needs_model else None
         # With --output, a terminal shows a progress bar through a file instead of the live text.
         progress = duration_s is not None and not quiet and console.is_terminal
         progress = progress and (output is not None or not sys.stdout.isatty())
         sink = None
-        if SINK in local:
+        if SINK in local and several:
+            report = functools.partial(console.print, markup=False)
+            sink = StreamTranscripts(format, output, sys.stdout, report, show_text=not progress)
+        elif SINK in local:
             if output is None and format == TEXT_FORMAT:
                 sink = TranscriptSink(None, live=LiveText(sys.stdout))  # the live text is the transcript
             elif output is None:

@@ -27,7 +27,14 @@ from voxtral_run.stages.audio.constants import (
     SAMPLES_PER_TOKEN,
 )
 from voxtral_run.stages.base import StageError
-from voxtral_run.stages.factory import AUTO_DEVICE, MODEL_STAGE_KINDS, STAGE_KINDS, auto_device, cuda_device_count
+from voxtral_run.stages.factory import (
+    AUTO_DEVICE,
+    DEFAULT_MAX_STREAMS,
+    MODEL_STAGE_KINDS,
+    STAGE_KINDS,
+    auto_device,
+    cuda_device_count,
+)
 
 DEFAULT_MODEL = "mistralai/Voxtral-Mini-4B-Realtime-2602"
 # Stage names the runner knows how to build: every built-in kind of stages.factory, capture included.
@@ -265,6 +272,22 @@ def place_local_stages(pipeline: Pipeline, local: Iterable[str]) -> None:
             # A host whose model stages run on GPUs has cores to spare, and every wake-up sits on each token's
             # path; on a CPU-only host the cores are the model's.
             stage.busy_poll = bool(named_gpus)
+
+
+def model_stage_ceiling(pipeline: Pipeline) -> int | None:
+    """How many streams the built-in encoder and decoder take at once: the smaller of their `max_streams`, or
+    their device's default where this invocation knows the device (None when it knows neither)."""
+    ceilings = []
+    for name in MODEL_STAGE_KINDS:
+        stage = pipeline.stages.get(name)
+        if stage is None or stage.impl is not None:
+            continue
+        ceiling = stage.params.get("max_streams")
+        if ceiling is None and stage.device != AUTO_DEVICE:
+            ceiling = DEFAULT_MAX_STREAMS[stage.device.partition(":")[0]]
+        if isinstance(ceiling, int) and not isinstance(ceiling, bool) and ceiling >= 1:  # else the stage's error
+            ceilings.append(ceiling)
+    return min(ceilings, default=None)
 
 
 def _bind_address(host: str, where: str) -> str:

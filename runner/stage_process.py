@@ -1,7 +1,9 @@
-"""One pipeline stage as an OS process: build the stage core, report ready, then receive, call, send.
+"""One pipeline stage as an OS process: build the stage core, report ready, then receive, step, send.
 
-A stage process talks to its runner over its own control socket (loading, ready, warnings, error, end of
-stream, stats; start and stop back), apart from the data queues, so control never waits behind data.
+Each step takes every message waiting on the input queue, many streams' interleaved, and hands them to the stage
+core in one call (`Stage.step`); a stream's failure travels on as a message of its own and fails that stream only.
+A stage process talks to its runner over its own control socket (loading, ready, warnings, error, the end of
+its input, stats; start and stop back), apart from the data queues, so control never waits behind data.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import time
 import traceback
 import uuid
 from collections import deque
+from collections.abc import Iterator
 from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,14 +32,28 @@ from voxtral_run.runner.config import SOURCE
 from voxtral_run.runner.edges import LINGER_MS, EdgeReceiver, EdgeSender, EdgeSpec, Policy, add_gap
 from voxtral_run.runner.errors import RunnerError
 from voxtral_run.runner.heartbeat import StageHeartbeat
-from voxtral_run.runner.metrics import ItemRecord, StageMetrics
+from voxtral_run.runner.metrics import StageMetrics, StepRecord
 from voxtral_run.runner.security import CurveKeys, start_authenticator
-from voxtral_run.runner.wire import Envelope, Kind
-from voxtral_run.stages.base import Source, Stage, StageError
+from voxtral_run.runner.wire import MAX_INPUT_CHARS, MAX_MESSAGE_CHARS, Envelope, Kind, printable_line
+from voxtral_run.stages.audio.capture import FileStreams
+from voxtral_run.stages.base import (
+    END,
+    Output,
+    Source,
+    Stage,
+    StageError,
+    StreamEnd,
+    StreamFailed,
+    StreamStart,
+    Work,
+)
 
 PROCESS_TITLE = "voxtral-run: {name}"
 LAG_WARNING_S = 1.0  # a live capture this far behind the wall clock says so
 PR_SET_PDEATHSIG = 1  # prctl option (linux/prctl.h)
+# Messages one step takes at most: what waits beyond them goes to the next step, so a flooded input queue still
+# lets control, heartbeats and live reports through between steps.
+MAX_MESSAGES_PER_STEP = 4096
 
 
 @dataclass(frozen=True)
@@ -81,8 +98,8 @@ def describe_exception(error: BaseException) -> str:
     return f"{type(error).__name__}: {one_line(error)}{where}"
 
 
-def build_core(spec: StageSpec) -> Stage | Source:
-    """The stage core: an `impl` class if given, the capture source, or a model stage from the factory."""
+def build_core(spec: StageSpec) -> Stage | Source | FileStreams:
+    """The stage core: an `impl` class if given, the capture source (or files), or a model stage from the factory."""
     if spec.impl is not None:
         module_name, _, attribute = spec.impl.partition(":")
         try:
@@ -111,8 +128,9 @@ def build_core(spec: StageSpec) -> Stage | Source:
 
 
 class CudaTimer:
-    """GPU time of each stage call, from CUDA events recorded around it on the stage's device. An item's time is
-    read once the device has passed its end event (polled, never waited for), so timing adds no synchronisation."""
+    """GPU time of each stage call (a step), from CUDA events recorded around it on the stage's device. A step's
+    time is read once the device has passed its end event (polled, never waited for), so timing adds no
+    synchronisation."""
 
     def __init__(self, device: str, metrics: StageMetrics):
         import torch
@@ -121,13 +139,13 @@ class CudaTimer:
         self._stream = lambda: torch.cuda.current_stream(torch.device(device))
         self._metrics = metrics
         self._start: Any = None
-        self._pending: deque[tuple[ItemRecord, Any, Any]] = deque()  # (record, start event, end event)
+        self._pending: deque[tuple[StepRecord, Any, Any]] = deque()  # (record, start event, end event)
 
     def start(self) -> None:
         self._start = self._event()
         self._start.record(self._stream())
 
-    def stop(self, record: ItemRecord) -> None:
+    def stop(self, record: StepRecord) -> None:
         """Mark the end of the call `record` describes; its device time arrives in the metrics later."""
         end = self._event()
         end.record(self._stream())
@@ -151,7 +169,34 @@ class _Stop(Exception):
 
 
 class _CaptureInterrupted(Exception):
-    """SIGINT while the capture waited for audio: end the stream now."""
+    """SIGINT while the capture waited for audio: end the streams now."""
+
+
+@dataclass
+class _Stream:
+    """What a stage process keeps of a stream it carries: the options to pass on with its first output, the capture
+    time of its latest input (its outputs carry it), its outputs so far, audio gaps to pass on, whether its input
+    is over, and the failure upstream reported for it."""
+
+    options: dict[str, Any]
+    capture_time: float
+    sent: int = 0
+    gaps: list[list[float]] = field(default_factory=list)
+    input_over: bool = False
+    upstream_failure: StreamFailed | None = None
+
+
+def _single_stream(source: Source) -> Iterator[Work]:
+    """A one-stream source as a capture's events: its start, its chunks, then its end, or its failure when it
+    cannot be read on."""
+    yield 0, StreamStart()
+    try:
+        for chunk in source.chunks():
+            yield 0, chunk
+    except StageError as error:
+        yield 0, StreamFailed(str(error))
+        return
+    yield 0, END
 
 
 class StageProcess:
@@ -171,13 +216,16 @@ class StageProcess:
         self._next_report = time.monotonic() + spec.report_every_s if spec.report_every_s else None
         self.receiver: EdgeReceiver | None = None
         self.sender: EdgeSender | None = None
-        self.source: Source | None = None
-        self._output_seq: dict[str, int] = {}
-        self._open_streams: set[str] = set()  # streams with data taken and no end of stream yet
+        self.source: Source | FileStreams | None = None
+        self.stage: Stage | None = None
+        self._streams: dict[str, _Stream] = {}  # streams taken and not yet ended downstream
+        # Streams this stage ended or failed while their input goes on: what still comes of them is dropped, until
+        # their end or failure arrives.
+        self._closed_early: set[str] = set()
         self._capture_reading = False
         self._capture_interrupted = False
-        self._gaps: dict[str, list[list[float]]] = {}  # audio gaps to pass on with a stream's next output
-        self._recent_chunks: deque[tuple[int, float, float]] = deque()  # capture: (seq, start s, length s)
+        # The capture's recent chunks: (stream, seq, start s, length s), to place a dropped one in its audio.
+        self._recent_chunks: deque[tuple[str, int, float, float]] = deque()
         self._lag = {"max_lag_s": 0.0, "late_chunks": 0}  # capture: how far behind the wall clock a live source fell
         self.heartbeat = StageHeartbeat(self.context, spec.heartbeat, spec.name, spec.heartbeat_timeout_s)
         self.authenticator = None  # answers the CURVE handshakes of a tcp input queue
@@ -211,12 +259,13 @@ class StageProcess:
             )
             self.report("ready", load_s=time.perf_counter() - started)
             self._wait_for("start")
-            if isinstance(core, Source):
-                self.source = core
-                self._capture(core, paced=core.paced)
-                self._wait_for("stop")
-            else:
+            if isinstance(core, Stage):
+                self.stage = core
                 self._serve(core)
+            else:
+                self.source = core
+                self._capture(core)
+                self._wait_for("stop")
             return 0
         except _Stop:
             return 0
@@ -245,7 +294,20 @@ class StageProcess:
         if self.source is not None:
             stats["overflows"] = getattr(self.source, "overflows", 0)
             stats |= self._lag
+        stats["streams"] = self._stream_counts()
         self.report("stats", **stats)
+
+    def _stream_counts(self) -> dict[str, int]:
+        """How many streams each part of this process still keeps something for: the stage core (`held`), the
+        process itself (`tracked`), the input queue (open streams, and ended ids it remembers), the output queue."""
+        counts = {"tracked": len(self._streams) + len(self._closed_early)}
+        if self.stage is not None:
+            counts["held"] = len(self.stage.streams())
+        if self.receiver is not None:
+            counts |= {"input_open": self.receiver.open_streams, "input_remembered": self.receiver.remembered_streams}
+        if self.sender is not None:
+            counts["output_tracked"] = self.sender.tracked_streams
+        return counts
 
     def _report_timeout_ms(self) -> int | None:
         """How long a wait may last before the next live report is due (None: no live reports)."""
@@ -253,7 +315,10 @@ class StageProcess:
             return None
         return max(0, int((self._next_report - time.monotonic()) * 1000))
 
-    def _report_at_end_of_stream(self) -> None:
+    def _end_run(self) -> None:
+        """Every stream has ended: send the last message on, tell the runner, and report the figures."""
+        self.sender.send_last()
+        self.report("done")
         if self._next_report is not None:  # live figures complete at once, not at the next report
             self._report_stats(final=False)
 
@@ -314,75 +379,135 @@ class StageProcess:
         timeouts += [int(edge.check_every_s * 1000) for edge in edges]
         return min((timeout for timeout in timeouts if timeout is not None), default=None)
 
-    def _send(self, stream_id: str, capture_time: float, kind: Kind, item: Any = None) -> int:
-        seq = self._output_seq.get(stream_id, 0)
-        self._output_seq[stream_id] = seq + 1
-        gaps = self._gaps.pop(stream_id, [])
-        return self.sender.send(Envelope(stream_id, seq, capture_time, kind, item, gaps=gaps))
-
     def _serve(self, stage: Stage) -> None:
         poller = zmq.Poller()
         for pollable in (self.control, self.receiver.socket, self.parent_sentinel):
             if pollable is not None:
                 poller.register(pollable, zmq.POLLIN)
         while True:
-            spinning = self.spec.busy_poll and bool(self._open_streams)  # between streams a wake-up costs nothing
+            spinning = self.spec.busy_poll and bool(self._streams)  # between streams a wake-up costs nothing
             events = dict(poller.poll(0 if spinning else self._wait_timeout_ms()))
             if self.receiver.socket in events:
-                envelope = self.receiver.receive()
-                if envelope is not None:
-                    self._handle(stage, envelope)
+                self._step(stage, self.receiver.receive_waiting(MAX_MESSAGES_PER_STEP))
             if any(ready is not self.receiver.socket for ready in events):
                 self._check_control()
             self._check_links()
             self._report_if_due()
 
-    def _handle(self, stage: Stage, envelope: Envelope) -> None:
+    def _step(self, stage: Stage, envelopes: list[Envelope]) -> None:
+        """One stage call over the messages taken, each stream's as its work, its outputs sent on; then, while a
+        call sees a stream leave and the stage holds others, a call with no new work: streams the stage holds
+        waiting for room (a model stage at its ceiling) may take the room the leaving one made."""
         began = time.time()
-        wait_s = max(0.0, began - envelope.sent_time)
-        for gap in envelope.gaps:
-            add_gap(self._gaps.setdefault(envelope.stream_id, []), gap)
+        work: list[Work] = []
+        items = []  # the record's: the messages that became work
+        last = False
+        for envelope in envelopes:
+            if envelope.kind is Kind.LAST:
+                last = True
+                continue
+            taken = self._work_of(envelope)
+            if taken:
+                work += taken
+                ending = envelope.kind is not Kind.DATA
+                items.append([envelope.stream_id, max(0.0, began - envelope.sent_time), envelope.capture_time, ending])
+        if work:
+            outputs = self._call(stage, work, items, began)
+            while stage.streams() and any(isinstance(output, (StreamEnd, StreamFailed)) for _, output in outputs):
+                outputs = self._call(stage, [], [], time.time())
+        if last:
+            if self._streams:  # its input ended with the others', so the stage should have ended it
+                stream_id = next(iter(self._streams))
+                raise RunnerError(f"stage '{self.spec.name}' never ended stream {stream_id!r} after its input ended")
+            self._end_run()
+
+    def _call(self, stage: Stage, work: list[Work], items: list[list], began: float) -> list[Output]:
+        """Call the stage on some work, timed (its device time too) and recorded, and send what it produced."""
         if self.device_timer is not None:
             self.device_timer.start()
         started = time.perf_counter()
         if self.spec.throttle_ms:  # a deliberately slow stage: the sleep counts as service time
             time.sleep(self.spec.throttle_ms / 1000)
-        if envelope.kind is Kind.DATA:
-            self._open_streams.add(envelope.stream_id)
-            outputs = stage.push(envelope.stream_id, envelope.item)
-        else:
-            outputs = stage.finish(envelope.stream_id)
+        outputs = stage.step(work)
         service_s = time.perf_counter() - started
-        end_of_stream = envelope.kind is Kind.EOS
-        record = ItemRecord(began, wait_s, service_s, capture_time=envelope.capture_time, end_of_stream=end_of_stream)
+        record = StepRecord(began, service_s, batch_sizes=list(stage.batch_sizes), items=items)
         if self.device_timer is not None:
             self.device_timer.stop(record)
-        record.out_bytes = sum(
-            self._send(envelope.stream_id, envelope.capture_time, Kind.DATA, item) for item in outputs
-        )
+        record.out_bytes = sum(self._send_output(stream_id, output) for stream_id, output in outputs)
         record.send_s = time.perf_counter() - started - service_s
         self.metrics.record(record)
-        if envelope.kind is Kind.EOS:
-            self._send(envelope.stream_id, envelope.capture_time, Kind.EOS)
-            self._output_seq.pop(envelope.stream_id, None)
-            self._open_streams.discard(envelope.stream_id)
-            self.report("eos", stream=envelope.stream_id)
-            self._report_at_end_of_stream()
+        return outputs
+
+    def _work_of(self, envelope: Envelope) -> list[Work]:
+        """A message as the stage's work: a StreamStart with its options first for a new stream, then its item,
+        END, or the failure upstream reported; nothing for a stream this stage already ended or failed."""
+        stream_id = envelope.stream_id
+        ending = envelope.kind is not Kind.DATA
+        if stream_id in self._closed_early:
+            if ending:
+                self._closed_early.discard(stream_id)
+            return []
+        work: list[Work] = []
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            stream = self._streams[stream_id] = _Stream(dict(envelope.options), envelope.capture_time)
+            work.append((stream_id, StreamStart(delay_ms=envelope.options.get("delay_ms"))))
+        stream.capture_time = envelope.capture_time
+        for gap in envelope.gaps:
+            add_gap(stream.gaps, gap)
+        stream.input_over = ending
+        if envelope.kind is Kind.DATA:
+            work.append((stream_id, envelope.item))
+        elif envelope.kind is Kind.EOS:
+            work.append((stream_id, END))
+        else:
+            stream.upstream_failure = StreamFailed(envelope.message)
+            work.append((stream_id, stream.upstream_failure))
+        return work
+
+    def _send_output(self, stream_id: str, output: Any) -> int:
+        """Send one output of a stream (an item, its END, or its failure) with the capture time of the stream's
+        latest input, its options if it is the stream's first, and the audio gaps waiting; its size in bytes. A
+        failure of this stage's own is named after it."""
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            raise RunnerError(
+                f"stage '{self.spec.name}' gave an output for stream {stream_id!r}, which it does not hold"
+            )
+        kind, item, message = Kind.DATA, output, ""
+        if isinstance(output, StreamEnd):
+            kind, item = Kind.EOS, None
+        elif isinstance(output, StreamFailed):
+            kind, item = Kind.FAILED, None
+            own = output != stream.upstream_failure
+            message = f"stage '{self.spec.name}' failed: {output.message}" if own else output.message
+            message = printable_line(message, MAX_MESSAGE_CHARS)
+        envelope = Envelope(stream_id, stream.sent, stream.capture_time, kind, item, gaps=stream.gaps, message=message)
+        if stream.sent == 0:
+            envelope.options = stream.options
+        stream.gaps = []
+        stream.sent += 1
+        if kind is not Kind.DATA:
+            del self._streams[stream_id]
+            if not stream.input_over:
+                self._closed_early.add(stream_id)
+        return self.sender.send(envelope)
 
     def _on_sigint(self, signum: int, frame: Any) -> None:
-        # Interrupt a wait for audio at once; a send in progress finishes, then the loop ends the stream.
+        # Interrupt a wait for audio at once; a send in progress finishes, then the loop ends the streams.
         self._capture_interrupted = True
         if self._capture_reading:
             raise _CaptureInterrupted()
 
     def _on_drop(self, envelope: Envelope) -> None:
-        """A chunk the capture's dropping queue left out: its place in the audio, after the gaps it carried (audio
-        the source lost before it), travels on as gaps, so the text after it keeps the real audio's times."""
+        """A chunk the capture's dropping queue left out: its place in its stream's audio, after the gaps it carried
+        (audio the source lost before it), travels on as gaps, so the text after it keeps the real audio's times."""
+        stream_id = envelope.stream_id
         for gap in envelope.gaps:
-            self.sender.annotate(gap)
-        for seq, start_s, length_s in self._recent_chunks:
-            if seq == envelope.seq:
-                self.sender.annotate([start_s, length_s])
+            self.sender.annotate(stream_id, gap)
+        for stream, seq, start_s, length_s in self._recent_chunks:
+            if stream == stream_id and seq == envelope.seq:
+                self.sender.annotate(stream_id, [start_s, length_s])
                 return
 
     def _note_lag(self, started: float, audio_end_s: float) -> None:
@@ -398,60 +523,81 @@ class StageProcess:
             self._lag["late_chunks"] += 1
         self._lag["max_lag_s"] = max(self._lag["max_lag_s"], lag_s)
 
-    def _capture(self, source: Source, *, paced: bool) -> None:
-        """Send the source's chunks as one stream; on its end or on SIGINT, close it, pass on the warnings it found
-        while reading, and send end of stream. Audio the source lost (`dropped_before_s`) travels on as a gap.
+    def _capture(self, source: Source | FileStreams) -> None:
+        """Send the source's streams (one, or one per file), each chunk as data and each stream's end or failure;
+        on the end of the input or on SIGINT, close it, end the streams still open, pass on the warnings it found
+        while reading, and send the last message. Audio the source lost (`dropped_before_s`) travels on as a gap.
 
-        Its service time is reading a chunk (not when `paced`: then reading is waiting for the audio)."""
-        stream_id = uuid.uuid4().hex[:8]
+        A chunk's service time is reading it (not when paced: then reading is waiting for the audio)."""
+        run = uuid.uuid4().hex[:8]
+        events, labels = (
+            (_single_stream(source), None) if isinstance(source, Source) else (source.events(), source.labels)
+        )
         # A source's warnings from opening its input the runner printed already: it inspects the input first.
         known_warnings = len(getattr(source, "warnings", []))
         signal.signal(signal.SIGINT, self._on_sigint)
         # Drops only ever concern the chunks still in the queue or at the sender: capacity of them at most.
         self._recent_chunks = deque(maxlen=self.spec.output_edge.capacity + 1)
-        started = time.monotonic()
-        chunks = iter(source.chunks())
-        capture_time = time.time()
-        position_s = 0.0
+        clocks: dict[str, list[float]] = {}  # per open stream: [monotonic start, seconds of its audio so far]
         try:
             while not self._capture_interrupted:
                 self._capture_reading = True
                 read_began = time.time()
                 try:
-                    chunk = next(chunks, None)
+                    event = next(events, None)
                 finally:
                     self._capture_reading = False
-                if chunk is None:
+                if event is None:
                     break
-                capture_time = time.time()
-                began = capture_time if paced else read_began
                 self._check_control()
-                if self.spec.throttle_ms:
-                    time.sleep(self.spec.throttle_ms / 1000)
-                length_s = len(chunk["samples"]) / chunk["sample_rate"]
-                dropped_s = getattr(source, "dropped_before_s", 0.0)
-                if dropped_s:  # the source itself lost audio just before this chunk (a microphone's full queue)
-                    add_gap(self._gaps.setdefault(stream_id, []), [position_s, dropped_s])
-                    position_s += dropped_s
-                self._recent_chunks.append((self._output_seq.get(stream_id, 0), position_s, length_s))
-                position_s += length_s
-                if paced:
-                    self._note_lag(started, position_s)
-                record = ItemRecord(began, None, time.time() - began, capture_time=capture_time)
-                send_started = time.perf_counter()
-                record.out_bytes = self._send(stream_id, capture_time, Kind.DATA, chunk)
-                record.send_s = time.perf_counter() - send_started
-                self.metrics.record(record)
-                self._report_if_due()
+                index, item = event
+                stream_id = f"{run}-{index}"
+                if isinstance(item, StreamStart):
+                    options: dict[str, Any] = {"delay_ms": self.spec.delay_ms} if self.spec.delay_ms is not None else {}
+                    if labels is not None:
+                        options["input"] = printable_line(labels[index], MAX_INPUT_CHARS)
+                    self._streams[stream_id] = _Stream(options, time.time(), input_over=True)
+                    clocks[stream_id] = [time.monotonic(), 0.0]
+                elif isinstance(item, (StreamEnd, StreamFailed)):
+                    del clocks[stream_id]
+                    self._send_output(stream_id, item)
+                else:
+                    self._send_chunk(stream_id, item, clocks[stream_id], source, read_began)
         except _CaptureInterrupted:
             pass
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         source.close()
         for warning in getattr(source, "warnings", [])[known_warnings:]:
             self.report("warning", message=warning)
-        self._send(stream_id, capture_time, Kind.EOS)
-        self.report("eos", stream=stream_id)
-        self._report_at_end_of_stream()
+        for stream_id in list(self._streams):  # what the interrupt cut short ends here
+            self._send_output(stream_id, END)
+        self._end_run()
+
+    def _send_chunk(
+        self, stream_id: str, chunk: Any, clock: list[float], source: Source | FileStreams, read_began: float
+    ) -> None:
+        """Send one chunk of a stream whose audio so far `clock` counts ([monotonic start, seconds]), noting how
+        late a paced one is and what audio the source lost before it."""
+        stream = self._streams[stream_id]
+        stream.capture_time = time.time()
+        began = stream.capture_time if source.paced else read_began
+        if self.spec.throttle_ms:
+            time.sleep(self.spec.throttle_ms / 1000)
+        length_s = len(chunk["samples"]) / chunk["sample_rate"]
+        dropped_s = getattr(source, "dropped_before_s", 0.0)
+        if dropped_s:  # the source itself lost audio just before this chunk (a microphone's full queue)
+            add_gap(stream.gaps, [clock[1], dropped_s])
+            clock[1] += dropped_s
+        self._recent_chunks.append((stream_id, stream.sent, clock[1], length_s))
+        clock[1] += length_s
+        if source.paced:
+            self._note_lag(clock[0], clock[1])
+        record = StepRecord(began, time.time() - began, items=[[stream_id, None, stream.capture_time, False]])
+        send_started = time.perf_counter()
+        record.out_bytes = self._send_output(stream_id, chunk)
+        record.send_s = time.perf_counter() - send_started
+        self.metrics.record(record)
+        self._report_if_due()
 
 
 def _die_with_parent() -> None:

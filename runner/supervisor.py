@@ -38,13 +38,20 @@ from voxtral_run.runner.metrics import (
 from voxtral_run.runner.progress import AudioProgress
 from voxtral_run.runner.prometheus import REPORT_EVERY_S, MetricsEndpoint
 from voxtral_run.runner.security import CurveKeys, start_authenticator
-from voxtral_run.runner.sink import TranscriptSink
-from voxtral_run.runner.stage_process import LAG_WARNING_S, StageSpec, pack, stage_main, unpack
+from voxtral_run.runner.sink import StreamTranscripts, TranscriptSink
+from voxtral_run.runner.stage_process import (
+    LAG_WARNING_S,
+    MAX_MESSAGES_PER_STEP,
+    StageSpec,
+    pack,
+    stage_main,
+    unpack,
+)
 from voxtral_run.runner.wire import Envelope, Kind
 from voxtral_run.stages.audio.constants import SECONDS_PER_TOKEN
 from voxtral_run.stages.base import StageError
 
-DRAIN_TIMEOUT_S = 3.0  # after Ctrl-C, how long the end of stream may take to pass every stage
+DRAIN_TIMEOUT_S = 3.0  # after Ctrl-C, how long the streams' ends may take to pass every stage
 STOP_GRACE_S = 1.0  # how long a stage may take to exit after "stop" before it is terminated
 TERMINATE_GRACE_S = 1.0  # and after SIGTERM before SIGKILL
 PROGRESS_REFRESH_S = 0.25
@@ -85,6 +92,9 @@ class Interrupted(Exception):
     """Ctrl-C before audio started flowing."""
 
 
+Sink = TranscriptSink | StreamTranscripts  # one transcript, or one per stream of a run of several inputs
+
+
 @dataclass
 class StageState:
     """What the supervisor knows about one local stage process."""
@@ -109,7 +119,8 @@ def _exit_description(exitcode: int | None) -> str:
 
 
 class Supervisor:
-    """Starts the stages of `local` (names from the pipeline), runs one stream through, stops everything."""
+    """Starts the stages of `local` (names from the pipeline), runs the streams through (one, or one per input),
+    stops everything."""
 
     def __init__(
         self,
@@ -117,7 +128,7 @@ class Supervisor:
         *,
         local: list[str],
         model_dir: Path | None,
-        sink: TranscriptSink | None,
+        sink: Sink | None,
         console: Console,
         reporting: Reporting = Reporting(),
         keys: CurveKeys | None = None,
@@ -197,7 +208,8 @@ class Supervisor:
     # --- the run ---
 
     def run(self) -> int:
-        """Run this host's stages to the end of the stream; the process exit status."""
+        """Run this host's stages until every stream has ended or failed; the process exit status (a failed
+        stream of several fails it too)."""
         remove_stale_run_dirs()
         run_dir = Path(tempfile.mkdtemp(prefix=RUN_DIR_PREFIX))
         (run_dir / OWNER_FILE).write_text(_process_identity(os.getpid()) or "")
@@ -248,10 +260,10 @@ class Supervisor:
                 self.metrics_endpoint.close()
             if self.sink is not None:
                 try:
-                    partial = self.sink.close(complete=not failed)
+                    partials = self.sink.close(complete=not failed)
                 except (StageError, RunnerError) as error:  # reported once the processes are cleaned up
-                    output_error, partial = error, None
-                if partial is not None:
+                    output_error, partials = error, []
+                for partial in partials:
                     self.console.print(f"voxtral-run: the transcript up to the failure is in {partial}")
             self._report_losses()
             signal.set_wakeup_fd(old_wakeup)
@@ -378,7 +390,7 @@ class Supervisor:
             self.console.print(f"voxtral-run: ready in {time.monotonic() - started:.1f} s ({names})", highlight=False)
 
     def _stream(self) -> int:
-        """Receive events until every local stage and the sink have seen the end of the stream."""
+        """Receive events until every local stage and the sink have seen the last message: every stream ended."""
         waiting = set(self.stages) | ({SINK} if self.sink is not None else set())
         progress = self._progress_bar()
         try:
@@ -395,9 +407,10 @@ class Supervisor:
         return AudioProgress(self.console, total_s)
 
     def _audio_done_s(self) -> float:
-        """Seconds of audio the last local token stage has turned into tokens."""
+        """Seconds of audio the last local token stage has turned into tokens: its messages but streams' ends."""
         name = next(name for name in TOKEN_STAGES if name in self.stages)
-        return self.stages[name].stats.get("metrics", {}).get("items", 0) * SECONDS_PER_TOKEN
+        metrics = self.stages[name].stats.get("metrics", {})
+        return (metrics.get("items", 0) - metrics.get("ends", 0)) * SECONDS_PER_TOKEN
 
     def _receive_until_done(self, waiting: set[str], progress: AudioProgress | None) -> int:
         drain_deadline: float | None = None
@@ -427,19 +440,20 @@ class Supervisor:
                 drain_deadline = time.monotonic() + DRAIN_TIMEOUT_S
                 self._stop_capture()
             self._drain_control()
-            waiting -= {name for name, state in self.stages.items() if state.status == "eos"}
+            waiting -= {name for name, state in self.stages.items() if state.status == "done"}
             self._check_processes(events)
             self._check_liveness()
             if self.sink_receiver is not None and self.sink_receiver.socket in events:
-                envelope = self.sink_receiver.receive()
-                if envelope is not None:
-                    self.sink.add_gaps(envelope.gaps)
-                if envelope is not None and envelope.kind is Kind.DATA:
-                    self.sink.write(envelope.item)
-                    self._note_arrival(envelope)
-                elif envelope is not None:
-                    waiting.discard(SINK)
-        return EXIT_INTERRUPTED if handled_interrupts else EXIT_OK
+                for envelope in self.sink_receiver.receive_waiting(MAX_MESSAGES_PER_STEP):
+                    if envelope.kind is Kind.LAST:
+                        waiting.discard(SINK)
+                        continue
+                    self.sink.take(envelope)
+                    if envelope.kind is Kind.DATA:
+                        self._note_arrival(envelope)
+        if handled_interrupts:
+            return EXIT_INTERRUPTED
+        return EXIT_FAILED if isinstance(self.sink, StreamTranscripts) and self.sink.failures else EXIT_OK
 
     def _note_arrival(self, envelope: Envelope) -> None:
         """Count a delta's end-to-end latency: its arrival here minus the capture time of the audio chunk whose
@@ -454,7 +468,7 @@ class Supervisor:
             self.sink_arrivals.append([arrival, envelope.capture_time])
 
     def _stop_capture(self) -> None:
-        """Ctrl-C: the capture stops reading and ends the stream, which then drains through the stages."""
+        """Ctrl-C: the capture stops reading and ends its streams, which then drain through the stages."""
         capture = self.stages.get(SOURCE)
         self.console.print("voxtral-run: stopping (Ctrl-C again to stop at once)", highlight=False)
         if capture is not None and capture.process.is_alive():

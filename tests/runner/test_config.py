@@ -9,9 +9,17 @@ import pytest
 import yaml
 
 from voxtral_run.runner import config
-from voxtral_run.runner.config import SINK, SOURCE, load_pipeline, place_local_stages, plan_edges
+from voxtral_run.runner.config import (
+    SINK,
+    SOURCE,
+    load_pipeline,
+    model_stage_ceiling,
+    place_local_stages,
+    plan_edges,
+)
 from voxtral_run.runner.edges import Policy
 from voxtral_run.runner.errors import RunnerError
+from voxtral_run.stages.factory import DEFAULT_MAX_STREAMS
 
 REPO_PIPELINE = Path(__file__).resolve().parents[2] / "pipeline.yaml"
 EXAMPLES = REPO_PIPELINE.parent / "examples"
@@ -195,3 +203,15 @@ def test_transport_follows_placement(tmp_path):
     edges = plan_edges(pipeline, set(pipeline.chain()), tmp_path)
     assert edges[0].connect == "tcp://127.0.0.1:6000"
     assert edges[1].bind == edges[1].connect == "ipc:///tmp/custom.sock"
+
+
+def test_the_model_stages_ceiling_is_the_smaller_max_streams_where_it_is_known():
+    """How many inputs a run starts at once by default: what the encoder and decoder take at once."""
+    on_cpu = ["encoder.device=cpu", "decoder.device=cpu"]
+    assert model_stage_ceiling(load_pipeline(REPO_PIPELINE, on_cpu)) == DEFAULT_MAX_STREAMS["cpu"]
+    assert model_stage_ceiling(load_pipeline(REPO_PIPELINE, [*on_cpu, "decoder.max_streams=3"])) == 3
+    assert model_stage_ceiling(load_pipeline(REPO_PIPELINE, ["decoder.device=cuda:1"])) == DEFAULT_MAX_STREAMS["cuda"]
+    assert model_stage_ceiling(load_pipeline(REPO_PIPELINE)) is None  # device auto, resolved where the stage runs
+    unplaced = load_pipeline(REPO_PIPELINE)
+    place_local_stages(unplaced, ["encoder"])  # this host's encoder: on its CPU (no GPU in the tests)
+    assert model_stage_ceiling(unplaced) == DEFAULT_MAX_STREAMS[unplaced.stages["encoder"].device.partition(":")[0]]

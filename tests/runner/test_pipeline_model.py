@@ -72,6 +72,28 @@ def test_44k_stereo_matches_in_process_on_the_resampled_audio(runner, tiny_model
     assert run_jsonl(runner, tiny_model_dir, "--input", wav) == expected
 
 
+@pytest.mark.slow
+def test_several_files_at_once_give_each_file_its_own_ids(runner, tiny_model_dir, audio_wav, reference_ids, tmp_path):
+    """Three files through the real stages at once, each its own stream: each file gets the token ids of its
+    own run, however the stages interleave and batch the streams."""
+    others = [
+        write_noise_wav(tmp_path / f"{name}.wav", seconds, seed=seed)
+        for name, seconds, seed in (("short", 0.7, 11), ("long", 2.6, 12))
+    ]
+    expected = {str(audio_wav): reference_ids}
+    for wav in others:
+        audio, _ = soundfile.read(wav, dtype="float32")
+        expected[str(wav)] = transcribe_audio(audio, model_dir=tiny_model_dir, delay_ms=DELAY_MS).token_ids
+    result = runner.run(
+        PIPELINE, "--model", tiny_model_dir, "--format", "jsonl", *ON_CPU, "--input", audio_wav, *others
+    )
+    assert result.returncode == 0, result.stderr.decode()
+    events = [json.loads(line) for line in result.stdout.decode().splitlines()]
+    done = {event["input"]: event["token_ids"] for event in events if event["type"] == "done"}
+    assert done == expected
+    assert wait_until_gone(runner.marker) == []
+
+
 def free_port_block(size: int) -> int:
     """A base port whose next `size` ports were free a moment ago."""
     for _ in range(50):

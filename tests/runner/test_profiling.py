@@ -23,13 +23,15 @@ from tests.runner.conftest import REPO, Runner, wait_until_gone, write_noise_wav
 from tests.runner.test_pipeline_model import ON_CPU, PIPELINE
 from voxtral_run.runner.metrics import (
     BUCKETS_PER_DECADE,
-    ItemRecord,
     LogHistogram,
+    RunFigures,
     StageMetrics,
+    StepRecord,
     chrome_trace,
     estimate_clock_offset,
     upper_bound,
 )
+from voxtral_run.runner.prometheus import RunCollector
 from voxtral_run.runner.stage_process import CudaTimer
 from voxtral_run.stages.audio.constants import SAMPLES_PER_TOKEN
 from voxtral_run.tools.make_tiny_checkpoint import TINY
@@ -118,10 +120,12 @@ def test_clock_offset_from_round_trips_and_the_trace_corrected_by_it():
     assert estimate_clock_offset(same_clock) == 0.0  # no correction from the noise of a round trip
     # A frame every 80 ms: the local stage takes 5 ms, the remote one starts 1 ms later, stamped on its own clock.
     origin = 1000.0
-    local = [[origin + k * 0.08, 0.0, 0.005, 0.0, 10, origin + k * 0.08, None, False] for k in range(5)]
+    local = [StepRecord(origin + k * 0.08, 0.005, items=[["s", 0.0, origin + k * 0.08, False]]) for k in range(5)]
     remote = [
-        [origin + k * 0.08 + 0.006 + offset, 0.001, 0.005, 0.0, 10, origin + k * 0.08, None, False] for k in range(5)
+        StepRecord(origin + k * 0.08 + 0.006 + offset, 0.005, items=[["s", 0.001, origin + k * 0.08, False]])
+        for k in range(5)
     ]
+    local, remote = ([record.as_list() for record in records] for records in (local, remote))
     tracks = {"local": local, "remote": remote}
     chains = frame_chains(chrome_trace(tracks, origin=origin, clock_offsets={"remote": estimate})["traceEvents"])
     assert len(chains) == 5
@@ -161,7 +165,7 @@ def test_device_times_are_read_without_waiting_for_the_device(monkeypatch):
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device: None)
     metrics = StageMetrics()
     timer = CudaTimer("cuda:0", metrics)
-    records = [ItemRecord(0.0, 0.0, 0.001) for _ in range(3)]
+    records = [StepRecord(0.0, 0.001) for _ in range(3)]
     for index, record in enumerate(records):  # each call takes 4 ms on the device, which is still busy
         FakeCudaEvent.clock = index * 0.01
         timer.start()
@@ -184,7 +188,7 @@ def test_slow_stage_is_the_bottleneck_in_table_json_and_trace(runner, tmp_path):
     frames = math.ceil(soundfile.info(wav).frames / SAMPLES_PER_TOKEN)
     throttle_ms = 25
     at_least = throttle_ms * (1 - HALF_BUCKET)  # the throttle, as a percentile read from a histogram shows it
-    capacity = 4
+    capacity = 1  # one message in the relay's queue: each of its steps takes one, and pays the throttle
     pipeline = write_toy_pipeline(tmp_path / "p.yaml", relay={"throttle_ms": throttle_ms}, capacity=capacity)
     trace, stats = tmp_path / "trace.json", tmp_path / "stats.json"
     result = runner.run(pipeline, "--input", wav, "--profile", trace, "--stats-json", stats)
@@ -226,6 +230,54 @@ def test_slow_stage_is_the_bottleneck_in_table_json_and_trace(runner, tmp_path):
     assert wait_until_gone(runner.marker) == []
 
 
+def test_batched_steps_show_in_table_json_and_trace(runner, tmp_path):
+    """Four files at once through a relay that batches its streams: its steps take several messages, their rows
+    are counted per batched computation, and each message's wait and each delta's latency are still measured."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    wavs = [write_noise_wav(folder / f"{index}.wav", 0.8, seed=index) for index in range(4)]
+    frames = sum(math.ceil(soundfile.info(wav).frames / SAMPLES_PER_TOKEN) for wav in wavs)
+    pipeline = write_toy_pipeline(tmp_path / "p.yaml", relay={"throttle_ms": 30}, capacity=16)
+    pipeline.write_text(pipeline.read_text().replace("toy_stages:Passthrough", "toy_stages:BatchingRelay"))
+    trace, stats = tmp_path / "trace.json", tmp_path / "stats.json"
+    result = runner.run(pipeline, "--input", folder, "--profile", trace, "--stats-json", stats)
+    stderr = result.stderr.decode()
+    assert result.returncode == 0, stderr
+    relay = json.loads(stats.read_text())["stages"]["relay"]
+    assert relay["items"] == frames + len(wavs) and relay["steps"] < relay["items"]
+    batch = relay["batch"]
+    assert batch["max"] > 1 and batch["count"] <= relay["steps"] and batch["mean"] * batch["count"] == frames
+    row = table_rows(stderr, TOY_STAGES)["relay"]
+    assert row["steps"] == str(relay["steps"])
+    assert row["batch"] == f"{batch['mean']:.1f}/{batch['p95']}/{batch['max']}"
+    assert table_rows(stderr, TOY_STAGES)["capture"]["batch"] == "-"  # reading a chunk is no batched computation
+    events = json.loads(trace.read_text())["traceEvents"]
+    steps = [event for event in events if event["ph"] == "X" and event["name"] == "relay"]
+    assert len(steps) == relay["steps"]
+    assert sum(step["args"]["items"] for step in steps) == relay["items"]
+    assert sum(len(step["args"]["waits_ms"]) for step in steps) == relay["items"]  # a wait per message
+    assert sum(sum(step["args"]["batch_sizes"]) for step in steps) == frames
+    assert max(step["args"]["batch_sizes"][0] for step in steps if step["args"]["batch_sizes"]) == batch["max"]
+    assert json.loads(stats.read_text())["end_to_end_ms"]["count"] == frames  # every delta of every stream
+    assert wait_until_gone(runner.marker) == []
+
+
+def test_metrics_endpoint_serves_steps_and_batch_sizes():
+    metrics = StageMetrics()
+    for rows in (1, 3, 3, 8):
+        metrics.record(StepRecord(0.0, 0.01, batch_sizes=[rows], items=[["s", 0.001, 0.0, False]] * rows))
+    figures = RunFigures(stages={"encoder": {"metrics": metrics.snapshot()}}, wall_s=1.0)
+    families = {family.name: family.samples for family in RunCollector(lambda: figures).collect()}
+    assert sample_value(families, "voxtral_stage_steps_total", stage="encoder") == 4
+    assert sample_value(families, "voxtral_stage_items_total", stage="encoder") == 15
+    assert sample_value(families, "voxtral_stage_batch_rows_count", stage="encoder") == 4
+    assert sample_value(families, "voxtral_stage_batch_rows_sum", stage="encoder") == 15
+    assert sample_value(families, "voxtral_stage_batch_rows_bucket", stage="encoder", le="2") == 1
+    assert sample_value(families, "voxtral_stage_batch_rows_bucket", stage="encoder", le="4") == 3
+    assert sample_value(families, "voxtral_stage_batch_rows_bucket", stage="encoder", le="+Inf") == 4
+    assert metrics.snapshot()["batch"] == {"count": 4, "mean": 3.75, "p95": 8, "max": 8}
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -240,7 +292,8 @@ def scrape(port: int) -> dict[str, list]:
 
 
 def sample_value(families: dict[str, list], name: str, **labels: str) -> float | None:
-    for sample in families.get(name.removesuffix("_total").removesuffix("_count").removesuffix("_bucket"), []):
+    family = name.removesuffix("_total").removesuffix("_count").removesuffix("_bucket").removesuffix("_sum")
+    for sample in families.get(family, []):
         if sample.name == name and all(sample.labels.get(key) == value for key, value in labels.items()):
             return sample.value
     return None

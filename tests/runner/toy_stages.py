@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from voxtral_run.stages.audio.capture import FileSource
-from voxtral_run.stages.base import Item, Source, Stage, StageError
+from voxtral_run.stages.base import END, Item, Marker, Output, Source, Stage, StageError, StreamEnd, StreamStart, Work
 
 
 def _token_of(samples: np.ndarray) -> int:
@@ -17,11 +17,15 @@ def _token_of(samples: np.ndarray) -> int:
 
 
 class ToyTranscriber(Stage):
-    """Audio chunks (capture dicts or arrays) in, one delta per chunk out, a done with every id at the end."""
+    """Audio chunks (capture dicts or arrays) in, one delta per chunk out, a done with every id at the end; with
+    `fail_after`, a stream longer than that many chunks fails."""
 
     def __init__(self, fail_after: int | None = None):
         self._ids: dict[str, list[int]] = {}
         self._fail_after = fail_after
+
+    def streams(self) -> list[str]:
+        return list(self._ids)
 
     def push(self, stream_id: str, item: Item) -> list[Item]:
         samples = item["samples"] if isinstance(item, dict) else item
@@ -53,6 +57,53 @@ class Passthrough(Stage):
 
     def finish(self, stream_id: str) -> list[Item]:
         return []
+
+
+class BatchingRelay(Passthrough):
+    """Forwards items unchanged, a step's items of every stream as one batched computation (as a model stage
+    batches its streams' rows), streams' ends and failures as they come."""
+
+    def step(self, work: list[Work]) -> list[Output]:
+        outputs = [
+            (stream_id, END if isinstance(item, StreamEnd) else item)
+            for stream_id, item in work
+            if not isinstance(item, StreamStart)
+        ]
+        rows = sum(1 for _, item in work if not isinstance(item, Marker))
+        self.batch_sizes = [rows] if rows else []
+        return outputs
+
+
+class OneAtATime(Passthrough):
+    """Forwards one stream at a time, as a model stage at its ceiling does: other streams' items wait, held, and a
+    stream that ends makes room only for the next call, which then takes the oldest waiting stream."""
+
+    def __init__(self) -> None:
+        self._pending: dict[str, list] = {}  # per stream, oldest first: its items waiting, then END once it ended
+        self._active: str | None = None
+
+    def streams(self) -> list[str]:
+        return list(self._pending)
+
+    def step(self, work: list[Work]) -> list[Output]:
+        for stream_id, item in work:
+            if not isinstance(item, StreamStart):
+                self._pending.setdefault(stream_id, []).append(item)
+        if self._active is None and self._pending:
+            self._active = next(iter(self._pending))
+        outputs: list[Output] = []
+        self.batch_sizes = []
+        if self._active is not None:
+            items = self._pending[self._active]
+            outputs = [(self._active, item) for item in items]
+            rows = sum(1 for item in items if not isinstance(item, Marker))
+            self.batch_sizes = [rows] if rows else []
+            if items and isinstance(items[-1], StreamEnd):
+                del self._pending[self._active]
+                self._active = None
+            else:
+                items.clear()
+        return outputs
 
 
 class LossyLiveSource(Source):
