@@ -426,10 +426,12 @@ class StageProcess:
         if self.device_timer is not None:
             self.device_timer.start()
         started = time.perf_counter()
-        if self.spec.throttle_ms:  # a deliberately slow stage: the sleep counts as service time
+        if self.spec.throttle_ms and work:  # a deliberately slow stage: the sleep counts as service time
             time.sleep(self.spec.throttle_ms / 1000)
         outputs = stage.step(work)
         service_s = time.perf_counter() - started
+        if not (work or outputs or stage.batch_sizes):  # a call with no new work that found none: no step to tell
+            return outputs
         record = StepRecord(began, service_s, batch_sizes=list(stage.batch_sizes), items=items)
         if self.device_timer is not None:
             self.device_timer.stop(record)
