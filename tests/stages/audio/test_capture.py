@@ -15,6 +15,7 @@ import soundfile
 
 from voxtral_run.stages.audio.capture import (
     DEFAULT_CHUNK_MS,
+    FILE_DESCRIPTOR_MARGIN,
     MAX_STREAMS,
     FileSource,
     FileStreams,
@@ -740,3 +741,24 @@ def test_several_inputs_build_file_streams_and_are_checked(tmp_path: Path) -> No
     for bad in (0, MAX_STREAMS + 1, True, "2"):
         with pytest.raises(StageError, match=rf"--streams: .* is not a number of streams in 1\.\.{MAX_STREAMS}"):
             build_source({"input": paths, "streams": bad})
+
+
+def test_file_streams_raise_the_open_file_limit_or_say_it_is_too_low(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import resource
+
+    paths = write_files(tmp_path, [0.1, 0.1])
+    limits = {"soft": 10, "hard": 1000}
+    monkeypatch.setattr(resource, "getrlimit", lambda kind: (limits["soft"], limits["hard"]))
+    monkeypatch.setattr(resource, "setrlimit", lambda kind, value: limits.update(soft=value[0]))
+    FileStreams(paths)
+    assert limits["soft"] == 2 + FILE_DESCRIPTOR_MARGIN
+    limits.update(soft=10, hard=100)
+    with pytest.raises(
+        StageError,
+        match=rf"--streams: 2 files open at once need {2 + FILE_DESCRIPTOR_MARGIN} file descriptors and this system "
+        r"allows 100 \(ulimit -n\); give fewer streams",
+    ) as excinfo:
+        FileStreams(paths)
+    single_line_error(excinfo)
