@@ -170,10 +170,10 @@ def batch_settings(params: dict[str, Any], device_type: str, dtype: torch.dtype)
 
 def pool_pages(settings: dict[str, Any], params: Any, dtype: torch.dtype) -> dict[str, Any]:
     """Settings with kv_memory_gb turned into the pool's pages for a stack of `params` (None: whole windows)."""
-    from voxtral_run.stages.model.cache import PAGE_SLOTS
+    from voxtral_run.stages.model.cache import page_bytes
 
     settings = dict(settings)
     memory_gb = settings.pop("kv_memory_gb")
-    page_bytes = 2 * params.n_layers * PAGE_SLOTS * params.n_kv_heads * params.head_dim * dtype.itemsize
-    settings["kv_pages"] = None if memory_gb is None else max(1, int(memory_gb * 1e9 // page_bytes))
+    size = page_bytes(params.n_layers, params.n_kv_heads, params.head_dim, dtype)
+    settings["kv_pages"] = None if memory_gb is None else max(1, int(memory_gb * 1e9 // size))
     return settings

@@ -34,6 +34,11 @@ def span_for(total_positions: int, capacity: int) -> int:
     return min(span, capacity)
 
 
+def page_bytes(n_layers: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+    """Bytes of keys and values one page holds, all layers."""
+    return 2 * n_layers * PAGE_SLOTS * n_kv_heads * head_dim * dtype.itemsize
+
+
 def ring_capacity(window: int, block: int) -> int:
     """Slots of a stream's ring: the last `window - 1` positions plus one block of new ones, in whole pages."""
     return -(-(window - 1 + block) // PAGE_SLOTS) * PAGE_SLOTS
@@ -96,7 +101,8 @@ class KVPool:
 
     def page_bytes(self) -> int:
         """Bytes of keys and values one page holds, all layers."""
-        return 2 * self.keys[:, 0].numel() * self.keys.element_size()
+        layers, _, _, kv_heads, head_dim = self.keys.shape
+        return page_bytes(layers, kv_heads, head_dim, self.keys.dtype)
 
     def pages_for(self, positions: int) -> int:
         """Pages a stream holding `positions` positions uses."""
