@@ -25,6 +25,7 @@ from voxtral_run.stages.audio.constants import (
     SAMPLES_PER_TOKEN,
     delay_tokens,
 )
+from voxtral_run.stages.audio.mel import CENTER_PAD
 from voxtral_run.stages.base import END, Output, Stage, StreamEnd, StreamFailed, StreamStart, Work
 from voxtral_run.stages.factory import MODEL_STAGE_KINDS, build_stage
 from voxtral_run.stages.transcribe import MODEL_CHAIN
@@ -107,8 +108,8 @@ StreamEvent = TextDelta | Done | StreamError
 
 class AudioClock:
     """When each part of a stream's audio arrived, to time its text: the latency of text ending at `end_s` counts
-    from the arrival of the audio the model needed for it (up to `end_s` plus the delay), or from the stream's
-    end when that audio is the right pad."""
+    from the arrival of the audio the model needed for it (up to `end_s` plus the delay, plus the log-mel's
+    look-ahead), or from the stream's end when that audio is the right pad."""
 
     def __init__(self, delay_s: float) -> None:
         self.delay_s = delay_s
@@ -129,7 +130,7 @@ class AudioClock:
 
     def latency_s(self, end_s: float, now_s: float) -> float:
         """Seconds from the arrival of the audio text ending at `end_s` waited for, to `now_s`."""
-        due = round((end_s + self.delay_s) * SAMPLE_RATE)
+        due = round((end_s + self.delay_s) * SAMPLE_RATE) + CENTER_PAD
         # Text comes in time order, so arrivals before the one it waited for are never needed again.
         while self._arrivals and self._arrivals[0][0] < due:
             self._arrivals.popleft()

@@ -5,6 +5,7 @@
 const RATES = { vllm: 16000, openai: 24000 };
 const CHUNK_S = 0.08;
 const LATENCIES_KEPT = 200;
+const MEL_LOOKAHEAD_S = 0.0125; // a token's last log-mel frame needs 12.5 ms of audio after it
 
 const toggle = document.getElementById("toggle");
 const statusLine = document.getElementById("status");
@@ -43,7 +44,7 @@ function sentAt(session, index) {
 
 function onDelta(session, text, endS) {
   transcript.textContent += text;
-  const due = Math.round((endS + session.delayMs / 1000) * session.rate);
+  const due = Math.round((endS + session.delayMs / 1000 + MEL_LOOKAHEAD_S) * session.rate);
   const latency = performance.now() - sentAt(session, due);
   session.latencies.push(latency);
   if (session.latencies.length > LATENCIES_KEPT) session.latencies.shift();

@@ -12,6 +12,7 @@ import pytest
 from tests.conftest import speechlike_audio
 from tests.runner.serve.conftest import MAX_STREAMS, reference_events, wait_for
 from voxtral_run.runner.serve.hub import (
+    AudioClock,
     Done,
     HubError,
     InProcessHub,
@@ -141,3 +142,15 @@ def test_close_ends_open_streams_and_frees_the_stages(tiny_model_dir):
     event, code = asyncio.run(open_then_close())
     assert event.code == "server_shutting_down" and code == "server_not_ready"
     assert not hub.ready and hub.active == 0 and hub.held_streams() == []
+
+
+def test_latency_counts_from_the_arrival_of_the_audio_the_text_needed():
+    clock = AudioClock(delay_s=0.48)
+    for index in range(10):
+        clock.arrived(CHUNK, now_s=0.08 * (index + 1))  # each 80 ms chunk arrives as it ends
+    # Text ending at 0.16 s needed the audio up to 0.16 + 0.48 s and the log-mel's 12.5 ms beyond: the chunk
+    # that ends at 0.72 s.
+    assert clock.latency_s(0.16, now_s=0.75) == pytest.approx(0.03)
+    assert clock.latency_s(0.24, now_s=0.85) == pytest.approx(0.05)
+    clock.ended(1.0)
+    assert clock.latency_s(0.64, now_s=1.25) == pytest.approx(0.25)  # the right pad's text: from the end
