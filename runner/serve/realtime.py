@@ -90,7 +90,8 @@ def parse_event(table: Mapping[str, type[ClientEvent]], event: Mapping[str, Any]
     event_type = event.get("type")
     model = table.get(event_type) if isinstance(event_type, str) else None
     if model is None:
-        raise HubError("unknown_event", f"Unknown event type: {event_type!r:.80}")
+        shown = event_type if isinstance(event_type, str) and event_type.isprintable() else repr(event_type)
+        raise HubError("unknown_event", f"Unknown event type: {shown[:80]}")
     try:
         return model.model_validate(event)
     except ValidationError as error:
