@@ -15,6 +15,7 @@ import contextlib
 import json
 import logging
 from abc import ABC, abstractmethod
+from collections import deque
 from collections.abc import Mapping
 from typing import Any
 
@@ -121,8 +122,8 @@ class Dialect(ABC):
         """Act on a client event (a JSON object); HubError for one that is malformed or refused."""
 
     @abstractmethod
-    def translate(self, handle: StreamHandle, event: Any) -> BaseModel | None:
-        """A hub event of one of this session's streams as this dialect's event (None: nothing to send)."""
+    def on_event(self, handle: StreamHandle, event: Any) -> None:
+        """Tell the client a hub event of one of this session's streams, in this dialect."""
 
     def awaiting_text(self) -> bool:
         """Whether a stream's audio is over and its text still due (the client is waiting, not idle)."""
@@ -143,6 +144,9 @@ class VllmDialect(Dialect):
         self.buffered_samples = 0
         self.stream: StreamHandle | None = None  # the stream being fed
         self.ended: set[StreamHandle] = set()  # streams whose audio is over, their text still coming
+        self.order: deque[StreamHandle] = deque()  # the streams whose events are not all out, oldest first
+        self.held: dict[StreamHandle, list[BaseModel]] = {}  # their events not yet sent
+        self.finished: set[StreamHandle] = set()  # those among them whose last event came
 
     def hello(self) -> BaseModel:
         return VllmSessionCreated()
@@ -198,20 +202,37 @@ class VllmDialect(Dialect):
     async def _start(self) -> None:
         """Open a stream, as vLLM starts a generation, and feed it the audio held so far."""
         stream = self.stream = await self.session.open_stream(self.options)
+        self.order.append(stream)
         buffered, self.buffered, self.buffered_samples = self.buffered, [], 0
         for audio in buffered:
             await stream.send(audio)
 
-    def translate(self, handle: StreamHandle, event: Any) -> BaseModel | None:
+    def on_event(self, handle: StreamHandle, event: Any) -> None:
+        # A vLLM client reads deltas until transcription.done: a stream's events wait until those of the streams
+        # started before it are all out.
+        self.held.setdefault(handle, [])
+        if isinstance(event, Done):
+            usage = VllmUsage.of(event.usage)
+            self.held[handle].append(VllmDone(text=event.text, usage=usage, token_ids=list(event.token_ids)))
+        elif isinstance(event, StreamError):
+            if event.code != ABORTED:
+                self.held[handle].append(VllmError(error=event.message, code=event.code))
+        else:
+            times = {"start_s": event.start_s, "end_s": event.end_s}
+            self.held[handle].append(VllmDelta(delta=event.text, token_ids=list(event.token_ids), **times))
         if isinstance(event, (Done, StreamError)):
+            self.finished.add(handle)
             self.ended.discard(handle)
             if self.stream is handle:  # it failed while being fed: the next commit starts another
                 self.stream = None
-        if isinstance(event, Done):
-            return VllmDone(text=event.text, usage=VllmUsage.of(event.usage), token_ids=list(event.token_ids))
-        if isinstance(event, StreamError):
-            return None if event.code == ABORTED else VllmError(error=event.message, code=event.code)
-        return VllmDelta(delta=event.text, start_s=event.start_s, end_s=event.end_s, token_ids=list(event.token_ids))
+        while self.order:
+            head = self.order[0]
+            for held in self.held.pop(head, []):
+                self.session.emit(held)
+            if head not in self.finished:
+                return
+            self.order.popleft()
+            self.finished.discard(head)
 
 
 class OpenAIDialect(Dialect):
@@ -334,7 +355,12 @@ class OpenAIDialect(Dialect):
             self.stream = None
         self.session.emit(OpenAICleared())
 
-    def translate(self, handle: StreamHandle, event: Any) -> BaseModel | None:
+    def on_event(self, handle: StreamHandle, event: Any) -> None:
+        translated = self._translated(handle, event)
+        if translated is not None:
+            self.session.emit(translated)
+
+    def _translated(self, handle: StreamHandle, event: Any) -> BaseModel | None:
         item_id = self.items[handle]
         if isinstance(event, (Done, StreamError)):
             del self.items[handle]
@@ -458,9 +484,7 @@ class RealtimeSession:
                 self.metrics.tokens.inc(event.usage.tokens)
             elif not isinstance(event, StreamError):
                 self.metrics.token_latency.observe(event.latency_s)
-            translated = self.dialect.translate(handle, event)
-            if translated is not None:
-                self.emit(translated)
+            self.dialect.on_event(handle, event)
         self.streams.discard(handle)
 
     async def _read(self) -> None:

@@ -148,6 +148,29 @@ def test_a_vllm_session_has_its_own_delay_and_goes_on_after_done(server, tiny_mo
     check_vllm(second, expected(other, tiny_model_dir, 960), len(other) / SAMPLE_RATE)
 
 
+def test_a_vllm_session_s_back_to_back_streams_come_out_one_after_the_other(server, tiny_model_dir):
+    audios = [AUDIO, speechlike_audio(1.6, seed=17)]
+
+    async def back_to_back() -> list:
+        async with connect(server.realtime, proxy=None) as ws:
+            await recv(ws)
+            await send(ws, {"type": "session.update", "model": MODEL})
+            for audio in audios:  # the second stream starts before the first one's text is all out
+                await send(ws, {"type": "input_audio_buffer.commit"})
+                await send(ws, {"type": "input_audio_buffer.append", "audio": pcm16_base64(audio)})
+                await send(ws, {"type": "input_audio_buffer.commit", "final": True})
+            results = []
+            for _ in audios:
+                deltas = []
+                while (event := await recv(ws))["type"] == "transcription.delta":
+                    deltas.append(event)
+                results.append((deltas, event))
+            return results
+
+    for result, audio in zip(asyncio.run(back_to_back()), audios, strict=True):
+        check_vllm(result, expected(audio, tiny_model_dir), len(audio) / SAMPLE_RATE)
+
+
 def test_the_official_openai_realtime_client_gets_the_chain_text(server, tiny_model_dir):
     audio_24k = at_24k(AUDIO)
     reference = expected(heard_at_16k(audio_24k), tiny_model_dir)
