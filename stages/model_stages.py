@@ -45,6 +45,7 @@ from voxtral_run.stages.text.tekken import Tekken
 
 WHEN_FULL = ("wait", "refuse")
 MAX_HELD_ITEMS = 4096  # items a stage holds for streams waiting for a row; past it the newest is refused
+BUCKET_STEP = 32  # batch buckets past 32 rows go up in steps of 32 (a padding row costs most of a real one)
 FAILED_MEMORY = 4096  # ids of streams this stage gave up on, remembered to ignore what else arrives for them
 
 
@@ -108,11 +109,14 @@ class ModelStage(Stage):
         return self._streams[stream_id]
 
     def bucket(self, count: int) -> int:
-        """The batch size a step of `count` rows runs at: the next power of two (one graph set each) with CUDA
-        graphs, else exactly `count`."""
+        """The batch size a step of `count` rows runs at, with CUDA graphs (one graph set each): the next power
+        of two up to BUCKET_STEP rows, then the next multiple of it, so a big batch pads at most BUCKET_STEP - 1
+        rows; without graphs exactly `count`."""
         if not self.cuda_graphs:
             return count
-        return min(1 << (count - 1).bit_length(), self.max_streams)
+        if count <= BUCKET_STEP:
+            return min(1 << (count - 1).bit_length(), self.max_streams)
+        return min(-(-count // BUCKET_STEP) * BUCKET_STEP, self.max_streams)
 
     def push(self, stream_id: str, item: Item) -> list[Item]:
         return self._single(self.step([(stream_id, item)]))

@@ -227,16 +227,32 @@ def realtime_minute_streams(encoder, decoder, items: list[np.ndarray], count: in
                 work.append((name, END))
                 del ages[name]
         starts = [(name, item) for name, item in work if isinstance(item, StreamStart)]
-        decoder.step(starts + encoder.step(work))
+        began = time.perf_counter()
+        encoded = encoder.step(work)
+        synchronize()
+        middle = time.perf_counter()
+        decoder.step(starts + encoded)
+        synchronize()
+        parts.append((bool(starts), middle - began, time.perf_counter() - middle))
         state["tick"] += 1
 
+    parts: list[tuple[bool, float, float]] = []
     started = time.perf_counter()
     for _ in range(life):  # unpaced: brings the population to every age
         one_tick()
     synchronize()
     warm_s = time.perf_counter() - started
+    parts.clear()
     figures = paced_ticks(one_tick, seconds)
     figures |= {"streams": count, "warm_up_s": warm_s, "decoder_pages": decoder.pool.pages_in_use}
+    # Where a tick's time goes: the encoder's and decoder's `step` calls, on ticks a stream joined and others.
+    for joined, label in ((True, "join_ticks"), (False, "other_ticks")):
+        chosen = np.asarray([(enc, dec) for join, enc, dec in parts if join == joined]).reshape(-1, 2)
+        figures[label] = {
+            "count": len(chosen),
+            **{f"{stage}_ms_p{q}": 1000 * float(np.percentile(chosen[:, i], q)) if len(chosen) else None
+               for i, stage in enumerate(("encoder", "decoder")) for q in (50, 95)},
+        }  # fmt: skip
     decoder.step(encoder.step([(name, END) for name in state["ages"]]))
     return figures
 
