@@ -224,6 +224,11 @@ class EdgeReceiver:
             self._open[stream] = envelope.seq
 
     @property
+    def linked(self) -> bool:
+        """Whether the sender's hello came: the link is up."""
+        return self._linked
+
+    @property
     def open_streams(self) -> int:
         """Streams opened on this edge and not yet ended."""
         return len(self._open)
@@ -340,6 +345,13 @@ class EdgeSender:
             self._pending.append(envelope)
             self._note_depth()
         return 0
+
+    def can_send(self) -> bool:
+        """Whether `send` puts a message on the wire now, without waiting: a credit is here (taking the credits
+        that arrived), and no message waits before it. For a sender that must never block (a server's loop)."""
+        self._take_credits()
+        self._flush_pending()
+        return self._credits > 0 and not self._pending
 
     def send_last(self) -> int:
         """Send the last message: every stream this edge carried has ended (sent once all have)."""

@@ -279,8 +279,9 @@ class StageProcess:
             self._report_stats()
             self._close()
 
-    def _report_stats(self, *, final: bool = True) -> None:
-        """Send the figures so far; the final report also carries every record when profiling."""
+    def _report_stats(self, *, final: bool = True, asked: int | None = None) -> None:
+        """Send the figures so far; the final report also carries every record when profiling, and one the runner
+        asked for says which request it answers."""
         if final and self.device_timer is not None:
             with suppress(RuntimeError):  # a failed device loses its last times, not the report
                 self.device_timer.collect(wait=True)
@@ -295,6 +296,8 @@ class StageProcess:
             stats["overflows"] = getattr(self.source, "overflows", 0)
             stats |= self._lag
         stats["streams"] = self._stream_counts()
+        if asked is not None:
+            stats["answers"] = asked
         self.report("stats", **stats)
 
     def _stream_counts(self) -> dict[str, int]:
@@ -340,14 +343,18 @@ class StageProcess:
         self.context.term()
 
     def _check_control(self) -> None:
-        """Handle waiting control messages without blocking; raise _Stop on stop or when the runner died, and
-        RunnerError when a queue to another invocation lost its link."""
+        """Handle waiting control messages without blocking: raise _Stop on stop or when the runner died, report the
+        figures when asked (a server checks what its stages hold); RunnerError when a queue to another invocation
+        lost its link."""
         if self.parent is not None and not self.parent.is_alive():
             raise _Stop()
         self._check_links()
         while self.control.poll(0, zmq.POLLIN):
-            if unpack(self.control.recv())["type"] == "stop":
+            message = unpack(self.control.recv())
+            if message["type"] == "stop":
                 raise _Stop()
+            if message["type"] == "report":
+                self._report_stats(final=False, asked=message["asked"])
 
     def _wait_for(self, kind: str) -> None:
         """Block until the runner sends `kind` (stop always ends the wait with _Stop)."""

@@ -3,7 +3,9 @@
 The supervisor owns a control ROUTER socket (one DEALER per stage), watches every stage process by its
 sentinel, performs the startup handshake, receives the final events, and always shuts every process down.
 It also gathers the stages' figures: the table after every run, and on request a live table, the figures as
-JSON, a Chrome trace and a Prometheus endpoint.
+JSON, a Chrome trace and a Prometheus endpoint. `run` is one run from start to end; a server keeps the stages
+running instead (`start`, then `poll` and `check` in its own loop, then `stop`), feeding the queue out of the
+capture and reading the one into the output itself.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ import socket
 import tempfile
 import threading
 import time
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,7 +28,7 @@ import zmq
 from rich.console import Console
 
 from voxtral_run.runner.config import LOOPBACK, SINK, SOURCE, Pipeline, plan_edges
-from voxtral_run.runner.edges import EdgeReceiver, Policy
+from voxtral_run.runner.edges import EdgeReceiver, EdgeSpec, Policy
 from voxtral_run.runner.errors import RunnerError
 from voxtral_run.runner.heartbeat import RunnerHeartbeat
 from voxtral_run.runner.metrics import (
@@ -78,12 +81,13 @@ class Reporting:
     metrics_host: str = LOOPBACK
     quiet: bool = False  # no start-up line and no table (the JSON figures and the trace are still written)
     progress_total_s: float | None = None  # a progress bar through this many seconds of audio
+    live_figures: bool = False  # stages report as often as for --metrics-port (a server's own /metrics)
 
     @property
     def report_every_s(self) -> float | None:
         """How often stages report while running (None: only at the end)."""
         intervals = [self.stats_every_s] if self.stats_every_s is not None else []
-        intervals += [REPORT_EVERY_S] if self.metrics_port is not None else []
+        intervals += [REPORT_EVERY_S] if self.metrics_port is not None or self.live_figures else []
         intervals += [PROGRESS_REPORT_S] if self.progress_total_s is not None else []
         return min(intervals, default=None)
 
@@ -104,6 +108,7 @@ class StageState:
     started: float = field(default_factory=time.monotonic)
     load_s: float | None = None
     stats: dict = field(default_factory=dict)  # the stage's last report: queue counts, drops, metrics
+    answered: int = 0  # the latest request for its figures it answered (`ask_reports`)
     clock_samples: list[tuple[float, float, float]] = field(default_factory=list)  # (sent, replied, received)
 
     @property
@@ -120,7 +125,8 @@ def _exit_description(exitcode: int | None) -> str:
 
 class Supervisor:
     """Starts the stages of `local` (names from the pipeline), runs the streams through (one, or one per input),
-    stops everything."""
+    stops everything. With `serve`, this process takes the capture's and the output's places: the capture stage
+    is not started, and the caller sends into the queue out of it (`source_edge`) and reads `sink_receiver`."""
 
     def __init__(
         self,
@@ -132,10 +138,14 @@ class Supervisor:
         console: Console,
         reporting: Reporting = Reporting(),
         keys: CurveKeys | None = None,
+        serve: bool = False,
     ):
         self.pipeline = pipeline
-        self.local_stages = [name for name in pipeline.chain() if name in local and name != SINK]
+        self.serve = serve
+        started_here = [name for name in local if name != SINK and not (serve and name == SOURCE)]
+        self.local_stages = [name for name in pipeline.chain() if name in started_here]
         self.sink = sink if SINK in local else None
+        self.sink_here = SINK in local and (self.sink is not None or serve)  # the output's queue ends here
         self.model_dir = model_dir
         self.console = console
         self.reporting = reporting
@@ -143,36 +153,43 @@ class Supervisor:
         self.stages: dict[str, StageState] = {}
         self.heartbeat: RunnerHeartbeat | None = None
         self.authenticator = None  # answers CURVE handshakes when the sink's queue is tcp
-        self.e2e = LogHistogram() if self.sink is not None else None  # latency of each delta at the sink
+        self.e2e = LogHistogram() if self.sink_here else None  # latency of each delta at the sink
         self.sink_arrivals: list[list[float]] = []  # [arrival, capture time] per delta, for the trace
         self.stream_started: float | None = None  # wall clock, when the stages were told to start
         self.stream_ended: float | None = None
+        self.ready_s: float | None = None  # how long the stages took to be ready
         self._figures_lock = threading.Lock()  # the metrics endpoint reads the figures from its own thread
         self.metrics_endpoint: MetricsEndpoint | None = None
         self.interrupts = 0  # SIGINT/SIGTERM received during the run
         self._stopping = False
+        self.run_dir: Path | None = None
         self.context: zmq.Context | None = None
         self.control: zmq.Socket | None = None  # ROUTER: one DEALER per local stage, identified by name
         self.sink_receiver: EdgeReceiver | None = None
+        self.source_edge: EdgeSpec | None = None  # with `serve`: the queue out of the capture, which the caller feeds
         self.poller = zmq.Poller()
         self._wake_read: socket.socket | None = None  # readable when a signal arrived (set_wakeup_fd)
 
     # --- setup ---
 
     def _spawn(self, run_dir: Path, control_endpoint: str, heartbeat_endpoint: str) -> None:
-        local = set(self.local_stages) | ({SINK} if self.sink is not None else set())
+        local = set(self.local_stages) | ({SINK} if self.sink_here else set()) | ({SOURCE} if self.serve else set())
         edges = plan_edges(self.pipeline, local, run_dir)
         inputs = {edge.target: edge for edge in edges}
         outputs = {edge.source: edge for edge in edges}
         if self.keys is None and any(edge.is_tcp for edge in edges):
             self.keys = CurveKeys.generate()  # this invocation runs both ends of every queue
-        if self.sink is not None:
+        if self.serve:
+            self.source_edge = outputs[SOURCE]
+        if self.sink_here:
             if inputs[SINK].is_tcp:
                 self.authenticator = start_authenticator(self.context, self.keys)
             self.sink_receiver = EdgeReceiver(self.context, inputs[SINK], self.keys)
         spawn = multiprocessing.get_context("spawn")
-        # Children start with SIGINT ignored (kept across exec) so Ctrl-C during their imports cannot kill them.
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        # Children start with SIGINT ignored (kept across exec) so Ctrl-C during their imports cannot kill them;
+        # only the main thread can set it (elsewhere the children ignore it from their first line).
+        in_main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if in_main else None
         try:
             for name in self.local_stages:
                 config = self.pipeline.stages[name]
@@ -200,7 +217,8 @@ class Supervisor:
                 with self._figures_lock:
                     self.stages[name] = StageState(process)
         finally:
-            signal.signal(signal.SIGINT, previous)
+            if in_main:
+                signal.signal(signal.SIGINT, previous)
 
     def _on_signal(self, signum: int, frame: object) -> None:
         self.interrupts += 1
@@ -210,80 +228,128 @@ class Supervisor:
     def run(self) -> int:
         """Run this host's stages until every stream has ended or failed; the process exit status (a failed
         stream of several fails it too)."""
-        remove_stale_run_dirs()
-        run_dir = Path(tempfile.mkdtemp(prefix=RUN_DIR_PREFIX))
-        (run_dir / OWNER_FILE).write_text(_process_identity(os.getpid()) or "")
-        self.context = zmq.Context()
-        self.control = self.context.socket(zmq.ROUTER)
-        self.control.setsockopt(zmq.LINGER, 0)
-        control_endpoint = f"ipc://{run_dir / 'control'}"
-        self.control.bind(control_endpoint)
-        heartbeat_endpoint = f"ipc://{run_dir / 'heartbeat'}"
-        self.heartbeat = RunnerHeartbeat(self.context, heartbeat_endpoint, self.pipeline.heartbeat_timeout_s)
-        # Signals only count and wake the poll; the loops decide what they mean at each point of the run.
+        status = EXIT_FAILED
+        streamed = False
+        failed = True  # until the run gets to its end or is interrupted
+        output_error: StageError | RunnerError | None = None  # the transcript could not be finished
+        with self.counting_signals():
+            try:
+                if self.reporting.metrics_port is not None:
+                    self.metrics_endpoint = MetricsEndpoint(
+                        self.reporting.metrics_host, self.reporting.metrics_port, self.figures
+                    )
+                self.start()
+                if self.stages and not self.reporting.quiet:
+                    names = ", ".join(self.stages)
+                    self.console.print(f"voxtral-run: ready in {self.ready_s:.1f} s ({names})", highlight=False)
+                status = self._stream()
+                self.stream_ended = time.time()
+                streamed = True
+                failed = False
+            except Interrupted:
+                status = EXIT_INTERRUPTED
+                failed = False
+            finally:
+                self._shutdown()
+                if self.metrics_endpoint is not None:
+                    self.metrics_endpoint.close()
+                if self.sink is not None:
+                    try:
+                        partials = self.sink.close(complete=not failed)
+                    except (StageError, RunnerError) as error:  # reported once the processes are cleaned up
+                        output_error, partials = error, []
+                    for partial in partials:
+                        self.console.print(f"voxtral-run: the transcript up to the failure is in {partial}")
+                self._report_losses()
+                self._release()
+        if output_error is not None:
+            raise output_error
+        if streamed:  # a run that failed says so in one line, without figures
+            self.report()
+        return status
+
+    @contextmanager
+    def counting_signals(self) -> Iterator[None]:
+        """Within the block, SIGINT and SIGTERM only count in `interrupts` and wake the poll: the loops decide what
+        they mean at each point. Outside the main thread, where no handler can be set, signals are left alone."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
         old_handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
         self._wake_read, wake_write = socket.socketpair()
         wake_write.setblocking(False)
         old_wakeup = signal.set_wakeup_fd(wake_write.fileno(), warn_on_full_buffer=False)
         for signum in old_handlers:
             signal.signal(signum, self._on_signal)
-        status = EXIT_FAILED
-        streamed = False
-        failed = True  # until the run gets to its end or is interrupted
-        output_error: StageError | RunnerError | None = None  # the transcript could not be finished
+        self.poller.register(self._wake_read.fileno(), zmq.POLLIN)
         try:
-            if self.reporting.metrics_port is not None:
-                self.metrics_endpoint = MetricsEndpoint(
-                    self.reporting.metrics_host, self.reporting.metrics_port, self.figures
-                )
-            self._spawn(run_dir, control_endpoint, heartbeat_endpoint)
-            self.heartbeat.watch(self.stages)
-            pollables = [self.control, self._wake_read.fileno(), *(s.process.sentinel for s in self.stages.values())]
-            if self.sink_receiver is not None:
-                pollables.append(self.sink_receiver.socket)
-            for pollable in pollables:
-                self.poller.register(pollable, zmq.POLLIN)
-            self._handshake()
-            self.stream_started = time.time()
-            for name in self.stages:
-                self._send_control(name, "start")
-            status = self._stream()
-            self.stream_ended = time.time()
-            streamed = True
-            failed = False
-        except Interrupted:
-            status = EXIT_INTERRUPTED
-            failed = False
+            yield
         finally:
-            self._shutdown()
-            if self.metrics_endpoint is not None:
-                self.metrics_endpoint.close()
-            if self.sink is not None:
-                try:
-                    partials = self.sink.close(complete=not failed)
-                except (StageError, RunnerError) as error:  # reported once the processes are cleaned up
-                    output_error, partials = error, []
-                for partial in partials:
-                    self.console.print(f"voxtral-run: the transcript up to the failure is in {partial}")
-            self._report_losses()
+            self.poller.unregister(self._wake_read.fileno())
             signal.set_wakeup_fd(old_wakeup)
             for signum, handler in old_handlers.items():
                 signal.signal(signum, handler)
             self._wake_read.close()
+            self._wake_read = None
             wake_write.close()
-            if self.sink_receiver is not None:
-                self.sink_receiver.close()
-            if self.authenticator is not None:
-                self.authenticator.stop()
+
+    def start(self) -> None:
+        """Start this host's stages, wait until every one is ready (its clock offset measured) and let them run.
+        RunnerError when a stage fails or the wait times out, Interrupted on a signal counted meanwhile; `stop`
+        cleans up after it, whatever happened."""
+        remove_stale_run_dirs()
+        self.run_dir = Path(tempfile.mkdtemp(prefix=RUN_DIR_PREFIX))
+        (self.run_dir / OWNER_FILE).write_text(_process_identity(os.getpid()) or "")
+        self.context = zmq.Context()
+        self.control = self.context.socket(zmq.ROUTER)
+        self.control.setsockopt(zmq.LINGER, 0)
+        control_endpoint = f"ipc://{self.run_dir / 'control'}"
+        self.control.bind(control_endpoint)
+        heartbeat_endpoint = f"ipc://{self.run_dir / 'heartbeat'}"
+        self.heartbeat = RunnerHeartbeat(self.context, heartbeat_endpoint, self.pipeline.heartbeat_timeout_s)
+        self._spawn(self.run_dir, control_endpoint, heartbeat_endpoint)
+        self.heartbeat.watch(self.stages)
+        pollables = [self.control, *(state.process.sentinel for state in self.stages.values())]
+        if self.sink_receiver is not None:
+            pollables.append(self.sink_receiver.socket)
+        for pollable in pollables:
+            self.poller.register(pollable, zmq.POLLIN)
+        self._handshake()
+        self.stream_started = time.time()
+        for name in self.stages:
+            self._send_control(name, "start")
+
+    def check(self, events: dict) -> None:
+        """Take the control messages waiting (figures, warnings) and fail, naming the stage, when one reported an
+        error, died or stopped beating: a server's loop calls it after each `poll`."""
+        self._drain_control()
+        self._check_processes(events)
+        self._check_liveness()
+
+    def ask_reports(self, asked: int) -> None:
+        """Ask every stage for its figures now; each answers with a report, and notes `asked` as answered."""
+        for name in self.stages:
+            self._send_control(name, "report", asked=asked)
+
+    def stop(self) -> None:
+        """Stop every stage (collecting its last figures) and release the sockets and the run folder."""
+        self._shutdown()
+        self._release()
+
+    def _release(self) -> None:
+        """Close this process's sockets and remove the run folder (what `start` got as far as making)."""
+        if self.sink_receiver is not None:
+            self.sink_receiver.close()
+        if self.authenticator is not None:
+            self.authenticator.stop()
+        if self.heartbeat is not None:
             self.heartbeat.close()
+        if self.control is not None:
             self.control.close()
+        if self.context is not None:
             self.context.term()
-            shutil.rmtree(run_dir, ignore_errors=True)
-        if output_error is not None:
-            raise output_error
-        if streamed:  # a run that failed says so in one line, without figures
-            self._report_run()
-        return status
+        if self.run_dir is not None:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
 
     def _send_control(self, name: str, kind: str, **fields: object) -> None:
         self.control.send_multipart([name.encode(), pack({"type": kind, **fields})])
@@ -291,7 +357,7 @@ class Supervisor:
     def _ping(self, name: str) -> None:
         self._send_control(name, "clock", sent=time.time())
 
-    def _poll(self, timeout_s: float | None) -> dict:
+    def poll(self, timeout_s: float | None) -> dict:
         """Wait for events at most `timeout_s`, and never past the next heartbeat check."""
         check_s = self.pipeline.heartbeat_timeout_s / 4
         timeout_s = check_s if timeout_s is None else min(timeout_s, check_s)
@@ -326,6 +392,7 @@ class Supervisor:
                 self.console.print(f"voxtral-run: warning: {name}: {message['message']}", highlight=False)
             elif kind == "stats":
                 state.stats = message
+                state.answered = max(state.answered, message.get("answers", 0))
             elif kind == "clock":
                 state.clock_samples.append((message["sent"], message["replied"], time.time()))
                 if len(state.clock_samples) < CLOCK_PINGS:
@@ -345,7 +412,7 @@ class Supervisor:
                 raise RunnerError(f"stage '{name}' died ({_exit_description(state.process.exitcode)})")
 
     def _take_signals(self, events: dict) -> None:
-        if self._wake_read.fileno() in events:
+        if self._wake_read is not None and self._wake_read.fileno() in events:
             self._wake_read.recv(4096)
 
     def _progress_line(self) -> str:
@@ -376,7 +443,7 @@ class Supervisor:
                         f"stages not ready after {self.pipeline.startup_timeout_s:g} s "
                         f"(startup_timeout_s): {', '.join(waiting)}"
                     )
-                events = self._poll(min(PROGRESS_REFRESH_S, deadline - now))
+                events = self.poll(min(PROGRESS_REFRESH_S, deadline - now))
                 self._take_signals(events)
                 if self.interrupts:
                     raise Interrupted()
@@ -385,9 +452,7 @@ class Supervisor:
                 self._check_liveness()
                 if status is not None:
                     status.update(self._progress_line())
-        if self.stages and not self.reporting.quiet:
-            names = ", ".join(self.stages)
-            self.console.print(f"voxtral-run: ready in {time.monotonic() - started:.1f} s ({names})", highlight=False)
+        self.ready_s = time.monotonic() - started
 
     def _stream(self) -> int:
         """Receive events until every local stage and the sink have seen the last message: every stream ended."""
@@ -431,7 +496,7 @@ class Supervisor:
             if progress is not None:
                 progress.update(self._audio_done_s())
                 deadlines.append(now + PROGRESS_REFRESH_S)
-            events = self._poll(min(deadlines) - now if deadlines else None)
+            events = self.poll(min(deadlines) - now if deadlines else None)
             self._take_signals(events)
             if self.interrupts > handled_interrupts:
                 handled_interrupts = self.interrupts
@@ -450,12 +515,12 @@ class Supervisor:
                         continue
                     self.sink.take(envelope)
                     if envelope.kind is Kind.DATA:
-                        self._note_arrival(envelope)
+                        self.note_arrival(envelope)
         if handled_interrupts:
             return EXIT_INTERRUPTED
         return EXIT_FAILED if isinstance(self.sink, StreamTranscripts) and self.sink.failures else EXIT_OK
 
-    def _note_arrival(self, envelope: Envelope) -> None:
+    def note_arrival(self, envelope: Envelope) -> None:
         """Count a delta's end-to-end latency: its arrival here minus the capture time of the audio chunk whose
         processing emitted it. The token a chunk triggers describes audio captured `delay` before that chunk, so
         this is the latency beyond the configured delay, as intended."""
@@ -491,7 +556,8 @@ class Supervisor:
                 getattr(process, escalate)()
         for state in self.stages.values():
             state.process.join()
-        self._drain_control()
+        if self.control is not None:  # else the run failed before it had any stage
+            self._drain_control()
 
     # --- figures ---
 
@@ -511,7 +577,7 @@ class Supervisor:
     def _print_table(self, figures: RunFigures) -> None:
         self.console.print(format_table(figures), highlight=False, markup=False, soft_wrap=True)
 
-    def _report_run(self) -> None:
+    def report(self) -> None:
         """After the stream: the table on stderr, and the JSON figures and the trace where asked for."""
         figures = self.figures()
         if not self.reporting.quiet:
