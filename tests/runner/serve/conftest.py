@@ -16,8 +16,10 @@ import pytest
 import soundfile
 import uvicorn
 
+from voxtral_run.runner.config import load_pipeline
 from voxtral_run.runner.serve.app import create_app, uvicorn_config
 from voxtral_run.runner.serve.hub import InProcessHub, StreamHub
+from voxtral_run.runner.serve.pipeline_hub import PipelineHub
 from voxtral_run.runner.serve.settings import ServeSettings
 from voxtral_run.stages.audio.constants import SAMPLE_RATE
 from voxtral_run.stages.base import Item
@@ -69,6 +71,16 @@ def running_server(hub: StreamHub, settings: ServeSettings = TEST_SETTINGS) -> I
 def hub(tiny_model_dir: Path) -> Iterator[InProcessHub]:
     """One in-process hub on the tiny model per test module."""
     hub = InProcessHub.load(tiny_model_dir, max_streams=MAX_STREAMS)
+    yield hub
+    hub.close()
+
+
+@pytest.fixture(scope="module")
+def pipeline_hub(tiny_model_dir: Path) -> Iterator[PipelineHub]:
+    """The default pipeline's stages on the tiny model, each in its own process as `voxtral-run serve` starts them,
+    once per test module (they take seconds to start); the model stages batch up to MAX_STREAMS."""
+    config = load_pipeline(None, [f"encoder.max_streams={MAX_STREAMS}", f"decoder.max_streams={MAX_STREAMS}"])
+    hub = PipelineHub(config, model_dir=tiny_model_dir)
     yield hub
     hub.close()
 
