@@ -48,6 +48,7 @@ Examples:
   voxtral-run pipeline.yaml --set encoder.device=cuda:1 --set decoder.dtype=float32
   voxtral-run pipeline.yaml --stages encoder,decoder          this host's part of a multi-host run
   voxtral-run pipeline.yaml --input talk.wav --profile trace.json --stats-json stats.json
+  voxtral-run serve pipeline.yaml --port 8000                 serve many clients at once (voxtral-run serve --help)
 
 After every run a per-stage table goes to stderr: items, service and queue-wait percentiles, utilisation, queue
 peaks, drops, end-to-end latency and the bottleneck stage. Ctrl-C stops the capture and writes what was
@@ -364,6 +365,100 @@ def run(
     raise typer.Exit(status)
 
 
+SERVE_HELP = """Serve transcription to many clients at once: start the pipeline's stages once and keep them, this
+process taking the places of the capture and the output.
+
+PIPELINE is a pipeline YAML as for a run (default: the built-in pipeline.yaml); its capture stage is not started.
+Clients connect over WebSocket (/v1/realtime, in vLLM's or OpenAI's realtime dialect) and HTTP
+(/v1/audio/transcriptions, /v1/models, /health, /metrics, and a page at /).
+
+\b
+Examples:
+  voxtral-run serve                                           the default pipeline on http://127.0.0.1:8000
+  voxtral-run serve pipeline.yaml --model DIR --host 0.0.0.0 --port 9000
+  voxtral-run serve pipeline.yaml --set encoder.max_streams=64 --set decoder.max_streams=64
+
+One line says where it serves once every stage is ready. Ctrl-C or SIGTERM stops taking connections, ends the
+open streams with an error event (server_shutting_down), stops the stages and exits 0; a second stops at once.
+"""
+DEFAULT_SERVE_PORT = 8000
+
+serve_app = typer.Typer(
+    add_completion=False, rich_markup_mode=None, context_settings={"help_option_names": ["-h", "--help"]}
+)
+
+
+@serve_app.command(help=SERVE_HELP)
+def serve(
+    pipeline: Annotated[
+        Path | None,
+        typer.Argument(
+            metavar="PIPELINE", help="Pipeline YAML file (default: the built-in pipeline.yaml).", show_default=False
+        ),
+    ] = None,
+    host: Annotated[str, typer.Option(metavar="HOST", help="Address to listen on.")] = LOOPBACK,
+    port: Annotated[
+        int, typer.Option(metavar="N", help="Port to listen on (0: a free one, named in the ready line).")
+    ] = DEFAULT_SERVE_PORT,
+    model: Annotated[
+        str | None,
+        typer.Option(help="Model directory or Hugging Face repo id (overrides the YAML's); clients name it so."),
+    ] = None,
+    delay_ms: Annotated[
+        int | None,
+        typer.Option(help="Default transcription delay in ms (80..2400; a client may ask for its own)."),
+    ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            metavar="STAGE.KEY=VALUE",
+            help="Override a stage setting, stage.key=value (repeatable): encoder.max_streams=64.",
+        ),
+    ] = None,
+    stats_every: Annotated[
+        float | None,
+        typer.Option(metavar="SECONDS", help="Also print the per-stage table every SECONDS while serving."),
+    ] = None,
+    stats_json: Annotated[
+        Path | None,
+        typer.Option(metavar="FILE", help="Write the figures (per stage and end to end) to FILE as JSON on exit."),
+    ] = None,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="No start-up progress, ready line or table of figures.")
+    ] = False,
+) -> None:
+    console = Console(stderr=True, highlight=False, soft_wrap=True)
+    try:
+        if not 0 <= port <= MAX_PORT:
+            raise RunnerError(f"--port: give a port from 0 to {MAX_PORT}, not {port}")
+        if stats_every is not None and not stats_every >= MIN_STATS_EVERY_S:
+            raise RunnerError(f"--stats-every: give at least {MIN_STATS_EVERY_S:g} seconds, not {stats_every:g}")
+        if delay_ms is not None and not MIN_DELAY_MS <= delay_ms <= MAX_DELAY_MS:
+            raise RunnerError(f"--delay-ms: {delay_ms} is outside {MIN_DELAY_MS}..{MAX_DELAY_MS} ms")
+        if stats_json is not None and not stats_json.parent.is_dir():
+            raise RunnerError(f"--stats-json {stats_json}: the folder {stats_json.parent} does not exist")
+        try:  # the server's libraries come with the serve extra, which a plain run does without
+            from voxtral_run.runner.serve.command import serve as serve_pipeline
+        except ImportError as error:
+            raise RunnerError(f"serve needs the serve extra (pip install 'voxtral-run[serve]'): {error}") from None
+        config = load_pipeline(pipeline, set_ or [])
+        if model is not None:
+            config.model = model
+        if delay_ms is not None:
+            config.delay_ms = delay_ms
+        model_dir = resolve_model(config.model)
+        reporting = Reporting(stats_every_s=stats_every, stats_json=stats_json, quiet=quiet)
+        status = serve_pipeline(config, model_dir=model_dir, host=host, port=port, console=console, reporting=reporting)
+    except (RunnerError, StageError) as error:
+        console.print(f"voxtral-run: error: {error}", soft_wrap=True, markup=False)
+        raise typer.Exit(EXIT_FAILED) from None
+    raise typer.Exit(status)
+
+
 def main() -> None:
-    """Console-script entry point."""
-    app()
+    """Console-script entry point: `voxtral-run serve ...` serves, anything else is a run."""
+    if sys.argv[1:2] == ["serve"]:
+        serve_app(args=sys.argv[2:], prog_name="voxtral-run serve")
+    else:
+        app()
