@@ -343,9 +343,8 @@ class StageProcess:
         self.context.term()
 
     def _check_control(self) -> None:
-        """Handle waiting control messages without blocking: raise _Stop on stop or when the runner died, report the
-        figures when asked (a server checks what its stages hold); RunnerError when a queue to another invocation
-        lost its link."""
+        """Handle waiting control messages without blocking: _Stop on stop or when the runner died, the figures at once
+        when asked (a server checks what its stages hold); RunnerError when a queue to another invocation is lost."""
         if self.parent is not None and not self.parent.is_alive():
             raise _Stop()
         self._check_links()

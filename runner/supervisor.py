@@ -124,9 +124,8 @@ def _exit_description(exitcode: int | None) -> str:
 
 
 class Supervisor:
-    """Starts the stages of `local` (names from the pipeline), runs the streams through (one, or one per input),
-    stops everything. With `serve`, this process takes the capture's and the output's places: the capture stage
-    is not started, and the caller sends into the queue out of it (`source_edge`) and reads `sink_receiver`."""
+    """Starts the stages of `local` (names from the pipeline), runs the streams through (one, or one per input), stops
+    everything; with `serve`, the capture is not started: the caller feeds `source_edge` and reads `sink_receiver`."""
 
     def __init__(
         self,
@@ -294,9 +293,8 @@ class Supervisor:
             wake_write.close()
 
     def start(self) -> None:
-        """Start this host's stages, wait until every one is ready (its clock offset measured) and let them run.
-        RunnerError when a stage fails or the wait times out, Interrupted on a signal counted meanwhile; `stop`
-        cleans up after it, whatever happened."""
+        """Start this host's stages and let them run once each is ready (its clock offset measured): RunnerError when
+        one fails or the wait times out, Interrupted on a signal counted; `stop` cleans up after it, come what may."""
         remove_stale_run_dirs()
         self.run_dir = Path(tempfile.mkdtemp(prefix=RUN_DIR_PREFIX))
         (self.run_dir / OWNER_FILE).write_text(_process_identity(os.getpid()) or "")

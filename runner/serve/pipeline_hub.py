@@ -187,10 +187,8 @@ class PipelineHub(StreamHub):
         max_pending_s: float = DEFAULT_MAX_PENDING_S,
         max_events: int = DEFAULT_MAX_EVENTS,
     ) -> None:
-        """Start the stages and return once every one is ready and the queues are linked: RunnerError (one line,
-        nothing left running) when they cannot start, Interrupted on Ctrl-C or SIGTERM meanwhile. `capacity`
-        (default: the encoder's and decoder's max_streams) may exceed the stages' ceiling, which then waits or
-        refuses (`when_full`)."""
+        """Start the stages; return once each is ready and the queues linked (else RunnerError, nothing left running;
+        Interrupted on Ctrl-C). `capacity` (default: the model stages' max_streams) past theirs waits or is refused."""
         source_queue = next(queue for queue in pipeline.queues if queue.source == SOURCE)
         if source_queue.policy is not Policy.BLOCK:
             raise RunnerError(
