@@ -325,7 +325,7 @@ class TranscriptionJson(ServerEvent):
 
 
 class Segment(ServerEvent):
-    """A timed segment of verbose_json; this model samples greedily and scores nothing, so the scores are fixed."""
+    """A timed segment of verbose_json, with the fields the pipeline knows (it passes on ids, not scores)."""
 
     id: int
     seek: int = 0
@@ -333,10 +333,9 @@ class Segment(ServerEvent):
     end: float
     text: str
     tokens: list[int]
-    temperature: float = 0.0
-    avg_logprob: float = 0.0
+    temperature: float = 0.0  # decoding is greedy
     compression_ratio: float
-    no_speech_prob: float = 0.0
+    # avg_logprob and no_speech_prob are left out: the pipeline passes on ids, not their probabilities.
 
 
 class Word(ServerEvent):
