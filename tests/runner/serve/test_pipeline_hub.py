@@ -1,7 +1,8 @@
 """The pipeline hub: a pipeline's stages started once, each in its own process; every stream through them gets
 transcribe_audio's own ids and text, alone or among twenty at once; abrupt aborts leave nothing in any stage
 process and the hub serves on; a stage's refusal at its ceiling reaches its stream as server_at_capacity while
-the others finish whole; a dead stage fails the open streams and the hub is no longer ready."""
+the others finish whole; a dead stage fails the open streams and the hub is no longer ready; the queues work over
+ipc and over tcp; a stream's waiting audio and unread events are bounded."""
 
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ import pytest
 from tests.conftest import speechlike_audio
 from tests.runner.conftest import write_toy_pipeline
 from tests.runner.serve.conftest import wait_for
+from tests.runner.test_pipeline_model import free_port_block
+from tests.runner.toy_stages import ToyTranscriber
 from voxtral_run.runner.config import load_pipeline
 from voxtral_run.runner.errors import RunnerError
 from voxtral_run.runner.serve.hub import Done, HubError, StreamError, StreamHandle, StreamOptions, TextDelta
@@ -162,6 +165,66 @@ def test_a_dead_stage_fails_the_open_streams_and_the_hub_is_not_ready(tmp_path, 
         assert not hub.ready and hub.failure == died
         assert refusal.code == "server_not_ready"
         assert wait_for(lambda: not any(state.process.is_alive() for state in hub._supervisor.stages.values()))
+    finally:
+        hub.close()
+
+
+def toy_ids(audio: np.ndarray) -> list[int]:
+    """The toy transcriber's ids for audio in the capture's chunks, which is how the hub sends it."""
+    toy = ToyTranscriber()
+    for start in range(0, len(audio), CHUNK):
+        toy.push("s", {"samples": audio[start : start + CHUNK, None], "sample_rate": SAMPLE_RATE})
+    return toy.finish("s")[-1]["token_ids"]
+
+
+@pytest.mark.parametrize("transport", ["auto", "tcp"])
+def test_the_queues_carry_streams_over_ipc_and_over_tcp_with_curve(tmp_path, tiny_model_dir, transport):
+    pipeline = load_pipeline(write_toy_pipeline(tmp_path / "toy.yaml"))
+    pipeline.transport, pipeline.base_port = transport, free_port_block(3)
+    hub = PipelineHub(pipeline, model_dir=tiny_model_dir)
+    try:
+        assert hub._supervisor.source_edge.is_tcp == (transport == "tcp")  # tcp: the run's CURVE keys
+        audio = speechlike_audio(1.0, seed=7)
+        events = asyncio.run(transcribe(hub, audio, chunk=500))
+        assert list(events[-1].token_ids) == toy_ids(audio)
+    finally:
+        hub.close()
+
+
+def test_a_stream_s_waiting_audio_and_its_unread_events_are_bounded(tmp_path, tiny_model_dir):
+    pipeline = load_pipeline(write_toy_pipeline(tmp_path / "toy.yaml", relay={"throttle_ms": 40}, capacity=1))
+    hub = PipelineHub(pipeline, model_dir=tiny_model_dir, max_pending_s=0.2, max_events=4)
+    chunk = np.zeros(CHUNK, np.float32)
+
+    async def flood_while_reading() -> tuple[list, int]:
+        handle = await hub.open(StreamOptions())
+        reading = asyncio.ensure_future(events_of(handle))
+        most = 0
+        for _ in range(30):
+            assert await handle.send(chunk)
+            most = max(most, hub._streams[handle.id].pending)
+        handle.end()
+        return await reading, most
+
+    async def never_read() -> list:
+        handle = await hub.open(StreamOptions())
+        for _ in range(10):
+            await handle.send(chunk)  # False once it was dropped
+        handle.end()
+        for _ in range(200):  # the loop must run for the events to arrive
+            if hub.active == 0:
+                break
+            await asyncio.sleep(0.05)
+        return await events_of(handle)
+
+    try:
+        events, most = asyncio.run(flood_while_reading())
+        assert len(events) == 31 and isinstance(events[-1], Done)  # a delta a chunk, then the done
+        assert hub.max_pending_samples < most <= hub.max_pending_samples + CHUNK  # held back at its bound
+        *unread, error = asyncio.run(never_read())
+        assert len(unread) == 4 and error.code == "slow_reader", error
+        assert error.message.endswith("4 events unread, the stream was dropped")
+        assert hub.active == 0 and hub.held_streams() == []
     finally:
         hub.close()
 
