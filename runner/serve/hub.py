@@ -219,7 +219,8 @@ def _aligned_pieces(samples: np.ndarray, offset: int) -> list[np.ndarray]:
     return np.split(samples, cuts)
 
 
-def _checked_audio(audio: object) -> np.ndarray:
+def checked_audio(audio: object) -> np.ndarray:
+    """Audio a hub takes: 1-D float samples; anything else is a HubError naming what it got."""
     samples = np.asarray(audio)
     if samples.ndim != 1 or samples.dtype.kind != "f":
         raise HubError("invalid_audio", f"audio must be 1-D float samples, got {samples.dtype} {list(samples.shape)}")
@@ -242,7 +243,7 @@ class _InProcessHandle(StreamHandle):
     async def send(self, audio: np.ndarray) -> bool:
         if self._state == "ended":
             raise HubError("invalid_event", f"stream {self.id}: audio after its end")
-        samples = _checked_audio(audio)
+        samples = checked_audio(audio)
         while self._state == "open" and self._hub._pending_samples(self.id) > self._hub.max_pending_samples:
             self._room.clear()
             # The worker sets _room on this loop after taking the stream's audio: checking again after clear()

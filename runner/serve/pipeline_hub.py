@@ -46,7 +46,7 @@ from voxtral_run.runner.serve.hub import (
     StreamOptions,
     TextDelta,
     Usage,
-    _checked_audio,
+    checked_audio,
 )
 from voxtral_run.runner.sink import check_event
 from voxtral_run.runner.stage_process import MAX_MESSAGES_PER_STEP, describe_exception
@@ -100,7 +100,7 @@ class _PipelineHandle(StreamHandle):
         if self._state == "ended":
             raise HubError("invalid_event", f"stream {self.id}: audio after its end")
         # A copy: the audio waits here, read by the worker, while the caller may reuse its buffer.
-        samples = np.array(_checked_audio(audio), dtype=np.float32)
+        samples = np.array(checked_audio(audio), dtype=np.float32)
         while self._state == "open" and not self._hub._has_room(self.id):
             self._room.clear()
             # The worker wakes _room on this loop once it took the stream's audio; asking again after clear() sees

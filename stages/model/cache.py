@@ -152,13 +152,6 @@ class KVPool:
         """The cache of a batch of rows (a stream's row, or the scratch row for padding)."""
         return KVCache(self, rows)
 
-    def spans(self) -> list[int]:
-        """Every span a forward can read, smallest first."""
-        spans = [span_for(1, self.capacity)]
-        while spans[-1] < self.capacity:
-            spans.append(span_for(spans[-1] + 1, self.capacity))
-        return spans
-
 
 class KVCache:
     """The KV cache of a batch of a pool's rows: what a forward over new positions reads and writes. Call
@@ -206,10 +199,6 @@ class KVCache:
             stored.index_copy_(0, slots, new.flatten(0, 1).to(stored.dtype))
         batch = (self.rows.shape[0], self.span, *keys.shape[2:])
         return self.pool.keys[layer][self.pages].view(batch), self.pool.values[layer][self.pages].view(batch)
-
-    def spans(self) -> list[int]:
-        """Every span `prepare` can choose, smallest first."""
-        return self.pool.spans()
 
 
 def single_stream_cache(

@@ -67,9 +67,3 @@ def test_span_reads_the_filled_prefix_rounded_up_until_the_ring_wraps() -> None:
     assert span_for(8200, 8255) == 8255
     assert span_for(10**6, 8255) == 8255
     assert span_for(3, 20) == 20
-
-
-def test_spans_are_every_span_a_forward_can_read() -> None:
-    cache = single_stream_cache(200, 5, 1, 2, 4, dtype=torch.float32, device="cpu")
-    assert cache.spans() == sorted({span_for(n, cache.capacity) for n in range(1, 3 * cache.capacity)})
-    assert cache.spans()[-1] == cache.capacity
