@@ -176,6 +176,9 @@ class StreamHandle(ABC):
 class StreamHub(ABC):
     """Where streams are transcribed: many at once, up to `capacity`."""
 
+    _capacity: int
+    _default_delay_ms: int
+
     @property
     @abstractmethod
     def ready(self) -> bool:
@@ -187,14 +190,23 @@ class StreamHub(ABC):
         """Streams open, counting aborted ones until their state is freed."""
 
     @property
-    @abstractmethod
     def capacity(self) -> int:
         """The most streams open at once."""
+        return self._capacity
 
     @property
-    @abstractmethod
     def default_delay_ms(self) -> int:
         """The delay of a stream whose options name none."""
+        return self._default_delay_ms
+
+    def refuse_if_full(self, error: str, open_streams: int) -> None:
+        """The HubError a new stream gets now, if any: server_not_ready after `error`, server_at_capacity with
+        `open_streams` open."""
+        if error:
+            raise HubError("server_not_ready", f"server not ready: {error}")
+        if open_streams >= self._capacity:
+            in_use = f"{open_streams} of {self._capacity} streams in use"
+            raise HubError("server_at_capacity", f"server at capacity ({in_use}); try again later")
 
     @abstractmethod
     async def open(self, options: StreamOptions) -> StreamHandle:
@@ -368,22 +380,10 @@ class InProcessHub(StreamHub):
         with self._lock:
             return len(self._handles)
 
-    @property
-    def capacity(self) -> int:
-        return self._capacity
-
-    @property
-    def default_delay_ms(self) -> int:
-        return self._default_delay_ms
-
     async def open(self, options: StreamOptions) -> StreamHandle:
         loop = asyncio.get_running_loop()
         with self._lock:
-            if self._error:
-                raise HubError("server_not_ready", f"server not ready: {self._error}")
-            if len(self._handles) >= self._capacity:
-                in_use = f"{len(self._handles)} of {self._capacity} streams in use"
-                raise HubError("server_at_capacity", f"server at capacity ({in_use}); try again later")
+            self.refuse_if_full(self._error, len(self._handles))
             stream_id = f"{options.label or 'stream'}#{next(self._numbers)}"
             handle = self._handles[stream_id] = _InProcessHandle(self, stream_id, options, loop)
             self._inbox.append((stream_id, StreamStart(options.delay_ms)))

@@ -271,22 +271,10 @@ class PipelineHub(StreamHub):
         with self._lock:
             return len(self._streams)
 
-    @property
-    def capacity(self) -> int:
-        return self._capacity
-
-    @property
-    def default_delay_ms(self) -> int:
-        return self._default_delay_ms
-
     async def open(self, options: StreamOptions) -> StreamHandle:
         loop = asyncio.get_running_loop()
         with self._lock:
-            if self._error:
-                raise HubError("server_not_ready", f"server not ready: {self._error}")
-            if len(self._streams) >= self._capacity:
-                in_use = f"{len(self._streams)} of {self._capacity} streams in use"
-                raise HubError("server_at_capacity", f"server at capacity ({in_use}); try again later")
+            self.refuse_if_full(self._error, len(self._streams))
             stream_id = f"{self._run}-{next(self._numbers)}"
             handle = _PipelineHandle(self, stream_id, options, loop)
             wire_options: dict[str, Any] = {} if options.delay_ms is None else {"delay_ms": options.delay_ms}
