@@ -173,6 +173,62 @@ class StreamHandle(ABC):
                 return
 
 
+class QueuedHandle(StreamHandle):
+    """What both hubs' handles share: their state, the events queued on the loop that opened the stream, the
+    wait for room before audio is taken, and the stage outputs turned into events."""
+
+    def __init__(self, hub: StreamHub, stream_id: str, options: StreamOptions, loop: asyncio.AbstractEventLoop):
+        self.id = stream_id
+        self.options = options
+        self.loop = loop
+        self._clock = AudioClock(hub.delay_s(options))
+        self._events: asyncio.Queue[StreamEvent] = asyncio.Queue()
+        self._room = asyncio.Event()
+        self._state = "open"  # then "ended" (audio over, text still coming) and "over" (no more events)
+
+    @abstractmethod
+    def _has_room(self) -> bool:
+        """Whether the hub takes more of this stream's audio now."""
+
+    def _accepted(self, audio: np.ndarray) -> np.ndarray:
+        """The samples `send` was given, checked; HubError for audio after the stream's end or malformed audio."""
+        if self._state == "ended":
+            raise HubError("invalid_event", f"stream {self.id}: audio after its end")
+        return checked_audio(audio)
+
+    async def _wait_for_room(self) -> bool:
+        """Wait while the stream has too much audio waiting; whether it is still open."""
+        while self._state == "open" and not self._has_room():
+            self._room.clear()
+            # The worker sets _room on this loop after taking the stream's audio: checking again after clear()
+            # sees any take that happened before, and a later one sets the event.
+            if self._has_room():
+                break
+            await self._room.wait()
+        return self._state == "open"
+
+    async def next_event(self) -> StreamEvent:
+        return await self._events.get()
+
+    def _text_event(self, item: dict, now: float) -> None:
+        """A detokenize event as the stream's TextDelta, or its Done (its last event)."""
+        ids = tuple(int(token_id) for token_id in item.get("token_ids", ()))
+        if item["type"] == "done":
+            self._finish(Done(item["text"], ids, Usage(self._clock.samples / SAMPLE_RATE, len(ids))))
+        else:
+            latency = self._clock.latency_s(item["end_s"], now)
+            self._events.put_nowait(TextDelta(item["text"], item["start_s"], item["end_s"], ids, latency))
+
+    def _finish(self, event: StreamEvent) -> None:
+        if self._state != "over":
+            self._state = "over"
+            self._events.put_nowait(event)
+            self._room.set()
+
+    def _wake(self) -> None:
+        self._room.set()
+
+
 class StreamHub(ABC):
     """Where streams are transcribed: many at once, up to `capacity`."""
 
@@ -241,29 +297,17 @@ def checked_audio(audio: object) -> np.ndarray:
     return samples.astype(np.float32, copy=False)
 
 
-class _InProcessHandle(StreamHandle):
+class _InProcessHandle(QueuedHandle):
     def __init__(self, hub: InProcessHub, stream_id: str, options: StreamOptions, loop: asyncio.AbstractEventLoop):
-        self.id = stream_id
-        self.options = options
-        self.loop = loop
+        super().__init__(hub, stream_id, options, loop)
         self._hub = hub
-        self._clock = AudioClock(hub.delay_s(options))
-        self._events: asyncio.Queue[StreamEvent] = asyncio.Queue()
-        self._room = asyncio.Event()
-        self._state = "open"  # then "ended" (audio over, text still coming) and "over" (no more events)
+
+    def _has_room(self) -> bool:
+        return self._hub._pending_samples(self.id) <= self._hub.max_pending_samples
 
     async def send(self, audio: np.ndarray) -> bool:
-        if self._state == "ended":
-            raise HubError("invalid_event", f"stream {self.id}: audio after its end")
-        samples = checked_audio(audio)
-        while self._state == "open" and self._hub._pending_samples(self.id) > self._hub.max_pending_samples:
-            self._room.clear()
-            # The worker sets _room on this loop after taking the stream's audio: checking again after clear()
-            # sees any take that happened before, and a later one sets the event.
-            if self._hub._pending_samples(self.id) <= self._hub.max_pending_samples:
-                break
-            await self._room.wait()
-        if self._state != "open":
+        samples = self._accepted(audio)
+        if not await self._wait_for_room():
             return False
         if len(samples):
             self._hub._submit(self.id, samples, self._clock.samples)
@@ -278,13 +322,8 @@ class _InProcessHandle(StreamHandle):
 
     def abort(self) -> None:
         if self._state != "over":
-            self._state = "over"
             self._hub._submit(self.id, StreamFailed(ABORTED), self._clock.samples)
-            self._events.put_nowait(StreamError(ABORTED, f"stream {self.id} aborted"))
-            self._room.set()
-
-    async def next_event(self) -> StreamEvent:
-        return await self._events.get()
+            self._finish(StreamError(ABORTED, f"stream {self.id} aborted"))
 
     def _receive(self, items: list[Any]) -> None:
         """The stream's outputs of one worker step (on the loop): detokenize events, then END or a failure."""
@@ -294,22 +333,8 @@ class _InProcessHandle(StreamHandle):
                 return
             if isinstance(item, StreamFailed):
                 self._finish(StreamError("stream_failed", item.message))
-            elif isinstance(item, dict) and item["type"] == "delta":
-                ids = tuple(int(token_id) for token_id in item["token_ids"])
-                latency = self._clock.latency_s(item["end_s"], now)
-                self._events.put_nowait(TextDelta(item["text"], item["start_s"], item["end_s"], ids, latency))
-            elif isinstance(item, dict) and item["type"] == "done":
-                ids = tuple(int(token_id) for token_id in item["token_ids"])
-                usage = Usage(self._clock.samples / SAMPLE_RATE, len(ids))
-                self._finish(Done(item["text"], ids, usage))
-
-    def _finish(self, event: StreamEvent) -> None:
-        self._state = "over"
-        self._events.put_nowait(event)
-        self._room.set()
-
-    def _wake(self) -> None:
-        self._room.set()
+            elif isinstance(item, dict) and item["type"] in ("delta", "done"):
+                self._text_event(item, now)
 
 
 class InProcessHub(StreamHub):

@@ -36,17 +36,12 @@ from voxtral_run.runner.metrics import RunFigures
 from voxtral_run.runner.serve.hub import (
     ABORTED,
     DEFAULT_MAX_PENDING_S,
-    AudioClock,
-    Done,
     HubError,
+    QueuedHandle,
     StreamError,
-    StreamEvent,
     StreamHandle,
     StreamHub,
     StreamOptions,
-    TextDelta,
-    Usage,
-    checked_audio,
 )
 from voxtral_run.runner.sink import check_event
 from voxtral_run.runner.stage_process import MAX_MESSAGES_PER_STEP, describe_exception
@@ -83,32 +78,20 @@ class _Stream:
     wants_room: bool = False  # its sender waits for its pending audio to go down
 
 
-class _PipelineHandle(StreamHandle):
+class _PipelineHandle(QueuedHandle):
     """One stream of a PipelineHub, used from the event loop that opened it."""
 
     def __init__(self, hub: PipelineHub, stream_id: str, options: StreamOptions, loop: asyncio.AbstractEventLoop):
-        self.id = stream_id
-        self.options = options
-        self.loop = loop
+        super().__init__(hub, stream_id, options, loop)
         self._hub = hub
-        self._clock = AudioClock(hub.delay_s(options))
-        self._events: asyncio.Queue[StreamEvent] = asyncio.Queue()
-        self._room = asyncio.Event()
-        self._state = "open"  # then "ended" (audio over, text still coming) and "over" (no more events)
+
+    def _has_room(self) -> bool:
+        return self._hub._has_room(self.id)
 
     async def send(self, audio: np.ndarray) -> bool:
-        if self._state == "ended":
-            raise HubError("invalid_event", f"stream {self.id}: audio after its end")
         # A copy: the audio waits here, read by the worker, while the caller may reuse its buffer.
-        samples = np.array(checked_audio(audio), dtype=np.float32)
-        while self._state == "open" and not self._hub._has_room(self.id):
-            self._room.clear()
-            # The worker wakes _room on this loop once it took the stream's audio; asking again after clear() sees
-            # a take that came before, and a later one sets the event.
-            if self._hub._has_room(self.id):
-                break
-            await self._room.wait()
-        if self._state != "open":
+        samples = np.array(self._accepted(audio), dtype=np.float32)
+        if not await self._wait_for_room():
             return False
         if len(samples):
             self._clock.arrived(len(samples), time.monotonic())
@@ -123,9 +106,6 @@ class _PipelineHandle(StreamHandle):
 
     def abort(self) -> None:
         self._give_up(StreamError(ABORTED, f"stream {self.id} aborted"), ABORTED)
-
-    async def next_event(self) -> StreamEvent:
-        return await self._events.get()
 
     def _give_up(self, event: StreamError, why: str) -> None:
         """End the stream at once: every stage drops it, what still comes of it is dropped, `event` is its last."""
@@ -152,24 +132,11 @@ class _PipelineHandle(StreamHandle):
         except RunnerError as error:
             self._give_up(StreamError("internal_error", str(error)), "malformed event")
             return
-        ids = tuple(int(token_id) for token_id in event.get("token_ids", ()))
-        if event["type"] == "done":
-            self._finish(Done(event["text"], ids, Usage(self._clock.samples / SAMPLE_RATE, len(ids))))
-        elif self._events.qsize() >= self._hub.max_events:
+        if event["type"] != "done" and self._events.qsize() >= self._hub.max_events:
             unread = f"stream {self.id}: {self._events.qsize()} events unread, the stream was dropped"
             self._give_up(StreamError("slow_reader", unread), "its events were not read")
         else:
-            latency = self._clock.latency_s(event["end_s"], now)
-            self._events.put_nowait(TextDelta(event["text"], event["start_s"], event["end_s"], ids, latency))
-
-    def _finish(self, event: StreamEvent) -> None:
-        if self._state != "over":
-            self._state = "over"
-            self._events.put_nowait(event)
-            self._room.set()
-
-    def _wake(self) -> None:
-        self._room.set()
+            self._text_event(event, now)
 
 
 class PipelineHub(StreamHub):
