@@ -166,13 +166,22 @@ class ModelStage(Stage):
             except StageError as error:
                 self._fail(stream_id, str(error), outputs)
         with torch.inference_mode():
-            self._admit(outputs)
-            self._compute(outputs)
-        for stream_id, stream in list(self._streams.items()):
-            if stream.ended and not stream.pending:
-                self._drop(stream_id)
-                outputs.append((stream_id, END))
-        return outputs
+            # A stream that ends frees its row: streams waiting for one get it in this call, not the next.
+            while True:
+                self._admit(outputs)
+                self._compute(outputs)
+                if not self._end_finished(outputs) or not any(
+                    s.row is None and s.pending for s in self._streams.values()
+                ):
+                    return outputs
+
+    def _end_finished(self, outputs: list[Output]) -> bool:
+        """END for every stream whose input is over and stepped; whether any did end."""
+        finished = [stream_id for stream_id, stream in self._streams.items() if stream.ended and not stream.pending]
+        for stream_id in finished:
+            self._drop(stream_id)
+            outputs.append((stream_id, END))
+        return bool(finished)
 
     def _done(self, stream: StreamState) -> bool:
         """Whether a stream takes no more input (the decoder's after EOS)."""
