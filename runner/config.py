@@ -189,7 +189,10 @@ def _one_line_validation_error(source: str, error: ValidationError) -> RunnerErr
 
 
 # Each stage's output queue in the default chain, in 80 ms messages; pipeline.yaml spells out the same.
-DEFAULT_QUEUE_CAPACITIES = {"capture": 64, "resample": 16, "mel": 16, "encoder": 16, "decoder": 64, "detokenize": 256}
+# One message per stream per 80 ms crosses each edge, and a stage steps over the messages waiting: an edge holds
+# a tick of many streams (a queue smaller than the streams in flight would split the model stages' batches).
+DEFAULT_QUEUE_CAPACITIES = {kind: 512 for kind in ("capture", "resample", "mel", "encoder", "decoder")}
+DEFAULT_QUEUE_CAPACITIES["detokenize"] = 1024
 
 
 def default_pipeline_raw() -> dict:

@@ -17,6 +17,7 @@ from voxtral_run.tools.bench_serve import BenchError, ramp, started_server, with
 
 CAPACITY = 3
 SECONDS = 2.5
+JOIN_OVER_S = 1.0
 
 
 @pytest.fixture(scope="module")
@@ -30,9 +31,10 @@ def realtime_url(tiny_model_dir: Path) -> Iterator[str]:
 
 
 def test_a_ramp_measures_every_session_and_counts_those_past_capacity(realtime_url: str) -> None:
-    """2 and 3 streams each finish every session with text and sane latencies; a 4th past the hub's capacity of
-    3 is refused while the other three finish; the largest count within budget is one that was."""
-    results = ramp(realtime_url, [2, CAPACITY, CAPACITY + 1], SECONDS)
+    """2 and 3 streams joining over a second each finish every session with text and sane latencies, some
+    while all were live; a 4th past the hub's capacity of 3 is refused while the other three finish; the largest
+    count within budget is one that was."""
+    results = ramp(realtime_url, [2, CAPACITY, CAPACITY + 1], SECONDS, join_over_s=JOIN_OVER_S)
 
     assert results["model"] == "voxtral-tiny"
     assert [t["streams"] for t in results["trials"]] == [2, CAPACITY, CAPACITY + 1]
@@ -41,7 +43,10 @@ def test_a_ramp_measures_every_session_and_counts_those_past_capacity(realtime_u
         assert trial["finished"] == served and trial["failed"] == 0 and trial["behind"] == 0, trial
         assert trial["refused"] == trial["streams"] - served
         assert trial["deltas"] >= served and trial["tokens"] >= trial["deltas"]
-        for figures in (trial["latency_ms"], trial["send_lag_ms"]):
+        assert trial["all_live_s"] == pytest.approx(SECONDS - JOIN_OVER_S * (trial["streams"] - 1) / trial["streams"])
+        assert trial["all_live_latency_ms"]["p95"] is not None
+        assert trial["latency_ms"]["min"] <= trial["all_live_latency_ms"]["p95"] <= trial["latency_ms"]["max"]
+        for figures in (trial["latency_ms"], trial["all_live_latency_ms"], trial["send_lag_ms"]):
             values = [figures[p] for p in ("min", "p50", "p95", "p99", "max")]
             assert all(math.isfinite(v) for v in values) and values == sorted(values), figures
         assert trial["latency_ms"]["min"] >= 0 and trial["send_lag_ms"]["max"] < 1000 * bench_serve.BEHIND_S
@@ -66,6 +71,7 @@ def test_a_server_that_fails_to_start_is_one_line_naming_its_log(tiny_model_dir:
         (["--url", "http://127.0.0.1:8000"], "--url must be ws://"),
         (["--url", "ws://h/v1/realtime", "--streams", "50,x"], "argument --streams: must be whole numbers"),
         (["--url", "ws://h/v1/realtime", "--delay-ms", "50"], "--delay-ms must be 80..2400"),
+        (["--url", "ws://h/v1/realtime", "--join-over", "30"], "--join-over must be more than 0 and less than"),
         (["--start", "pipeline.yaml"], "--start needs --model DIR"),
         (["--url", "ws://127.0.0.1:1/v1/realtime"], "GET http://127.0.0.1:1/v1/models"),
     ],
