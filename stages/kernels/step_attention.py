@@ -22,6 +22,7 @@ from voxtral_run.stages.kernels.overlap import (
     overlap_supported,
     uses_pdl,
 )
+from voxtral_run.stages.model.cache import EMPTY_PAGE
 
 try:
     import triton
@@ -127,6 +128,7 @@ def _launch(
         *strides, n_keys, per_split, 1 / math.sqrt(head_dim), **dot_operand_types(q), LOG2_E=LOG2_E,
         ROWS=MAX_ROWS, BLOCK=BLOCK_KEYS, PREFETCH=prefetch, PDL=pdl, PAGED=pages is not None, LENGTH=length,
         GROUP=group, HEAD_DIM=head_dim, MERGE_SLICES=MERGE_SLICES, MERGE_ROWS=triton.next_power_of_2(group * length),
+        EMPTY_PAGE=EMPTY_PAGE,
         num_warps=NUM_WARPS, **launch_options(pdl),
     )  # fmt: skip
 
@@ -151,7 +153,7 @@ if triton is not None:
         n_keys, per_split, scale,
         DOT: tl.constexpr, PRECISION: tl.constexpr, LOG2_E: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
         PREFETCH: tl.constexpr, PDL: tl.constexpr, PAGED: tl.constexpr, LENGTH: tl.constexpr, GROUP: tl.constexpr,
-        HEAD_DIM: tl.constexpr, MERGE_SLICES: tl.constexpr, MERGE_ROWS: tl.constexpr,
+        HEAD_DIM: tl.constexpr, MERGE_SLICES: tl.constexpr, MERGE_ROWS: tl.constexpr, EMPTY_PAGE: tl.constexpr,
     ):  # fmt: skip
         """One batch row's KV head's query rows (row = group member * LENGTH + position) over one slice of the
         keys (through the row's page table when PAGED): the unnormalised output, the running maximum and the
@@ -184,22 +186,27 @@ if triton is not None:
             key = first + tl.arange(0, BLOCK)
             inside = key < end
             if PAGED:  # a tile is one page: its slots follow the row's page table
-                slot = tl.load(pages_ptr + first // BLOCK) * BLOCK + tl.arange(0, BLOCK)
+                page = tl.load(pages_ptr + first // BLOCK)
+                slot = page * BLOCK + tl.arange(0, BLOCK)
+                # A page the row has not reached holds no key (all masked): skipping it changes nothing.
+                occupied = page != EMPTY_PAGE
             else:
                 slot = key
-            k = tl.load(k_ptr + kv_head * k_head_stride + slot[:, None] * k_key_stride + dims[None, :],
-                        mask=inside[:, None], other=0.0).to(DOT)  # fmt: skip
-            v = tl.load(v_ptr + kv_head * v_head_stride + slot[:, None] * v_key_stride + dims[None, :],
-                        mask=inside[:, None], other=0.0).to(DOT)  # fmt: skip
-            bias = tl.load(bias_ptr + pos[:, None] * bias_stride + key[None, :],
-                           mask=live[:, None] & inside[None, :], other=float("-inf")).to(tl.float32)  # fmt: skip
-            scores = (tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale + bias) * LOG2_E
-            new_best = tl.maximum(best, tl.max(scores, 1))
-            weights = tl.exp2(scores - new_best[:, None])
-            decay = tl.exp2(best - new_best)
-            total = total * decay + tl.sum(weights, 1)
-            acc = acc * decay[:, None] + tl.dot(weights.to(DOT), v, input_precision=PRECISION)
-            best = new_best
+                occupied = True
+            if occupied:
+                k = tl.load(k_ptr + kv_head * k_head_stride + slot[:, None] * k_key_stride + dims[None, :],
+                            mask=inside[:, None], other=0.0).to(DOT)  # fmt: skip
+                v = tl.load(v_ptr + kv_head * v_head_stride + slot[:, None] * v_key_stride + dims[None, :],
+                            mask=inside[:, None], other=0.0).to(DOT)  # fmt: skip
+                bias = tl.load(bias_ptr + pos[:, None] * bias_stride + key[None, :],
+                               mask=live[:, None] & inside[None, :], other=float("-inf")).to(tl.float32)  # fmt: skip
+                scores = (tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale + bias) * LOG2_E
+                new_best = tl.maximum(best, tl.max(scores, 1))
+                weights = tl.exp2(scores - new_best[:, None])
+                decay = tl.exp2(best - new_best)
+                total = total * decay + tl.sum(weights, 1)
+                acc = acc * decay[:, None] + tl.dot(weights.to(DOT), v, input_precision=PRECISION)
+                best = new_best
         group_rows: tl.constexpr = GROUP * LENGTH
         at = (head_at * splits + split) * group_rows
         tl.store(partial_ptr + (at + rows[:, None]) * HEAD_DIM + dims[None, :], acc, mask=live[:, None])

@@ -15,6 +15,7 @@ from voxtral_run.stages.kernels.step_attention import (
     step_attention,
     step_attention_available,
 )
+from voxtral_run.stages.model.cache import EMPTY_PAGE
 from voxtral_run.stages.model.layers import attention_bias
 
 pytestmark = pytest.mark.skipif(
@@ -116,7 +117,7 @@ def test_paged_rows_of_a_batch_each_read_their_own_pages() -> None:
     """Two rows of a batch, each with its keys scattered over the pool's pages in its own order (the other
     pages hold other streams' keys): each row's output is SDPA over its own keys."""
     steps = [ring_step(8, 2, 1, 32, 300, 1000, torch.float32, seed=seed) for seed in (6, 7)]
-    tables = ([7, 2, 9, 0, 4], [1, 3, 11, 5, 6])
+    tables = ([7, 2, 9, 10, 4], [1, 3, 11, 5, 6])  # never EMPTY_PAGE (0): a pool keeps no keys there
     operands = [paged(*step, pages, 12 * BLOCK_KEYS) for step, pages in zip(steps, tables, strict=True)]
     pool_keys, pool_values = operands[0][1], operands[0][2]
     for _, keys, values, _, pages in operands[1:]:  # one pool: the second row's pages into the first's tensors
@@ -129,6 +130,19 @@ def test_paged_rows_of_a_batch_each_read_their_own_pages() -> None:
     batched = step_attention(q, pool_keys, pool_values, bias, pages=pages)
     for row, step in enumerate(steps):
         torch.testing.assert_close(batched[row], sdpa_attention(*step))
+
+
+def test_pages_a_row_has_not_reached_are_skipped() -> None:
+    """A row's table past its keys points at EMPTY_PAGE, masked by the bias: the kernel skips those tiles, so even
+    NaN there (a pool zeroes the page; NaN times a zero weight would spread) leaves the row's output SDPA's."""
+    step = ring_step(8, 2, 1, 32, 150, 1000, torch.float32, seed=8)
+    q, keys, values, bias, pages = paged(*step, [3, 5, 2], 6 * BLOCK_KEYS)
+    for stored in (keys, values):
+        stored[EMPTY_PAGE * BLOCK_KEYS : (EMPTY_PAGE + 1) * BLOCK_KEYS] = float("nan")
+    unreached = torch.full((1, 3), EMPTY_PAGE)
+    bias = torch.nn.functional.pad(bias, (0, 3 * BLOCK_KEYS), value=float("-inf"))
+    out = step_attention(q, keys, values, bias, pages=torch.cat((pages, unreached), dim=1))
+    torch.testing.assert_close(out[0], sdpa_attention(*step))
 
 
 def test_attend_gathers_the_pages_for_sdpa_for_many_rows() -> None:
