@@ -8,6 +8,7 @@ reservation) a new stream waits for a row or is refused, as `when_full` says, an
 
 from __future__ import annotations
 
+import functools
 from abc import abstractmethod
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -36,17 +37,27 @@ from voxtral_run.stages.base import (
     StreamStart,
     Work,
 )
-from voxtral_run.stages.kernels.fused import FusedBlocks, fused_kernels_available, fused_next_token
-from voxtral_run.stages.kernels.steps import DecoderStep, EncoderStep
+from voxtral_run.stages.kernels.fused import FusedBlocks, fused_kernels_available
+from voxtral_run.stages.kernels.steps import DecoderStep, EncoderStep, PrefillStep
 from voxtral_run.stages.model.cache import PAGE_SLOTS, KVPool, PoolFull, ring_capacity
 from voxtral_run.stages.model.decoder import PREFILL_BLOCK, TextDecoder, streaming_prompt
-from voxtral_run.stages.model.encoder import BLOCK_FRAMES, CONV1_CONTEXT, CONV1_TAIL_LENGTHS, AudioEncoder, EncoderState
+from voxtral_run.stages.model.encoder import (
+    BLOCK_FRAMES,
+    CONV1_CONTEXT,
+    CONV1_TAIL_LENGTHS,
+    CONV_STRIDE,
+    AudioEncoder,
+    stem_output,
+)
 from voxtral_run.stages.text.tekken import Tekken
 
 WHEN_FULL = ("wait", "refuse")
 MAX_HELD_ITEMS = 4096  # items a stage holds for streams waiting for a row; past it the newest is refused
 BUCKET_STEP = 32  # batch buckets past 32 rows go up in steps of 32 (a padding row costs most of a real one)
 FAILED_MEMORY = 4096  # ids of streams this stage gave up on, remembered to ignore what else arrives for them
+# Rows a step of many positions (a prompt, a stream's first or last mel item) takes at once: its activations grow
+# with both, and such steps come only as streams join or leave.
+MAX_PROMPT_ROWS = 16
 
 
 @dataclass
@@ -272,7 +283,8 @@ class EncoderRow:
 
 class EncoderStage(ModelStage):
     """Streaming encoder: mel frames [k, 128] in, encoder frames [m, dim] (float32) out, per stream. An item of 8
-    frames (80 ms) is one row of a batched step; any other count runs alone through the model's forward."""
+    frames (80 ms) is one row of a batched step; an item of another count (a stream's first, with the left pad's
+    frames, or its last) is cut into pieces of at most one block's frames, each a row of a step of its size."""
 
     name = "encoder"
 
@@ -313,51 +325,39 @@ class EncoderStage(ModelStage):
 
     def _compute(self, outputs: list[Output]) -> None:
         while any(stream.row is not None and stream.pending for stream in self._streams.values()):
-            steps: dict[int, list[tuple[str, StreamState]]] = {}
+            steps: dict[tuple[int, int], list[tuple[str, StreamState, np.ndarray]]] = {}
             for stream_id, stream in list(self._streams.items()):
                 if stream.row is None or not stream.pending:
                     continue
-                if stream.pending[0].shape[0] == MEL_FRAMES_PER_TOKEN:
-                    steps.setdefault(stream.place.tail_length, []).append((stream_id, stream))
-                else:  # an odd item (a stream's first, or its last) alone through the model
-                    frames = self._forward(stream, stream.pending.pop(0))
-                    if frames.shape[0]:
-                        outputs.append((stream_id, frames))
-            for length, batch in steps.items():
-                for start in range(0, len(batch), self.max_streams):
-                    self._step(batch[start : start + self.max_streams], length, outputs)
+                piece = next_piece(stream.pending)
+                if piece.shape[0]:
+                    steps.setdefault((piece.shape[0], stream.place.tail_length), []).append((stream_id, stream, piece))
+            for (mel_frames, tail_length), batch in steps.items():
+                limit = self.max_streams if mel_frames == MEL_FRAMES_PER_TOKEN else MAX_PROMPT_ROWS
+                for start in range(0, len(batch), limit):
+                    self._step(batch[start : start + limit], mel_frames, tail_length, outputs)
 
-    def _step(self, batch: list[tuple[str, StreamState]], tail_length: int, outputs: list[Output]) -> None:
-        step = self._batched(("step", tail_length), len(batch), self._new_step)
-        places = [stream.place for _, stream in batch]
-        mel = np.stack([stream.pending.pop(0) for _, stream in batch])
-        frames = step(mel, [s.row for _, s in batch], [p.next_position for p in places], tail_length)
-        for (stream_id, _), place, out in zip(batch, places, frames, strict=True):
-            place.next_position += ENCODER_FRAMES_PER_TOKEN
-            outputs.append((stream_id, out))
+    def _step(
+        self, batch: list[tuple[str, StreamState, np.ndarray]], mel_frames: int, tail_length: int, outputs: list[Output]
+    ) -> None:
+        step = self._batched(("step", mel_frames), len(batch), functools.partial(self._new_step, mel_frames))
+        places = [stream.place for _, stream, _ in batch]
+        mel = np.stack([piece for _, _, piece in batch])
+        frames = step(mel, [s.row for _, s, _ in batch], [p.next_position for p in places], tail_length)
+        count, tail_after = stem_output(tail_length, mel_frames)
+        for (stream_id, _, _), place, out in zip(batch, places, frames, strict=True):
+            place.next_position += count
+            place.tail_length = tail_after
+            if count:
+                outputs.append((stream_id, out))
 
-    def _new_step(self, bucket: int) -> EncoderStep:
+    def _new_step(self, mel_frames: int, bucket: int) -> EncoderStep:
+        # The 80 ms step runs the stage's blocks (the fused kernels on a GPU); a piece of many frames, the model's.
+        blocks = self.blocks if mel_frames == MEL_FRAMES_PER_TOKEN else self.encoder.blocks
         return EncoderStep(
-            self.encoder, self.pool, (self.mel_tails, self.conv1_tails), self.blocks, bucket,
-            graphs=self.cuda_graphs, graph_pool=self._graph_pool,
+            self.encoder, self.pool, (self.mel_tails, self.conv1_tails), blocks, bucket,
+            graphs=self.cuda_graphs, graph_pool=self._graph_pool, mel_frames=mel_frames,
         )  # fmt: skip
-
-    def _forward(self, stream: StreamState, mel: np.ndarray) -> np.ndarray:
-        """The model's forward over one stream's odd item, continuing (and then updating) its row's state."""
-        row, place = stream.row, stream.place
-        state = EncoderState(
-            mel_tail=self.mel_tails[row : row + 1].clone(),
-            conv1_tail=self.conv1_tails[row : row + 1, : place.tail_length].clone(),
-            cache=self.pool.cache([row]),
-            next_position=place.next_position,
-        )
-        frames = self.encoder(torch.from_numpy(mel)[None], state)[0]
-        self.batch_sizes.append(1)
-        place.next_position = state.next_position
-        place.tail_length = state.conv1_tail.shape[1]
-        self.mel_tails[row] = state.mel_tail[0]
-        self.conv1_tails[row, : place.tail_length] = state.conv1_tail[0]
-        return frames.float().cpu().numpy()
 
     def _warm_up_items(self) -> list[Item]:
         # After either conv1 tail length: 80 ms of silence, one mel frame more, 80 ms again.
@@ -481,32 +481,19 @@ class DecoderStage(ModelStage):
             if place is not None and place.next_position == 0 and len(place.groups) >= len(place.prompt):
                 waiting.setdefault(len(place.prompt), []).append((stream_id, stream))
         for length, batch in waiting.items():
-            for start in range(0, len(batch), self.max_streams):
-                self._prefill_batch(batch[start : start + self.max_streams], length, outputs)
+            for start in range(0, len(batch), MAX_PROMPT_ROWS):
+                self._prefill_batch(batch[start : start + MAX_PROMPT_ROWS], length, outputs)
 
     def _prefill_batch(self, batch: list[tuple[str, StreamState]], length: int, outputs: list[Output]) -> None:
-        weight = self.decoder.tok_embeddings.weight
-        rows = [stream.row for _, stream in batch]
+        step = self._batched(("prefill", length), len(batch), functools.partial(self._new_prefill, length))
         frames = np.stack([np.concatenate(stream.place.groups[:length]) for _, stream in batch])
-        audio = self.decoder.adapt(torch.from_numpy(frames).to(device=weight.device, dtype=weight.dtype))
-        cache = self.pool.cache(rows)
+        prompts = np.array([stream.place.prompt for _, stream in batch], dtype=np.int64)
         try:
-            cache.prepare(length)
+            greedy = step(frames, prompts, [stream.row for _, stream in batch])
         except PoolFull as error:
             for stream_id, _ in batch:
                 self._grow_failed(stream_id, error, outputs)
             return
-        positions = torch.arange(length, device=weight.device).expand(len(rows), -1)
-        ids = torch.tensor([stream.place.prompt for _, stream in batch], device=weight.device)
-        scales = list(self.ffn_scales[:, cache.rows, None])
-        hidden = self.decoder(audio, ids, positions, cache, scales)
-        # The greedy id as the one-row step computes it, so a prompt's token is the one the step would give.
-        if self.fused_kernels and len(rows) == 1:
-            greedy = fused_next_token(self.decoder, hidden)
-        else:
-            greedy = self.decoder.next_token(hidden)
-        self.batch_sizes.append(len(rows))
-        self.tokens[cache.rows] = greedy
         for (stream_id, stream), token in zip(batch, greedy.tolist(), strict=True):
             del stream.place.groups[:length]
             self._advance(stream_id, stream, length, token, outputs)
@@ -546,6 +533,12 @@ class DecoderStage(ModelStage):
             graphs=self.cuda_graphs, graph_pool=self._graph_pool,
         )  # fmt: skip
 
+    def _new_prefill(self, length: int, bucket: int) -> PrefillStep:
+        return PrefillStep(
+            self.decoder, self.pool, self.tokens, self.ffn_scales, bucket, length, fused=self.fused_kernels,
+            graphs=self.cuda_graphs, graph_pool=self._graph_pool,
+        )  # fmt: skip
+
     def _warm_up_items(self) -> list[Item]:
         length = len(self.prompt)
         return [np.zeros(((length + 1) * ENCODER_FRAMES_PER_TOKEN, self.decoder.params.encoder.dim), np.float32)]
@@ -556,6 +549,16 @@ class DecoderStage(ModelStage):
             super().warm_up()
         finally:
             self.eos_id = eos_id
+
+
+def next_piece(pending: list[np.ndarray]) -> np.ndarray:
+    """The next mel frames of a stream's items to step: the first item, or its first block's worth (one block of
+    encoder frames) when it is longer."""
+    most = CONV_STRIDE * BLOCK_FRAMES
+    if pending[0].shape[0] <= most:
+        return pending.pop(0)
+    piece, pending[0] = pending[0][:most], pending[0][most:]
+    return piece
 
 
 def new_pool(

@@ -1,10 +1,11 @@
 """The steps streams repeat every 80 ms, batched: one step runs the same step of up to `bucket` streams at once,
 each in its own row of the KV pool at its own position. The encoder's takes 8 mel frames a row and gives 4
-frames; the decoder's takes a position's 4 encoder frames a row and gives the greedy token. Each runs the
-model's own code around its blocks, the blocks as the fused kernels when asked, and with CUDA graphs is captured
-once per shape (cache span, and the encoder's conv tail length) and replayed: the host writes the rows' inputs,
-launches one graph and waits on one event for the outputs. Rows past the batch are padding: they compute in the
-pool's scratch row, whose writes land in its scratch page, never in a stream's.
+frames (or another count of mel frames: a stream's first item, its last); the decoder's takes a position's 4
+encoder frames a row and gives the greedy token, and its prefill a new stream's prompt. Each runs the model's
+own code around its blocks, the blocks as the fused kernels when asked, and with CUDA graphs is captured once per
+shape (cache span, and the encoder's conv tail length) and replayed: the host writes the rows' inputs, launches
+one graph and waits on one event for the outputs. Rows past the batch are padding: they compute in the pool's
+scratch row, whose writes land in its scratch page, never in a stream's.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from voxtral_run.stages.kernels.fused import fused_adapt, fused_next_token
 from voxtral_run.stages.kernels.graphs import StagedInput, StagedOutput, StepGraphs
 from voxtral_run.stages.model.cache import KVPool
 from voxtral_run.stages.model.decoder import TextDecoder
-from voxtral_run.stages.model.encoder import CONV1_TAIL_LENGTHS, AudioEncoder
+from voxtral_run.stages.model.encoder import CONV1_TAIL_LENGTHS, AudioEncoder, stem_output
 
 Blocks = Callable[..., torch.Tensor]  # a model's `blocks`, or the `FusedBlocks` of them
 
@@ -51,9 +52,10 @@ class RowInputs:
 
 
 class EncoderStep:
-    """The encoder's 80 ms step for up to `bucket` streams: the conv stem over each row's 8 mel frames after its
-    conv tails (`mel_tails`, `conv1_tails`: [rows, ...] buffers the step reads and writes), the blocks and the
-    final norm; replayed as CUDA graphs keyed by the conv1 tail length and the span when `graphs`."""
+    """The encoder's 80 ms step for up to `bucket` streams: the conv stem over each row's 8 mel frames (or
+    `mel_frames`) after its conv tails (`mel_tails`, `conv1_tails`: [rows, ...] buffers the step reads and
+    writes), the blocks and the final norm; replayed as CUDA graphs keyed by the conv1 tail length and the span
+    when `graphs`."""
 
     def __init__(
         self,
@@ -65,17 +67,25 @@ class EncoderStep:
         *,
         graphs: bool,
         graph_pool: object = None,
+        mel_frames: int = MEL_FRAMES_PER_TOKEN,
     ) -> None:
         ref = encoder.conv_layers[0].conv.weight
         self.bucket = bucket
-        self.mel = StagedInput(ref.new_zeros(bucket, MEL_FRAMES_PER_TOKEN, NUM_MEL_BINS))
+        self.mel = StagedInput(ref.new_zeros(bucket, mel_frames, NUM_MEL_BINS))
         self.inputs = RowInputs(pool, bucket)
-        self.out = StagedOutput(ref.new_zeros(bucket, ENCODER_FRAMES_PER_TOKEN, encoder.params.dim), torch.float32)
-        mel, inputs, out, cache = self.mel, self.inputs, self.out, self.inputs.cache
+        self.outputs = {length: stem_output(length, mel_frames) for length in CONV1_TAIL_LENGTHS}
+        mel, inputs, cache = self.mel, self.inputs, self.inputs.cache
         mel_tails, conv1_tails = tails
-        offsets = torch.arange(ENCODER_FRAMES_PER_TOKEN, device=ref.device)
+        offsets = torch.arange(max(frames for frames, _ in self.outputs.values()), device=ref.device)
+        self.out = {
+            length: StagedOutput(ref.new_zeros(bucket, frames, encoder.params.dim), torch.float32)
+            for length, (frames, _) in self.outputs.items()
+        }
 
         def step_after(length: int) -> Callable[[], None]:
+            frames_out, tail_after = self.outputs[length]
+            out = self.out[length]
+
             def step() -> None:
                 mel.copy_in()
                 first = inputs.copy_in()
@@ -84,8 +94,9 @@ class EncoderStep:
                     mel.buffer, mel_tails[rows], conv1_tails[rows, :length]
                 )
                 mel_tails[rows] = mel_tail
-                conv1_tails[rows, :length] = conv1_tail
-                out.copy_out(encoder.transformer.norm(blocks(frames, first + offsets, cache)))
+                conv1_tails[rows, :tail_after] = conv1_tail
+                if frames_out:  # a lone mel frame may only lengthen the tail
+                    out.copy_out(encoder.transformer.norm(blocks(frames, first + offsets[:frames_out], cache)))
 
             return step
 
@@ -96,15 +107,16 @@ class EncoderStep:
 
     @torch.inference_mode()
     def __call__(self, mel: np.ndarray, rows: Sequence[int], positions: Sequence[int], tail_length: int) -> np.ndarray:
-        """8 mel frames a row [n, 8, 128] of streams at `rows`, whose next encoder frames are at `positions` and
-        whose conv1 tails are `tail_length` long -> 4 encoder frames a row [n, 4, dim] in float32."""
+        """The step's mel frames a row [n, mel_frames, 128] of streams at `rows`, whose next encoder frames are at
+        `positions` and whose conv1 tails are `tail_length` long -> the encoder frames they complete a row [n, m,
+        dim] in float32 (m from `stem_output`: 4 for 8 mel frames)."""
         count = len(rows)
-        staged = np.zeros((self.bucket, MEL_FRAMES_PER_TOKEN, NUM_MEL_BINS), dtype=np.float32)
+        staged = np.zeros(self.mel.host.shape, dtype=np.float32)
         staged[:count] = mel
         self.mel.load(staged)
-        self.inputs.load(rows, positions, ENCODER_FRAMES_PER_TOKEN)
+        self.inputs.load(rows, positions, self.outputs[tail_length][0])
         self.graphs[tail_length](self.inputs.cache.span)
-        return self.out.read()[:count]
+        return self.out[tail_length].read()[:count]
 
 
 class DecoderStep:
@@ -158,5 +170,66 @@ class DecoderStep:
         staged[:count] = frames
         self.frames.load(staged)
         self.inputs.load(rows, positions, 1)
+        self.graphs(self.inputs.cache.span)
+        return self.token_out.read()[:count]
+
+
+class PrefillStep:
+    """The prompts of up to `bucket` new streams, `length` positions each: the adapter over their encoder frames,
+    the prompt ids, the blocks (the model's own: a prompt is many positions, no step) and the greedy id after
+    them, which enters `tokens` as the first step's input; replayed as CUDA graphs keyed by the span when
+    `graphs`. With `fused`, one row's id comes from the fused LM head, as the one-row step computes it."""
+
+    def __init__(
+        self,
+        decoder: TextDecoder,
+        pool: KVPool,
+        tokens: torch.Tensor,
+        ffn_scales: torch.Tensor,
+        bucket: int,
+        length: int,
+        *,
+        fused: bool,
+        graphs: bool,
+        graph_pool: object = None,
+    ) -> None:
+        weight = decoder.tok_embeddings.weight
+        self.bucket = bucket
+        self.length = length
+        enc_dim = decoder.params.encoder.dim
+        self.frames = StagedInput(weight.new_zeros(bucket, length * ENCODER_FRAMES_PER_TOKEN, enc_dim))
+        self.ids = StagedInput(tokens.new_zeros(bucket, length), host_dtype=torch.long)
+        self.inputs = RowInputs(pool, bucket)
+        self.token_out = StagedOutput(tokens.new_zeros(bucket), torch.long)
+        frames, ids, inputs, token_out, cache = self.frames, self.ids, self.inputs, self.token_out, self.inputs.cache
+        next_token = functools.partial(fused_next_token, decoder) if fused and bucket == 1 else decoder.next_token
+        offsets = torch.arange(length, device=weight.device)
+
+        def step() -> None:
+            frames.copy_in()
+            ids.copy_in()
+            first = inputs.copy_in()
+            rows = inputs.rows
+            hidden = decoder(
+                decoder.adapt(frames.buffer), ids.buffer, first + offsets, cache, list(ffn_scales[:, rows, None])
+            )
+            new_tokens = next_token(hidden)
+            tokens[rows] = new_tokens
+            token_out.copy_out(new_tokens)
+
+        self.graphs = StepGraphs(step, weight.device, capture=graphs, pool=graph_pool)
+
+    @torch.inference_mode()
+    def __call__(self, frames: np.ndarray, prompts: np.ndarray, rows: Sequence[int]) -> np.ndarray:
+        """The greedy ids [n] after the prompts [n, length] of the new streams at `rows`, from their encoder frames
+        [n, 4 * length, enc_dim]; PoolFull (before any work) when their pages do not fit."""
+        count = len(rows)
+        staged = np.zeros(self.frames.host.shape, dtype=np.float32)
+        staged[:count] = frames
+        staged_ids = np.zeros(self.ids.host.shape, dtype=np.int64)
+        staged_ids[:count] = prompts
+        self.inputs.load(rows, [0] * count, self.length)
+        self.frames.load(staged)
+        self.ids.load(staged_ids)
         self.graphs(self.inputs.cache.span)
         return self.token_out.read()[:count]

@@ -22,6 +22,13 @@ CONV1_TAIL_LENGTHS = (CONV2_CONTEXT, CONV2_CONTEXT + 1)
 BLOCK_FRAMES = 64  # encoder frames attended in one forward at most: bounds the attention matrix and the ring
 
 
+def stem_output(tail_length: int, mel_frames: int) -> tuple[int, int]:
+    """(encoder frames, conv1 tail length after) of `mel_frames` new mel frames after a conv1 tail of
+    `tail_length`, as `AudioEncoder.stem_frames` gives them."""
+    pairs = (tail_length + mel_frames - CONV2_CONTEXT) // CONV_STRIDE
+    return pairs, tail_length + mel_frames - CONV_STRIDE * pairs
+
+
 class _Conv(nn.Module):
     def __init__(self, in_dim: int, out_dim: int) -> None:
         super().__init__()

@@ -104,7 +104,7 @@ for early in (True, False):
 kernels["split_attention"] = ptx(step_attention._split_attention, {
     **bf16, "LOG2_E": 1.4426950408889634, "ROWS": 16, "BLOCK": 64, **overlap, "PAGED": False, "LENGTH": 4,
     "GROUP": 1,
-    "HEAD_DIM": 64, "MERGE_SLICES": 8, "MERGE_ROWS": 4})
+    "HEAD_DIM": 64, "MERGE_SLICES": 8, "MERGE_ROWS": 4, "EMPTY_PAGE": 0})
 print(json.dumps({name: {"wait": "griddepcontrol.wait" in code,
                          "launch_dependents": "griddepcontrol.launch_dependents" in code,
                          "prefetch": "cp.async.bulk.prefetch.L2.global" in code,
