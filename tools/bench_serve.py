@@ -386,8 +386,10 @@ def report(results: dict) -> None:
         for error in t["errors"]:
             print(f"{'':>7} {error}")
     budget, largest = results["budget_p95_ms"], results["largest_within_budget"]
-    print(f"latency while every session was live; largest stream count with p95 within {budget:g} ms, every "
-          f"session finished: {largest}")
+    print(
+        f"latency while every session was live; largest stream count with p95 within {budget:g} ms, every "
+        f"session finished: {largest}"
+    )
 
 
 class OneLineParser(argparse.ArgumentParser):
