@@ -203,10 +203,13 @@ def paced_ticks(tick, seconds: float) -> dict:
     }
 
 
-def realtime_minute_streams(encoder, decoder, items: list[np.ndarray], count: int, seconds: float) -> dict:
+def realtime_minute_streams(
+    encoder, decoder, items: list[np.ndarray], last: np.ndarray, count: int, seconds: float
+) -> dict:
     """`count` 60 s streams, one joining every 60 / count s and each leaving after its minute (so `count` live
     at once, their ages spread over the minute), driven through the stage cores: unpaced for a minute of ticks
-    (every age present), then paced for `seconds`. A stream's items after the first cycle through `items`."""
+    (every age present), then paced for `seconds`. A stream's items after the first cycle through `items`; its
+    end brings `last` (the right pad's frames) first."""
     life = round(60 / TICK_S)  # ticks a stream lives
     state = {"tick": 0, "joined": 0, "ages": {}}
 
@@ -224,7 +227,7 @@ def realtime_minute_streams(encoder, decoder, items: list[np.ndarray], count: in
                 work.append((name, items[0] if age == 0 else items[1 + (age - 1) % (len(items) - 1)]))
                 ages[name] = age + 1
             else:
-                work.append((name, END))
+                work += [(name, last), (name, END)]
                 del ages[name]
         starts = [(name, item) for name, item in work if isinstance(item, StreamStart)]
         began = time.perf_counter()
@@ -233,7 +236,8 @@ def realtime_minute_streams(encoder, decoder, items: list[np.ndarray], count: in
         middle = time.perf_counter()
         decoder.step(starts + encoded)
         synchronize()
-        parts.append((bool(starts), middle - began, time.perf_counter() - middle))
+        changed = bool(starts) or any(item is END for _, item in work)
+        parts.append((changed, middle - began, time.perf_counter() - middle))
         state["tick"] += 1
 
     parts: list[tuple[bool, float, float]] = []
@@ -245,9 +249,10 @@ def realtime_minute_streams(encoder, decoder, items: list[np.ndarray], count: in
     parts.clear()
     figures = paced_ticks(one_tick, seconds)
     figures |= {"streams": count, "warm_up_s": warm_s, "decoder_pages": decoder.pool.pages_in_use}
-    # Where a tick's time goes: the encoder's and decoder's `step` calls, on ticks a stream joined and others.
-    for joined, label in ((True, "join_ticks"), (False, "other_ticks")):
-        chosen = np.asarray([(enc, dec) for join, enc, dec in parts if join == joined]).reshape(-1, 2)
+    # Where a tick's time goes: the encoder's and decoder's `step` calls, on ticks a stream joined or left, and
+    # others (a prompt's prefill comes a few ticks after its join).
+    for joined, label in ((True, "join_or_leave_ticks"), (False, "other_ticks")):
+        chosen = np.asarray([(enc, dec) for change, enc, dec in parts if change == joined]).reshape(-1, 2)
         figures[label] = {
             "count": len(chosen),
             **{f"{stage}_ms_p{q}": 1000 * float(np.percentile(chosen[:, i], q)) if len(chosen) else None
@@ -374,10 +379,10 @@ def measure(args: argparse.Namespace, model_dir: Path, parts: set[str], results:
         settings = {"max_streams": max(counts), "reserve_s": 61.0}
         encoder = model_stage("encoder", model_dir, **settings)
         decoder = model_stage("decoder", model_dir, kv_memory_gb=25.0, **settings)
-        items = mel_items(model_dir, synthetic_speechlike(40.0), 480)[:-1]  # the end's item is no 80 ms step
+        *items, last = mel_items(model_dir, synthetic_speechlike(40.0), 480)
         trials = results.setdefault("minute_streams", [])
         for count in counts:
-            trials.append(realtime_minute_streams(encoder, decoder, items, count, args.paced_seconds))
+            trials.append(realtime_minute_streams(encoder, decoder, items, last, count, args.paced_seconds))
             print("minute:", json.dumps(trials[-1]), flush=True)
         results["minute_streams_real_time"] = largest_real_time(trials)
         results["memory_GB_after_minute"] = peak_memory_gb()
