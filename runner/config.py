@@ -6,13 +6,14 @@ import ipaddress
 import itertools
 import math
 import os
+import re
 import socket
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from voxtral_run.runner.edges import DEFAULT_HEARTBEAT_TIMEOUT_S, EdgeSpec, Policy
 from voxtral_run.runner.errors import RunnerError
@@ -42,7 +43,7 @@ KNOWN_STAGES = STAGE_KINDS
 SOURCE = "capture"  # the stage that produces audio: the only one without an input queue
 SINK = "output"  # the runner's own node that receives the final events and writes the transcript
 # Keys --set sets directly on a stage; others go to its params.
-RUNNER_STAGE_KEYS = ("device", "host", "throttle_ms", "threads", "impl", "busy_poll")
+RUNNER_STAGE_KEYS = ("device", "host", "throttle_ms", "threads", "impl", "busy_poll", "replicas", "devices")
 DEFAULT_BASE_PORT = 5550
 LOOPBACK = "127.0.0.1"
 MAX_PORT = 65535
@@ -53,6 +54,9 @@ MAX_THROTTLE_MS = 60_000
 MAX_THREADS = 1024
 MAX_STARTUP_TIMEOUT_S = 86_400
 MIN_HEARTBEAT_TIMEOUT_S, MAX_HEARTBEAT_TIMEOUT_S = 0.5, 600
+MAX_REPLICAS = 64
+ALL_DEVICES = "all"  # `devices: all`: a replica per CUDA GPU
+DEVICE_PATTERN = r"^(auto|cpu|cuda(:\d+)?)$"
 
 
 class _Strict(BaseModel):
@@ -63,7 +67,7 @@ class StageConfig(_Strict):
     """One stage: where it runs and the parameters its constructor takes. `threads` and `busy_poll` left unset
     (None) are chosen by `place_local_stages` to suit the device."""
 
-    device: str = Field(AUTO_DEVICE, pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    device: str = Field(AUTO_DEVICE, pattern=DEVICE_PATTERN)
     host: str | None = None
     params: dict[str, Any] = Field(default_factory=dict)
     throttle_ms: float = Field(0.0, ge=0, le=MAX_THROTTLE_MS)
@@ -73,6 +77,35 @@ class StageConfig(_Strict):
     # Wait for input by polling without sleeping while a stream is open: a core busy, for the wake-up latency
     # a sleeping process pays per message (0.1 to 0.8 ms, by host).
     busy_poll: bool | None = None
+    # Copies of the stages after the capture, each a chain of its own that the server routes whole streams to;
+    # `devices` gives each copy its device (its length is the count), `all` a copy per CUDA GPU.
+    replicas: int | None = Field(None, ge=1, le=MAX_REPLICAS)
+    devices: list[str] | str | None = None
+
+    @field_validator("devices")
+    @classmethod
+    def _check_devices(cls, devices: list[str] | str | None) -> list[str] | str | None:
+        if isinstance(devices, str) and devices != ALL_DEVICES:
+            raise ValueError(f"a list of devices, or {ALL_DEVICES}; not {devices!r}")
+        if isinstance(devices, list):
+            if not 1 <= len(devices) <= MAX_REPLICAS:
+                raise ValueError(f"list 1 to {MAX_REPLICAS} devices, not {len(devices)}")
+            for device in devices:
+                if not re.match(DEVICE_PATTERN, device):
+                    raise ValueError(f"{device!r} is not a device (auto, cpu, cuda or cuda:N)")
+        return devices
+
+    def declared_replicas(self, where: str) -> int | None:
+        """How many replicas this stage asks for (None: no count of its own, or `devices: all`)."""
+        if "device" in self.model_fields_set and self.devices is not None:
+            raise _KeyError(f"{where}.devices", "give device or devices, not both")
+        if isinstance(self.devices, list):
+            if self.replicas is not None and self.replicas != len(self.devices):
+                raise _KeyError(f"{where}.replicas", f"{self.replicas}, but devices lists {len(self.devices)}")
+            return len(self.devices)
+        if self.devices == ALL_DEVICES and self.replicas is not None:
+            raise _KeyError(f"{where}.replicas", "devices: all makes one replica per GPU; leave replicas out")
+        return self.replicas
 
 
 class OutputConfig(_Strict):
@@ -115,6 +148,16 @@ class Pipeline(_Strict):
                 raise _KeyError(f"stages.{name}", f"unknown stage (choose from {', '.join(KNOWN_STAGES)})")
         if SOURCE not in self.stages:
             raise _KeyError("stages", f"no '{SOURCE}' stage")
+        counts: dict[str, int] = {}
+        for name, stage in self.stages.items():
+            count = stage.declared_replicas(f"stages.{name}")
+            if name == SOURCE and (count is not None or stage.devices is not None):
+                raise _KeyError(f"stages.{name}.replicas", "the capture is one; replicate the stages after it")
+            if count is not None and counts and count not in counts.values():
+                other, other_count = next(iter(counts.items()))
+                raise _KeyError(f"stages.{name}.replicas", f"{count}, but stages.{other} has {other_count}")
+            if count is not None:
+                counts[name] = count
         try:  # the queues' message sizes follow from the chunk, so it is checked with the graph
             check_chunk_ms(self.stages[SOURCE].params.get("chunk_ms", DEFAULT_CHUNK_MS))
         except StageError as error:
@@ -183,7 +226,7 @@ def _one_line_validation_error(source: str, error: ValidationError) -> RunnerErr
         key, message = cause.key, str(cause)
     else:
         key = _format_location(first["loc"]) or "(top level)"
-        message = "unknown key" if first["type"] == "extra_forbidden" else first["msg"]
+        message = "unknown key" if first["type"] == "extra_forbidden" else first["msg"].removeprefix("Value error, ")
     more = error.error_count() - 1
     return RunnerError(f"{source}: {key}: {message}" + (f" (and {more} more problems)" if more else ""))
 
@@ -277,6 +320,41 @@ def place_local_stages(pipeline: Pipeline, local: Iterable[str]) -> None:
             stage.busy_poll = bool(named_gpus)
 
 
+def replica_pipelines(pipeline: Pipeline, gpu_count: Callable[[], int] = cuda_device_count) -> list[Pipeline]:
+    """The pipeline as one chain per replica (`replicas`, `devices`): a stage with `devices` on the i-th in chain i
+    (`all`: cuda:i, one chain per GPU `gpu_count` counts), every other stage as configured, and chain i's tcp ports
+    after those of the chains before it. Without replicas, the pipeline itself."""
+    counts = {name: stage.declared_replicas(f"stages.{name}") for name, stage in pipeline.stages.items()}
+    if any(stage.devices == ALL_DEVICES for stage in pipeline.stages.values()):
+        gpus = gpu_count()
+        if gpus < 1:
+            name = next(name for name, stage in pipeline.stages.items() if stage.devices == ALL_DEVICES)
+            raise RunnerError(f"stages.{name}.devices: all, but there is no CUDA GPU; give replicas: N instead")
+        counts |= {name: gpus for name, stage in pipeline.stages.items() if stage.devices == ALL_DEVICES}
+    declared = {count for count in counts.values() if count is not None}
+    if len(declared) > 1:
+        raise RunnerError(f"stages: replicas disagree ({', '.join(f'{n}: {c}' for n, c in counts.items() if c)})")
+    replicas = declared.pop() if declared else 1
+    if replicas == 1:
+        return [pipeline]
+    for index, queue in enumerate(pipeline.queues):
+        if queue.port is not None or queue.endpoint is not None:
+            raise RunnerError(f"queues[{index}]: a fixed port or endpoint cannot serve {replicas} replicas")
+    last_port = pipeline.base_port + replicas * len(pipeline.queues) - 1
+    if pipeline.transport == "tcp" and last_port > MAX_PORT:
+        raise RunnerError(f"base_port: {replicas} replicas of {len(pipeline.queues)} queues pass port {MAX_PORT}")
+    chains = []
+    for index in range(replicas):
+        chain = pipeline.model_copy(deep=True)
+        chain.base_port = pipeline.base_port + index * len(pipeline.queues)
+        for stage in chain.stages.values():
+            if stage.devices is not None:
+                stage.device = f"cuda:{index}" if stage.devices == ALL_DEVICES else stage.devices[index]
+            stage.replicas = stage.devices = None
+        chains.append(chain)
+    return chains
+
+
 def model_stage_ceiling(pipeline: Pipeline) -> int | None:
     """How many streams the built-in encoder and decoder take at once: the smaller of their `max_streams`, or
     their device's default where this invocation knows the device (None when it knows neither)."""
@@ -334,6 +412,32 @@ def max_message_bytes(source_kind: str, chunk_ms: float) -> int:
     per_token = _BYTES_PER_TOKEN.get(source_kind, _BYTES_PER_TOKEN[SOURCE])
     tokens = chunk_tokens if source_kind == SOURCE else chunk_tokens + _PAD_TOKENS
     return 2 * tokens * per_token + _MESSAGE_SLACK_BYTES
+
+
+def launched_edges(pipeline: Pipeline, runner_host: str) -> list[EdgeSpec]:
+    """The queues of stages a launcher places (Ray): every one tcp and watched. A queue into a stage binds where the
+    stage lands, at a port the OS picks, and the launcher tells its sender; the queue into the output binds on
+    `runner_host`."""
+    chunk_ms = pipeline.stages[SOURCE].params.get("chunk_ms", DEFAULT_CHUNK_MS)
+    specs = []
+    for queue in pipeline.queues:
+        kind = queue.source if pipeline.stages[queue.source].impl is None else "impl"
+        bind = f"tcp://{_bind_address(runner_host, 'the runner')}:*" if queue.target == SINK else "tcp://{host}:*"
+        specs.append(
+            EdgeSpec(
+                queue.source,
+                queue.target,
+                bind,
+                connect="tcp://",  # filled in by the launcher once the receiving end is bound
+                capacity=queue.capacity,
+                policy=queue.policy,
+                max_message_bytes=max_message_bytes(kind, chunk_ms),
+                remote=True,
+                heartbeat_timeout_s=pipeline.heartbeat_timeout_s,
+                link_timeout_s=pipeline.startup_timeout_s,
+            )
+        )
+    return specs
 
 
 def plan_edges(pipeline: Pipeline, local: set[str], run_dir: Path) -> list[EdgeSpec]:

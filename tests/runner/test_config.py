@@ -16,6 +16,7 @@ from voxtral_run.runner.config import (
     model_stage_ceiling,
     place_local_stages,
     plan_edges,
+    replica_pipelines,
 )
 from voxtral_run.runner.edges import Policy
 from voxtral_run.runner.errors import RunnerError
@@ -215,3 +216,35 @@ def test_the_model_stages_ceiling_is_the_smaller_max_streams_where_it_is_known()
     unplaced = load_pipeline(REPO_PIPELINE)
     place_local_stages(unplaced, ["encoder"])  # this host's encoder: on its CPU (no GPU in the tests)
     assert model_stage_ceiling(unplaced) == DEFAULT_MAX_STREAMS[unplaced.stages["encoder"].device.partition(":")[0]]
+
+
+@pytest.mark.parametrize(
+    "settings, expected",
+    [
+        (["encoder.devices=[cpu, cpu]", "decoder.replicas=3"], "stages.decoder.replicas: 3, but stages.encoder has 2"),
+        (["capture.replicas=2"], "stages.capture.replicas: the capture is one; replicate the stages after it"),
+        (["encoder.device=cpu", "encoder.devices=[cpu]"], "stages.encoder.devices: give device or devices, not both"),
+        (["encoder.devices=[gpu]"], "stages.encoder.devices: 'gpu' is not a device (auto, cpu, cuda or cuda:N)"),
+        (["encoder.devices=some"], "stages.encoder.devices: a list of devices, or all; not 'some'"),
+        (["encoder.replicas=65"], "stages.encoder.replicas: Input should be less than or equal to 64"),
+        (["encoder.devices=all", "encoder.replicas=2"], "stages.encoder.replicas: devices: all makes one replica"),
+    ],
+)
+def test_bad_replicas_name_the_key(settings, expected):
+    with pytest.raises(RunnerError) as error:
+        load_pipeline(None, settings)
+    assert str(error.value).startswith(f"the default pipeline: {expected}")
+
+
+def test_replicas_are_chains_each_on_its_device_with_ports_of_their_own():
+    pipeline = load_pipeline(None, ["encoder.devices=[cuda:0, cuda:1]", "decoder.devices=all", "mel.host=a"])
+    chains = replica_pipelines(pipeline, gpu_count=lambda: 2)
+    assert [(chain.stages["encoder"].device, chain.stages["decoder"].device) for chain in chains] == [
+        ("cuda:0", "cuda:0"),
+        ("cuda:1", "cuda:1"),
+    ]
+    assert [chain.base_port for chain in chains] == [5550, 5550 + len(pipeline.queues)]
+    assert all(chain.stages["mel"].host == "a" and chain.stages["encoder"].replicas is None for chain in chains)
+    assert replica_pipelines(load_pipeline(None)) == [load_pipeline(None)]
+    with pytest.raises(RunnerError, match=r"^stages.decoder.devices: all, but there is no CUDA GPU"):
+        replica_pipelines(pipeline, gpu_count=lambda: 0)
