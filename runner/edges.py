@@ -138,6 +138,7 @@ class EdgeReceiver:
         except zmq.ZMQError as error:
             self.socket.close(linger=0)
             raise RunnerError(f"queue {spec.name}: cannot bind {spec.bind} ({error.strerror})") from None
+        self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)  # the port too, where the OS chose it
         self._linked = False  # the sender's hello came
         self._open: dict[str, int] = {}  # stream id -> the sequence number of its last message
         self._ended: dict[str, None] = {}  # the most recently ended stream ids, oldest first (an ordered set)

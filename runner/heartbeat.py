@@ -16,6 +16,8 @@ from collections.abc import Iterable
 
 import zmq
 
+from voxtral_run.runner.security import CurveKeys, make_client, make_server
+
 BEAT = b""
 BEATS_PER_TIMEOUT = 4
 EXIT_RUNNER_SILENT = 1
@@ -26,14 +28,18 @@ def beat_identity(name: str) -> bytes:
 
 
 class RunnerHeartbeat:
-    """The runner's side: a ROUTER at `endpoint` beating to every stage and noting when each last beat."""
+    """The runner's side: a ROUTER at `endpoint` beating to every stage and noting when each last beat; over tcp,
+    a CURVE server with `keys`, and `endpoint` may leave the port to the OS (`tcp://HOST:*`)."""
 
-    def __init__(self, context: zmq.Context, endpoint: str, timeout_s: float):
+    def __init__(self, context: zmq.Context, endpoint: str, timeout_s: float, keys: CurveKeys | None = None):
         self.timeout_s = timeout_s
         self._interval_s = timeout_s / BEATS_PER_TIMEOUT
         self._socket = context.socket(zmq.ROUTER)
         self._socket.setsockopt(zmq.LINGER, 0)
+        if keys is not None:
+            make_server(self._socket, keys)
         self._socket.bind(endpoint)
+        self.endpoint = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)  # where the stages connect
         self._last_seen: dict[str, float] = {}
         self._names: list[str] = []
         self._lock = threading.Lock()
@@ -81,13 +87,15 @@ class RunnerHeartbeat:
 class StageHeartbeat:
     """A stage's side: a DEALER beating to the runner; exits the process when the runner is silent too long."""
 
-    def __init__(self, context: zmq.Context, endpoint: str, name: str, timeout_s: float):
+    def __init__(self, context: zmq.Context, endpoint: str, name: str, timeout_s: float, keys: CurveKeys | None = None):
         self._name = name
         self._timeout_s = timeout_s
         self._interval_s = timeout_s / BEATS_PER_TIMEOUT
         self._socket = context.socket(zmq.DEALER)
         self._socket.setsockopt(zmq.IDENTITY, beat_identity(name))
         self._socket.setsockopt(zmq.LINGER, 0)
+        if keys is not None:
+            make_client(self._socket, keys)
         self._socket.connect(endpoint)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="voxtral-run heartbeat", daemon=True)

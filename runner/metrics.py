@@ -77,6 +77,16 @@ class LogHistogram:
     def copy(self) -> LogHistogram:
         return LogHistogram(dict(self.counts), self.total, self.maximum)
 
+    def merge(self, other: LogHistogram | None) -> None:
+        """Count another histogram's durations too."""
+        if other is None:
+            return
+        for index, count in other.counts.items():
+            self.counts[index] = self.counts.get(index, 0) + count
+        self.count += other.count
+        self.total += other.total
+        self.maximum = max(self.maximum, other.maximum)
+
 
 def percentiles_ms(histogram: LogHistogram) -> dict[str, float]:
     return {f"p{p}": histogram.percentile(p) * MS for p in PERCENTILES}

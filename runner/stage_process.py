@@ -33,7 +33,7 @@ from voxtral_run.runner.edges import LINGER_MS, EdgeReceiver, EdgeSender, EdgeSp
 from voxtral_run.runner.errors import RunnerError
 from voxtral_run.runner.heartbeat import StageHeartbeat
 from voxtral_run.runner.metrics import StageMetrics, StepRecord
-from voxtral_run.runner.security import CurveKeys, start_authenticator
+from voxtral_run.runner.security import CurveKeys, make_client, start_authenticator
 from voxtral_run.runner.wire import MAX_INPUT_CHARS, MAX_MESSAGE_CHARS, Envelope, Kind, printable_line
 from voxtral_run.stages.audio.capture import FileStreams
 from voxtral_run.stages.base import (
@@ -66,6 +66,7 @@ class StageSpec:
     output_edge: EdgeSpec
     input_edge: EdgeSpec | None = None  # None for the capture stage
     device: str = "cpu"
+    host: str | None = None  # the node a launcher places it on (Ray: a custom resource's name)
     params: dict[str, Any] = field(default_factory=dict)
     impl: str | None = None
     throttle_ms: float = 0.0
@@ -208,6 +209,10 @@ class StageProcess:
         self.control = self.context.socket(zmq.DEALER)
         self.control.setsockopt(zmq.IDENTITY, spec.name.encode())
         self.control.setsockopt(zmq.LINGER, LINGER_MS)
+        # A runner on another host (Ray placement) is reached over tcp, under the run's CURVE keys.
+        remote_runner = spec.control.startswith("tcp://")
+        if remote_runner:
+            make_client(self.control, spec.keys)
         self.control.connect(spec.control)
         self.parent = multiprocessing.parent_process()
         self.parent_sentinel = self.parent.sentinel if self.parent is not None else None
@@ -227,7 +232,9 @@ class StageProcess:
         # The capture's recent chunks: (stream, seq, start s, length s), to place a dropped one in its audio.
         self._recent_chunks: deque[tuple[str, int, float, float]] = deque()
         self._lag = {"max_lag_s": 0.0, "late_chunks": 0}  # capture: how far behind the wall clock a live source fell
-        self.heartbeat = StageHeartbeat(self.context, spec.heartbeat, spec.name, spec.heartbeat_timeout_s)
+        self.heartbeat = StageHeartbeat(
+            self.context, spec.heartbeat, spec.name, spec.heartbeat_timeout_s, spec.keys if remote_runner else None
+        )
         self.authenticator = None  # answers the CURVE handshakes of a tcp input queue
 
     def report(self, kind: str, **fields: Any) -> None:
@@ -241,10 +248,8 @@ class StageProcess:
         try:
             self.report("loading")
             started = time.perf_counter()
-            if self.spec.input_edge is not None:
-                if self.spec.input_edge.is_tcp and self.spec.keys is not None:
-                    self.authenticator = start_authenticator(self.context, self.spec.keys)
-                self.receiver = EdgeReceiver(self.context, self.spec.input_edge, self.spec.keys)
+            if self.spec.input_edge is not None and self.receiver is None:
+                self.open_input()
             core = build_core(self.spec)
             if self.spec.device.startswith("cuda"):
                 self.device_timer = CudaTimer(self.spec.device, self.metrics)
@@ -278,6 +283,13 @@ class StageProcess:
         finally:
             self._report_stats()
             self._close()
+
+    def open_input(self) -> str:
+        """Bind the input queue (before `run`, to learn where, when the port is the OS's choice): its endpoint."""
+        if self.spec.input_edge.is_tcp and self.spec.keys is not None:
+            self.authenticator = start_authenticator(self.context, self.spec.keys)
+        self.receiver = EdgeReceiver(self.context, self.spec.input_edge, self.spec.keys)
+        return self.receiver.endpoint
 
     def _report_stats(self, *, final: bool = True, asked: int | None = None) -> None:
         """Send the figures so far; the final report also carries every record when profiling, and one the runner

@@ -19,15 +19,17 @@ import socket
 import tempfile
 import threading
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Protocol
 
 import zmq
 from rich.console import Console
 
-from voxtral_run.runner.config import LOOPBACK, SINK, SOURCE, Pipeline, plan_edges
+from voxtral_run.runner.config import LOOPBACK, SINK, SOURCE, Pipeline, launched_edges, plan_edges
 from voxtral_run.runner.edges import EdgeReceiver, EdgeSpec, Policy
 from voxtral_run.runner.errors import RunnerError
 from voxtral_run.runner.heartbeat import RunnerHeartbeat
@@ -40,7 +42,7 @@ from voxtral_run.runner.metrics import (
 )
 from voxtral_run.runner.progress import AudioProgress
 from voxtral_run.runner.prometheus import REPORT_EVERY_S, MetricsEndpoint
-from voxtral_run.runner.security import CurveKeys, start_authenticator
+from voxtral_run.runner.security import CurveKeys, make_server, start_authenticator
 from voxtral_run.runner.sink import StreamTranscripts, TranscriptSink
 from voxtral_run.runner.stage_process import (
     LAG_WARNING_S,
@@ -99,11 +101,77 @@ class Interrupted(Exception):
 Sink = TranscriptSink | StreamTranscripts  # one transcript, or one per stream of a run of several inputs
 
 
+class StageHandle(Protocol):
+    """A stage process as the supervisor watches and stops it: spawned here, or a Ray actor (`Launcher`)."""
+
+    pid: int | None
+    sentinel: int | None  # readable once the process ended (None: watch `is_alive` instead)
+
+    def is_alive(self) -> bool: ...
+    def terminate(self) -> None: ...
+    def kill(self) -> None: ...
+    def join(self, timeout: float | None = None) -> None: ...
+    def describe_exit(self) -> str: ...
+
+
+class LocalStage:
+    """A stage process spawned on this host."""
+
+    def __init__(self, process: multiprocessing.Process):
+        self._process = process
+        self.pid = process.pid
+        self.sentinel = process.sentinel
+
+    def is_alive(self) -> bool:
+        return self._process.is_alive()
+
+    def terminate(self) -> None:
+        self._process.terminate()
+
+    def kill(self) -> None:
+        self._process.kill()
+
+    def join(self, timeout: float | None = None) -> None:
+        self._process.join(timeout)
+
+    def describe_exit(self) -> str:
+        exitcode = self._process.exitcode
+        if exitcode is not None and exitcode < 0:
+            return f"killed by {signal.Signals(-exitcode).name}"
+        return f"exit code {exitcode}"
+
+
+class Launcher(ABC):
+    """Starts stage processes on other machines (Ray actors) instead of spawning them here; every queue and the
+    control sockets are then tcp, with the endpoints of the queues into the stages learnt from the stages."""
+
+    @abstractmethod
+    def runner_host(self) -> str:
+        """The address of this process that the stages reach its sockets at."""
+
+    @abstractmethod
+    def gpu_count(self) -> int:
+        """The GPUs `devices: all` means."""
+
+    @abstractmethod
+    def place(self, pipeline: Pipeline) -> None:
+        """Make the stages' settings concrete where they will run (`device: auto`, unset threads)."""
+
+    @abstractmethod
+    def launch(self, specs: list[StageSpec]) -> tuple[dict[str, StageHandle], dict[str, str]]:
+        """Start the stages whole (or none: RunnerError): their handles, and the endpoint each binds its input queue
+        at, by stage name. A spec's output queue connects to an empty endpoint: the launcher fills it in."""
+
+    @abstractmethod
+    def release(self, handles: dict[str, StageHandle]) -> None:
+        """Free what `launch` took for these stages, once they are stopped."""
+
+
 @dataclass
 class StageState:
-    """What the supervisor knows about one local stage process."""
+    """What the supervisor knows about one stage process."""
 
-    process: multiprocessing.Process
+    process: StageHandle
     status: str = "starting"
     started: float = field(default_factory=time.monotonic)
     load_s: float | None = None
@@ -117,15 +185,10 @@ class StageState:
         return estimate_clock_offset(self.clock_samples) if self.clock_samples else 0.0
 
 
-def _exit_description(exitcode: int | None) -> str:
-    if exitcode is not None and exitcode < 0:
-        return f"killed by {signal.Signals(-exitcode).name}"
-    return f"exit code {exitcode}"
-
-
 class Supervisor:
     """Starts the stages of `local` (names from the pipeline), runs the streams through (one, or one per input), stops
-    everything; with `serve`, the capture is not started: the caller feeds `source_edge` and reads `sink_receiver`."""
+    everything; with `serve`, the capture is not started: the caller feeds `source_edge` and reads `sink_receiver`.
+    A `launcher` places the stage processes elsewhere (Ray) instead of spawning them here."""
 
     def __init__(
         self,
@@ -138,8 +201,10 @@ class Supervisor:
         reporting: Reporting = Reporting(),
         keys: CurveKeys | None = None,
         serve: bool = False,
+        launcher: Launcher | None = None,
     ):
         self.pipeline = pipeline
+        self.launcher = launcher
         self.serve = serve
         started_here = [name for name in local if name != SINK and not (serve and name == SOURCE)]
         self.local_stages = [name for name in pipeline.chain() if name in started_here]
@@ -173,7 +238,10 @@ class Supervisor:
 
     def _spawn(self, run_dir: Path, control_endpoint: str, heartbeat_endpoint: str) -> None:
         local = set(self.local_stages) | ({SINK} if self.sink_here else set()) | ({SOURCE} if self.serve else set())
-        edges = plan_edges(self.pipeline, local, run_dir)
+        if self.launcher is None:
+            edges = plan_edges(self.pipeline, local, run_dir)
+        else:
+            edges = launched_edges(self.pipeline, self.launcher.runner_host())
         inputs = {edge.target: edge for edge in edges}
         outputs = {edge.source: edge for edge in edges}
         if self.keys is None and any(edge.is_tcp for edge in edges):
@@ -181,19 +249,19 @@ class Supervisor:
         if self.serve:
             self.source_edge = outputs[SOURCE]
         if self.sink_here:
-            if inputs[SINK].is_tcp:
+            if inputs[SINK].is_tcp and self.authenticator is None:
                 self.authenticator = start_authenticator(self.context, self.keys)
             self.sink_receiver = EdgeReceiver(self.context, inputs[SINK], self.keys)
-        spawn = multiprocessing.get_context("spawn")
-        # Children start with SIGINT ignored (kept across exec) so Ctrl-C during their imports cannot kill them;
-        # only the main thread can set it (elsewhere the children ignore it from their first line).
-        in_main = threading.current_thread() is threading.main_thread()
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if in_main else None
-        try:
-            for name in self.local_stages:
-                config = self.pipeline.stages[name]
-                spec = StageSpec(
+            if self.launcher is not None:  # the last stage connects to where the receiver bound
+                last = inputs[SINK].source
+                outputs[last] = replace(outputs[last], connect=self.sink_receiver.endpoint)
+        specs = []
+        for name in self.local_stages:
+            config = self.pipeline.stages[name]
+            specs.append(
+                StageSpec(
                     name=name,
+                    host=config.host,
                     control=control_endpoint,
                     heartbeat=heartbeat_endpoint,
                     output_edge=outputs[name],
@@ -211,10 +279,25 @@ class Supervisor:
                     heartbeat_timeout_s=self.pipeline.heartbeat_timeout_s,
                     keys=self.keys,
                 )
-                process = spawn.Process(target=stage_main, args=(spec,), name=f"voxtral-run: {name}")
+            )
+        if self.launcher is not None:
+            handles, endpoints = self.launcher.launch(specs)
+            if self.serve:
+                self.source_edge = replace(self.source_edge, connect=endpoints[self.source_edge.target])
+            with self._figures_lock:
+                self.stages = {spec.name: StageState(handles[spec.name]) for spec in specs}
+            return
+        spawn = multiprocessing.get_context("spawn")
+        # Children start with SIGINT ignored (kept across exec) so Ctrl-C during their imports cannot kill them;
+        # only the main thread can set it (elsewhere the children ignore it from their first line).
+        in_main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if in_main else None
+        try:
+            for spec in specs:
+                process = spawn.Process(target=stage_main, args=(spec,), name=f"voxtral-run: {spec.name}")
                 process.start()
                 with self._figures_lock:
-                    self.stages[name] = StageState(process)
+                    self.stages[spec.name] = StageState(LocalStage(process))
         finally:
             if in_main:
                 signal.signal(signal.SIGINT, previous)
@@ -295,23 +378,42 @@ class Supervisor:
     def start(self) -> None:
         """Start this host's stages and let them run once each is ready (its clock offset measured): RunnerError when
         one fails or the wait times out, Interrupted on a signal counted; `stop` cleans up after it, come what may."""
+        self.launch()
+        self.await_ready()
+
+    def launch(self) -> None:
+        """Start this host's stage processes (or have the launcher place them), without waiting for them."""
         remove_stale_run_dirs()
         self.run_dir = Path(tempfile.mkdtemp(prefix=RUN_DIR_PREFIX))
         (self.run_dir / OWNER_FILE).write_text(_process_identity(os.getpid()) or "")
         self.context = zmq.Context()
         self.control = self.context.socket(zmq.ROUTER)
         self.control.setsockopt(zmq.LINGER, 0)
-        control_endpoint = f"ipc://{self.run_dir / 'control'}"
-        self.control.bind(control_endpoint)
-        heartbeat_endpoint = f"ipc://{self.run_dir / 'heartbeat'}"
-        self.heartbeat = RunnerHeartbeat(self.context, heartbeat_endpoint, self.pipeline.heartbeat_timeout_s)
-        self._spawn(self.run_dir, control_endpoint, heartbeat_endpoint)
+        if self.launcher is None:
+            control_endpoint = f"ipc://{self.run_dir / 'control'}"
+            heartbeat_endpoint = f"ipc://{self.run_dir / 'heartbeat'}"
+            self.control.bind(control_endpoint)
+        else:  # stages elsewhere reach the runner over tcp, at ports the OS picks, under the run's CURVE keys
+            self.keys = self.keys or CurveKeys.generate()
+            self.authenticator = start_authenticator(self.context, self.keys)
+            make_server(self.control, self.keys)
+            heartbeat_endpoint = control_endpoint = f"tcp://{self.launcher.runner_host()}:*"
+            self.control.bind(control_endpoint)
+            control_endpoint = self.control.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.heartbeat = RunnerHeartbeat(
+            self.context, heartbeat_endpoint, self.pipeline.heartbeat_timeout_s, self.keys if self.launcher else None
+        )
+        self._spawn(self.run_dir, control_endpoint, self.heartbeat.endpoint)
         self.heartbeat.watch(self.stages)
         pollables = [self.control, *(state.process.sentinel for state in self.stages.values())]
         if self.sink_receiver is not None:
             pollables.append(self.sink_receiver.socket)
         for pollable in pollables:
-            self.poller.register(pollable, zmq.POLLIN)
+            if pollable is not None:
+                self.poller.register(pollable, zmq.POLLIN)
+
+    def await_ready(self) -> None:
+        """Wait until every stage launched is ready, then let them run (see `start`)."""
         self._handshake()
         self.stream_started = time.time()
         for name in self.stages:
@@ -404,10 +506,11 @@ class Supervisor:
     def _check_processes(self, events: dict) -> None:
         """Fail the run, naming the stage, if any stage process ended on its own."""
         for name, state in self.stages.items():
-            if state.process.sentinel in events:
+            sentinel = state.process.sentinel
+            if (sentinel in events) if sentinel is not None else not state.process.is_alive():
                 self._drain_control()  # an error report sent just before exiting names the cause
                 state.process.join()
-                raise RunnerError(f"stage '{name}' died ({_exit_description(state.process.exitcode)})")
+                raise RunnerError(f"stage '{name}' died ({state.process.describe_exit()})")
 
     def _take_signals(self, events: dict) -> None:
         if self._wake_read is not None and self._wake_read.fileno() in events:
@@ -554,6 +657,8 @@ class Supervisor:
                 getattr(process, escalate)()
         for state in self.stages.values():
             state.process.join()
+        if self.launcher is not None and self.stages:
+            self.launcher.release({name: state.process for name, state in self.stages.items()})
         if self.control is not None:  # else the run failed before it had any stage
             self._drain_control()
 
@@ -578,10 +683,7 @@ class Supervisor:
     def report(self) -> None:
         """After the stream: the table on stderr, and the JSON figures and the trace where asked for."""
         figures = self.figures()
-        if not self.reporting.quiet:
-            self._print_table(figures)
-        if self.reporting.stats_json is not None:
-            _write(self.reporting.stats_json, "--stats-json", json.dumps(figures.to_json(), indent=2))
+        report_figures(figures, self.reporting, self.console)
         if self.reporting.trace is not None:
             trace = chrome_trace(
                 {name: state.stats.get("records", []) for name, state in self.stages.items()},
@@ -611,6 +713,14 @@ class Supervisor:
                     f"({stats['late_chunks']} chunks over {LAG_WARNING_S:g} s late)",
                     highlight=False,
                 )
+
+
+def report_figures(figures: RunFigures, reporting: Reporting, console: Console) -> None:
+    """The table of a run's figures on stderr (unless quiet), and the figures as JSON where asked for."""
+    if not reporting.quiet:
+        console.print(format_table(figures), highlight=False, markup=False, soft_wrap=True)
+    if reporting.stats_json is not None:
+        _write(reporting.stats_json, "--stats-json", json.dumps(figures.to_json(), indent=2))
 
 
 def _process_identity(pid: int) -> str | None:

@@ -7,6 +7,10 @@ queue into the output as the sink does, handing each stream's events to its hand
 it sends only with a credit in hand, and reads every event as it comes, so a slow client or a full queue stalls
 no one else. Streams past the stages' ceiling are refused when opened; a stage's own refusal at capacity
 reaches the stream as `server_at_capacity`.
+
+A pipeline with replicas (`replicas`, `devices` in pipeline.yaml) runs as several chains of the stages after the
+capture, each with its own processes and queues; each new stream goes to the chain with the fewest streams, for its
+whole life. A chain that breaks fails its own streams only, and is replaced while the others serve on.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FuturesTimeout
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,10 +35,10 @@ import numpy as np
 import zmq
 from rich.console import Console
 
-from voxtral_run.runner.config import SOURCE, Pipeline, model_stage_ceiling, place_local_stages
+from voxtral_run.runner.config import SOURCE, Pipeline, model_stage_ceiling, place_local_stages, replica_pipelines
 from voxtral_run.runner.edges import EdgeSender, Policy
 from voxtral_run.runner.errors import RunnerError
-from voxtral_run.runner.metrics import RunFigures
+from voxtral_run.runner.metrics import LogHistogram, RunFigures
 from voxtral_run.runner.serve.hub import (
     ABORTED,
     DEFAULT_MAX_PENDING_S,
@@ -45,11 +51,12 @@ from voxtral_run.runner.serve.hub import (
 )
 from voxtral_run.runner.sink import check_event
 from voxtral_run.runner.stage_process import MAX_MESSAGES_PER_STEP, describe_exception
-from voxtral_run.runner.supervisor import Reporting, Supervisor
+from voxtral_run.runner.supervisor import Interrupted, Launcher, Reporting, StageState, Supervisor, report_figures
 from voxtral_run.runner.wire import MAX_INPUT_CHARS, MAX_MESSAGE_CHARS, Envelope, Kind, printable_line
 from voxtral_run.stages.audio.capture import DEFAULT_CHUNK_MS, MAX_STREAMS, frames_per_chunk
 from voxtral_run.stages.audio.constants import MS_PER_TOKEN, SAMPLE_RATE, delay_tokens
 from voxtral_run.stages.base import END, StreamEnd, StreamFailed
+from voxtral_run.stages.factory import cuda_device_count
 from voxtral_run.stages.text.tekken import TEKKEN_FILE, load_tekken
 
 DEFAULT_MAX_EVENTS = 1024  # events a stream may hold unread; past them its reader is too slow and it is dropped
@@ -68,6 +75,7 @@ class _Stream:
 
     handle: _PipelineHandle
     options: dict[str, Any]  # the wire options of its first message
+    chain: _Chain  # the replica it goes through, for its whole life
     audio: deque[tuple[np.ndarray, float]] = field(default_factory=deque)  # (samples, wall clock of arrival)
     pending: int = 0  # samples in `audio`
     sent: int = 0  # samples put on the wire
@@ -139,9 +147,29 @@ class _PipelineHandle(QueuedHandle):
             self._text_event(event, now)
 
 
+@dataclass
+class _Chain:
+    """One replica of the stages after the capture: its own processes (a supervisor) and queues, its streams, and
+    the streams whose turn to send it is."""
+
+    index: int
+    pipeline: Pipeline
+    capacity: int
+    supervisor: Supervisor | None = None
+    sender: EdgeSender | None = None  # the queue into its first stage, the worker's once the chain is up
+    state: str = "starting"  # then "up" (its queues linked: it takes streams) or "out" (broken, being replaced)
+    streams: set[str] = field(default_factory=set)
+    turns: deque[str] = field(default_factory=deque)  # its streams with a chunk or an end to send, taking turns
+    queued: set[str] = field(default_factory=set)  # the streams in `turns`
+
+    @property
+    def name(self) -> str:
+        return f"replica {self.index}"
+
+
 class PipelineHub(StreamHub):
-    """A pipeline's stages (from its pipeline.yaml, settings applied) started once, each in its own process, with
-    this process feeding the queue out of the capture and reading the one into the output."""
+    """A pipeline's stages (from its pipeline.yaml, settings applied) started once, each in its own process (one set
+    per replica), with this process feeding the queue out of the capture and reading the one into the output."""
 
     def __init__(
         self,
@@ -153,25 +181,31 @@ class PipelineHub(StreamHub):
         capacity: int | None = None,
         max_pending_s: float = DEFAULT_MAX_PENDING_S,
         max_events: int = DEFAULT_MAX_EVENTS,
+        launcher: Launcher | None = None,
     ) -> None:
         """Start the stages; return once each is ready and the queues linked (else RunnerError, nothing left running;
-        Interrupted on Ctrl-C). `capacity` (default: the model stages' max_streams) past theirs waits or is refused."""
+        Interrupted on Ctrl-C). `capacity` (default: the model stages' max_streams) is each replica's: past theirs a
+        stream waits or is refused. `launcher` starts the stage processes elsewhere (Ray) instead of here."""
         source_queue = next(queue for queue in pipeline.queues if queue.source == SOURCE)
         if source_queue.policy is not Policy.BLOCK:
             raise RunnerError(
                 f"queue {SOURCE} -> {source_queue.target}: policy {source_queue.policy.value} drops audio; serve "
                 "holds its clients back instead (policy block)"
             )
-        place_local_stages(pipeline, pipeline.chain())
+        chains = replica_pipelines(pipeline, launcher.gpu_count if launcher is not None else cuda_device_count)
+        for chain in chains:
+            if launcher is None:
+                place_local_stages(chain, chain.chain())
+            else:
+                launcher.place(chain)
         if capacity is None:
-            capacity = min(model_stage_ceiling(pipeline) or MAX_STREAMS, MAX_STREAMS)
+            capacity = min(model_stage_ceiling(chains[0]) or MAX_STREAMS, MAX_STREAMS)
         if isinstance(capacity, bool) or not isinstance(capacity, int) or not 1 <= capacity <= MAX_STREAMS:
             raise HubError("invalid_setting", f"capacity must be 1..{MAX_STREAMS}, got {capacity!r}")
         if not 0 < max_pending_s <= MAX_PENDING_S:
             raise HubError("invalid_setting", f"max_pending_s must be in (0, {MAX_PENDING_S:g}], got {max_pending_s!r}")
         if isinstance(max_events, bool) or not isinstance(max_events, int) or max_events < 1:
             raise HubError("invalid_setting", f"max_events must be a whole number >= 1, got {max_events!r}")
-        self._capacity = capacity
         self.max_pending_samples = round(max_pending_s * SAMPLE_RATE)
         self.max_events = max_events
         delay_ms = pipeline.delay_ms
@@ -179,36 +213,40 @@ class PipelineHub(StreamHub):
             delay_ms = load_tekken(Path(model_dir) / TEKKEN_FILE).audio.transcription_delay_ms
         self._default_delay_ms = round(delay_tokens(delay_ms) * MS_PER_TOKEN)
         self._chunk = frames_per_chunk(SAMPLE_RATE, pipeline.stages[SOURCE].params.get("chunk_ms", DEFAULT_CHUNK_MS))
-        self._supervisor = Supervisor(
-            pipeline,
-            local=pipeline.chain(),
-            model_dir=Path(model_dir),
-            sink=None,
-            console=console or Console(stderr=True),
-            reporting=dataclasses.replace(reporting, live_figures=True),
-            serve=True,
-        )
+        self._model_dir = Path(model_dir)
+        self._console = console or Console(stderr=True)
+        self._reporting = dataclasses.replace(reporting, live_figures=True)
+        self._launcher = launcher
+        self._check_s = pipeline.heartbeat_timeout_s / 4
         self._lock = threading.Condition()
+        self._chains = [_Chain(index, chain, capacity) for index, chain in enumerate(chains)]
+        self._started: deque[_Chain] = deque()  # chains started again, for the worker to take in
+        self._launches: deque[tuple[Supervisor, Future[None]]] = deque()  # replacements for the worker to spawn
+        self._restarts: list[threading.Thread] = []
         self._streams: dict[str, _Stream] = {}  # from opening until no stage holds it
-        self._turns: deque[str] = deque()  # streams with a chunk or an end to send, taking turns
-        self._queued: set[str] = set()  # the streams in _turns
         self._numbers = itertools.count()
         self._run = uuid.uuid4().hex[:8]  # stream ids are this hub's own: the queues refuse an id reused
         self._error = ""  # why no stream is taken: the hub failed or is shutting down
         self.failure: str | None = None  # why the hub failed (a stage died, a queue broke), for its owner
         self._asked = 0  # the latest request for the stages' reports (`held_streams`)
         self._answered = 0  # the latest request every stage answered
-        self._linked = threading.Event()  # both queues of this process are up: ready
+        self._linked = threading.Event()  # every chain's queues are up: ready
         self._stopping = threading.Event()
         self._stopped = threading.Event()
         self._wake_read, self._wake_write = socket.socketpair()
         self._wake_read.setblocking(False)
         self._wake_write.setblocking(False)
         try:
-            with self._supervisor.counting_signals():
-                self._supervisor.start()
+            for chain in self._chains:  # every chain's processes load at once; then each is waited for
+                chain.supervisor = self._supervisor(chain)
+                chain.supervisor.launch()
+            for chain in self._chains:
+                with chain.supervisor.counting_signals():
+                    chain.supervisor.await_ready()
         except BaseException:
-            self._supervisor.stop()
+            for chain in self._chains:
+                if chain.supervisor is not None:
+                    chain.supervisor.stop()
             self._close_wake()
             raise
         self._worker = threading.Thread(target=self._serve, name="voxtral-serve-pipeline", daemon=True)
@@ -218,6 +256,18 @@ class PipelineHub(StreamHub):
         except BaseException:
             self.close()
             raise
+
+    def _supervisor(self, chain: _Chain) -> Supervisor:
+        return Supervisor(
+            chain.pipeline,
+            local=chain.pipeline.chain(),
+            model_dir=self._model_dir,
+            sink=None,
+            console=self._console,
+            reporting=self._reporting,
+            serve=True,
+            launcher=self._launcher,
+        )
 
     def _wait_linked(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
@@ -238,16 +288,29 @@ class PipelineHub(StreamHub):
         with self._lock:
             return len(self._streams)
 
+    @property
+    def capacity(self) -> int:
+        """The most streams open at once: every replica's that takes streams now."""
+        return sum(chain.capacity for chain in self._chains if chain.state == "up")
+
+    @property
+    def _capacity(self) -> int:
+        return self.capacity
+
     async def open(self, options: StreamOptions) -> StreamHandle:
         loop = asyncio.get_running_loop()
         with self._lock:
-            self.refuse_if_full(self._error, len(self._streams))
+            up = [chain for chain in self._chains if chain.state == "up"]
+            self.refuse_if_full(self._error, sum(len(chain.streams) for chain in up))
+            # The replica with the fewest streams (each replica's figures are its own: it batches only them).
+            chain = min(up, key=lambda chain: len(chain.streams) / chain.capacity)
             stream_id = f"{self._run}-{next(self._numbers)}"
             handle = _PipelineHandle(self, stream_id, options, loop)
             wire_options: dict[str, Any] = {} if options.delay_ms is None else {"delay_ms": options.delay_ms}
             if options.label:
                 wire_options["input"] = printable_line(options.label, MAX_INPUT_CHARS)
-            self._streams[stream_id] = _Stream(handle, wire_options)
+            self._streams[stream_id] = _Stream(handle, wire_options, chain)
+            chain.streams.add(stream_id)
         return handle
 
     def close(self) -> None:
@@ -256,6 +319,8 @@ class PipelineHub(StreamHub):
             self._error = self._error or SHUTTING_DOWN
             handles = [stream.handle for stream in self._streams.values()]
             self._streams.clear()
+            for chain in self._chains:
+                chain.streams.clear()
         for handle in handles:
             _post(handle, handle._finish, StreamError("server_shutting_down", "the server is shutting down"))
         self._stopping.set()
@@ -265,22 +330,57 @@ class PipelineHub(StreamHub):
     # --- what the command and the tests read ---
 
     @property
+    def replicas(self) -> int:
+        """How many chains of the stages this hub runs."""
+        return len(self._chains)
+
+    def replica_of(self, stream_id: str) -> int | None:
+        """The replica a stream was routed to (None once it is over)."""
+        with self._lock:
+            stream = self._streams.get(stream_id)
+            return stream.chain.index if stream is not None else None
+
+    def stage_processes(self, replica: int = 0) -> dict[str, StageState]:
+        """The stage processes of one replica, by stage name."""
+        supervisor = self._chains[replica].supervisor
+        return dict(supervisor.stages) if supervisor is not None else {}
+
+    @property
     def ready_s(self) -> float:
-        """How long the stages took to be ready."""
-        return self._supervisor.ready_s or 0.0
+        """How long the stages took to be ready (the slowest replica)."""
+        return max(chain.supervisor.ready_s or 0.0 for chain in self._chains if chain.supervisor is not None)
 
     @property
     def stage_names(self) -> list[str]:
-        """The stages started, in data order."""
-        return list(self._supervisor.stages)
+        """The stages started, in data order (with their replica, where there are several)."""
+        return [name for chain in self._chains for name in self._named(chain, chain.supervisor.stages)]
+
+    def _named(self, chain: _Chain, values: dict[str, Any]) -> dict[str, Any]:
+        """A replica's stages by name, the name carrying the replica's number where there are several."""
+        if len(self._chains) == 1:
+            return dict(values)
+        return {f"{name}/{chain.index}": value for name, value in values.items()}
 
     def figures(self) -> RunFigures:
-        """The stages' latest figures and the latency of text at this end (for /metrics and the tables)."""
-        return self._supervisor.figures()
+        """The stages' latest figures, every replica's, and the latency of text at this end (for /metrics and the
+        tables)."""
+        parts = [(chain, chain.supervisor.figures()) for chain in self._chains if chain.supervisor is not None]
+        e2e = LogHistogram()
+        for _, part in parts:
+            e2e.merge(part.e2e)
+        return RunFigures(
+            stages={name: report for chain, part in parts for name, report in self._named(chain, part.stages).items()},
+            wall_s=max(part.wall_s for _, part in parts),
+            e2e=e2e,
+            delay_ms=parts[0][1].delay_ms,
+            clock_offsets={
+                name: offset for chain, part in parts for name, offset in self._named(chain, part.clock_offsets).items()
+            },
+        )
 
     def report(self) -> None:
         """Once closed: the table of figures (unless quiet) and the JSON figures where asked for."""
-        self._supervisor.report()
+        report_figures(self.figures(), self._reporting, self._console)
 
     def held_streams(self) -> list[str]:
         """What the stage processes keep of any stream now, from reports they send when asked: a line 'STAGE: PART
@@ -343,10 +443,15 @@ class PipelineHub(StreamHub):
             if stream is None:
                 return
             if stream.seq == 0 and not stream.input_closed:  # nothing of it went into the pipeline
-                del self._streams[stream_id]
+                self._forget(stream_id, stream)
                 return
             self._end_input(stream_id, stream, why)
         self._wake()
+
+    def _forget(self, stream_id: str, stream: _Stream) -> None:
+        """(Locked.) No stage holds the stream any more."""
+        del self._streams[stream_id]
+        stream.chain.streams.discard(stream_id)
 
     def _end_input(self, stream_id: str, stream: _Stream, why: str) -> None:
         """(Locked.) Replace what waits of a stream's input by its failure, sent before the other streams' turns."""
@@ -355,17 +460,19 @@ class PipelineHub(StreamHub):
         stream.audio.clear()
         stream.pending = 0
         stream.ending = (Kind.FAILED, printable_line(why, MAX_MESSAGE_CHARS))
-        if stream_id in self._queued:
-            self._turns.remove(stream_id)
-        self._queued.add(stream_id)
-        self._turns.appendleft(stream_id)
+        chain = stream.chain
+        if stream_id in chain.queued:
+            chain.turns.remove(stream_id)
+        chain.queued.add(stream_id)
+        chain.turns.appendleft(stream_id)
 
     def _queue(self, stream_id: str, stream: _Stream) -> bool:
         """(Locked.) Give the stream a turn if it has something to send and none yet; whether it got one."""
-        if stream_id in self._queued or not self._has_output(stream):
+        chain = stream.chain
+        if stream_id in chain.queued or not self._has_output(stream):
             return False
-        self._queued.add(stream_id)
-        self._turns.append(stream_id)
+        chain.queued.add(stream_id)
+        chain.turns.append(stream_id)
         return True
 
     def _has_output(self, stream: _Stream) -> bool:
@@ -387,43 +494,170 @@ class PipelineHub(StreamHub):
     # --- the worker ---
 
     def _serve(self) -> None:
-        """The worker: watch the stages, send what waits while the queue gives credit, route what comes out."""
-        supervisor = self._supervisor
-        sender = EdgeSender(supervisor.context, supervisor.source_edge, keys=supervisor.keys)
-        receiver = supervisor.sink_receiver
-        supervisor.poller.register(sender.socket, zmq.POLLIN)
-        supervisor.poller.register(self._wake_read.fileno(), zmq.POLLIN)
+        """The worker: watch every replica's stages, send what waits while its queue gives credit, route what comes
+        out; a broken replica fails its streams and is replaced (with one replica, the hub fails)."""
         asked = 0  # the latest request passed on to the stages
+        poller = zmq.Poller()
         try:
+            for chain in self._chains:
+                self._take_in(chain)
+            poller = self._poller()
             while not self._stopping.is_set():
-                events = supervisor.poll(None)
-                supervisor.check(events)
+                events = dict(poller.poll(int(self._check_s * 1000)))
                 if self._wake_read.fileno() in events:
                     self._drain_wake()
+                self._launch_waiting()
+                changed = self._take_started()
                 with self._lock:
                     wanted = self._asked
-                if wanted > asked:
-                    asked = wanted
-                    supervisor.ask_reports(asked)
+                for chain in self._chains:
+                    if chain.state == "out":
+                        continue
+                    try:
+                        chain.supervisor.check(events)
+                        if wanted > asked:
+                            chain.supervisor.ask_reports(wanted)
+                        receiver = chain.supervisor.sink_receiver
+                        if receiver.socket in events:
+                            self._route(receiver.receive_waiting(MAX_MESSAGES_PER_STEP))
+                        while chain.sender.can_send() and (envelope := self._next_envelope(chain)) is not None:
+                            chain.sender.send(envelope)
+                        if chain.state == "starting" and receiver.linked and chain.sender.can_send():
+                            chain.state = "up"
+                    except RunnerError as error:
+                        self._chain_failed(chain, str(error))
+                        changed = True
+                asked = max(asked, wanted)
                 self._note_answers()
-                if receiver.socket in events:
-                    self._route(receiver.receive_waiting(MAX_MESSAGES_PER_STEP))
-                while sender.can_send() and (envelope := self._next_envelope()) is not None:
-                    sender.send(envelope)
-                if not self._linked.is_set() and receiver.linked and sender.can_send():
+                if not self._linked.is_set() and all(chain.state == "up" for chain in self._chains):
                     self._linked.set()
+                if changed:
+                    poller = self._poller()
         except RunnerError as error:
             self._fail(str(error))
         except Exception as error:  # noqa: BLE001 - a bug here must still fail the streams and stop the stages
             self._fail(describe_exception(error))
         finally:
-            sender.close()
-            supervisor.stream_ended = time.time()
-            supervisor.stop()
+            for thread in self._restarts:
+                thread.join()
+            self._take_started()
+            for chain in self._chains:
+                self._stop_chain(chain)
             with self._lock:
                 self._stopped.set()
                 self._lock.notify_all()
             self._close_wake()
+
+    def _take_in(self, chain: _Chain) -> None:
+        """(Worker.) A chain whose stages are ready: open the queue into it; it takes streams once linked."""
+        chain.sender = EdgeSender(chain.supervisor.context, chain.supervisor.source_edge, keys=chain.supervisor.keys)
+
+    def _take_started(self) -> bool:
+        """(Worker.) Take in the chains started again since the last look; whether there were any."""
+        with self._lock:
+            started = list(self._started)
+            self._started.clear()
+        for chain in started:
+            if self._stopping.is_set():
+                chain.supervisor.stop()
+                continue
+            chain.state = "starting"
+            self._take_in(chain)
+        return bool(started)
+
+    def _poller(self) -> zmq.Poller:
+        """(Worker.) One poller over every live chain's sockets and processes, and the wake-up."""
+        poller = zmq.Poller()
+        poller.register(self._wake_read.fileno(), zmq.POLLIN)
+        for chain in self._chains:
+            if chain.state != "out":
+                for pollable, flags in chain.supervisor.poller.sockets:
+                    poller.register(pollable, flags)
+                poller.register(chain.sender.socket, zmq.POLLIN)
+        return poller
+
+    def _chain_failed(self, chain: _Chain, why: str) -> None:
+        """(Worker.) A replica broke: its streams fail; with others, it is replaced in the background while they
+        serve on; alone, the hub fails."""
+        if len(self._chains) == 1:
+            raise RunnerError(why)
+        message = f"{chain.name} failed: {why}"
+        self._console.print(f"voxtral-run: {message}; starting it again", markup=False, highlight=False)
+        with self._lock:
+            chain.state = "out"
+            handles = [self._streams.pop(stream_id).handle for stream_id in chain.streams]
+            chain.streams.clear()
+            chain.turns.clear()
+            chain.queued.clear()
+        for handle in handles:
+            _post(handle, handle._finish, StreamError("stream_failed", message))
+        chain.sender.close()
+        chain.sender = None
+        thread = threading.Thread(target=self._replace, args=(chain,), name=f"voxtral-serve {chain.name}", daemon=True)
+        self._restarts.append(thread)
+        thread.start()
+
+    def _replace(self, chain: _Chain) -> None:
+        """(A thread of its own.) Stop a broken replica's processes, have the worker start them again, and wait until
+        they are ready; then the worker takes the replica in. One that cannot start again stays out, and with none
+        left the hub fails."""
+        chain.supervisor.stop()
+        if self._stopping.is_set():
+            return
+        supervisor = self._supervisor(chain)
+        launched: Future[None] = Future()
+        with self._lock:
+            # The worker spawns them: a stage process dies with the thread that spawned it (PR_SET_PDEATHSIG).
+            self._launches.append((supervisor, launched))
+        self._wake()
+        try:
+            while not self._launched(launched):
+                if self._stopping.is_set():
+                    return
+            supervisor.await_ready()
+        except (RunnerError, Interrupted) as error:
+            supervisor.stop()
+            self._console.print(f"voxtral-run: {chain.name} did not start again: {error}", markup=False)
+            if all(other.state == "out" for other in self._chains):
+                self._fail(f"every replica failed ({chain.name}: {error})")
+                self._stopping.set()
+                self._wake()
+            return
+        chain.supervisor = supervisor
+        with self._lock:
+            self._started.append(chain)
+        self._wake()
+
+    def _launch_waiting(self) -> None:
+        """(Worker.) Spawn the processes of the replicas being replaced; a failure reaches `_replace` as theirs."""
+        with self._lock:
+            launches = list(self._launches)
+            self._launches.clear()
+        for supervisor, launched in launches:
+            try:
+                supervisor.launch()
+            except RunnerError as error:
+                launched.set_exception(error)
+            else:
+                launched.set_result(None)
+
+    @staticmethod
+    def _launched(launched: Future[None]) -> bool:
+        """Whether the worker spawned a replacement's processes (waiting a moment for it); RunnerError if it could
+        not."""
+        try:
+            launched.result(timeout=0.1)
+        except FuturesTimeout:
+            return False
+        return True
+
+    def _stop_chain(self, chain: _Chain) -> None:
+        if chain.sender is not None:
+            chain.sender.close()
+            chain.sender = None
+        if chain.supervisor is not None and chain.state != "out":
+            chain.supervisor.stream_ended = time.time()
+            chain.supervisor.stop()
 
     def _drain_wake(self) -> None:
         try:
@@ -434,24 +668,26 @@ class PipelineHub(StreamHub):
 
     def _note_answers(self) -> None:
         """Note the latest request for reports every stage has answered, waking `held_streams`."""
-        answered = min((state.answered for state in self._supervisor.stages.values()), default=self._asked)
+        live = [chain.supervisor for chain in self._chains if chain.state != "out"]
+        answered = min((state.answered for supervisor in live for state in supervisor.stages.values()), default=0)
         if answered > self._answered:
             with self._lock:
                 self._answered = answered
                 self._lock.notify_all()
 
-    def _next_envelope(self) -> Envelope | None:
-        """The next message to send: one of the stream whose turn it is (a chunk, or its end), which then goes to
-        the back if it has more; None when nothing waits."""
+    def _next_envelope(self, chain: _Chain) -> Envelope | None:
+        """The next message into a chain: one of the stream whose turn it is (a chunk, or its end), which then goes
+        to the back if it has more; None when nothing waits."""
         with self._lock:
-            while self._turns:
-                stream_id = self._turns.popleft()
-                self._queued.discard(stream_id)
+            while chain.turns:
+                stream_id = chain.turns.popleft()
+                chain.queued.discard(stream_id)
                 stream = self._streams.get(stream_id)
                 if stream is None or not self._has_output(stream):
                     continue
                 envelope = self._envelope(stream_id, stream)
-                self._queue(stream_id, stream)
+                if stream_id in self._streams:
+                    self._queue(stream_id, stream)
                 return envelope
             return None
 
@@ -468,7 +704,7 @@ class PipelineHub(StreamHub):
             envelope = Envelope(stream_id, stream.seq, time.time(), kind, message=message)
             stream.input_closed = True
             if stream.output_closed:
-                del self._streams[stream_id]
+                self._forget(stream_id, stream)
         if stream.seq == 0:
             envelope.options = stream.options
         stream.seq += 1
@@ -498,7 +734,7 @@ class PipelineHub(StreamHub):
         return (parts[0] if len(parts) == 1 else np.concatenate(parts)), arrived
 
     def _route(self, envelopes: list[Envelope]) -> None:
-        """Hand what came out of the last stage to the streams' handles: events, then each stream's end or its
+        """Hand what came out of a chain's last stage to the streams' handles: events, then each stream's end or its
         failure (whose input, if still open, then ends too); what comes for a stream given up on is dropped."""
         now = time.monotonic()
         outputs: dict[str, tuple[_PipelineHandle, list[Any]]] = {}
@@ -512,7 +748,7 @@ class PipelineHub(StreamHub):
                 items = outputs.setdefault(stream_id, (stream.handle, []))[1]
                 if envelope.kind is Kind.DATA:
                     items.append(envelope.item)
-                    self._supervisor.note_arrival(envelope)
+                    stream.chain.supervisor.note_arrival(envelope)
                     continue
                 stream.output_closed = True
                 if envelope.kind is Kind.FAILED:
@@ -522,7 +758,7 @@ class PipelineHub(StreamHub):
                 else:
                     items.append(END)
                 if stream.input_closed:
-                    del self._streams[stream_id]
+                    self._forget(stream_id, stream)
         for handle, items in outputs.values():
             _post(handle, handle._receive, items, now)
         if woken:
@@ -535,6 +771,8 @@ class PipelineHub(StreamHub):
             self._error = why
             handles = [stream.handle for stream in self._streams.values()]
             self._streams.clear()
+            for chain in self._chains:
+                chain.streams.clear()
         for handle in handles:
             _post(handle, handle._finish, StreamError("internal_error", f"the pipeline failed: {why}"))
 

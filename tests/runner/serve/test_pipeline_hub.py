@@ -152,7 +152,7 @@ def test_a_dead_stage_fails_the_open_streams_and_the_hub_is_not_ready(tmp_path, 
         handle = await hub.open(StreamOptions())
         await send_all(handle, speechlike_audio(0.5, seed=5))
         assert isinstance(await handle.next_event(), TextDelta)
-        os.kill(hub._supervisor.stages["relay"].process.pid, signal.SIGKILL)
+        os.kill(hub.stage_processes()["relay"].process.pid, signal.SIGKILL)
         events = await events_of(handle)
         with pytest.raises(HubError) as refused:
             await hub.open(StreamOptions())
@@ -164,7 +164,7 @@ def test_a_dead_stage_fails_the_open_streams_and_the_hub_is_not_ready(tmp_path, 
         assert (error.code, error.message) == ("internal_error", f"the pipeline failed: {died}")
         assert not hub.ready and hub.failure == died
         assert refusal.code == "server_not_ready"
-        assert wait_for(lambda: not any(state.process.is_alive() for state in hub._supervisor.stages.values()))
+        assert wait_for(lambda: not any(state.process.is_alive() for state in hub.stage_processes().values()))
     finally:
         hub.close()
 
@@ -183,7 +183,7 @@ def test_the_queues_carry_streams_over_ipc_and_over_tcp_with_curve(tmp_path, tin
     pipeline.transport, pipeline.base_port = transport, free_port_block(3)
     hub = PipelineHub(pipeline, model_dir=tiny_model_dir)
     try:
-        assert hub._supervisor.source_edge.is_tcp == (transport == "tcp")  # tcp: the run's CURVE keys
+        assert hub._chains[0].supervisor.source_edge.is_tcp == (transport == "tcp")  # tcp: the run's CURVE keys
         audio = speechlike_audio(1.0, seed=7)
         events = asyncio.run(transcribe(hub, audio, chunk=500))
         assert list(events[-1].token_ids) == toy_ids(audio)
