@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import importlib.metadata
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -12,11 +13,21 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from voxtral_run.runner.config import LOOPBACK, SINK, SOURCE, load_pipeline, model_stage_ceiling, place_local_stages
+from voxtral_run.runner.config import (
+    LOOPBACK,
+    SINK,
+    SOURCE,
+    Pipeline,
+    load_pipeline,
+    model_stage_ceiling,
+    place_local_stages,
+    replica_pipelines,
+)
 from voxtral_run.runner.errors import RunnerError
+from voxtral_run.runner.ray_placement import LOCAL_CLUSTER, RayPlacement
 from voxtral_run.runner.security import KEYS_VARIABLE, CurveKeys, default_key_file, load_or_create_key_file
 from voxtral_run.runner.sink import LiveText, StreamTranscripts, TranscriptSink, transcript_name
-from voxtral_run.runner.supervisor import EXIT_FAILED, Reporting, Supervisor
+from voxtral_run.runner.supervisor import EXIT_FAILED, Launcher, Reporting, Supervisor
 from voxtral_run.runner.wire import MAX_INPUT_CHARS, printable_line
 from voxtral_run.stages.audio.capture import MAX_STREAMS, expand_inputs, inspect_capture
 from voxtral_run.stages.audio.constants import MAX_DELAY_MS, MIN_DELAY_MS
@@ -56,6 +67,17 @@ transcribed so far; a second Ctrl-C stops at once.
 """
 MAX_PORT = 65535
 MIN_STATS_EVERY_S = 0.1
+RAY_ADDRESS = re.compile(r"^(auto|local|ray://\S+|[\w.\-]+:\d+)$")
+
+RayOption = Annotated[
+    str | None,
+    typer.Option(
+        "--ray",
+        metavar="[ADDRESS]",
+        help="Start every stage as an actor of a Ray cluster (pip install 'voxtral-run[ray]'): at ADDRESS "
+        "(host:port, ray://..., auto), or Ray's default without one. `host` names a node's custom resource.",
+    ),
+]
 
 app = typer.Typer(add_completion=False, rich_markup_mode=None, context_settings={"help_option_names": ["-h", "--help"]})
 
@@ -280,6 +302,7 @@ def run(
             f"Default: ${KEYS_VARIABLE}, else ~/.config/voxtral-run/curve.key.",
         ),
     ] = None,
+    ray: RayOption = None,
     list_devices: Annotated[bool, typer.Option("--list-devices", help="List microphones and exit.")] = False,
     quiet: Annotated[
         bool, typer.Option("--quiet", "-q", help="No start-up line, progress bar or table of figures.")
@@ -315,6 +338,10 @@ def run(
             config.model = model
         if delay_ms is not None:
             config.delay_ms = delay_ms
+        if ray is not None and stages is not None:
+            raise RunnerError("--ray places every stage itself; leave out --stages")
+        if len(replica_pipelines(config)) > 1:
+            raise RunnerError("replicas: a run of files uses one chain; voxtral-run serve routes streams to replicas")
         local = _local_nodes(stages, config.chain())
         capture = config.stages[SOURCE].params
         several = _several_inputs(capture.get("input"))
@@ -323,7 +350,11 @@ def run(
         duration_s = _check_capture(capture) if SOURCE in local else None
         if SINK in local and several:
             format = _stream_outputs(format, output, capture.get("input"))
-        place_local_stages(config, local)
+        launcher = _ray_launcher(ray, config)
+        if launcher is None:
+            place_local_stages(config, local)
+        else:
+            launcher.place(config)
         if several and "streams" not in capture and (ceiling := model_stage_ceiling(config)) is not None:
             # Past the model stages' ceiling a stream waits there with its input held: start no more at once.
             capture["streams"] = min(ceiling, MAX_STREAMS)
@@ -357,6 +388,7 @@ def run(
             console=console,
             reporting=reporting,
             keys=deployment_keys,
+            launcher=launcher,
         )
         status = supervisor.run()
     except (RunnerError, StageError) as error:
@@ -424,6 +456,7 @@ def serve(
         Path | None,
         typer.Option(metavar="FILE", help="Write the figures (per stage and end to end) to FILE as JSON on exit."),
     ] = None,
+    ray: RayOption = None,
     quiet: Annotated[
         bool, typer.Option("--quiet", "-q", help="No start-up progress, ready line or table of figures.")
     ] = False,
@@ -449,16 +482,40 @@ def serve(
             config.delay_ms = delay_ms
         model_dir = resolve_model(config.model)
         reporting = Reporting(stats_every_s=stats_every, stats_json=stats_json, quiet=quiet)
-        status = serve_pipeline(config, model_dir=model_dir, host=host, port=port, console=console, reporting=reporting)
+        status = serve_pipeline(
+            config,
+            model_dir=model_dir,
+            host=host,
+            port=port,
+            console=console,
+            reporting=reporting,
+            launcher=_ray_launcher(ray, config),
+        )
     except (RunnerError, StageError) as error:
         console.print(f"voxtral-run: error: {error}", soft_wrap=True, markup=False)
         raise typer.Exit(EXIT_FAILED) from None
     raise typer.Exit(status)
 
 
+def _ray_launcher(address: str | None, pipeline: Pipeline) -> Launcher | None:
+    """With --ray, the stages' launcher on that cluster (Ray imported only then)."""
+    if address is None:
+        return None
+    return RayPlacement(address, pipeline.startup_timeout_s)
+
+
+def _with_ray_address(args: list[str]) -> list[str]:
+    """`--ray` takes an optional address: a bare `--ray` (nothing after it that looks like one) means Ray's default."""
+    args = list(args)
+    for index, arg in enumerate(args):
+        if arg == "--ray" and not (index + 1 < len(args) and RAY_ADDRESS.match(args[index + 1])):
+            args[index] = f"--ray={LOCAL_CLUSTER}"
+    return args
+
+
 def main() -> None:
     """Console-script entry point: `voxtral-run serve ...` serves, anything else is a run."""
     if sys.argv[1:2] == ["serve"]:
-        serve_app(args=sys.argv[2:], prog_name="voxtral-run serve")
+        serve_app(args=_with_ray_address(sys.argv[2:]), prog_name="voxtral-run serve")
     else:
-        app()
+        app(args=_with_ray_address(sys.argv[1:]))

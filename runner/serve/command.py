@@ -22,7 +22,7 @@ from voxtral_run.runner.prometheus import RunCollector
 from voxtral_run.runner.serve.app import create_app, uvicorn_config
 from voxtral_run.runner.serve.pipeline_hub import PipelineHub
 from voxtral_run.runner.serve.settings import ServeSettings
-from voxtral_run.runner.supervisor import EXIT_INTERRUPTED, EXIT_OK, Interrupted, Reporting
+from voxtral_run.runner.supervisor import EXIT_INTERRUPTED, EXIT_OK, Interrupted, Launcher, Reporting
 
 WATCH_S = 0.1  # how often the serving loop looks for a signal, a failed pipeline or a table due
 # Once the open streams have their last event, how long their sessions have to send it before the connections close.
@@ -81,6 +81,7 @@ def serve(
     port: int,
     console: Console,
     reporting: Reporting,
+    launcher: Launcher | None = None,
 ) -> int:
     """Serve until Ctrl-C or SIGTERM; the exit status. RunnerError (one line, nothing left running) when the address
     is taken, the stages cannot start, or the pipeline fails while serving."""
@@ -93,7 +94,7 @@ def serve(
     hub: PipelineHub | None = None
     try:
         with listen(host, port) as listener:
-            hub = PipelineHub(pipeline, model_dir=model_dir, console=console, reporting=reporting)
+            hub = PipelineHub(pipeline, model_dir=model_dir, console=console, reporting=reporting, launcher=launcher)
             if signals.count:  # while the queues were linking
                 return EXIT_INTERRUPTED
             asyncio.run(_serve_until_stopped(hub, listener, settings, signals, console, reporting))

@@ -606,13 +606,16 @@ class PipelineHub(StreamHub):
             return
         supervisor = self._supervisor(chain)
         launched: Future[None] = Future()
-        with self._lock:
-            # The worker spawns them: a stage process dies with the thread that spawned it (PR_SET_PDEATHSIG).
-            self._launches.append((supervisor, launched))
-        self._wake()
+        if self._launcher is None:
+            with self._lock:
+                # The worker spawns them: a stage process dies with the thread that spawned it (PR_SET_PDEATHSIG).
+                self._launches.append((supervisor, launched))
+            self._wake()
+        else:  # a launcher's actors outlive this thread, and placing them takes a while: not the worker's time
+            self._launch(supervisor, launched)
         try:
             while not self._launched(launched):
-                if self._stopping.is_set():
+                if self._stopping.is_set() and launched.cancel():  # else it was launched: stopped with the others
                     return
             supervisor.await_ready()
         except (RunnerError, Interrupted) as error:
@@ -634,12 +637,19 @@ class PipelineHub(StreamHub):
             launches = list(self._launches)
             self._launches.clear()
         for supervisor, launched in launches:
-            try:
-                supervisor.launch()
-            except RunnerError as error:
-                launched.set_exception(error)
-            else:
-                launched.set_result(None)
+            self._launch(supervisor, launched)
+
+    @staticmethod
+    def _launch(supervisor: Supervisor, launched: Future[None]) -> None:
+        """Start a replacement's processes, telling `launched` how it went (unless the hub stopped and cancelled it)."""
+        if not launched.set_running_or_notify_cancel():
+            return
+        try:
+            supervisor.launch()
+        except RunnerError as error:
+            launched.set_exception(error)
+        else:
+            launched.set_result(None)
 
     @staticmethod
     def _launched(launched: Future[None]) -> bool:

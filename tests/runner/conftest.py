@@ -6,9 +6,11 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import pytest
 import soundfile
 import yaml
 
@@ -98,3 +100,46 @@ def write_noise_wav(path: Path, seconds: float, rate: int = 16000, channels: int
         path, (rng.standard_normal((int(seconds * rate), channels)) * 0.1).astype(np.float32), rate, "PCM_16"
     )
     return path
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[str]:
+    """A Ray cluster of two nodes on this machine (Ray's own test utility), `host_a` and `host_b` as custom
+    resources, its address; shut down after the session, leaving no Ray process."""
+    ray = pytest.importorskip("ray")
+    from ray.cluster_utils import Cluster
+
+    # Ray's worker processes import the toy stages from the repository.
+    previous = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), previous]))
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 8, "resources": {"host_a": 1}})
+    cluster.add_node(num_cpus=8, resources={"host_b": 1})
+    cluster.wait_for_nodes()
+    address = cluster.address
+    ray.init(address=address, include_dashboard=False, log_to_driver=False)
+    try:
+        yield address
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+        if previous is None:
+            del os.environ["PYTHONPATH"]
+        else:
+            os.environ["PYTHONPATH"] = previous
+        assert not _ray_processes(address), "Ray processes left after the cluster's shutdown"
+
+
+def _ray_processes(address: str) -> list[int]:
+    """Live processes whose command line names the cluster's address (its raylets, GCS, workers)."""
+    deadline = time.monotonic() + 10
+    while True:
+        found = []
+        for entry in Path("/proc").iterdir():
+            try:
+                if entry.name.isdigit() and address.encode() in (entry / "cmdline").read_bytes():
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+        if not found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.2)
