@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from voxtral_run.stages.kernels.fp8_cache import store_fp8
 from voxtral_run.stages.kernels.matvec import Heads, Norm, matvec, matvec_available
 from voxtral_run.stages.kernels.overlap import DEFAULT_OVERLAP, Overlap
 from voxtral_run.stages.kernels.position_inputs import fused_position_inputs, position_inputs_available
@@ -17,6 +18,7 @@ from voxtral_run.stages.kernels.rows_matmul import rows_matmul, rows_matmul_avai
 from voxtral_run.stages.kernels.step_attention import MAX_ROWS, step_attention, step_attention_available
 from voxtral_run.stages.model.cache import PAGE_SLOTS, KVCache
 from voxtral_run.stages.model.decoder import TextDecoder
+from voxtral_run.stages.model.fp8 import Fp8Linear, dequantize
 from voxtral_run.stages.model.layers import Block, RotaryEmbedding, position_inputs
 
 # Queries [heads, T, head_dim], keys and values [T, kv_heads, head_dim]: one row's attention operands.
@@ -28,10 +30,16 @@ def fused_kernels_available(device: torch.device) -> bool:
     return matvec_available(device) and rows_matmul_available(device)
 
 
+def channel_scales(linear: nn.Module) -> torch.Tensor | None:
+    """The per-output-channel scales of an 8-bit linear layer's weight; None for a 16- or 32-bit one."""
+    return linear.weight_scale if isinstance(linear, Fp8Linear) else None
+
+
 def fused_product(
     x: torch.Tensor,
     weight: torch.Tensor,
     *,
+    weight_scale: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
     norm: Norm | None = None,
     swiglu: bool = False,
@@ -40,9 +48,14 @@ def fused_product(
     prefetch: torch.Tensor | None = None,
     overlap: Overlap = DEFAULT_OVERLAP,
 ) -> torch.Tensor:
-    """A step's product with its fused work: `matvec` for one row without a bias (the decoder's), the tensor-core
-    `rows_matmul` otherwise (the encoder's 4 rows)."""
-    product = matvec if x.shape[0] == 1 and bias is None else functools.partial(rows_matmul, bias=bias)
+    """A step's product with its fused work: `matvec` for one row without a bias (the decoder's, whose weight may
+    be 8-bit with its `weight_scale`), the tensor-core `rows_matmul` otherwise (the encoder's 4 rows)."""
+    if x.shape[0] == 1 and bias is None:
+        product = functools.partial(matvec, weight_scale=weight_scale)
+    elif weight_scale is None:
+        product = functools.partial(rows_matmul, bias=bias)
+    else:
+        raise ValueError("fused_product: 8-bit weights take one row without a bias")
     return product(
         x, weight, norm=norm, swiglu=swiglu, residual=residual, heads=heads, prefetch=prefetch, overlap=overlap
     )
@@ -59,15 +72,20 @@ def sdpa_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bi
 
 def attend(
     q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor, pages: torch.Tensor,
-    overlap: Overlap,
+    overlap: Overlap, scales: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """Attention of queries [B, heads, T, head_dim] over the KV pool's slots `keys`, `values` [slots, kv_heads,
-    head_dim] through each row's `pages` [B, span / PAGE_SLOTS], with bias [B, T, span] -> [B, heads, T,
-    head_dim]: the split-key Triton kernel for a step's few query rows; else the pages gathered for SDPA."""
+    head_dim] (e4m3 with `scales` [slots, kv_heads] in an FP8 pool) through each row's `pages` [B, span /
+    PAGE_SLOTS], with bias [B, T, span] -> [B, heads, T, head_dim]: the split-key Triton kernel for a step's few
+    query rows; else the pages gathered (and dequantized) for SDPA."""
     if q.shape[1] // keys.shape[1] * q.shape[2] <= MAX_ROWS and step_attention_available(q.device):
-        return step_attention(q, keys, values, bias, overlap, pages=pages)
+        return step_attention(q, keys, values, bias, overlap, pages=pages, scales=scales)
     batch = (pages.shape[0], bias.shape[-1], *keys.shape[1:])
-    gathered = [t.unflatten(0, (-1, PAGE_SLOTS))[pages].view(batch) for t in (keys, values)]
+    gathered = [t.unflatten(0, (-1, PAGE_SLOTS))[pages] for t in (keys, values)]
+    if scales is not None:
+        paged_scales = [s.unflatten(0, (-1, PAGE_SLOTS))[pages] for s in scales]
+        gathered = [dequantize(t, s, q.dtype) for t, s in zip(gathered, paged_scales, strict=True)]
+    gathered = [t.view(batch) for t in gathered]
     return torch.stack([sdpa_attention(q[b], gathered[0][b], gathered[1][b], bias[b]) for b in range(q.shape[0])])
 
 
@@ -81,6 +99,7 @@ def attention_inputs(
     qkv = fused_product(
         x,
         attention.wqkv.weight,
+        weight_scale=channel_scales(attention.wqkv),
         bias=attention.wqkv.bias,
         norm=Norm(norm.weight, norm.eps),
         heads=Heads(rotations, heads * head_dim, kv_heads * head_dim, head_dim, slot_buffers),
@@ -105,12 +124,18 @@ def attention_output_and_ffn(
     next product's weight into L2; the last, `following` (the next block's q/k/v weight)."""
     wo, ffn = block.attention.wo, block.feed_forward
     x = fused_product(
-        attended.transpose(0, 1).flatten(1), wo.weight, bias=wo.bias, residual=x, prefetch=ffn.w13.weight,
-        overlap=overlap,
+        attended.transpose(0, 1).flatten(1), wo.weight, weight_scale=channel_scales(wo), bias=wo.bias, residual=x,
+        prefetch=ffn.w13.weight, overlap=overlap,
     )  # fmt: skip
     norm = Norm(block.ffn_norm.weight, block.ffn_norm.eps, ffn_scale)
-    hidden = fused_product(x, ffn.w13.weight, norm=norm, swiglu=True, prefetch=ffn.w2.weight, overlap=overlap)
-    return fused_product(hidden, ffn.w2.weight, bias=ffn.w2.bias, residual=x, prefetch=following, overlap=overlap)
+    hidden = fused_product(
+        x, ffn.w13.weight, weight_scale=channel_scales(ffn.w13), norm=norm, swiglu=True, prefetch=ffn.w2.weight,
+        overlap=overlap,
+    )  # fmt: skip
+    return fused_product(
+        hidden, ffn.w2.weight, weight_scale=channel_scales(ffn.w2), bias=ffn.w2.bias, residual=x, prefetch=following,
+        overlap=overlap,
+    )  # fmt: skip
 
 
 class FusedBlocks:
@@ -147,8 +172,13 @@ class FusedBlocks:
         rows, slots = x[0], cache.slots[0]
         for index, (block, scale) in enumerate(zip(self.blocks, scales, strict=True)):
             keys, values = cache.layer_slots(index)
-            q, _, _ = attention_inputs(block, rows, rotations[:, 0], (keys, values, slots), self.overlap)
-            attended = attend(q[None], keys, values, bias, cache.pages, self.overlap)[0]
+            kv_scales = cache.layer_scales(index)
+            # A 16-bit cache is written by the q/k/v kernel itself; an 8-bit one by a kernel of its own.
+            slot_buffers = (keys, values, slots) if kv_scales is None else None
+            q, k, v = attention_inputs(block, rows, rotations[:, 0], slot_buffers, self.overlap)
+            if kv_scales is not None:
+                store_fp8(k, v, (keys, values), kv_scales, slots)
+            attended = attend(q[None], keys, values, bias, cache.pages, self.overlap, kv_scales)[0]
             scale = None if scale is None else scale.reshape(-1)
             rows = attention_output_and_ffn(block, rows, attended, scale, self.following[index], self.overlap)
         return rows[None]
@@ -167,10 +197,15 @@ class FusedBlocks:
         qk = RotaryEmbedding.apply(qk.view(batch, length, heads + kv_heads, head_dim), rotations)
         q, k = qk.split((heads, kv_heads), dim=2)
         keys, values = cache.layer_slots(index)
+        kv_scales = cache.layer_scales(index)
         slots = cache.slots.flatten()
-        keys.index_copy_(0, slots, k.flatten(0, 1))
-        values.index_copy_(0, slots, v.reshape(-1, kv_heads, head_dim))
-        attended = attend(q.transpose(1, 2), keys, values, bias, cache.pages, self.overlap)
+        k, v = k.flatten(0, 1), v.reshape(-1, kv_heads, head_dim)
+        if kv_scales is None:
+            keys.index_copy_(0, slots, k)
+            values.index_copy_(0, slots, v)
+        else:
+            store_fp8(k, v, (keys, values), kv_scales, slots)
+        attended = attend(q.transpose(1, 2), keys, values, bias, cache.pages, self.overlap, kv_scales)
         x = x + attention.wo(attended.transpose(1, 2).flatten(2))
         h = block.ffn_norm(x)
         return x + block.feed_forward(h if scale is None else h * scale)

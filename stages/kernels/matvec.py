@@ -22,6 +22,7 @@ from voxtral_run.stages.kernels.overlap import (
     uses_pdl,
 )
 from voxtral_run.stages.kernels.step_attention import step_attention_available
+from voxtral_run.stages.model.fp8 import FP8
 
 try:
     import triton
@@ -84,15 +85,17 @@ def matvec_available(device: torch.device) -> bool:
     return step_attention_available(device)
 
 
-def matvec_config(n: int, k: int, device: torch.device, normed: bool, swiglu: bool) -> MatvecConfig:
+def matvec_config(n: int, k: int, device: torch.device, normed: bool, swiglu: bool, fp8: bool = False) -> MatvecConfig:
     """The launch for an [n, k] product, the fastest of `tools.bench_products --sweep` (figures in
     docs/PERFORMANCE.md): one output column per program (thousands of programs keep the most reads in flight),
     or four when every program first reads the input for the norm, which more columns amortise; SwiGLU's two
     columns a program over the whole row as one tile, padded to a power of two and all of it loaded before the
     program waits for its predecessor. Other tiles are powers of two that divide k, so no load needs a mask.
     Triton's CPU interpreter runs programs one by one in Python, so there a program takes up to 128 columns (a
-    tiny vocabulary's LM head is then a few programs, not hundreds)."""
-    tile, warps = min(NORMED_BLOCK_K if normed else BLOCK_K, k & -k), 4 if normed else 8
+    tiny vocabulary's LM head is then a few programs, not hundreds). An 8-bit weight's tiles are twice as wide:
+    the same bytes a load (not yet tuned on a GPU)."""
+    widest = (NORMED_BLOCK_K if normed else BLOCK_K) * (2 if fp8 else 1)
+    tile, warps = min(widest, k & -k), 4 if normed else 8
     if device.type != "cuda":
         return MatvecConfig(min(1 << (n - 1).bit_length(), 128), tile, warps)
     if swiglu:
@@ -112,17 +115,21 @@ def matvec(
     prefetch: torch.Tensor | None = None,
     overlap: Overlap = DEFAULT_OVERLAP,
     config: MatvecConfig | None = None,
+    weight_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """x [1, K] times weight [N, K]^T, rounded where eager rounds: `residual + F.linear(h, weight)` with
     h = x or `norm`'s `rms_norm(x) * scale`; with `swiglu`, the weight is [w1; w3] and the result
     `silu(gate) * up` [1, N / 2]; with `gelu`, `F.gelu` of the product; with `heads`, RoPE and the cache writes
     of a q/k/v product. `prefetch` is the next product's weight, started into L2 under `overlap` (see
-    `kernel_overlap`). `config` overrides `matvec_config` (benchmarks)."""
+    `kernel_overlap`). `config` overrides `matvec_config` (benchmarks). An e4m3 weight comes with its scales
+    [N] (`weight_scale`, as `Fp8Linear` keeps them): each column's float32 sum times its scale, then rounded."""
     if x.shape[0] != 1 or not weight.is_contiguous():
         raise ValueError(f"matvec: takes one row and a contiguous weight, got an input of shape {list(x.shape)}")
+    if (weight.dtype == FP8) != (weight_scale is not None):
+        raise ValueError("matvec: an e4m3 weight, and only one, comes with its scales")
     k = x.shape[1]
     n = weight.shape[0] // 2 if swiglu else weight.shape[0]
-    config = config or matvec_config(n, k, x.device, norm is not None, swiglu)
+    config = config or matvec_config(n, k, x.device, norm is not None, swiglu, weight_scale is not None)
     if (
         config.block_n & (config.block_n - 1)
         or (k % config.block_k and config.block_k < k)
@@ -143,12 +150,14 @@ def matvec(
             absent if norm is None else norm.weight,
             absent if norm is None or norm.scale is None else norm.scale.reshape(-1),
             absent if residual is None else residual.contiguous(),
+            absent if weight_scale is None else weight_scale,
             out,
             absent if share is None else share.tensor, 0 if share is None else share.total,
             0 if share is None else share.chunk,
             norm.eps if norm is not None else 0.0,
             N=n, K=k, NORM=norm is not None, SCALE=norm is not None and norm.scale is not None,
-            SWIGLU=swiglu, GELU=gelu, RESIDUAL=residual is not None, BLOCK_N=config.block_n,
+            SWIGLU=swiglu, GELU=gelu, RESIDUAL=residual is not None, W_SCALE=weight_scale is not None,
+            BLOCK_N=config.block_n,
             BLOCK_K=config.block_k, PREFETCH=share is not None, EARLY=overlap.early_weights, PDL=pdl,
             **heads_arguments(heads, 1, absent),
             num_warps=config.num_warps, **launch_options(pdl),
@@ -186,12 +195,12 @@ if triton is not None:
 
     @triton.jit
     def _matvec(
-        x_ptr, w_ptr, norm_ptr, scale_ptr, residual_ptr, out_ptr, prefetch_ptr, prefetch_total, prefetch_chunk,
-        eps, rot_ptr, keys_ptr, values_ptr, slots_ptr,
+        x_ptr, w_ptr, norm_ptr, scale_ptr, residual_ptr, w_scale_ptr, out_ptr, prefetch_ptr, prefetch_total,
+        prefetch_chunk, eps, rot_ptr, keys_ptr, values_ptr, slots_ptr,
         N: tl.constexpr, K: tl.constexpr, NORM: tl.constexpr, SCALE: tl.constexpr, SWIGLU: tl.constexpr,
-        GELU: tl.constexpr, RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        PREFETCH: tl.constexpr, EARLY: tl.constexpr, PDL: tl.constexpr, ROPE: tl.constexpr, CACHE: tl.constexpr,
-        Q_DIM: tl.constexpr, KV_DIM: tl.constexpr, HEAD_DIM: tl.constexpr,
+        GELU: tl.constexpr, RESIDUAL: tl.constexpr, W_SCALE: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr, EARLY: tl.constexpr, PDL: tl.constexpr, ROPE: tl.constexpr,
+        CACHE: tl.constexpr, Q_DIM: tl.constexpr, KV_DIM: tl.constexpr, HEAD_DIM: tl.constexpr,
     ):  # fmt: skip
         dtype = out_ptr.dtype.element_ty
         prefetch_to_l2(prefetch_ptr, prefetch_total, prefetch_chunk, tl.program_id(0), PREFETCH)
@@ -229,11 +238,17 @@ if triton is not None:
             acc += h * tl.load(w_ptr + offsets, eviction_policy="evict_first").to(tl.float32)
             if SWIGLU:
                 acc_up += h * tl.load(w_ptr + N * K + offsets, eviction_policy="evict_first").to(tl.float32)
-        y = tl.sum(acc, 1).to(dtype)
+        y = tl.sum(acc, 1)
+        up = tl.sum(acc_up, 1)
+        if W_SCALE:  # an 8-bit weight's columns: their sums times their scales, before the one rounding
+            y = y * tl.load(w_scale_ptr + w_cols)
+            if SWIGLU:
+                up = up * tl.load(w_scale_ptr + N + w_cols)
+        y = y.to(dtype)
         if SWIGLU:
             gate = y.to(tl.float32)
             silu = (gate / (1.0 + tl.exp(-gate))).to(dtype)
-            y = (silu.to(tl.float32) * tl.sum(acc_up, 1).to(dtype).to(tl.float32)).to(dtype)
+            y = (silu.to(tl.float32) * up.to(dtype).to(tl.float32)).to(dtype)
         if GELU:
             # torch's erf GELU in float32 on the rounded product, in its order of operations.
             g = y.to(tl.float32)

@@ -75,6 +75,7 @@ def step_attention(
     bias: torch.Tensor,
     overlap: Overlap = DEFAULT_OVERLAP,
     pages: torch.Tensor | None = None,
+    scales: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """What `Attention.attend` computes, for queries [heads, T, head_dim] with heads // kv_heads * T <= 16:
     keys and values [S, kv_heads, head_dim], additive `bias` [T, S]. -> [heads, T, head_dim]. Under `overlap`
@@ -83,7 +84,11 @@ def step_attention(
 
     Batched over a KV pool's pages when `pages` [B, S / BLOCK_KEYS] is given: queries [B, heads, T, head_dim],
     keys and values the pool's slots [pages * BLOCK_KEYS, kv_heads, head_dim], bias [B, T, S] -> [B, heads, T,
-    head_dim]; row b's key j is slot pages[b, j // BLOCK_KEYS] * BLOCK_KEYS + j % BLOCK_KEYS."""
+    head_dim]; row b's key j is slot pages[b, j // BLOCK_KEYS] * BLOCK_KEYS + j % BLOCK_KEYS.
+
+    With `scales`, keys and values are e4m3 and each slot's KV head has a float32 scale in the key and value
+    scales [S (or slots), kv_heads] (see `fp8.quantize`): the scores are scaled by the keys' and the softmax
+    weights by the values', the e4m3 tiles themselves being exact in the products' operand type."""
     batched = pages is not None
     if not batched:
         q, bias = q[None], bias[None]
@@ -103,13 +108,14 @@ def step_attention(
     out = torch.empty(batch, length, heads, head_dim, dtype=q.dtype, device=q.device).transpose(1, 2)
     # Triton launches on the current device; a stage may live on another GPU than that.
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
-        _launch(q, keys, values, bias, pages, partial, stats, out, n_keys, splits, per_split, overlap)
+        _launch(q, keys, values, bias, pages, scales, partial, stats, out, n_keys, splits, per_split, overlap)
     return out if batched else out[0]
 
 
 def _launch(
-    q, keys, values, bias, pages, partial, stats, out, n_keys: int, splits: int, per_split: int, overlap: Overlap
-) -> None:
+    q, keys, values, bias, pages, scales, partial, stats, out, n_keys: int, splits: int, per_split: int,
+    overlap: Overlap,
+) -> None:  # fmt: skip
     """The kernel, on the current device."""
     batch, heads, length, head_dim = q.shape
     kv_heads = keys.shape[1]
@@ -123,12 +129,14 @@ def _launch(
     prefetch = pages is None and overlap.prefetch_bytes > 0 and overlap_supported(q.device) and all(
         t.is_contiguous() and t.data_ptr() % PREFETCH_ALIGNMENT == 0 for t in (keys, values)
     )  # fmt: skip
+    key_scales, value_scales = (keys, keys) if scales is None else (s.contiguous() for s in scales)
     _split_attention[(kv_heads, splits, batch)](
-        q, keys, values, bias, keys if pages is None else pages, partial, stats, out, split_tickets(q.device),
+        q, keys, values, bias, keys if pages is None else pages, key_scales, value_scales, partial, stats, out,
+        split_tickets(q.device),
         *strides, n_keys, per_split, 1 / math.sqrt(head_dim), **dot_operand_types(q), LOG2_E=LOG2_E,
         ROWS=MAX_ROWS, BLOCK=BLOCK_KEYS, PREFETCH=prefetch, PDL=pdl, PAGED=pages is not None, LENGTH=length,
         GROUP=group, HEAD_DIM=head_dim, MERGE_SLICES=MERGE_SLICES, MERGE_ROWS=triton.next_power_of_2(group * length),
-        EMPTY_PAGE=EMPTY_PAGE,
+        EMPTY_PAGE=EMPTY_PAGE, FP8=scales is not None,
         num_warps=NUM_WARPS, **launch_options(pdl),
     )  # fmt: skip
 
@@ -147,13 +155,15 @@ if triton is not None:
     # values divisible by 16 and for 1), so every span runs the kernel compiled for the first.
     @triton.jit(do_not_specialize=["n_keys", "per_split"])
     def _split_attention(
-        q_ptr, k_ptr, v_ptr, bias_ptr, pages_ptr, partial_ptr, stats_ptr, out_ptr, ticket_ptr,
+        q_ptr, k_ptr, v_ptr, bias_ptr, pages_ptr, k_scale_ptr, v_scale_ptr, partial_ptr, stats_ptr, out_ptr,
+        ticket_ptr,
         q_batch_stride, q_head_stride, q_pos_stride, k_key_stride, k_head_stride, v_key_stride, v_head_stride,
         bias_batch_stride, bias_stride, out_batch_stride, out_head_stride, out_pos_stride, pages_stride,
         n_keys, per_split, scale,
         DOT: tl.constexpr, PRECISION: tl.constexpr, LOG2_E: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
         PREFETCH: tl.constexpr, PDL: tl.constexpr, PAGED: tl.constexpr, LENGTH: tl.constexpr, GROUP: tl.constexpr,
         HEAD_DIM: tl.constexpr, MERGE_SLICES: tl.constexpr, MERGE_ROWS: tl.constexpr, EMPTY_PAGE: tl.constexpr,
+        FP8: tl.constexpr,
     ):  # fmt: skip
         """One batch row's KV head's query rows (row = group member * LENGTH + position) over one slice of the
         keys (through the row's page table when PAGED): the unnormalised output, the running maximum and the
@@ -200,12 +210,20 @@ if triton is not None:
                             mask=inside[:, None], other=0.0).to(DOT)  # fmt: skip
                 bias = tl.load(bias_ptr + pos[:, None] * bias_stride + key[None, :],
                                mask=live[:, None] & inside[None, :], other=float("-inf")).to(tl.float32)  # fmt: skip
-                scores = (tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale + bias) * LOG2_E
+                products = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+                if FP8:  # a key's scale multiplies its scores, a value's its softmax weights
+                    k_scale = tl.load(k_scale_ptr + slot * tl.num_programs(0) + kv_head, mask=inside, other=0.0)
+                    products = products * k_scale[None, :]
+                scores = (products * scale + bias) * LOG2_E
                 new_best = tl.maximum(best, tl.max(scores, 1))
                 weights = tl.exp2(scores - new_best[:, None])
                 decay = tl.exp2(best - new_best)
                 total = total * decay + tl.sum(weights, 1)
-                acc = acc * decay[:, None] + tl.dot(weights.to(DOT), v, input_precision=PRECISION)
+                value_weights = weights
+                if FP8:
+                    v_scale = tl.load(v_scale_ptr + slot * tl.num_programs(0) + kv_head, mask=inside, other=0.0)
+                    value_weights = weights * v_scale[None, :]
+                acc = acc * decay[:, None] + tl.dot(value_weights.to(DOT), v, input_precision=PRECISION)
                 best = new_best
         group_rows: tl.constexpr = GROUP * LENGTH
         at = (head_at * splits + split) * group_rows

@@ -6,7 +6,9 @@ a stream's page table maps its ring's pages to pages of the pool, allocated as t
 it ends: a short stream holds a few pages, a long one at most `capacity / PAGE_SLOTS`. The pool's tensors never
 move, so a step can be replayed as a CUDA graph, and attention reads each row's filled prefix, rounded up to a
 power of two (the span), until its ring wraps. A query attends to keys within its sliding window, itself
-included; slots no position filled yet are masked by their empty position.
+included; slots no position filled yet are masked by their empty position. A pool of dtype FP8 stores each
+key and value vector (a KV head's at one slot) in e4m3 with a float32 scale beside it (`fp8.quantize`): half
+the memory of bf16, read back within e4m3's rounding.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+
+from voxtral_run.stages.model.fp8 import FP8, dequantize, store_quantized
 
 PAGE_SLOTS = 64  # slots a page holds: attention's tile of keys, and the smallest span
 MIN_SPAN = PAGE_SLOTS  # the smallest prefix attention reads; spans double from here
@@ -35,8 +39,9 @@ def span_for(total_positions: int, capacity: int) -> int:
 
 
 def page_bytes(n_layers: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
-    """Bytes of keys and values one page holds, all layers."""
-    return 2 * n_layers * PAGE_SLOTS * n_kv_heads * head_dim * dtype.itemsize
+    """Bytes of keys and values one page holds, all layers (in FP8, their float32 scales included)."""
+    vector = head_dim * dtype.itemsize + (torch.float32.itemsize if dtype == FP8 else 0)
+    return 2 * n_layers * PAGE_SLOTS * n_kv_heads * vector
 
 
 def ring_capacity(window: int, block: int) -> int:
@@ -47,7 +52,8 @@ def ring_capacity(window: int, block: int) -> int:
 class KVPool:
     """Pages of keys and values [layers, pages, PAGE_SLOTS, kv_heads, head_dim] shared by up to `max_streams`
     rows, each with its page table and the positions its ring's slots hold; one more row, the scratch row, is
-    where a batch's padding rows compute."""
+    where a batch's padding rows compute. In FP8, `scales` holds the keys' and values' scales [layers, pages,
+    PAGE_SLOTS, kv_heads] (else None)."""
 
     def __init__(
         self,
@@ -72,7 +78,10 @@ class KVPool:
         # they are first handed out (`_fresh`), so a short-lived pool on a CPU commits only what it uses.
         self.keys = torch.empty(shape, dtype=dtype, device=device)
         self.values = torch.empty(shape, dtype=dtype, device=device)
-        for tensor in (self.keys, self.values):
+        self.scales = None
+        if dtype == FP8:
+            self.scales = tuple(torch.empty(shape[:-1], dtype=torch.float32, device=device) for _ in "kv")
+        for tensor in self._stored():
             tensor[:, :RESERVED_PAGES].zero_()
         self.table = torch.full((max_streams + 1, self.pages_per_stream), EMPTY_PAGE, dtype=torch.long, device=device)
         self.table[self.scratch_row] = SCRATCH_PAGE
@@ -85,6 +94,10 @@ class KVPool:
         self._fresh = set(self._free_pages)
         self._row_pages: dict[int, list[int]] = {}
         self._reserved: dict[int, int] = {}  # pages promised to a row and not yet allocated
+
+    def _stored(self) -> tuple[torch.Tensor, ...]:
+        """Every tensor a page has a part of: keys, values and, in FP8, their scales."""
+        return (self.keys, self.values, *(self.scales or ()))
 
     @property
     def total_pages(self) -> int:
@@ -143,7 +156,7 @@ class KVPool:
         fresh = [page for page in new if page in self._fresh]
         if fresh:
             self._fresh.difference_update(fresh)
-            for tensor in (self.keys, self.values):
+            for tensor in self._stored():
                 tensor[:, fresh] = 0
         self.table[row, len(pages) : wanted] = torch.tensor(new, dtype=torch.long).to(self.table.device)
         pages.extend(new)
@@ -191,14 +204,32 @@ class KVCache:
         """A layer's keys and values as [pool slots, kv_heads, head_dim], which `slots` index."""
         return self.pool.keys[layer].flatten(0, 1), self.pool.values[layer].flatten(0, 1)
 
+    def layer_scales(self, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """In FP8, a layer's key and value scales as [pool slots, kv_heads]; else None."""
+        if self.pool.scales is None:
+            return None
+        return tuple(scales[layer].flatten(0, 1) for scales in self.pool.scales)
+
     def update(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write a layer's new keys and values [rows, T, kv_heads, head_dim] into their slots; the layer's keys
-        and values [rows, span, kv_heads, head_dim] attention reads (the mask drops stale and empty slots)."""
+        and values [rows, span, kv_heads, head_dim] attention reads (the mask drops stale and empty slots), in
+        the new keys' dtype."""
         slots = self.slots.flatten()
-        for stored, new in zip(self.layer_slots(layer), (keys, values), strict=True):
-            stored.index_copy_(0, slots, new.flatten(0, 1).to(stored.dtype))
-        batch = (self.rows.shape[0], self.span, *keys.shape[2:])
-        return self.pool.keys[layer][self.pages].view(batch), self.pool.values[layer][self.pages].view(batch)
+        scales = self.layer_scales(layer)
+        for index, (stored, new) in enumerate(zip(self.layer_slots(layer), (keys, values), strict=True)):
+            new = new.flatten(0, 1)
+            if scales is None:
+                stored.index_copy_(0, slots, new.to(stored.dtype))
+            else:
+                store_quantized(new, stored, scales[index], slots)
+        batch, dtype, pool = (self.rows.shape[0], self.span, *keys.shape[2:]), keys.dtype, self.pool
+        if pool.scales is None:
+            return pool.keys[layer][self.pages].view(batch), pool.values[layer][self.pages].view(batch)
+        read_keys, read_values = (
+            dequantize(stored[layer][self.pages], scales[layer][self.pages], dtype).view(batch)
+            for stored, scales in zip((pool.keys, pool.values), pool.scales, strict=True)
+        )
+        return read_keys, read_values
 
 
 def single_stream_cache(

@@ -18,11 +18,15 @@ from voxtral_run.stages.model.checkpoint import (
     ModelDir,
     ModelParams,
 )
+from voxtral_run.stages.model.fp8 import quantize_linears
 from voxtral_run.stages.model.layers import Block, RMSNorm, RotaryEmbedding, fuse_projections, position_inputs
 from voxtral_run.stages.text.tekken import Tekken
 
 TIME_EMBEDDING_THETA = 10_000.0
 PREFILL_BLOCK = 64  # positions decoded in one forward at most (the longest prompt is 33 + 30 delay tokens)
+# The layers' products that 8-bit weights store in e4m3; the adapter, the embeddings (also the LM head) and the
+# delay MLP (run once per delay) keep the model's dtype.
+FP8_LINEARS = ("wqkv", "wo", "w13", "w2")
 
 
 def time_conditioning(num_delay_tokens: int, dim: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -120,8 +124,11 @@ class TextDecoder(nn.Module):
         return self.logits(hidden[:, -1]).argmax(-1)
 
 
-def load_text_decoder(model: ModelDir, *, dtype: torch.dtype, device: str | torch.device) -> TextDecoder:
-    """Build the adapter + decoder and load only their tensors (and the embeddings) from the model directory."""
+def load_text_decoder(
+    model: ModelDir, *, dtype: torch.dtype, device: str | torch.device, fp8_weights: bool = False
+) -> TextDecoder:
+    """Build the adapter + decoder and load only their tensors (and the embeddings) from the model directory;
+    with `fp8_weights`, the layers' FP8_LINEARS quantized to e4m3 per output channel."""
     tensors = model.load_tensors(DECODER_PREFIXES, dtype=dtype, device=device)
     renamed = {}
     for name, tensor in tensors.items():
@@ -135,4 +142,6 @@ def load_text_decoder(model: ModelDir, *, dtype: torch.dtype, device: str | torc
     decoder.load_state_dict(renamed, assign=True)
     decoder.rope = RotaryEmbedding(model.params.decoder.head_dim, model.params.decoder.rope_theta).to(device)
     fuse_projections(decoder)
+    if fp8_weights:
+        quantize_linears(decoder.layers, FP8_LINEARS)
     return decoder.eval()

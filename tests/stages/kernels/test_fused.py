@@ -11,6 +11,8 @@ from torch import nn
 from voxtral_run.stages.kernels.fused import FusedBlocks, fused_kernels_available
 from voxtral_run.stages.model.cache import single_stream_cache
 from voxtral_run.stages.model.checkpoint import TransformerParams
+from voxtral_run.stages.model.decoder import FP8_LINEARS
+from voxtral_run.stages.model.fp8 import FP8, dequantize, quantize_linears
 from voxtral_run.stages.model.layers import Block, RotaryEmbedding, fuse_projections, position_inputs
 
 DECODER_LIKE = TransformerParams(
@@ -60,3 +62,38 @@ def test_fused_blocks_step_like_the_eager_blocks(params, streams, rows, scaled) 
     torch.testing.assert_close(pools[1].keys, pools[0].keys, rtol=1e-5, atol=1e-5)
     assert torch.equal(pools[1].positions, pools[0].positions)
     assert (step + 1) * rows > pools[0].capacity  # the ring wrapped
+
+
+@pytest.mark.parametrize(
+    ("params", "streams", "rows", "fp8_weights"),
+    [(DECODER_LIKE, 1, 1, True), (DECODER_LIKE, 3, 1, True), (ENCODER_LIKE, 1, 4, False)],
+    ids=["decoder", "decoder-batch", "encoder"],
+)
+def test_fused_blocks_over_an_8_bit_cache_step_like_the_eager_blocks(params, streams, rows, fp8_weights) -> None:
+    """An e4m3 KV pool (and, the decoder's, e4m3 linear weights): the fused blocks' writes, attention and
+    products compute what the eager blocks compute over the same stored values."""
+    torch.manual_seed(1)
+    blocks = nn.ModuleList(Block(params) for _ in range(2))
+    fuse_projections(blocks)
+    if fp8_weights:
+        quantize_linears(blocks, FP8_LINEARS)
+    rope = RotaryEmbedding(params.head_dim, params.rope_theta)
+    fused = FusedBlocks(blocks, rope)
+    shape = (params.sliding_window, rows, len(blocks), params.n_kv_heads, params.head_dim)
+    caches = [single_stream_cache(*shape, rows=streams, dtype=FP8, device="cpu") for _ in "ab"]
+    starts = torch.tensor([0, 7, 30][:streams])[:, None] * rows
+    with torch.inference_mode():
+        for step in range(8 // rows):
+            x = torch.randn(streams, rows, params.dim)
+            positions = starts + torch.arange(step * rows, (step + 1) * rows)
+            for cache in caches:
+                cache.prepare((positions[:, -1] + 1).tolist())
+            eager = eager_blocks(blocks, rope, x, positions, caches[0], None)
+            torch.testing.assert_close(fused(x, positions, caches[1], None), eager, rtol=1e-5, atol=1e-5)
+    # The stored keys' inputs differ by float32 rounding, so an e4m3 value may land one step (2^-3 of it, or 2^-9
+    # of the scale below the normal range) away.
+    pools = [cache.pool for cache in caches]
+    torch.testing.assert_close(pools[1].scales[0], pools[0].scales[0], rtol=1e-5, atol=0)
+    fused_keys, eager_keys = (dequantize(pool.keys, pool.scales[0], torch.float32) for pool in pools)
+    step = 2.0**-3 * torch.maximum(fused_keys.abs(), eager_keys.abs()) + 2.0**-9 * pools[0].scales[0][..., None]
+    assert ((fused_keys - eager_keys).abs() <= step * (1 + 1e-5)).all()

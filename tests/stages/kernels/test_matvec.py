@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from voxtral_run.stages.kernels.matvec import Heads, MatvecConfig, Norm, matvec, matvec_available
 from voxtral_run.stages.kernels.rows_matmul import RowsConfig, rows_matmul
 from voxtral_run.stages.model.checkpoint import TransformerParams
+from voxtral_run.stages.model.fp8 import Fp8Linear, dequantize
 from voxtral_run.stages.model.layers import RotaryEmbedding, rms_norm
 
 pytestmark = pytest.mark.skipif(
@@ -150,3 +151,26 @@ def test_a_qkv_product_rotates_and_caches_its_heads_as_eager_does(product, rows,
         assert not keys[others].any() and not values[others].any()
     else:
         assert not keys.any() and not values.any()
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_an_8_bit_weight_is_its_dequantized_weight_times_the_row(config) -> None:
+    """An e4m3 weight with its output channels' scales, as `Fp8Linear` stores it: the kernel's result (with its
+    fusions) is the float32 product with the dequantized weight, and `Fp8Linear`'s own."""
+    x, weight, norm_weight, scale, residual = tensors(96, 64, torch.float32, seed=3)
+    linear = torch.nn.Linear(64, 96, bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+    quantized = Fp8Linear(linear)
+    stored, scales = quantized.weight, quantized.weight_scale
+    dequantized = dequantize(stored, scales, torch.float32)
+    normed = rms_norm(x, norm_weight, EPS) * scale
+    with torch.inference_mode():
+        torch.testing.assert_close(matvec(x, stored, weight_scale=scales, config=config), quantized(x))
+    plain = matvec(x, stored, residual=residual, weight_scale=scales, config=config)
+    torch.testing.assert_close(plain, residual + F.linear(x, dequantized))
+    swiglu = matvec(x, stored, norm=Norm(norm_weight, EPS, scale), swiglu=True, weight_scale=scales, config=config)
+    gate, up = F.linear(normed, dequantized).chunk(2, dim=-1)
+    torch.testing.assert_close(swiglu, F.silu(gate) * up)
+    with pytest.raises(ValueError, match="e4m3"):
+        matvec(x, stored, config=config)

@@ -63,8 +63,9 @@ def test_kernels_off_a_hopper_gpu_launch_plainly() -> None:
     assert not kernel_overlap.overlap_supported(torch.device("cpu"))
 
 
-# Compiled in a fresh process: the tests' own process defines the kernels for the CPU interpreter.
-HOPPER_PTX = """
+# Compiled in a fresh process: the tests' own process defines the kernels for the CPU interpreter. `ptx` takes
+# pointer types by name beyond POINTERS (else bf16).
+PTX_FOR_HOPPER = """
 import json, sys
 import triton
 from triton.backends.compiler import GPUTarget
@@ -74,19 +75,20 @@ from voxtral_run.stages.kernels import matvec, rows_matmul, step_attention
 POINTERS = {"partial_ptr": "*fp32", "stats_ptr": "*fp32", "ticket_ptr": "*i32", "slots_ptr": "*i64"}
 FLOATS = ("eps", "scale")
 
-def ptx(kernel, constants):
+def ptx(kernel, constants, pointers={}):
     signature, constexprs = {}, {}
     for param in kernel.params:
         name = param.name
         if param.is_constexpr:
             signature[name], constexprs[name] = "constexpr", constants[name]
         else:
-            signature[name] = POINTERS.get(name, "*bf16") if name.endswith("_ptr") else (
+            signature[name] = {**POINTERS, **pointers}.get(name, "*bf16") if name.endswith("_ptr") else (
                 "fp32" if name in FLOATS else "i32")
     source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
     options = {"launch_pdl": True, "num_warps": 4}
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
-
+"""
+OVERLAPPING_KERNELS = """
 bf16 = {"DOT": triton.language.bfloat16, "PRECISION": "tf32"}
 heads = {"ROPE": True, "CACHE": True, "Q_DIM": 4096, "KV_DIM": 1024, "HEAD_DIM": 128}
 overlap = {"PREFETCH": True, "PDL": True}
@@ -96,7 +98,7 @@ for early in (True, False):
     kernels["matvec" + name] = ptx(matvec._matvec, {
         "N": 6144, "K": 3072, "NORM": True, "SCALE": False, "SWIGLU": False, "RESIDUAL": False,
         "GELU": not early,  # the adapter's GELU (erf) compiles for the GPU too
-        "BLOCK_N": 4, "BLOCK_K": 1024, **overlap, "EARLY": early, **heads})
+        "W_SCALE": False, "BLOCK_N": 4, "BLOCK_K": 1024, **overlap, "EARLY": early, **heads})
     kernels["rows_matmul" + name] = ptx(rows_matmul._rows_matmul, {
         "ROWS": 4, "N": 1280, "K": 2048, "BIAS": True, "NORM": False, "SCALE": False, "SWIGLU": False,
         "RESIDUAL": True, "BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 4, "STAGES": 5, **overlap, "EARLY": early,
@@ -104,7 +106,7 @@ for early in (True, False):
 kernels["split_attention"] = ptx(step_attention._split_attention, {
     **bf16, "LOG2_E": 1.4426950408889634, "ROWS": 16, "BLOCK": 64, **overlap, "PAGED": False, "LENGTH": 4,
     "GROUP": 1,
-    "HEAD_DIM": 64, "MERGE_SLICES": 8, "MERGE_ROWS": 4, "EMPTY_PAGE": 0})
+    "HEAD_DIM": 64, "MERGE_SLICES": 8, "MERGE_ROWS": 4, "EMPTY_PAGE": 0, "FP8": False})
 print(json.dumps({name: {"wait": "griddepcontrol.wait" in code,
                          "launch_dependents": "griddepcontrol.launch_dependents" in code,
                          "prefetch": "cp.async.bulk.prefetch.L2.global" in code,
@@ -121,8 +123,9 @@ def test_the_overlapping_kernels_compile_for_hopper_with_their_instructions() ->
     an H100/H200: every kernel waits for its predecessor, lets its successor launch, and prefetches (the next
     product's weight, or its slice of the cache); the products' first weight loads come before the wait."""
     env = {**os.environ, "TRITON_INTERPRET": "0"}
+    script = PTX_FOR_HOPPER + OVERLAPPING_KERNELS
     done = subprocess.run(
-        [sys.executable, "-c", HOPPER_PTX], capture_output=True, text=True, env=env, timeout=300, check=False
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300, check=False
     )
     assert done.returncode == 0, done.stderr[-2000:]
     found = json.loads(done.stdout.splitlines()[-1])

@@ -16,6 +16,7 @@ from voxtral_run.stages.kernels.step_attention import (
     step_attention_available,
 )
 from voxtral_run.stages.model.cache import EMPTY_PAGE
+from voxtral_run.stages.model.fp8 import dequantize, quantize
 from voxtral_run.stages.model.layers import attention_bias
 
 pytestmark = pytest.mark.skipif(
@@ -150,3 +151,16 @@ def test_attend_gathers_the_pages_for_sdpa_for_many_rows() -> None:
     step = ring_step(4, 4, 32, 16, 100, 100, torch.float32)
     q, keys, values, bias, pages = paged(*step, [3, 0], 4 * BLOCK_KEYS)
     torch.testing.assert_close(attend(q, keys, values, bias, pages, DEFAULT_OVERLAP)[0], sdpa_attention(*step))
+
+
+@pytest.mark.parametrize("length", [1, 32], ids=["step", "prompt"])
+def test_8_bit_keys_and_values_attend_as_their_dequantized_values(length) -> None:
+    """Keys and values in e4m3 with a scale per slot and head: the kernel (a step's query rows) and the gathered
+    SDPA (a prompt's) both compute attention over the dequantized keys and values (float32)."""
+    step = ring_step(8, 2, length, 32, 150, 1000, torch.float32, seed=9)
+    q, keys, values, bias, pages = paged(*step, [3, 5, 2], 6 * BLOCK_KEYS)
+    (keys, key_scales), (values, value_scales) = quantize(keys), quantize(values)
+    scales = (key_scales, value_scales)
+    dequantized = [dequantize(t, s, torch.float32) for t, s in zip((keys, values), scales, strict=True)]
+    ours = attend(q, keys, values, bias, pages, DEFAULT_OVERLAP, scales)
+    torch.testing.assert_close(ours, attend(q, *dequantized, bias, pages, DEFAULT_OVERLAP))
