@@ -85,6 +85,11 @@ class Stage(ABC):
         """Ids of the streams this stage currently holds state for."""
         return []
 
+    def settings(self) -> dict[str, str]:
+        """The settings that decide what it computes, by name (a model stage's number formats), for the start-up
+        line and the figures; none for most stages."""
+        return {}
+
     def start(self, stream_id: str, options: StreamStart) -> None:  # noqa: B027 - a hook: most stages need none
         """Open a stream with its own options; a stage without per-stream options needs none (`push` opens)."""
 

@@ -24,13 +24,15 @@ AUTO_DEVICE = "auto"
 # How many streams a model stage batches and how much KV memory it pools for them (stages/model_stages.py).
 BATCH_PARAMS = ("max_streams", "kv_memory_gb", "reserve_s", "when_full")
 DEFAULT_MAX_STREAMS = {"cuda": 32, "cpu": 4}
+# kv_dtype and weights: `auto`, the stage's dtype, or `fp8` (e4m3 with float32 scales; stages/model/fp8.py).
+NUMBER_FORMATS = ("auto", "fp8")
 MAX_STREAMS = 1024  # every one with its whole window's KV memory by default
 # Settings each kind accepts in pipeline.yaml beyond device (capture checks its own: audio/capture.py).
 STAGE_PARAMS: dict[str, tuple[str, ...]] = {
     "resample": (),
     "mel": (),
-    "encoder": ("dtype", "fused_kernels", "cuda_graphs", *BATCH_PARAMS),
-    "decoder": ("dtype", "fused_kernels", "cuda_graphs", "stop_at_eos", *BATCH_PARAMS),
+    "encoder": ("dtype", "kv_dtype", "fused_kernels", "cuda_graphs", *BATCH_PARAMS),
+    "decoder": ("dtype", "kv_dtype", "weights", "fused_kernels", "cuda_graphs", "stop_at_eos", *BATCH_PARAMS),
     "detokenize": (),
 }
 
@@ -122,10 +124,13 @@ def build_stage(
         from voxtral_run.stages.text.detokenize import DetokenizeStage
 
         return DetokenizeStage(tekken)
+    import torch
+
     from voxtral_run.stages.kernels.triton_cache import pin_triton_cache
     from voxtral_run.stages.model.checkpoint import torch_dtype
     from voxtral_run.stages.model.decoder import load_text_decoder
     from voxtral_run.stages.model.encoder import load_audio_encoder
+    from voxtral_run.stages.model.fp8 import FP8
     from voxtral_run.stages.model_stages import DecoderStage, EncoderStage
 
     model = open_model(Path(model_dir).resolve())
@@ -135,22 +140,36 @@ def build_stage(
     if on_gpu:
         pin_triton_cache(target)
     dtype = torch_dtype(params.get("dtype", "bfloat16" if on_gpu else "float32"))
+    kv_fp8, fp8_weights = (number_format(params, key) == "fp8" for key in ("kv_dtype", "weights"))
+    if fp8_weights and dtype == torch.float16:
+        # A product with e4m3 values (up to 448) before its scale may leave float16's range.
+        raise StageError("weights: fp8 runs with dtype bfloat16 or float32, not float16")
     fast = {
         "fused_kernels": bool(params.get("fused_kernels", on_gpu)),
         "cuda_graphs": bool(params.get("cuda_graphs", on_gpu)),
+        "kv_fp8": kv_fp8,
         **batch_settings(params, target.type, dtype),
     }
+    kv_dtype = FP8 if kv_fp8 else dtype
     if kind == "encoder":
         encoder = load_audio_encoder(model, dtype=dtype, device=target)
-        stage: EncoderStage | DecoderStage = EncoderStage(encoder, **pool_pages(fast, encoder.params, dtype))
+        stage: EncoderStage | DecoderStage = EncoderStage(encoder, **pool_pages(fast, encoder.params, kv_dtype))
     else:
-        decoder = load_text_decoder(model, dtype=dtype, device=target)
+        decoder = load_text_decoder(model, dtype=dtype, device=target, fp8_weights=fp8_weights)
         stop_at_eos = bool(params.get("stop_at_eos", True))
-        settings = pool_pages(fast, decoder.params.decoder, dtype)
+        settings = pool_pages(fast, decoder.params.decoder, kv_dtype)
         stage = DecoderStage(decoder, model.tekken, delay, stop_at_eos=stop_at_eos, **settings)
     if stage.fused_kernels or stage.cuda_graphs:
         stage.warm_up()  # compiling and capturing take seconds: done before the stage reports ready
     return stage
+
+
+def number_format(params: dict[str, Any], key: str) -> str:
+    """A model stage's kv_dtype or weights setting, checked: one of NUMBER_FORMATS (default auto)."""
+    value = params.get(key, "auto")
+    if value not in NUMBER_FORMATS:
+        raise StageError(f"{key} must be one of {', '.join(NUMBER_FORMATS)}, got {value!r}")
+    return value
 
 
 def batch_settings(params: dict[str, Any], device_type: str, dtype: torch.dtype) -> dict[str, Any]:

@@ -49,6 +49,7 @@ from voxtral_run.stages.model.encoder import (
     AudioEncoder,
     stem_output,
 )
+from voxtral_run.stages.model.fp8 import FP8, Fp8Linear
 from voxtral_run.stages.text.tekken import Tekken
 
 WHEN_FULL = ("wait", "refuse")
@@ -100,6 +101,13 @@ class ModelStage(Stage):
         self.when_full = when_full
         self.reserve_positions = reserve_positions
         self.pool = pool
+        dtype = str(layers[0].attention_norm.weight.dtype).removeprefix("torch.")
+        # What the stage computes in: the activations, the KV cache, the layers' linear weights (fp8: e4m3).
+        self._number_formats = {
+            "dtype": dtype,
+            "kv_dtype": "fp8" if pool.keys.dtype == FP8 else dtype,
+            "weights": "fp8" if isinstance(layers[0].attention.wqkv, Fp8Linear) else dtype,
+        }
         self.blocks = FusedBlocks(layers, model.rope) if fused_kernels else model.blocks
         self.device = device
         self._graph_pool = torch.cuda.graph_pool_handle() if cuda_graphs else None
@@ -111,6 +119,9 @@ class ModelStage(Stage):
     @property
     def max_streams(self) -> int:
         return self.pool.max_streams
+
+    def settings(self) -> dict[str, str]:
+        return dict(self._number_formats)
 
     def streams(self) -> list[str]:
         return list(self._streams)
@@ -298,11 +309,12 @@ class EncoderStage(ModelStage):
         kv_pages: int | None = None,
         when_full: str = "wait",
         reserve_s: float | None = None,
+        kv_fp8: bool = False,
     ) -> None:
         self.encoder = encoder
         params = encoder.params
         ref = encoder.conv_layers[0].conv.weight
-        pool = new_pool(params, BLOCK_FRAMES, max_streams, kv_pages, ref.dtype, ref.device)
+        pool = new_pool(params, BLOCK_FRAMES, max_streams, kv_pages, FP8 if kv_fp8 else ref.dtype, ref.device)
         frames = pool.window if reserve_s is None else round(reserve_s / SECONDS_PER_TOKEN) * ENCODER_FRAMES_PER_TOKEN
         super().__init__(
             encoder, encoder.transformer.layers, pool, fused_kernels=fused_kernels, cuda_graphs=cuda_graphs,
@@ -397,10 +409,12 @@ class DecoderStage(ModelStage):
         kv_pages: int | None = None,
         when_full: str = "wait",
         reserve_s: float | None = None,
+        kv_fp8: bool = False,
     ) -> None:
         self.decoder = decoder
         weight = decoder.tok_embeddings.weight
-        pool = new_pool(decoder.params.decoder, PREFILL_BLOCK, max_streams, kv_pages, weight.dtype, weight.device)
+        kv_dtype = FP8 if kv_fp8 else weight.dtype
+        pool = new_pool(decoder.params.decoder, PREFILL_BLOCK, max_streams, kv_pages, kv_dtype, weight.device)
         positions = pool.window if reserve_s is None else round(reserve_s / SECONDS_PER_TOKEN)
         super().__init__(
             decoder, decoder.layers, pool, fused_kernels=fused_kernels, cuda_graphs=cuda_graphs,
