@@ -217,8 +217,9 @@ class RunFigures:
             entry["clock_offset_ms"] = self.clock_offsets.get(name, 0.0) * MS
             if "edge" in report:
                 entry["queue"] = {key: report[key] for key in QUEUE_KEYS if key in report}
-            if "streams" in report:
-                entry["streams"] = report["streams"]
+            for key in ("streams", "settings"):
+                if key in report:
+                    entry[key] = report[key]
             for key in CAPTURE_KEYS:
                 if key in report:
                     entry[key] = report[key]

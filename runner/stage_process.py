@@ -262,7 +262,8 @@ class StageProcess:
                 on_interrupt=self._check_control,
                 on_drop=self._on_drop,
             )
-            self.report("ready", load_s=time.perf_counter() - started)
+            settings = core.settings() if isinstance(core, Stage) else {}
+            self.report("ready", load_s=time.perf_counter() - started, settings=settings)
             self._wait_for("start")
             if isinstance(core, Stage):
                 self.stage = core
@@ -308,6 +309,8 @@ class StageProcess:
             stats["overflows"] = getattr(self.source, "overflows", 0)
             stats |= self._lag
         stats["streams"] = self._stream_counts()
+        if self.stage is not None and self.stage.settings():
+            stats["settings"] = self.stage.settings()  # what it computes in: the figures say what ran
         if asked is not None:
             stats["answers"] = asked
         self.report("stats", **stats)

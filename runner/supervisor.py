@@ -28,6 +28,7 @@ from typing import Protocol
 
 import zmq
 from rich.console import Console
+from rich.markup import escape
 
 from voxtral_run.runner.config import LOOPBACK, SINK, SOURCE, Pipeline, launched_edges, plan_edges
 from voxtral_run.runner.edges import EdgeReceiver, EdgeSpec, Policy
@@ -167,6 +168,12 @@ class Launcher(ABC):
         """Free what `launch` took for these stages, once they are stopped."""
 
 
+def settings_note(settings: dict) -> str:
+    """A stage's settings for the start-up line (console markup): ` [dtype bfloat16, kv_dtype fp8, ...]`, or
+    nothing."""
+    return escape(f" [{', '.join(f'{key} {value}' for key, value in settings.items())}]") if settings else ""
+
+
 @dataclass
 class StageState:
     """What the supervisor knows about one stage process."""
@@ -175,6 +182,7 @@ class StageState:
     status: str = "starting"
     started: float = field(default_factory=time.monotonic)
     load_s: float | None = None
+    settings: dict = field(default_factory=dict)  # what its core computes in (a model stage's number formats)
     stats: dict = field(default_factory=dict)  # the stage's last report: queue counts, drops, metrics
     answered: int = 0  # the latest request for its figures it answered (`ask_reports`)
     clock_samples: list[tuple[float, float, float]] = field(default_factory=list)  # (sent, replied, received)
@@ -322,7 +330,7 @@ class Supervisor:
                     )
                 self.start()
                 if self.stages and not self.reporting.quiet:
-                    names = ", ".join(self.stages)
+                    names = ", ".join(name + settings_note(state.settings) for name, state in self.stages.items())
                     self.console.print(f"voxtral-run: ready in {self.ready_s:.1f} s ({names})", highlight=False)
                 status = self._stream()
                 self.stream_ended = time.time()
@@ -501,6 +509,7 @@ class Supervisor:
                 state.status = kind
                 if kind == "ready":
                     state.load_s = message["load_s"]
+                    state.settings = message.get("settings", {})
                     self._ping(name)
 
     def _check_processes(self, events: dict) -> None:

@@ -404,6 +404,17 @@ def test_model_run_counts_every_frame_once_and_traces_it_in_pipeline_order(model
 
 
 @pytest.mark.slow
+def test_model_run_says_what_the_model_stages_compute_in(model_run):
+    """The start-up line and the figures name each model stage's number formats (stages/factory.py's kv_dtype,
+    weights); other stages have none."""
+    stderr, figures, _, _ = model_run
+    formats = {"dtype": "float32", "kv_dtype": "float32", "weights": "float32"}
+    assert figures["stages"]["encoder"]["settings"] == formats == figures["stages"]["decoder"]["settings"]
+    assert "settings" not in figures["stages"]["mel"]
+    assert "decoder [dtype float32, kv_dtype float32, weights float32]" in stderr.splitlines()[0]
+
+
+@pytest.mark.slow
 def test_profile_report_draws_a_png_of_a_model_run(model_run, tmp_path):
     _, _, trace, _ = model_run
     png = tmp_path / "report.png"
