@@ -156,15 +156,21 @@ def transformers_streaming(hf_model, audio: np.ndarray, model: ModelDir, num_del
     return {"ms_per_token": 1000 * elapsed / max(generated, 1), "tokens": generated}
 
 
-def teacher_forced_logits(model_dir: Path, mel: np.ndarray, sequence: torch.Tensor, dtype: str) -> torch.Tensor:
-    """Our logits [T, vocab] (as float32) for a whole id sequence over its audio, run as one block."""
+def teacher_forced_logits(
+    model_dir: Path, mel: np.ndarray, sequence: torch.Tensor, dtype: str, **formats: str
+) -> torch.Tensor:
+    """Our logits [T, vocab] (as float32) for a whole id sequence over its audio, run as one block; `formats`
+    are the stages' kv_dtype and weights settings (the decoder's; the encoder takes kv_dtype)."""
     device = sequence.device
-    settings = {"dtype": dtype, "cuda_graphs": False, "fused_kernels": False, "max_streams": 1}
-    encoder = build_stage("encoder", model_dir=model_dir, device=str(device), params=settings)
+    settings = {"dtype": dtype, "cuda_graphs": False, "fused_kernels": False, "max_streams": 1, **formats}
+    encoder_settings = {key: value for key, value in settings.items() if key != "weights"}
+    encoder = build_stage("encoder", model_dir=model_dir, device=str(device), params=encoder_settings)
     decoder = build_stage("decoder", model_dir=model_dir, device=str(device), params=settings)
     dec = decoder.decoder
     with torch.inference_mode():
-        frames = torch.from_numpy(encoder.push("tf", mel[: 8 * len(sequence)])[0]).to(device, dec.norm.weight.dtype)
+        # The stage cuts a long item into pieces of one block, an output each.
+        frames = np.concatenate(encoder.push("tf", mel[: 8 * len(sequence)]))
+        frames = torch.from_numpy(frames).to(device, dec.norm.weight.dtype)
         cache = dec.new_cache(block=len(sequence))  # every position in one forward
         cache.prepare(len(sequence))
         positions = torch.arange(len(sequence), device=device)[None]
