@@ -30,6 +30,24 @@ def eager_blocks(blocks: nn.ModuleList, rope: RotaryEmbedding, x, positions, cac
     return x
 
 
+def step_both(blocks, rope, params, streams: int, rows: int, steps: int, kv_dtype: torch.dtype, ffn_scales) -> list:
+    """`steps` steps of `rows` positions for `streams` streams (each at its own position) through the eager blocks
+    and the fused ones, each over its own cache of `kv_dtype`, with the same output at every step: their pools."""
+    fused = FusedBlocks(blocks, rope)
+    shape = (params.sliding_window, rows, len(blocks), params.n_kv_heads, params.head_dim)
+    caches = [single_stream_cache(*shape, rows=streams, dtype=kv_dtype, device="cpu") for _ in "ab"]
+    starts = torch.tensor([0, 7, 30][:streams])[:, None] * rows  # rows of the batch at their own positions
+    with torch.inference_mode():
+        for step in range(steps):
+            x = torch.randn(streams, rows, params.dim)
+            positions = starts + torch.arange(step * rows, (step + 1) * rows)
+            for cache in caches:
+                cache.prepare((positions[:, -1] + 1).tolist())
+            eager = eager_blocks(blocks, rope, x, positions, caches[0], ffn_scales)
+            torch.testing.assert_close(fused(x, positions, caches[1], ffn_scales), eager, rtol=1e-5, atol=1e-5)
+    return [cache.pool for cache in caches]
+
+
 @pytest.mark.parametrize(
     ("params", "streams", "rows", "scaled"),
     [(DECODER_LIKE, 1, 1, True), (ENCODER_LIKE, 1, 4, False), (DECODER_LIKE, 3, 1, True), (ENCODER_LIKE, 3, 4, False)],
@@ -45,23 +63,11 @@ def test_fused_blocks_step_like_the_eager_blocks(params, streams, rows, scaled) 
     fuse_projections(blocks)
     assert fused_kernels_available(torch.device("cpu"))
     rope = RotaryEmbedding(params.head_dim, params.rope_theta)
-    fused = FusedBlocks(blocks, rope)
     ffn_scales = [1 + 0.1 * torch.randn(streams, 1, params.dim) for _ in blocks] if scaled else None
-    shape = (params.sliding_window, rows, len(blocks), params.n_kv_heads, params.head_dim)
-    caches = [single_stream_cache(*shape, rows=streams, dtype=torch.float32, device="cpu") for _ in "ab"]
-    starts = torch.tensor([0, 7, 30][:streams])[:, None] * rows  # rows of the batch at their own positions
-    with torch.inference_mode():
-        for step in range(80 // rows):
-            x = torch.randn(streams, rows, params.dim)
-            positions = starts + torch.arange(step * rows, (step + 1) * rows)
-            for cache in caches:
-                cache.prepare((positions[:, -1] + 1).tolist())
-            eager = eager_blocks(blocks, rope, x, positions, caches[0], ffn_scales)
-            torch.testing.assert_close(fused(x, positions, caches[1], ffn_scales), eager, rtol=1e-5, atol=1e-5)
-    pools = [cache.pool for cache in caches]
+    pools = step_both(blocks, rope, params, streams, rows, 80 // rows, torch.float32, ffn_scales)
     torch.testing.assert_close(pools[1].keys, pools[0].keys, rtol=1e-5, atol=1e-5)
     assert torch.equal(pools[1].positions, pools[0].positions)
-    assert (step + 1) * rows > pools[0].capacity  # the ring wrapped
+    assert 80 > pools[0].capacity  # the ring wrapped
 
 
 @pytest.mark.parametrize(
@@ -78,21 +84,9 @@ def test_fused_blocks_over_an_8_bit_cache_step_like_the_eager_blocks(params, str
     if fp8_weights:
         quantize_linears(blocks, FP8_LINEARS)
     rope = RotaryEmbedding(params.head_dim, params.rope_theta)
-    fused = FusedBlocks(blocks, rope)
-    shape = (params.sliding_window, rows, len(blocks), params.n_kv_heads, params.head_dim)
-    caches = [single_stream_cache(*shape, rows=streams, dtype=FP8, device="cpu") for _ in "ab"]
-    starts = torch.tensor([0, 7, 30][:streams])[:, None] * rows
-    with torch.inference_mode():
-        for step in range(8 // rows):
-            x = torch.randn(streams, rows, params.dim)
-            positions = starts + torch.arange(step * rows, (step + 1) * rows)
-            for cache in caches:
-                cache.prepare((positions[:, -1] + 1).tolist())
-            eager = eager_blocks(blocks, rope, x, positions, caches[0], None)
-            torch.testing.assert_close(fused(x, positions, caches[1], None), eager, rtol=1e-5, atol=1e-5)
+    pools = step_both(blocks, rope, params, streams, rows, 8 // rows, FP8, None)
     # The stored keys' inputs differ by float32 rounding, so an e4m3 value may land one step (2^-3 of it, or 2^-9
     # of the scale below the normal range) away.
-    pools = [cache.pool for cache in caches]
     torch.testing.assert_close(pools[1].scales[0], pools[0].scales[0], rtol=1e-5, atol=0)
     fused_keys, eager_keys = (dequantize(pool.keys, pool.scales[0], torch.float32) for pool in pools)
     step = 2.0**-3 * torch.maximum(fused_keys.abs(), eager_keys.abs()) + 2.0**-9 * pools[0].scales[0][..., None]
