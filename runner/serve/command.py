@@ -19,6 +19,7 @@ from voxtral_run.runner.config import Pipeline
 from voxtral_run.runner.errors import RunnerError
 from voxtral_run.runner.metrics import format_table
 from voxtral_run.runner.prometheus import RunCollector
+from voxtral_run.runner.security import CurveKeys
 from voxtral_run.runner.serve.app import create_app, uvicorn_config
 from voxtral_run.runner.serve.pipeline_hub import PipelineHub
 from voxtral_run.runner.serve.settings import ServeSettings
@@ -82,9 +83,12 @@ def serve(
     console: Console,
     reporting: Reporting,
     launcher: Launcher | None = None,
+    local: list[str] | None = None,
+    keys: CurveKeys | None = None,
 ) -> int:
     """Serve until Ctrl-C or SIGTERM; the exit status. RunnerError (one line, nothing left running) when the address
-    is taken, the stages cannot start, or the pipeline fails while serving."""
+    is taken, the stages cannot start, or the pipeline fails while serving. `local` names this host's stages of a
+    serve split over hosts (None: every stage), which link with the other hosts' under `keys`."""
     try:
         settings = ServeSettings(model_name=pipeline.model)  # clients name the model as --model does, as vLLM's do
     except ValueError as error:
@@ -94,7 +98,15 @@ def serve(
     hub: PipelineHub | None = None
     try:
         with listen(host, port) as listener:
-            hub = PipelineHub(pipeline, model_dir=model_dir, console=console, reporting=reporting, launcher=launcher)
+            hub = PipelineHub(
+                pipeline,
+                model_dir=model_dir,
+                console=console,
+                reporting=reporting,
+                launcher=launcher,
+                local=local,
+                keys=keys,
+            )
             if signals.count:  # while the queues were linking
                 return EXIT_INTERRUPTED
             asyncio.run(_serve_until_stopped(hub, listener, settings, signals, console, reporting))
@@ -136,7 +148,7 @@ async def _serve_until_stopped(
         if server.started and not announced:
             announced = True
             if not reporting.quiet:
-                stages = ", ".join(hub.stage_names)
+                stages = ", ".join(hub.stage_names) or "every stage on other hosts"
                 console.print(f"voxtral-run: serving on {_url(listener)} (ready in {hub.ready_s:.1f} s: {stages})")
         if next_table is not None and time.monotonic() >= next_table:
             figures = hub.figures()

@@ -11,6 +11,10 @@ reaches the stream as `server_at_capacity`.
 A pipeline with replicas (`replicas`, `devices` in pipeline.yaml) runs as several chains of the stages after the
 capture, each with its own processes and queues; each new stream goes to the chain with the fewest streams, for its
 whole life. A chain that breaks fails its own streams only, and is replaced while the others serve on.
+
+A serve split over hosts runs here only this host's stages (`local`), the others being worker invocations
+(`voxtral-run serve --stages`) linked over tcp; it is one chain. When a worker goes, the open streams fail and the
+chain is started again, taking streams once the worker is back and linked.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from voxtral_run.runner.config import SOURCE, Pipeline, model_stage_ceiling, pla
 from voxtral_run.runner.edges import EdgeSender, Policy
 from voxtral_run.runner.errors import RunnerError
 from voxtral_run.runner.metrics import LogHistogram, RunFigures
+from voxtral_run.runner.security import CurveKeys
 from voxtral_run.runner.serve.hub import (
     ABORTED,
     DEFAULT_MAX_PENDING_S,
@@ -65,6 +70,7 @@ REPORT_TIMEOUT_S = 5.0  # how long `held_streams` waits for the stages' answers
 # A model stage's refusal of a new stream at its ceiling (stages/model_stages.py), as the stage process words it.
 AT_CAPACITY = re.compile(r"^stage '[^']+' failed: \w+ at capacity \(")
 SHUTTING_DOWN = "shutting down"
+RELINKING = "waiting for the stages to be linked again"
 QUIET = Reporting(quiet=True)  # a hub's reporting unless told: no start-up progress
 
 
@@ -182,10 +188,13 @@ class PipelineHub(StreamHub):
         max_pending_s: float = DEFAULT_MAX_PENDING_S,
         max_events: int = DEFAULT_MAX_EVENTS,
         launcher: Launcher | None = None,
+        local: list[str] | None = None,
+        keys: CurveKeys | None = None,
     ) -> None:
         """Start the stages; return once each is ready and the queues linked (else RunnerError, nothing left running;
         Interrupted on Ctrl-C). `capacity` (default: the model stages' max_streams) is each replica's: past theirs a
-        stream waits or is refused. `launcher` starts the stage processes elsewhere (Ray) instead of here."""
+        stream waits or is refused. `launcher` starts the stage processes elsewhere (Ray) instead of here. `local`
+        names the stages of a serve split over hosts that run here (None: all), linked to the others under `keys`."""
         source_queue = next(queue for queue in pipeline.queues if queue.source == SOURCE)
         if source_queue.policy is not Policy.BLOCK:
             raise RunnerError(
@@ -195,7 +204,7 @@ class PipelineHub(StreamHub):
         chains = replica_pipelines(pipeline, launcher.gpu_count if launcher is not None else cuda_device_count)
         for chain in chains:
             if launcher is None:
-                place_local_stages(chain, chain.chain())
+                place_local_stages(chain, local or chain.chain())
             else:
                 launcher.place(chain)
         if capacity is None:
@@ -217,6 +226,8 @@ class PipelineHub(StreamHub):
         self._console = console or Console(stderr=True)
         self._reporting = dataclasses.replace(reporting, live_figures=True)
         self._launcher = launcher
+        self._local = local
+        self._keys = keys
         self._check_s = pipeline.heartbeat_timeout_s / 4
         self._lock = threading.Condition()
         self._chains = [_Chain(index, chain, capacity) for index, chain in enumerate(chains)]
@@ -260,19 +271,22 @@ class PipelineHub(StreamHub):
     def _supervisor(self, chain: _Chain) -> Supervisor:
         return Supervisor(
             chain.pipeline,
-            local=chain.pipeline.chain(),
+            local=self._local or chain.pipeline.chain(),
             model_dir=self._model_dir,
             sink=None,
             console=self._console,
             reporting=self._reporting,
+            keys=self._keys,
             serve=True,
             launcher=self._launcher,
         )
 
     def _wait_linked(self, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
+        # A queue's own link timeout began before this one and names the queue (the other host's, in a split
+        # serve): it has a check's time to come first.
+        deadline = time.monotonic() + timeout_s + self._check_s
         while not self._linked.wait(0.05):
-            if self._stopped.is_set():
+            if self.failure is not None or self._stopped.is_set():
                 raise RunnerError(self.failure or "the stages stopped while starting")
             if time.monotonic() > deadline:
                 raise RunnerError(f"the stages' queues not linked after {timeout_s:g} s (startup_timeout_s)")
@@ -281,7 +295,7 @@ class PipelineHub(StreamHub):
 
     @property
     def ready(self) -> bool:
-        return self._linked.is_set() and not self._error
+        return self._linked.is_set() and not self._error and any(chain.state == "up" for chain in self._chains)
 
     @property
     def active(self) -> int:
@@ -301,7 +315,7 @@ class PipelineHub(StreamHub):
         loop = asyncio.get_running_loop()
         with self._lock:
             up = [chain for chain in self._chains if chain.state == "up"]
-            self.refuse_if_full(self._error, sum(len(chain.streams) for chain in up))
+            self.refuse_if_full(self._error or ("" if up else RELINKING), sum(len(chain.streams) for chain in up))
             # The replica with the fewest streams (each replica's figures are its own: it batches only them).
             chain = min(up, key=lambda chain: len(chain.streams) / chain.capacity)
             stream_id = f"{self._run}-{next(self._numbers)}"
@@ -515,6 +529,7 @@ class PipelineHub(StreamHub):
                         continue
                     try:
                         chain.supervisor.check(events)
+                        chain.sender.check_link()  # its first stage may be another host's
                         if wanted > asked:
                             chain.supervisor.ask_reports(wanted)
                         receiver = chain.supervisor.sink_receiver
@@ -578,10 +593,11 @@ class PipelineHub(StreamHub):
 
     def _chain_failed(self, chain: _Chain, why: str) -> None:
         """(Worker.) A replica broke: its streams fail; with others, it is replaced in the background while they
-        serve on; alone, the hub fails."""
-        if len(self._chains) == 1:
+        serve on; alone, the hub fails, unless it is split over hosts and was linked once: then it is replaced,
+        and serves again once the other hosts' stages (restarted) link again."""
+        if len(self._chains) == 1 and not (self._local is not None and self._linked.is_set()):
             raise RunnerError(why)
-        message = f"{chain.name} failed: {why}"
+        message = f"{chain.name} failed: {why}" if len(self._chains) > 1 else why
         self._console.print(f"voxtral-run: {message}; starting it again", markup=False, highlight=False)
         with self._lock:
             chain.state = "out"
