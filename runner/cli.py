@@ -101,6 +101,12 @@ def _local_nodes(stages: str | None, nodes: list[str]) -> list[str]:
     return chosen
 
 
+def _model_dir(pipeline: Pipeline, local: list[str]) -> Path | None:
+    """The model directory, where this host runs a stage that reads it."""
+    needs_model = any(name in MODEL_READING_STAGES and pipeline.stages[name].impl is None for name in local)
+    return resolve_model(pipeline.model) if needs_model else None
+
+
 def _deployment_keys(keys: Path | None) -> CurveKeys:
     """The key every invocation of a split run shares: --keys, else $VOXTRAL_RUN_KEYS, else the user's default
     key file; created (0600) on first use."""
@@ -358,8 +364,7 @@ def run(
         if several and "streams" not in capture and (ceiling := model_stage_ceiling(config)) is not None:
             # Past the model stages' ceiling a stream waits there with its input held: start no more at once.
             capture["streams"] = min(ceiling, MAX_STREAMS)
-        needs_model = any(name in MODEL_READING_STAGES and config.stages[name].impl is None for name in local)
-        model_dir = resolve_model(config.model) if needs_model else None
+        model_dir = _model_dir(config, local)
         # With --output, a terminal shows a progress bar through a file instead of the live text.
         progress = duration_s is not None and not quiet and console.is_terminal
         progress = progress and (output is not None or not sys.stdout.isatty())
@@ -428,10 +433,17 @@ def serve(
             metavar="PIPELINE", help="Pipeline YAML file (default: the built-in pipeline.yaml).", show_default=False
         ),
     ] = None,
-    host: Annotated[str, typer.Option(metavar="HOST", help="Address to listen on.")] = LOOPBACK,
+    host: Annotated[
+        str | None, typer.Option(metavar="HOST", help=f"Address to listen on (default {LOOPBACK}).", show_default=False)
+    ] = None,
     port: Annotated[
-        int, typer.Option(metavar="N", help="Port to listen on (0: a free one, named in the ready line).")
-    ] = DEFAULT_SERVE_PORT,
+        int | None,
+        typer.Option(
+            metavar="N",
+            help=f"Port to listen on (default {DEFAULT_SERVE_PORT}; 0: a free one, named in the ready line).",
+            show_default=False,
+        ),
+    ] = None,
     model: Annotated[
         str | None,
         typer.Option(help="Model directory or Hugging Face repo id (overrides the YAML's); clients name it so."),
@@ -456,6 +468,22 @@ def serve(
         Path | None,
         typer.Option(metavar="FILE", help="Write the figures (per stage and end to end) to FILE as JSON on exit."),
     ] = None,
+    stages: Annotated[
+        str | None,
+        typer.Option(
+            metavar="A,B",
+            help="Run only these stages on this host: with capture and output, the server (the other stages on "
+            "worker hosts); without them, a worker host's stages, serving the server's streams until stopped.",
+        ),
+    ] = None,
+    keys: Annotated[
+        Path | None,
+        typer.Option(
+            metavar="FILE",
+            help="CURVE key file shared by the hosts of a split serve (--stages); created on first use. "
+            f"Default: ${KEYS_VARIABLE}, else ~/.config/voxtral-run/curve.key.",
+        ),
+    ] = None,
     ray: RayOption = None,
     quiet: Annotated[
         bool, typer.Option("--quiet", "-q", help="No start-up progress, ready line or table of figures.")
@@ -463,7 +491,7 @@ def serve(
 ) -> None:
     console = Console(stderr=True, highlight=False, soft_wrap=True)
     try:
-        if not 0 <= port <= MAX_PORT:
+        if port is not None and not 0 <= port <= MAX_PORT:
             raise RunnerError(f"--port: give a port from 0 to {MAX_PORT}, not {port}")
         if stats_every is not None and not stats_every >= MIN_STATS_EVERY_S:
             raise RunnerError(f"--stats-every: give at least {MIN_STATS_EVERY_S:g} seconds, not {stats_every:g}")
@@ -471,30 +499,74 @@ def serve(
             raise RunnerError(f"--delay-ms: {delay_ms} is outside {MIN_DELAY_MS}..{MAX_DELAY_MS} ms")
         if stats_json is not None and not stats_json.parent.is_dir():
             raise RunnerError(f"--stats-json {stats_json}: the folder {stats_json.parent} does not exist")
-        try:  # the server's libraries come with the serve extra, which a plain run does without
-            from voxtral_run.runner.serve.command import serve as serve_pipeline
-        except ImportError as error:
-            raise RunnerError(f"serve needs the serve extra (pip install 'voxtral-run[serve]'): {error}") from None
         config = load_pipeline(pipeline, set_ or [])
         if model is not None:
             config.model = model
         if delay_ms is not None:
             config.delay_ms = delay_ms
-        model_dir = resolve_model(config.model)
+        if ray is not None and stages is not None:
+            raise RunnerError("--ray places every stage itself; leave out --stages")
+        local = _local_nodes(stages, config.chain())
+        split = set(local) != set(config.chain())
+        if split:
+            _check_split_serve(config, local, address_given=host is not None or port is not None)
+        deployment_keys = _deployment_keys(keys) if split else None
         reporting = Reporting(stats_every_s=stats_every, stats_json=stats_json, quiet=quiet)
+        if SOURCE not in local:
+            raise typer.Exit(_serve_worker(config, local, deployment_keys, console, reporting))
+        try:  # the server's libraries come with the serve extra, which a plain run does without
+            from voxtral_run.runner.serve.command import serve as serve_pipeline
+        except ImportError as error:
+            raise RunnerError(f"serve needs the serve extra (pip install 'voxtral-run[serve]'): {error}") from None
         status = serve_pipeline(
             config,
-            model_dir=model_dir,
-            host=host,
-            port=port,
+            model_dir=resolve_model(config.model),
+            host=LOOPBACK if host is None else host,
+            port=DEFAULT_SERVE_PORT if port is None else port,
             console=console,
             reporting=reporting,
             launcher=_ray_launcher(ray, config),
+            local=local if split else None,
+            keys=deployment_keys,
         )
     except (RunnerError, StageError) as error:
         console.print(f"voxtral-run: error: {error}", soft_wrap=True, markup=False)
         raise typer.Exit(EXIT_FAILED) from None
     raise typer.Exit(status)
+
+
+def _serve_worker(pipeline: Pipeline, local: list[str], keys: CurveKeys, console: Console, reporting: Reporting) -> int:
+    """A worker host's stages of a split serve: the --stages path of a run, kept serving the server's streams
+    until a signal (or until a link to the server's host is lost, in one line); the exit status."""
+    place_local_stages(pipeline, local)
+    worker = Supervisor(
+        pipeline,
+        local=local,
+        model_dir=_model_dir(pipeline, local),
+        sink=None,
+        console=console,
+        reporting=reporting,
+        keys=keys,
+        long_lived=True,
+    )
+    return worker.run()
+
+
+def _check_split_serve(pipeline: Pipeline, local: list[str], *, address_given: bool) -> None:
+    """One host's part of a serve split over hosts: the server takes capture and output together, a worker host
+    listens for no client, and the pipeline is one chain."""
+    if (SOURCE in local) != (SINK in local):
+        raise RunnerError(
+            f"--stages: the server takes the places of {SOURCE} and {SINK}: name both on the server's host, neither "
+            "on a worker host"
+        )
+    if SOURCE not in local and address_given:
+        raise RunnerError(
+            "--host, --port: a worker host (--stages without capture and output) serves no clients; give them to "
+            "the server's host"
+        )
+    if len(replica_pipelines(pipeline)) > 1:
+        raise RunnerError("replicas: a serve split over hosts (--stages) runs one chain; leave out replicas, devices")
 
 
 def _ray_launcher(address: str | None, pipeline: Pipeline) -> Launcher | None:

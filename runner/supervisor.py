@@ -196,7 +196,8 @@ class StageState:
 class Supervisor:
     """Starts the stages of `local` (names from the pipeline), runs the streams through (one, or one per input), stops
     everything; with `serve`, the capture is not started: the caller feeds `source_edge` and reads `sink_receiver`.
-    A `launcher` places the stage processes elsewhere (Ray) instead of spawning them here."""
+    A `launcher` places the stage processes elsewhere (Ray) instead of spawning them here. A `long_lived` run is a
+    worker host of a server: its stages take stream after stream until a signal, which stops them at once."""
 
     def __init__(
         self,
@@ -210,10 +211,12 @@ class Supervisor:
         keys: CurveKeys | None = None,
         serve: bool = False,
         launcher: Launcher | None = None,
+        long_lived: bool = False,
     ):
         self.pipeline = pipeline
         self.launcher = launcher
         self.serve = serve
+        self.long_lived = long_lived
         started_here = [name for name in local if name != SINK and not (serve and name == SOURCE)]
         self.local_stages = [name for name in pipeline.chain() if name in started_here]
         self.sink = sink if SINK in local else None
@@ -610,6 +613,8 @@ class Supervisor:
             self._take_signals(events)
             if self.interrupts > handled_interrupts:
                 handled_interrupts = self.interrupts
+                if self.long_lived:  # a server's streams have no end to drain towards: stopping is the normal end
+                    return EXIT_OK
                 if handled_interrupts > 1:
                     return EXIT_INTERRUPTED
                 drain_deadline = time.monotonic() + DRAIN_TIMEOUT_S
