@@ -5,16 +5,18 @@ exits 0 leaving no process behind; bad options are one line before anything star
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import select
 import signal
 import socket
 import subprocess
 import urllib.request
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from websockets.asyncio.client import connect
+from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from tests.conftest import speechlike_audio
@@ -42,8 +44,9 @@ async def recv(ws) -> dict[str, Any]:
     return json.loads(await asyncio.wait_for(ws.recv(), EXIT_TIMEOUT_S))
 
 
-async def stopped_mid_stream(url: str, model: str, process: subprocess.Popen) -> tuple[list[dict], int]:
-    """A vLLM session streaming when the server gets SIGTERM: the events after the signal, and the close code."""
+@contextlib.asynccontextmanager
+async def streaming(url: str, model: str) -> AsyncIterator[ClientConnection]:
+    """A vLLM session whose stream is open on the server, a second of its audio sent."""
     async with connect(url.replace("http", "ws", 1) + "/v1/realtime", proxy=None) as ws:
         assert (await recv(ws))["type"] == "session.created"
         await ws.send(json.dumps({"type": "session.update", "model": model}))
@@ -51,6 +54,12 @@ async def stopped_mid_stream(url: str, model: str, process: subprocess.Popen) ->
         audio = pcm16_base64(speechlike_audio(1.0, seed=9))
         await ws.send(json.dumps({"type": "input_audio_buffer.append", "audio": audio}))
         assert await asyncio.to_thread(wait_for, lambda: health(url)["streams"] == 1)
+        yield ws
+
+
+async def stopped_mid_stream(url: str, model: str, process: subprocess.Popen) -> tuple[list[dict], int]:
+    """A vLLM session streaming when the server gets SIGTERM: the events after the signal, and the close code."""
+    async with streaming(url, model) as ws:
         process.send_signal(signal.SIGTERM)
         events = []
         with pytest.raises(ConnectionClosed) as closed:
