@@ -414,6 +414,8 @@ Examples:
   voxtral-run serve                                           the default pipeline on http://127.0.0.1:8000
   voxtral-run serve pipeline.yaml --model DIR --host 0.0.0.0 --port 9000
   voxtral-run serve pipeline.yaml --set encoder.max_streams=64 --set decoder.max_streams=64
+  voxtral-run serve pipeline.yaml --stages capture,resample,mel,output --host 0.0.0.0    split: the server's host
+  voxtral-run serve pipeline.yaml --stages encoder,decoder,detokenize    a worker host's stages (serve until stopped)
 
 One line says where it serves once every stage is ready. Ctrl-C or SIGTERM stops taking connections, ends the
 open streams with an error event (server_shutting_down), stops the stages and exits 0; a second stops at once.
