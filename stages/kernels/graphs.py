@@ -75,6 +75,12 @@ class StagedInput:
             raise ValueError(f"staged input: expected shape {list(self._host_array.shape)}, got {list(values.shape)}")
         np.copyto(self._host_array, values, casting="same_kind")
 
+    def load_rows(self, values: np.ndarray) -> None:
+        """Write the next step's input for a batch's first rows, zeros in the padding rows after them."""
+        padded = np.zeros(self._host_array.shape, dtype=self._host_array.dtype)
+        padded[: len(values)] = values
+        self.load(padded)
+
     def copy_in(self) -> None:
         """In the step: move the loaded values into `buffer`."""
         self._landing.copy_(self.host, non_blocking=True)

@@ -110,13 +110,10 @@ class EncoderStep:
         """The step's mel frames a row [n, mel_frames, 128] of streams at `rows`, whose next encoder frames are at
         `positions` and whose conv1 tails are `tail_length` long -> the encoder frames they complete a row [n, m,
         dim] in float32 (m from `stem_output`: 4 for 8 mel frames)."""
-        count = len(rows)
-        staged = np.zeros(self.mel.host.shape, dtype=np.float32)
-        staged[:count] = mel
-        self.mel.load(staged)
+        self.mel.load_rows(mel)
         self.inputs.load(rows, positions, self.outputs[tail_length][0])
         self.graphs[tail_length](self.inputs.cache.span)
-        return self.out[tail_length].read()[:count]
+        return self.out[tail_length].read()[: len(rows)]
 
 
 class DecoderStep:
@@ -165,13 +162,10 @@ class DecoderStep:
     def __call__(self, frames: np.ndarray, rows: Sequence[int], positions: Sequence[int]) -> np.ndarray:
         """The greedy tokens [n] at `positions` of the streams at `rows`, from a position's encoder frames a row
         [n, 4, enc_dim]."""
-        count = len(rows)
-        staged = np.zeros(self.frames.host.shape, dtype=np.float32)
-        staged[:count] = frames
-        self.frames.load(staged)
+        self.frames.load_rows(frames)
         self.inputs.load(rows, positions, 1)
         self.graphs(self.inputs.cache.span)
-        return self.token_out.read()[:count]
+        return self.token_out.read()[: len(rows)]
 
 
 class PrefillStep:
@@ -223,13 +217,8 @@ class PrefillStep:
     def __call__(self, frames: np.ndarray, prompts: np.ndarray, rows: Sequence[int]) -> np.ndarray:
         """The greedy ids [n] after the prompts [n, length] of the new streams at `rows`, from their encoder frames
         [n, 4 * length, enc_dim]; PoolFull (before any work) when their pages do not fit."""
-        count = len(rows)
-        staged = np.zeros(self.frames.host.shape, dtype=np.float32)
-        staged[:count] = frames
-        staged_ids = np.zeros(self.ids.host.shape, dtype=np.int64)
-        staged_ids[:count] = prompts
-        self.inputs.load(rows, [0] * count, self.length)
-        self.frames.load(staged)
-        self.ids.load(staged_ids)
+        self.inputs.load(rows, [0] * len(rows), self.length)
+        self.frames.load_rows(frames)
+        self.ids.load_rows(prompts)
         self.graphs(self.inputs.cache.span)
-        return self.token_out.read()[:count]
+        return self.token_out.read()[: len(rows)]
