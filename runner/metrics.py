@@ -217,7 +217,7 @@ class RunFigures:
             entry["clock_offset_ms"] = self.clock_offsets.get(name, 0.0) * MS
             if "edge" in report:
                 entry["queue"] = {key: report[key] for key in QUEUE_KEYS if key in report}
-            for key in ("streams", "settings"):
+            for key in ("streams", "settings", "kv"):
                 if key in report:
                     entry[key] = report[key]
             for key in CAPTURE_KEYS:

@@ -74,7 +74,14 @@ class RunCollector:
         dropped = CounterMetricFamily("voxtral_queue_dropped", "Messages a drop-policy queue discarded", labels=queue)
         peak = GaugeMetricFamily("voxtral_queue_peak_depth", "Most messages the queue has held", labels=queue)
         capacity = GaugeMetricFamily("voxtral_queue_capacity", "Messages the queue may hold", labels=queue)
+        kv_used = GaugeMetricFamily(
+            "voxtral_kv_pages_in_use", "KV memory pages a model stage's streams hold", labels=stage
+        )
+        kv_pages = GaugeMetricFamily("voxtral_kv_pages", "KV memory pages of a model stage's pool", labels=stage)
         for name, report in figures.stages.items():
+            if "kv" in report:
+                kv_used.add_metric([name], report["kv"]["pages_in_use"])
+                kv_pages.add_metric([name], report["kv"]["pages"])
             metrics = report.get("metrics", {})
             items.add_metric([name], metrics.get("items", 0))
             steps.add_metric([name], metrics.get("steps", 0))
@@ -95,6 +102,7 @@ class RunCollector:
                 peak.add_metric(labels, report["peak_depth"])
                 capacity.add_metric(labels, report["capacity"])
         yield from (items, steps, busy, out_bytes, utilisation, *times.values(), batch, sent, dropped, peak, capacity)
+        yield from (kv_used, kv_pages)
         yield GaugeMetricFamily("voxtral_stream_seconds", "Wall time of the stream so far", value=figures.wall_s)
         if figures.e2e is not None:
             e2e = HistogramMetricFamily(

@@ -311,6 +311,8 @@ class StageProcess:
         stats["streams"] = self._stream_counts()
         if self.stage is not None and self.stage.settings():
             stats["settings"] = self.stage.settings()  # what it computes in: the figures say what ran
+        if self.stage is not None and self.stage.kv_usage():
+            stats["kv"] = self.stage.kv_usage()
         if asked is not None:
             stats["answers"] = asked
         self.report("stats", **stats)

@@ -90,6 +90,11 @@ class Stage(ABC):
         line and the figures; none for most stages."""
         return {}
 
+    def kv_usage(self) -> dict[str, int]:
+        """KV memory pages in use and in all (a model stage's pool), for the figures and a router weighing where a
+        new stream goes; none for most stages."""
+        return {}
+
     def start(self, stream_id: str, options: StreamStart) -> None:  # noqa: B027 - a hook: most stages need none
         """Open a stream with its own options; a stage without per-stream options needs none (`push` opens)."""
 

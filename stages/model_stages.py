@@ -123,6 +123,9 @@ class ModelStage(Stage):
     def settings(self) -> dict[str, str]:
         return dict(self._number_formats)
 
+    def kv_usage(self) -> dict[str, int]:
+        return {"pages_in_use": self.pool.pages_in_use, "pages": self.pool.total_pages}
+
     def streams(self) -> list[str]:
         return list(self._streams)
 

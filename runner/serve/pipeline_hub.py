@@ -9,8 +9,9 @@ no one else. Streams past the stages' ceiling are refused when opened; a stage's
 reaches the stream as `server_at_capacity`.
 
 A pipeline with replicas (`replicas`, `devices` in pipeline.yaml) runs as several chains of the stages after the
-capture, each with its own processes and queues; each new stream goes to the chain with the fewest streams, for its
-whole life. A chain that breaks fails its own streams only, and is replaced while the others serve on.
+capture, each with its own processes and queues; each new stream goes to the least loaded chain (by its streams and
+its KV memory in use), for its whole life. A chain that breaks fails its own streams only, and is replaced while the
+others serve on.
 
 A serve split over hosts runs here only this host's stages (`local`), the others being worker invocations
 (`voxtral-run serve --stages`) linked over tcp; it is one chain. When a worker goes, the open streams fail and the
@@ -172,6 +173,15 @@ class _Chain:
     def name(self) -> str:
         return f"replica {self.index}"
 
+    def load(self) -> float:
+        """How full the chain is, 0 to 1: the larger of its share of streams and of KV memory in use (the model
+        stages' latest reports, a second old at most: a chain of long streams has pages for fewer new ones)."""
+        supervisor = self.supervisor
+        states = list(supervisor.stages.values()) if supervisor is not None else []
+        kv = [state.stats.get("kv") for state in states]
+        used = [usage["pages_in_use"] / usage["pages"] for usage in kv if usage and usage.get("pages")]
+        return max([len(self.streams) / self.capacity, *used])
+
 
 class PipelineHub(StreamHub):
     """A pipeline's stages (from its pipeline.yaml, settings applied) started once, each in its own process (one set
@@ -316,8 +326,8 @@ class PipelineHub(StreamHub):
         with self._lock:
             up = [chain for chain in self._chains if chain.state == "up"]
             self.refuse_if_full(self._error or ("" if up else RELINKING), sum(len(chain.streams) for chain in up))
-            # The replica with the fewest streams (each replica's figures are its own: it batches only them).
-            chain = min(up, key=lambda chain: len(chain.streams) / chain.capacity)
+            # The least loaded replica, by streams and KV memory (each batches only its own streams).
+            chain = min(up, key=lambda chain: (chain.load(), len(chain.streams)))
             stream_id = f"{self._run}-{next(self._numbers)}"
             handle = _PipelineHandle(self, stream_id, options, loop)
             wire_options: dict[str, Any] = {} if options.delay_ms is None else {"delay_ms": options.delay_ms}

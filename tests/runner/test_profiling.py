@@ -262,12 +262,16 @@ def test_batched_steps_show_in_table_json_and_trace(runner, tmp_path):
     assert wait_until_gone(runner.marker) == []
 
 
-def test_metrics_endpoint_serves_steps_and_batch_sizes():
+def test_metrics_endpoint_serves_steps_batch_sizes_and_kv_pages():
     metrics = StageMetrics()
     for rows in (1, 3, 3, 8):
         metrics.record(StepRecord(0.0, 0.01, batch_sizes=[rows], items=[["s", 0.001, 0.0, False]] * rows))
-    figures = RunFigures(stages={"encoder": {"metrics": metrics.snapshot()}}, wall_s=1.0)
+    kv = {"pages_in_use": 7, "pages": 40}
+    figures = RunFigures(stages={"encoder": {"metrics": metrics.snapshot(), "kv": kv}, "mel": {}}, wall_s=1.0)
     families = {family.name: family.samples for family in RunCollector(lambda: figures).collect()}
+    assert sample_value(families, "voxtral_kv_pages_in_use", stage="encoder") == 7
+    assert sample_value(families, "voxtral_kv_pages", stage="encoder") == 40
+    assert [sample.labels["stage"] for sample in families["voxtral_kv_pages"]] == ["encoder"]
     assert sample_value(families, "voxtral_stage_steps_total", stage="encoder") == 4
     assert sample_value(families, "voxtral_stage_items_total", stage="encoder") == 15
     assert sample_value(families, "voxtral_stage_batch_rows_count", stage="encoder") == 4
@@ -412,6 +416,17 @@ def test_model_run_says_what_the_model_stages_compute_in(model_run):
     assert figures["stages"]["encoder"]["settings"] == formats == figures["stages"]["decoder"]["settings"]
     assert "settings" not in figures["stages"]["mel"]
     assert "decoder [dtype float32, kv_dtype float32, weights float32]" in stderr.splitlines()[0]
+
+
+@pytest.mark.slow
+def test_model_stages_report_their_kv_memory_and_free_it_all(model_run):
+    """The figures carry each model stage's KV pages (what a replica router weighs): all of them free once the
+    run's streams ended; other stages have none."""
+    _, figures, _, _ = model_run
+    for stage in ("encoder", "decoder"):
+        kv = figures["stages"][stage]["kv"]
+        assert kv["pages"] > 0 and kv["pages_in_use"] == 0, kv
+    assert "kv" not in figures["stages"]["mel"]
 
 
 @pytest.mark.slow

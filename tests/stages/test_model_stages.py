@@ -207,6 +207,7 @@ def test_kv_memory_returns_to_zero_and_a_thousand_short_streams_leave_no_state(t
         peak.append(max(pool.pages_in_use for pool in pools))
         assert all(pool.pages_in_use == 0 and pool.rows_in_use == 0 for pool in pools)
     assert all(stage.streams() == [] for stage in chain)
+    assert all(stage.kv_usage() == {"pages_in_use": 0, "pages": stage.pool.total_pages} for stage in chain[1:])
     assert all(len(stage._failed) == 0 and len(stage._steps) <= 8 for stage in chain[1:])
     assert len(chain[2]._scales) == 1
 

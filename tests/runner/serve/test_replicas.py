@@ -1,7 +1,7 @@
-"""Replicas at the pipeline hub: three chains of the stages after the capture, each new stream routed to the one with
-the fewest streams for its whole life; every stream gets its solo ids; a chain whose stage is killed mid-stream fails
-its own streams within 5 s while the others finish whole, new streams go to the healthy chains, and the broken chain
-is replaced."""
+"""Replicas at the pipeline hub: three chains of the stages after the capture, each new stream routed to the least
+loaded one (streams, KV memory) for its whole life; every stream gets its solo ids; a chain whose stage is killed
+mid-stream fails its own streams within 5 s while the others finish whole, new streams go to the healthy chains, and
+the broken chain is replaced."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -20,7 +21,7 @@ from tests.runner.serve.conftest import wait_for
 from tests.runner.serve.test_pipeline_hub import check_transcript, events_of, send_all
 from voxtral_run.runner.config import load_pipeline
 from voxtral_run.runner.serve.hub import StreamError, StreamOptions
-from voxtral_run.runner.serve.pipeline_hub import PipelineHub
+from voxtral_run.runner.serve.pipeline_hub import PipelineHub, _Chain
 
 REPLICAS = 3
 PER_REPLICA = 4  # each chain's encoder and decoder batch this many streams
@@ -65,6 +66,19 @@ def test_twelve_streams_are_spread_over_three_replicas_and_each_gets_its_solo_id
     for replica in range(REPLICAS):  # each chain's encoder batched its own streams (reports fresh from the ask)
         encoder = replica_hub.figures().stages[f"encoder/{replica}"]["metrics"]
         assert max(size for size, _ in encoder["batch_counts"]) > 1
+
+
+def test_a_chains_load_is_the_larger_of_its_share_of_streams_and_of_kv_memory_in_use() -> None:
+    """A chain with few streams but its KV pages nearly all taken (long streams) is fuller than its stream count
+    says; stages without a pool report none."""
+    chain = _Chain(0, load_pipeline(None), capacity=4, streams={"a"})
+    assert chain.load() == 0.25
+    reports = {"mel": {"metrics": {}}, "encoder": {"kv": {"pages_in_use": 3, "pages": 40}}}
+    chain.supervisor = SimpleNamespace(stages={name: SimpleNamespace(stats=stats) for name, stats in reports.items()})
+    assert chain.load() == 0.25
+    reports["decoder"] = {"kv": {"pages_in_use": 30, "pages": 40}}
+    chain.supervisor.stages["decoder"] = SimpleNamespace(stats=reports["decoder"])
+    assert chain.load() == 0.75
 
 
 def test_a_killed_replica_fails_its_own_streams_the_others_finish_and_it_is_replaced(replica_hub, tiny_model_dir):
