@@ -69,6 +69,14 @@ MAX_PORT = 65535
 MIN_STATS_EVERY_S = 0.1
 RAY_ADDRESS = re.compile(r"^(auto|local|ray://\S+|[\w.\-]+:\d+)$")
 
+KeysOption = Annotated[
+    Path | None,
+    typer.Option(
+        metavar="FILE",
+        help="CURVE key file shared by the invocations of a split run or serve (--stages); created on first use. "
+        f"Default: ${KEYS_VARIABLE}, else ~/.config/voxtral-run/curve.key.",
+    ),
+]
 RayOption = Annotated[
     str | None,
     typer.Option(
@@ -300,14 +308,7 @@ def run(
     metrics_host: Annotated[
         str, typer.Option(metavar="HOST", help="Address the metrics endpoint listens on.")
     ] = LOOPBACK,
-    keys: Annotated[
-        Path | None,
-        typer.Option(
-            metavar="FILE",
-            help="CURVE key file shared by the invocations of a split run (--stages); created on first use. "
-            f"Default: ${KEYS_VARIABLE}, else ~/.config/voxtral-run/curve.key.",
-        ),
-    ] = None,
+    keys: KeysOption = None,
     ray: RayOption = None,
     list_devices: Annotated[bool, typer.Option("--list-devices", help="List microphones and exit.")] = False,
     quiet: Annotated[
@@ -478,14 +479,7 @@ def serve(
             "worker hosts); without them, a worker host's stages, serving the server's streams until stopped.",
         ),
     ] = None,
-    keys: Annotated[
-        Path | None,
-        typer.Option(
-            metavar="FILE",
-            help="CURVE key file shared by the hosts of a split serve (--stages); created on first use. "
-            f"Default: ${KEYS_VARIABLE}, else ~/.config/voxtral-run/curve.key.",
-        ),
-    ] = None,
+    keys: KeysOption = None,
     ray: RayOption = None,
     quiet: Annotated[
         bool, typer.Option("--quiet", "-q", help="No start-up progress, ready line or table of figures.")
