@@ -309,10 +309,10 @@ class StageProcess:
             stats["overflows"] = getattr(self.source, "overflows", 0)
             stats |= self._lag
         stats["streams"] = self._stream_counts()
-        if self.stage is not None and self.stage.settings():
-            stats["settings"] = self.stage.settings()  # what it computes in: the figures say what ran
-        if self.stage is not None and self.stage.kv_usage():
-            stats["kv"] = self.stage.kv_usage()
+        if self.stage is not None:
+            # What it computes in (the figures say what ran) and its KV pages (what a replica router weighs).
+            reported = {"settings": self.stage.settings(), "kv": self.stage.kv_usage()}
+            stats |= {key: value for key, value in reported.items() if value}
         if asked is not None:
             stats["answers"] = asked
         self.report("stats", **stats)

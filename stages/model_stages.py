@@ -47,7 +47,6 @@ from voxtral_run.stages.model.encoder import (
     CONV1_TAIL_LENGTHS,
     CONV_STRIDE,
     AudioEncoder,
-    stem_output,
 )
 from voxtral_run.stages.model.fp8 import FP8, Fp8Linear
 from voxtral_run.stages.text.tekken import Tekken
@@ -359,7 +358,7 @@ class EncoderStage(ModelStage):
         places = [stream.place for _, stream, _ in batch]
         mel = np.stack([piece for _, _, piece in batch])
         frames = step(mel, [s.row for _, s, _ in batch], [p.next_position for p in places], tail_length)
-        count, tail_after = stem_output(tail_length, mel_frames)
+        count, tail_after = step.outputs[tail_length]
         for (stream_id, _, _), place, out in zip(batch, places, frames, strict=True):
             place.next_position += count
             place.tail_length = tail_after

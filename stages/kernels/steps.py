@@ -73,6 +73,7 @@ class EncoderStep:
         self.bucket = bucket
         self.mel = StagedInput(ref.new_zeros(bucket, mel_frames, NUM_MEL_BINS))
         self.inputs = RowInputs(pool, bucket)
+        # Per conv1 tail length: the encoder frames a row gets and its tail length after (the stage keeps both).
         self.outputs = {length: stem_output(length, mel_frames) for length in CONV1_TAIL_LENGTHS}
         mel, inputs, cache = self.mel, self.inputs, self.inputs.cache
         mel_tails, conv1_tails = tails
