@@ -115,9 +115,11 @@ def test_a_failed_stream_fails_alone_and_the_run_at_its_end(runner, tmp_path):
 
 def test_a_file_that_fails_while_read_fails_its_stream(runner, tmp_path):
     """A file that cannot be read when its stream starts (it changed after the checks): one line naming it."""
-    wavs = write_inputs(tmp_path / "in", [0.4, 0.4, 0.4])
+    # The first two files last several throttled relay steps, so the third opens (after one of them ended) well
+    # after their first text has come and the file has changed; with short ones the race could go either way.
+    wavs = write_inputs(tmp_path / "in", [2.0, 2.0, 0.4])
     data = yaml.safe_load(write_toy_pipeline(tmp_path / "p.yaml").read_text())
-    data["stages"]["relay"]["throttle_ms"] = 300  # the last file starts after the first two have ended
+    data["stages"]["relay"]["throttle_ms"] = 300
     pipeline = tmp_path / "slow.yaml"
     pipeline.write_text(yaml.safe_dump(data, sort_keys=False))
     process = runner.start(pipeline, "--input", *wavs, "--streams", "2", "-f", "jsonl")
