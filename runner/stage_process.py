@@ -486,7 +486,7 @@ class StageProcess:
         elif envelope.kind is Kind.EOS:
             work.append((stream_id, END))
         else:
-            stream.upstream_failure = StreamFailed(envelope.message)
+            stream.upstream_failure = StreamFailed(envelope.message, envelope.at_capacity)
             work.append((stream_id, stream.upstream_failure))
         return work
 
@@ -499,15 +499,24 @@ class StageProcess:
             raise RunnerError(
                 f"stage '{self.spec.name}' gave an output for stream {stream_id!r}, which it does not hold"
             )
-        kind, item, message = Kind.DATA, output, ""
+        kind, item, message, at_capacity = Kind.DATA, output, "", False
         if isinstance(output, StreamEnd):
             kind, item = Kind.EOS, None
         elif isinstance(output, StreamFailed):
-            kind, item = Kind.FAILED, None
+            kind, item, at_capacity = Kind.FAILED, None, output.at_capacity
             own = output != stream.upstream_failure
             message = f"stage '{self.spec.name}' failed: {output.message}" if own else output.message
             message = printable_line(message, MAX_MESSAGE_CHARS)
-        envelope = Envelope(stream_id, stream.sent, stream.capture_time, kind, item, gaps=stream.gaps, message=message)
+        envelope = Envelope(
+            stream_id,
+            stream.sent,
+            stream.capture_time,
+            kind,
+            item,
+            gaps=stream.gaps,
+            message=message,
+            at_capacity=at_capacity,
+        )
         if stream.sent == 0:
             envelope.options = stream.options
         stream.gaps = []

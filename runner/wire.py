@@ -55,6 +55,7 @@ class Envelope:
     gaps: list[list[float]] = field(default_factory=list)
     options: dict[str, Any] = field(default_factory=dict)  # the stream's own options: on its first message only
     message: str = ""  # why a FAILED stream was given up on
+    at_capacity: bool = False  # a FAILED stream was refused at a stage's ceiling
 
 
 def encode(envelope: Envelope) -> list[bytes | np.ndarray]:
@@ -87,6 +88,8 @@ def encode(envelope: Envelope) -> list[bytes | np.ndarray]:
         header["o"] = envelope.options
     if envelope.message:
         header["m"] = envelope.message
+    if envelope.at_capacity is not False:
+        header["c"] = envelope.at_capacity
     packed = msgpack.packb(header, default=pack_leaf, use_bin_type=True)
     return [packed, *(array.reshape(-1).view(np.uint8) for array in arrays)]
 
@@ -114,6 +117,7 @@ def decode(frames: list[bytes]) -> Envelope:
             gaps=header.get("g", []),
             options=header.get("o", {}),
             message=header.get("m", ""),
+            at_capacity=header.get("c", False),
         )
     except (ValueError, KeyError, TypeError, AttributeError, IndexError, msgpack.UnpackException) as error:
         raise WireError(f"malformed envelope: {one_line(error)}") from None
@@ -162,6 +166,8 @@ def _check_header(envelope: Envelope) -> None:
     failed = envelope.kind is Kind.FAILED
     if failed != (envelope.message != "") or (failed and not _is_line(envelope.message, MAX_MESSAGE_CHARS)):
         raise WireError(f"malformed envelope: failure message {envelope.message!r:.80} on a {envelope.kind.value}")
+    if envelope.at_capacity is not False and not (failed and envelope.at_capacity is True):
+        raise WireError(f"malformed envelope: at-capacity mark {envelope.at_capacity!r:.80} on a {envelope.kind.value}")
 
 
 def _check_options(options: object) -> None:

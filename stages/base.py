@@ -33,6 +33,7 @@ class StreamFailed:
     ignores what else arrives for it. In a later stage's work, the same news from upstream."""
 
     message: str
+    at_capacity: bool = False  # refused at a stage's ceiling: a service tells its client to try again later
 
 
 END = StreamEnd()

@@ -229,7 +229,7 @@ class ModelStage(Stage):
                 continue
             held += len(stream.pending)
             if self.when_full == "refuse" or held > MAX_HELD_ITEMS:
-                self._fail(stream_id, f"{self.name} at capacity ({self.capacity_line()})", outputs)
+                self._fail(stream_id, f"{self.name} at capacity ({self.capacity_line()})", outputs, at_capacity=True)
 
     def capacity_line(self) -> str:
         """The ceiling in words: streams, and the KV pages in use."""
@@ -239,12 +239,12 @@ class ModelStage(Stage):
             "in use"
         )
 
-    def _fail(self, stream_id: str, message: str, outputs: list[Output]) -> None:
+    def _fail(self, stream_id: str, message: str, outputs: list[Output], at_capacity: bool = False) -> None:
         self._drop(stream_id)
         self._failed[stream_id] = None
         while len(self._failed) > FAILED_MEMORY:
             self._failed.popitem(last=False)
-        outputs.append((stream_id, StreamFailed(message)))
+        outputs.append((stream_id, StreamFailed(message, at_capacity)))
 
     def _drop(self, stream_id: str) -> None:
         """Forget a stream and free its row and pages at once."""

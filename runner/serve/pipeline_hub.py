@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import itertools
-import re
 import socket
 import threading
 import time
@@ -68,8 +67,6 @@ from voxtral_run.stages.text.tekken import TEKKEN_FILE, load_tekken
 DEFAULT_MAX_EVENTS = 1024  # events a stream may hold unread; past them its reader is too slow and it is dropped
 MAX_PENDING_S = 60.0
 REPORT_TIMEOUT_S = 5.0  # how long `held_streams` waits for the stages' answers
-# A model stage's refusal of a new stream at its ceiling (stages/model_stages.py), as the stage process words it.
-AT_CAPACITY = re.compile(r"^stage '[^']+' failed: \w+ at capacity \(")
 SHUTTING_DOWN = "shutting down"
 RELINKING = "waiting for the stages to be linked again"
 QUIET = Reporting(quiet=True)  # a hub's reporting unless told: no start-up progress
@@ -134,7 +131,7 @@ class _PipelineHandle(QueuedHandle):
             if self._state == "over":
                 return
             if isinstance(item, StreamFailed):
-                code = "server_at_capacity" if AT_CAPACITY.match(item.message) else "stream_failed"
+                code = "server_at_capacity" if item.at_capacity else "stream_failed"
                 self._finish(StreamError(code, item.message))
             elif isinstance(item, StreamEnd):  # with no done event before it
                 self._finish(StreamError("internal_error", f"stream {self.id}: the pipeline ended it without its text"))
@@ -788,7 +785,7 @@ class PipelineHub(StreamHub):
                     continue
                 stream.output_closed = True
                 if envelope.kind is Kind.FAILED:
-                    items.append(StreamFailed(envelope.message))
+                    items.append(StreamFailed(envelope.message, envelope.at_capacity))
                     self._end_input(stream_id, stream, envelope.message)
                     woken = True
                 else:

@@ -65,7 +65,9 @@ def test_stream_options_and_failures_round_trip():
     first = decode([bytes(frame) for frame in encode(Envelope("s", 0, 1.0, Kind.DATA, np.zeros(2), options=options))])
     assert first.options == options
     failed = decode([bytes(frame) for frame in encode(Envelope("s", 1, 1.0, Kind.FAILED, message="stage 'x' failed"))])
-    assert (failed.kind, failed.message, failed.options) == (Kind.FAILED, "stage 'x' failed", {})
+    assert (failed.kind, failed.message, failed.at_capacity) == (Kind.FAILED, "stage 'x' failed", False)
+    refused = Envelope("s", 1, 1.0, Kind.FAILED, message="stage 'x' failed: x at capacity", at_capacity=True)
+    assert decode([bytes(frame) for frame in encode(refused)]).at_capacity is True
     last = decode([bytes(frame) for frame in encode(Envelope(LAST_STREAM_ID, 3, 1.0, Kind.LAST))])
     assert (last.kind, last.stream_id, last.seq) == (Kind.LAST, LAST_STREAM_ID, 3)
 
@@ -84,6 +86,8 @@ def test_stream_options_and_failures_round_trip():
         ({"kind": Kind.FAILED, "message": "x" * (MAX_MESSAGE_CHARS + 1)}, "failure message"),
         ({"kind": Kind.FAILED, "message": "two\nlines"}, "failure message"),
         ({"message": "why"}, "failure message 'why' on a data"),
+        ({"at_capacity": True}, "at-capacity mark True on a data"),
+        ({"kind": Kind.FAILED, "message": "full", "at_capacity": 1}, "at-capacity mark 1 on a failed"),
         ({"kind": Kind.LAST}, "the sender's last message names stream 's'"),
         ({"kind": Kind.LAST, "stream_id": LAST_STREAM_ID, "item": 3}, "the sender's last message carries more"),
         ({"stream_id": LAST_STREAM_ID}, "stream id ''"),

@@ -45,7 +45,7 @@ def run_ticks(chain: list, schedules: dict[str, Schedule]) -> tuple[dict[str, li
     """Every stream pushes one chunk a tick from the tick it joins; each tick, each stage takes all the work
     waiting for it in one `step`. Returns each stream's ids, the failures, and each stage's batch sizes."""
     ids: dict[str, list[int]] = {name: [] for name in schedules}
-    failures: dict[str, str] = {}
+    failures: dict[str, StreamFailed] = {}
     ended: set[str] = set()
     batches: list[list[int]] = [[] for _ in chain]
     tick = 0
@@ -67,7 +67,7 @@ def run_ticks(chain: list, schedules: dict[str, Schedule]) -> tuple[dict[str, li
             batches[position].extend(stage.batch_sizes)
         for name, item in work:
             if isinstance(item, StreamFailed):
-                failures[name] = item.message
+                failures[name] = item
                 ended.add(name)
             elif isinstance(item, StreamEnd):
                 ended.add(name)
@@ -169,7 +169,9 @@ def test_a_stream_past_the_ceiling_is_refused_and_the_others_go_on(tiny_model_di
     chain = model_chain(tiny_model_dir, max_streams=2, when_full="refuse")
     ids, failures, _ = run_ticks(chain, {name: STREAMS[name] for name in "abc"})
     assert list(failures) == ["c"]
-    assert failures["c"] == "encoder at capacity (2 of 2 streams, 6 of 26 KV pages in use)"
+    assert failures["c"] == StreamFailed(
+        "encoder at capacity (2 of 2 streams, 6 of 26 KV pages in use)", at_capacity=True
+    )
     assert ids["a"] == solo_ids["a"] and ids["b"] == solo_ids["b"]
     assert all(stage.streams() == [] for stage in chain)
 
@@ -191,7 +193,7 @@ def test_a_stream_that_outgrows_the_kv_memory_fails_alone(tiny_model_dir, solo_i
     chain[2] = build_stage("decoder", model_dir=tiny_model_dir, params=settings)
     assert chain[2].pool.total_pages == 1
     ids, failures, _ = run_ticks(chain, {name: STREAMS[name] for name in "ab"})
-    assert failures == {"a": "decoder: KV memory full: a stream needs a page and all 1 are in use"}
+    assert failures == {"a": StreamFailed("decoder: KV memory full: a stream needs a page and all 1 are in use")}
     assert ids["b"] == solo_ids["b"]
     assert chain[2].pool.pages_in_use == 0
 
