@@ -2,10 +2,11 @@
 
 vLLM's realtime protocol (as vLLM serves Voxtral Realtime): session.update with the model, base64 PCM16 16 kHz
 appends, commit and commit final, and session.created, transcription.delta, transcription.done with usage,
-error with a code. OpenAI's Realtime transcription sessions: session.update of type transcription, audio/pcm at
-24 kHz, commits and clears, and conversation.item.input_audio_transcription.delta / .completed. OpenAI's
-/v1/audio/transcriptions bodies. Fields beyond the originals (delay_ms, the deltas' audio times start_s / end_s,
-token_ids) are extras that the originals' clients ignore.
+error with a code. OpenAI's Realtime transcription sessions: session.update of type transcription (or the beta's
+transcription_session.update), audio/pcm at 24 kHz, server VAD's speech_started / speech_stopped, commits and
+clears, and conversation.item.input_audio_transcription.delta / .completed. OpenAI's /v1/audio/transcriptions
+bodies. Fields beyond the originals (delay_ms, the deltas' audio times start_s / end_s, token_ids) are extras
+that the originals' clients ignore.
 """
 
 from __future__ import annotations
@@ -17,9 +18,26 @@ import uuid
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    field_validator,
+    model_validator,
+)
 
 from voxtral_run.runner.serve.hub import HubError, Usage
+from voxtral_run.stages.audio.speech_detector import (
+    DEFAULT_PREFIX_PADDING_MS,
+    DEFAULT_SILENCE_DURATION_MS,
+    DEFAULT_THRESHOLD,
+    SpeechSettings,
+)
 
 PCM16_SCALE = 32768.0
 VLLM_RATE = 16_000  # vLLM's appends: PCM16 at 16 kHz
@@ -149,13 +167,41 @@ class OpenAITranscription(ClientEvent):
     delay_ms: StrictInt | None = None  # extension: the delay in ms, 80..2400
 
 
+SERVER_VAD = "server_vad"  # the one turn detection served: null leaves the commits to the client
+
+
+class OpenAITurnDetection(ClientEvent):
+    """Server VAD's settings, OpenAI's defaults filled in (stages/audio/speech_detector.py detects the speech)."""
+
+    type: StrictStr = SERVER_VAD
+    threshold: StrictFloat = DEFAULT_THRESHOLD
+    prefix_padding_ms: StrictInt = DEFAULT_PREFIX_PADDING_MS
+    silence_duration_ms: StrictInt = DEFAULT_SILENCE_DURATION_MS
+    _settings: SpeechSettings = PrivateAttr()
+
+    @field_validator("type")
+    @classmethod
+    def _served(cls, value: str) -> str:
+        if value != SERVER_VAD:
+            raise ValueError(f"turn detection {value[:40]!r} is not served: use {SERVER_VAD}, or null to commit")
+        return value
+
+    @model_validator(mode="after")
+    def _checked(self) -> OpenAITurnDetection:
+        self._settings = SpeechSettings(self.threshold, self.prefix_padding_ms, self.silence_duration_ms)
+        return self
+
+    @property
+    def settings(self) -> SpeechSettings:
+        """The speech detector's settings (checked: a bad one is a validation error naming it)."""
+        return self._settings
+
+
 class OpenAIAudioInput(ClientEvent):
     format: OpenAIAudioFormat | None = None
     transcription: OpenAITranscription | None = None
-    # Accepted and answered with null: this server does no voice activity detection nor noise reduction, the
-    # client commits each turn.
-    turn_detection: dict | None = None
-    noise_reduction: dict | None = None
+    turn_detection: OpenAITurnDetection | None = None  # null: no server VAD, the client commits each turn
+    noise_reduction: dict | None = None  # accepted and answered with null: no noise reduction is done
 
 
 class OpenAIAudio(ClientEvent):
@@ -170,6 +216,61 @@ class OpenAISession(ClientEvent):
     object: Literal["realtime.transcription_session"] | None = None
     audio: OpenAIAudio | None = None
     include: list[StrictStr] | None = None
+
+
+class BetaSession(ClientEvent):
+    """The same configuration in the beta's shape (clients sending `OpenAI-Beta: realtime=v1`)."""
+
+    id: str | None = None
+    object: Literal["realtime.transcription_session"] | None = None
+    input_audio_format: Literal["pcm16", "g711_ulaw", "g711_alaw"] | None = None
+    input_audio_transcription: OpenAITranscription | None = None
+    turn_detection: OpenAITurnDetection | None = None
+    input_audio_noise_reduction: dict | None = None
+    include: list[StrictStr] | None = None
+
+
+# Where each field of a beta session lives in the GA one, and the beta's audio formats as the GA's ("pcm16" is
+# PCM16 at OpenAI's 24 kHz): the one mapping both ways.
+BETA_SESSION_PATHS: dict[str, tuple[str, ...]] = {
+    "id": ("id",),
+    "object": ("object",),
+    "input_audio_format": ("audio", "input", "format"),
+    "input_audio_transcription": ("audio", "input", "transcription"),
+    "turn_detection": ("audio", "input", "turn_detection"),
+    "input_audio_noise_reduction": ("audio", "input", "noise_reduction"),
+    "include": ("include",),
+}
+BETA_AUDIO_FORMATS: dict[str, str] = {"pcm16": "audio/pcm", "g711_ulaw": "audio/pcmu", "g711_alaw": "audio/pcma"}
+
+
+def ga_session(beta: BetaSession) -> OpenAISession:
+    """A beta session (update) as the GA one, setting only the fields the beta one sets."""
+    ga: dict = {"type": "transcription"}
+    for name, value in beta.model_dump(exclude_unset=True).items():
+        if name == "input_audio_format":
+            value = {"type": BETA_AUDIO_FORMATS[value], "rate": OPENAI_RATE if value == "pcm16" else None}
+        *parents, leaf = BETA_SESSION_PATHS[name]
+        node = ga
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[leaf] = value
+    return OpenAISession.model_validate(ga)
+
+
+def beta_session(ga: OpenAISession) -> BetaSession:
+    """A GA session as the beta tells it."""
+    fields: dict[str, object] = {}
+    for name, path in BETA_SESSION_PATHS.items():
+        value: object = ga
+        for part in path:
+            value = getattr(value, part, None)
+        fields[name] = value
+    audio_format = fields["input_audio_format"]
+    if isinstance(audio_format, OpenAIAudioFormat):
+        beta_names = {type_: name for name, type_ in BETA_AUDIO_FORMATS.items()}
+        fields["input_audio_format"] = beta_names[audio_format.type]
+    return BetaSession.model_validate(fields)
 
 
 # OpenAI's dialect: client events.
@@ -197,8 +298,15 @@ class OpenAIClear(ClientEvent):
     event_id: StrictStr | None = None
 
 
+class BetaSessionUpdate(ClientEvent):
+    type: Literal["transcription_session.update"]
+    event_id: StrictStr | None = None
+    session: BetaSession
+
+
 OPENAI_CLIENT_EVENTS: dict[str, type[ClientEvent]] = {
     "session.update": OpenAISessionUpdate,
+    "transcription_session.update": BetaSessionUpdate,
     "input_audio_buffer.append": OpenAIAppend,
     "input_audio_buffer.commit": OpenAICommit,
     "input_audio_buffer.clear": OpenAIClear,
@@ -219,6 +327,28 @@ class OpenAISessionCreated(OpenAIServerEvent):
 class OpenAISessionUpdated(OpenAIServerEvent):
     type: Literal["session.updated"] = "session.updated"
     session: OpenAISession
+
+
+class BetaSessionCreated(OpenAIServerEvent):
+    type: Literal["transcription_session.created"] = "transcription_session.created"
+    session: BetaSession
+
+
+class BetaSessionUpdated(OpenAIServerEvent):
+    type: Literal["transcription_session.updated"] = "transcription_session.updated"
+    session: BetaSession
+
+
+class OpenAISpeechStarted(OpenAIServerEvent):
+    type: Literal["input_audio_buffer.speech_started"] = "input_audio_buffer.speech_started"
+    audio_start_ms: int  # of the session's audio: the item's audio starts here, its prefix padding included
+    item_id: str
+
+
+class OpenAISpeechStopped(OpenAIServerEvent):
+    type: Literal["input_audio_buffer.speech_stopped"] = "input_audio_buffer.speech_stopped"
+    audio_end_ms: int  # of the session's audio: the item's audio ends here, its closing silence included
+    item_id: str
 
 
 class OpenAICommitted(OpenAIServerEvent):

@@ -1,11 +1,13 @@
 """WebSocket sessions of /v1/realtime in vLLM's dialect or OpenAI's, each bounded on its own.
 
-The dialect is guessed from the URL (OpenAI's clients send `?intent=transcription` or `?model=`), which picks
-the session.created sent on connecting, and settled by the first event when that is a session.update: a
-`session` object is OpenAI's, a top-level `model` vLLM's. Every malformed event gets an error event and the
-session goes on. Audio is read no faster than the hub takes it (a client sending faster than real time waits
-on its socket); events wait for a slow client in a bounded queue, past which its session is closed; a session
-with no client event for `idle_timeout_s` (and no text still due) is closed; a disconnect aborts its streams.
+The dialect is guessed from the URL (OpenAI's clients send `?intent=transcription` or `?model=`) or the
+`OpenAI-Beta: realtime=v1` header, which picks the session.created sent on connecting (the beta's
+transcription_session.created with the header), and settled by the first event when that is an update: a
+`session` object or a transcription_session.update is OpenAI's, a top-level `model` vLLM's. Every malformed
+event gets an error event and the session goes on. Audio is read no faster than the hub takes it (a client
+sending faster than real time waits on its socket); events wait for a slow client in a bounded queue, past which
+its session is closed; a session with no client event for `idle_timeout_s` (and no text still due) is closed; a
+disconnect aborts its streams.
 """
 
 from __future__ import annotations
@@ -32,6 +34,9 @@ from voxtral_run.runner.serve.protocol import (
     OPENAI_RATES,
     VLLM_CLIENT_EVENTS,
     VLLM_RATE,
+    BetaSessionCreated,
+    BetaSessionUpdate,
+    BetaSessionUpdated,
     ClientEvent,
     OpenAIAppend,
     OpenAIAudio,
@@ -47,7 +52,10 @@ from voxtral_run.runner.serve.protocol import (
     OpenAISessionCreated,
     OpenAISessionUpdate,
     OpenAISessionUpdated,
+    OpenAISpeechStarted,
+    OpenAISpeechStopped,
     OpenAITranscription,
+    OpenAITurnDetection,
     TokenUsage,
     VllmAppend,
     VllmCommit,
@@ -57,12 +65,22 @@ from voxtral_run.runner.serve.protocol import (
     VllmSessionCreated,
     VllmSessionUpdate,
     VllmUsage,
+    beta_session,
     decode_pcm16,
+    ga_session,
     new_id,
     openai_error_detail,
 )
 from voxtral_run.runner.serve.settings import ServeSettings
+from voxtral_run.stages.audio.constants import SAMPLE_RATE
 from voxtral_run.stages.audio.resample import ResampleStage
+from voxtral_run.stages.audio.speech_detector import (
+    SAMPLES_PER_MS,
+    SpeechAudio,
+    SpeechDetector,
+    SpeechEvent,
+    SpeechStarted,
+)
 from voxtral_run.stages.base import StageError
 
 CLOSE_TIMEOUT_S = 5.0  # how long the last events and the close frame may take to reach a client
@@ -70,17 +88,31 @@ MAX_CLOSE_REASON_BYTES = 123  # RFC 6455: a close frame's reason fits in 123 byt
 POLICY_VIOLATION = 1008  # the close code of a client that broke a bound (idle, reading too slowly)
 TRY_AGAIN_LATER = 1013  # the close code of a server at capacity or not ready
 INTERNAL_ERROR = 1011
+BETA_HEADER, BETA_HEADER_VALUE = "openai-beta", "realtime=v1"  # what a client of OpenAI's beta Realtime API sends
+VAD_STREAM = "session"  # the resampler's stream of the audio server VAD hears (items' streams are their ids)
 
 logger = logging.getLogger(__name__)
 
 
-def guess_dialect(query: Mapping[str, str]) -> str:
-    """The dialect a connection's URL suggests: OpenAI's clients name an intent or a model, vLLM's neither."""
-    return "openai" if query.get("intent") == "transcription" or "model" in query else "vllm"
+def speaks_beta(headers: Mapping[str, str]) -> bool:
+    """Whether a connection asks for OpenAI's beta Realtime API (`OpenAI-Beta: realtime=v1`)."""
+    return BETA_HEADER_VALUE in (part.strip() for part in headers.get(BETA_HEADER, "").split(","))
+
+
+def guess_dialect(query: Mapping[str, str], headers: Mapping[str, str]) -> str:
+    """The dialect a connection suggests: OpenAI's clients name an intent or a model in the URL, or ask for the
+    beta; vLLM's do none of these."""
+    openai = query.get("intent") == "transcription" or "model" in query or speaks_beta(headers)
+    return "openai" if openai else "vllm"
 
 
 def dialect_of_update(event: Mapping[str, Any]) -> str | None:
-    """The dialect a session.update is written in, when its shape says: OpenAI's nests a `session` object."""
+    """The dialect a session's first event is written in, when it is an update whose shape says: OpenAI's
+    session.update nests a `session` object (and only OpenAI's beta has transcription_session.update)."""
+    if event.get("type") == "transcription_session.update":
+        return "openai"
+    if event.get("type") != "session.update":
+        return None
     if isinstance(event.get("session"), dict):
         return "openai"
     return "vllm" if "model" in event else None
@@ -236,9 +268,11 @@ class VllmDialect(Dialect):
 
 
 class OpenAIDialect(Dialect):
-    """OpenAI's Realtime transcription sessions: audio/pcm at 24 kHz (or 16 kHz) resampled to 16 kHz; the first
-    append after a commit opens an item (a stream) whose deltas come as the audio is decoded, and a commit ends
-    it (committed now, completed when its text is whole). No voice activity detection: the client commits."""
+    """OpenAI's Realtime transcription sessions, in the GA shape or the beta's: audio/pcm at 24 kHz (or 16 kHz)
+    resampled to 16 kHz. Without turn detection, the first append after a commit opens an item (a stream) whose
+    deltas come as the audio is decoded, and the client's commit ends it. With server VAD, the session's audio
+    goes through the speech detector: each utterance is an item, opened when speech starts and committed by the
+    server when it stops; audio outside speech is not transcribed."""
 
     name = "openai"
 
@@ -262,12 +296,17 @@ class OpenAIDialect(Dialect):
         self.previous_item_id: str | None = None
         self.items: dict[StreamHandle, str] = {}  # each stream's item id, until its last event
         self.ended: set[StreamHandle] = set()
+        self.heard = 0  # the session's audio so far, in 16 kHz samples
+        self.vad: SpeechDetector | None = None  # server VAD's detector, while turn detection is on
+        self.vad_start_ms = 0  # the session's audio before the detector's first sample
 
     @property
     def rate(self) -> int:
         return self.config.audio.input.format.rate
 
     def hello(self) -> BaseModel:
+        if self.session.beta:
+            return BetaSessionCreated(session=beta_session(self.config))
         return OpenAISessionCreated(session=self.config)
 
     def error(self, code: str, message: str, event_id: str | None = None) -> BaseModel:
@@ -279,7 +318,13 @@ class OpenAIDialect(Dialect):
     async def handle(self, event: Mapping[str, Any]) -> None:
         parsed = parse_event(OPENAI_CLIENT_EVENTS, event)
         if isinstance(parsed, OpenAISessionUpdate):
-            self._update(parsed.session)
+            self.session.emit(OpenAISessionUpdated(session=await self._update(parsed.session)))
+        elif isinstance(parsed, BetaSessionUpdate):
+            audio_format = parsed.session.input_audio_format
+            if audio_format not in (None, "pcm16"):
+                raise HubError("unsupported_audio_format", f"{audio_format} is not supported: send pcm16")
+            config = await self._update(ga_session(parsed.session))
+            self.session.emit(BetaSessionUpdated(session=beta_session(config)))
         elif isinstance(parsed, OpenAIAppend):
             await self._append(decode_pcm16(parsed.audio))
         elif parsed.type == "input_audio_buffer.commit":
@@ -287,7 +332,8 @@ class OpenAIDialect(Dialect):
         else:
             self._clear()
 
-    def _update(self, update: OpenAISession) -> None:
+    async def _update(self, update: OpenAISession) -> OpenAISession:
+        """Apply a session update; the effective configuration, or HubError (the session unchanged)."""
         merged = _merged(self.config.model_dump(), update.model_dump(exclude_unset=True))
         config = OpenAISession.model_validate(merged)
         audio_format = config.audio.input.format
@@ -305,43 +351,115 @@ class OpenAIDialect(Dialect):
         if asked and asked.delay is not None and asked.delay_ms is None:  # a named delay, as OpenAI's clients ask
             transcription.delay_ms = OPENAI_DELAYS_MS[asked.delay]
         StreamOptions(delay_ms=transcription.delay_ms)  # checks the delay now, not at the next item
-        config.audio.input.turn_detection = None
         config.audio.input.noise_reduction = None
+        await self._turn_detection(config.audio.input.turn_detection, audio_format.rate)
         self.config = config
-        self.session.emit(OpenAISessionUpdated(session=config))
+        return config
+
+    async def _turn_detection(self, detection: OpenAITurnDetection | None, rate: int) -> None:
+        """Carry the input buffer over an update: turning server VAD on or off commits the open item first (the
+        change applies from the next); new VAD settings apply from the next frame, a new rate from the next
+        append."""
+        if (detection is None) != (self.vad is None):
+            await self._commit_open()
+            if detection is None:
+                self.resampler.finish(VAD_STREAM)  # what it holds is audio after the last utterance
+                self.vad = None
+            else:
+                self.vad = SpeechDetector(detection.settings)
+                self.vad_start_ms = self.heard * 1000 // SAMPLE_RATE
+        elif self.vad is not None and detection is not None:
+            self.vad.settings = detection.settings
+            if rate != self.rate:  # the session's resampler starts again at the new rate, after its tail
+                await self._on_speech(self._detected(self.resampler.finish(VAD_STREAM)))
 
     async def _append(self, audio: np.ndarray) -> None:
+        if self.vad is not None:
+            await self._on_speech(self._detected(self._resample(VAD_STREAM, audio, self.rate)))
+            return
         if self.refused:
             return
         if self.stream is None:
-            delay = self.config.audio.input.transcription.delay_ms
+            self.item_id = new_id("item")
             try:
-                self.stream = await self.session.open_stream(StreamOptions(delay_ms=delay, label="openai"))
+                self.stream = await self._open_item()
             except HubError:
                 self.refused = True  # one error for the item, not one for each of its appends
                 raise
-            self.item_id = new_id("item")
             self.item_rate = self.rate
-            self.items[self.stream] = self.item_id
         stream = self.stream  # which a failure may clear while it is fed
-        for piece in [audio] if self.item_rate == VLLM_RATE else self._resample(audio):
+        pieces = [audio] if self.item_rate == VLLM_RATE else self._resample(self.item_id, audio, self.item_rate)
+        for piece in pieces:
+            self.heard += len(piece)
             await stream.send(piece)
 
-    def _resample(self, audio: np.ndarray) -> list[np.ndarray]:
+    async def _open_item(self) -> StreamHandle:
+        """The stream of a new item (self.item_id); HubError when the hub refuses it."""
+        delay = self.config.audio.input.transcription.delay_ms
+        stream = await self.session.open_stream(StreamOptions(delay_ms=delay, label="openai"))
+        self.items[stream] = self.item_id
+        return stream
+
+    def _resample(self, key: str, audio: np.ndarray, rate: int) -> list[np.ndarray]:
         try:
-            return self.resampler.push(self.item_id, {"samples": audio, "sample_rate": self.item_rate})
+            return self.resampler.push(key, {"samples": audio, "sample_rate": rate})
         except StageError as error:
             raise HubError("invalid_audio", str(error)) from None
+
+    def _detected(self, pieces: list[np.ndarray]) -> list[SpeechEvent]:
+        """What the speech detector makes of the session's next 16 kHz audio."""
+        events = []
+        for piece in pieces:
+            self.heard += len(piece)
+            events += self.vad.push(piece)
+        return events
+
+    async def _on_speech(self, events: list[SpeechEvent], stopped_by_client: bool = False) -> None:
+        """Server VAD: an utterance's start opens an item, its audio feeds it, its end commits it."""
+        for event in events:
+            if isinstance(event, SpeechStarted):
+                self.item_id = new_id("item")
+                self.session.emit(OpenAISpeechStarted(audio_start_ms=self._ms(event.sample), item_id=self.item_id))
+                try:
+                    self.stream = await self._open_item()
+                except HubError as error:  # this utterance is not transcribed; the next may be
+                    self.session.emit(self.error(error.code, error.message))
+            elif isinstance(event, SpeechAudio):
+                if self.stream is not None:
+                    await self.stream.send(event.samples)
+            else:
+                if not stopped_by_client:  # as OpenAI's, a client's commit has no speech_stopped
+                    self.session.emit(OpenAISpeechStopped(audio_end_ms=self._ms(event.sample), item_id=self.item_id))
+                stream, self.stream = self.stream, None
+                if stream is not None:
+                    self._committed(stream)
+
+    def _ms(self, sample: int) -> int:
+        """A sample number of the speech detector as ms of the session's audio."""
+        return self.vad_start_ms + sample // SAMPLES_PER_MS
 
     async def _commit(self) -> None:
         if self.refused:
             self.refused = False
             raise HubError("server_at_capacity", "the item was refused (server at capacity): its audio was dropped")
-        if self.stream is None:
+        if self.stream is None and not (self.vad is not None and self.vad.speaking):
             raise HubError("input_audio_buffer_commit_empty", "the input audio buffer is empty: nothing to commit")
-        stream, self.stream = self.stream, None
-        for tail in self.resampler.finish(self.item_id):
-            await stream.send(tail)
+        await self._commit_open()
+
+    async def _commit_open(self) -> None:
+        """Commit the open item, if any."""
+        self.refused = False
+        if self.vad is not None:
+            await self._on_speech(self.vad.cut(), stopped_by_client=True)
+        elif self.stream is not None:
+            stream, self.stream = self.stream, None
+            for tail in self.resampler.finish(self.item_id):
+                self.heard += len(tail)
+                await stream.send(tail)
+            self._committed(stream)
+
+    def _committed(self, stream: StreamHandle) -> None:
+        """End an item's audio and tell the client it is committed."""
         stream.end()
         self.ended.add(stream)
         self.session.emit(OpenAICommitted(item_id=self.item_id, previous_item_id=self.previous_item_id))
@@ -349,6 +467,8 @@ class OpenAIDialect(Dialect):
 
     def _clear(self) -> None:
         self.refused = False
+        if self.vad is not None:
+            self.vad.clear()
         if self.stream is not None:
             self.resampler.finish(self.item_id)
             self.stream.abort()
@@ -402,7 +522,8 @@ class RealtimeSession:
         self.hub = hub
         self.settings = settings
         self.metrics = metrics
-        self.dialect: Dialect = DIALECTS[guess_dialect(websocket.query_params)](self)
+        self.beta = speaks_beta(websocket.headers)  # OpenAI's dialect greets in the beta's shape
+        self.dialect: Dialect = DIALECTS[guess_dialect(websocket.query_params, websocket.headers)](self)
         self.outgoing: asyncio.Queue[str | None] = asyncio.Queue(maxsize=settings.max_outgoing_events)
         self.streams: set[StreamHandle] = set()
         self.tasks: set[asyncio.Task] = set()
@@ -529,14 +650,14 @@ class RealtimeSession:
                 raise HubError("invalid_json", "an event must be a JSON object")
             event_id = event.get("event_id") if isinstance(event.get("event_id"), str) else None
             self.events_seen += 1
-            if self.events_seen == 1 and event.get("type") == "session.update":
+            if self.events_seen == 1:
                 self._settle_dialect(event)
             await self.dialect.handle(event)
         except HubError as error:
             self.emit(self.dialect.error(error.code, error.message, event_id))
 
     def _settle_dialect(self, event: Mapping[str, Any]) -> None:
-        """Switch to the dialect a first session.update is written in, if the URL suggested the other."""
+        """Switch to the dialect a first update is written in, if the connection suggested the other."""
         name = dialect_of_update(event)
         if name is not None and name != self.dialect.name:
             self.dialect = DIALECTS[name](self)

@@ -447,6 +447,7 @@ class StalledClient:
     """A WebSocket client that sends its events at once and never reads: every send to it blocks."""
 
     query_params: dict[str, str] = {}
+    headers: dict[str, str] = {}
 
     def __init__(self, messages: list[str]) -> None:
         self.messages = messages
