@@ -2,8 +2,8 @@
 the official client in the GA shape stream two utterances separated by silence and never commit; each gets
 speech_started / speech_stopped / committed per utterance, and each item's transcript is the stage chain's own
 for the session's audio cut at [audio_start_ms, audio_end_ms). A client's commit ends the open utterance, a
-clear drops it, turn_detection null goes back to the client's commits; bad turn detection and beta formats get
-their error events while the session serves on."""
+clear drops it, turn_detection null goes back to the client's commits; bad turn detection and beta formats, and
+an utterance starting at capacity, get their error events while the session serves on."""
 
 from __future__ import annotations
 
@@ -16,8 +16,9 @@ import openai
 from websockets.asyncio.client import ClientConnection, connect
 
 from tests.conftest import speechlike_audio
-from tests.runner.serve.conftest import pcm16_base64, wait_for
+from tests.runner.serve.conftest import MAX_STREAMS, pcm16_base64, wait_for
 from tests.runner.serve.test_realtime import OPENAI_RATE, at_24k, expected, heard_at_16k, pieces, recv, send
+from voxtral_run.runner.serve.hub import StreamOptions
 from voxtral_run.stages.audio.constants import SAMPLE_RATE
 from voxtral_run.stages.audio.resample import ResampleStage
 
@@ -70,14 +71,12 @@ def heard_so_far(audio_24k: np.ndarray) -> int:
     return sum(len(piece) for piece in ResampleStage().push("s", {"samples": audio_24k, "sample_rate": OPENAI_RATE}))
 
 
-async def events_until(ws: ClientConnection, item_ids: set[str] | int) -> list[dict[str, Any]]:
-    """The events up to the completion of these items (or of this many)."""
+async def events_until(ws: ClientConnection, completed: int) -> list[dict[str, Any]]:
+    """The events up to this many items' completion."""
     events: list[dict[str, Any]] = []
-    while True:
+    while sum(event["type"] == COMPLETED for event in events) < completed:
         events.append(await recv(ws))
-        done = [event["item_id"] for event in events if event["type"] == COMPLETED]
-        if (len(done) == item_ids) if isinstance(item_ids, int) else item_ids <= set(done):
-            return events
+    return events
 
 
 def check_items(
@@ -93,8 +92,8 @@ def check_items(
     assert [event["previous_item_id"] for event in committed] == [previous, *item_ids[:-1]]
     bounds = []
     for item_id, start, stop in zip(item_ids, started, stopped, strict=True):
-        at = {event["type"]: index for index, event in enumerate(events) if event.get("item_id") == item_id}
-        assert at[kinds[0]] < at[kinds[1]] < at[kinds[2]] < at[COMPLETED]
+        own = [event["type"] for event in events if event.get("item_id") == item_id]  # started first, completed last
+        assert own[0] == kinds[0] and own[-1] == COMPLETED and own.index(kinds[1]) < own.index(kinds[2])
         (completed,) = [event for event in events if event["type"] == COMPLETED and event["item_id"] == item_id]
         deltas = [event for event in events if event["type"] == DELTA and event["item_id"] == item_id]
         bounds.append((start["audio_start_ms"], stop["audio_end_ms"]))
@@ -289,3 +288,62 @@ def test_the_beta_header_or_a_first_beta_update_picks_openai_s_dialect(server):
     ]
     for query, headers, first, types in cases:
         assert asyncio.run(first_events(query, headers, first)) == types
+
+
+def test_an_utterance_starting_at_capacity_gets_its_error_and_the_next_is_transcribed(server, tiny_model_dir):
+    refused, served = at_24k(np.concatenate([silence(300), FIRST, silence(700)])), at_24k(TWO_UTTERANCES)
+
+    async def client() -> tuple:
+        async with connect(f"{server.realtime}?intent=transcription", proxy=None) as ws:
+            await recv(ws)
+            await send(ws, ga_update(SERVER_VAD))
+            await recv(ws)
+            fillers = [await server.hub.open(StreamOptions(label="filler")) for _ in range(MAX_STREAMS)]
+            for piece in pieces(refused, APPEND_24K):
+                await send(ws, append(piece))
+            at_capacity = []
+            while (event := await recv(ws))["type"] != "input_audio_buffer.speech_stopped":
+                at_capacity.append(event)
+            at_capacity.append(event)
+            for filler in fillers:
+                filler.abort()
+            assert wait_for(lambda: server.hub.active == 0)
+            for piece in pieces(served, APPEND_24K):
+                await send(ws, append(piece))
+            return at_capacity, await events_until(ws, 2)
+
+    at_capacity, events = asyncio.run(client())
+    assert [event["type"] for event in at_capacity] == [
+        "input_audio_buffer.speech_started",
+        "error",
+        "input_audio_buffer.speech_stopped",
+    ]
+    assert at_capacity[1]["error"]["code"] == "server_at_capacity"
+    assert at_capacity[2]["audio_end_ms"] == 300 + FIRST_MS + 500
+    offset_ms = len(refused) * 1000 // OPENAI_RATE
+    heard = heard_at_16k(np.concatenate([refused, served]))
+    bounds = check_items(events, heard, tiny_model_dir)
+    assert bounds == [(start + offset_ms, end + offset_ms) for start, end in TWO_BOUNDS]
+
+
+def test_a_rate_change_under_server_vad_goes_on_with_the_session_s_audio(server, tiny_model_dir):
+    before = at_24k(np.concatenate([silence(400), tone(160, 440)]))  # the utterance starts at 24 kHz
+    after = np.concatenate([SECOND, silence(700)])  # and goes on at 16 kHz
+
+    async def client() -> list[dict]:
+        async with connect(f"{server.realtime}?intent=transcription", proxy=None) as ws:
+            await recv(ws)
+            await send(ws, ga_update(SERVER_VAD))
+            await recv(ws)
+            for piece in pieces(before, APPEND_24K):
+                await send(ws, append(piece))
+            update = ga_update(SERVER_VAD)
+            update["session"]["audio"]["input"]["format"] = {"type": "audio/pcm", "rate": SAMPLE_RATE}
+            await send(ws, update)
+            for piece in pieces(after, SAMPLE_RATE // 20):
+                await send(ws, append(piece))
+            return await events_until(ws, 1)
+
+    events = asyncio.run(client())
+    heard = np.concatenate([heard_at_16k(before), after])  # the 24 kHz resampler's tail, then the 16 kHz audio
+    assert check_items(events, heard, tiny_model_dir) == [(400 - 300, 400 + 160 + SECOND_MS + 500)]
