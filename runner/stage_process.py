@@ -499,24 +499,16 @@ class StageProcess:
             raise RunnerError(
                 f"stage '{self.spec.name}' gave an output for stream {stream_id!r}, which it does not hold"
             )
-        kind, item, message, at_capacity = Kind.DATA, output, "", False
+        kind, item, message = Kind.DATA, output, ""
         if isinstance(output, StreamEnd):
             kind, item = Kind.EOS, None
         elif isinstance(output, StreamFailed):
-            kind, item, at_capacity = Kind.FAILED, None, output.at_capacity
+            kind, item = Kind.FAILED, None
             own = output != stream.upstream_failure
             message = f"stage '{self.spec.name}' failed: {output.message}" if own else output.message
             message = printable_line(message, MAX_MESSAGE_CHARS)
-        envelope = Envelope(
-            stream_id,
-            stream.sent,
-            stream.capture_time,
-            kind,
-            item,
-            gaps=stream.gaps,
-            message=message,
-            at_capacity=at_capacity,
-        )
+        envelope = Envelope(stream_id, stream.sent, stream.capture_time, kind, item, gaps=stream.gaps, message=message)
+        envelope.at_capacity = isinstance(output, StreamFailed) and output.at_capacity
         if stream.sent == 0:
             envelope.options = stream.options
         stream.gaps = []

@@ -305,7 +305,7 @@ class OpenAIDialect(Dialect):
         return self.config.audio.input.format.rate
 
     def hello(self) -> BaseModel:
-        if self.session.beta:
+        if speaks_beta(self.session.websocket.headers):  # a beta client is greeted in the beta's shape
             return BetaSessionCreated(session=beta_session(self.config))
         return OpenAISessionCreated(session=self.config)
 
@@ -522,7 +522,6 @@ class RealtimeSession:
         self.hub = hub
         self.settings = settings
         self.metrics = metrics
-        self.beta = speaks_beta(websocket.headers)  # OpenAI's dialect greets in the beta's shape
         self.dialect: Dialect = DIALECTS[guess_dialect(websocket.query_params, websocket.headers)](self)
         self.outgoing: asyncio.Queue[str | None] = asyncio.Queue(maxsize=settings.max_outgoing_events)
         self.streams: set[StreamHandle] = set()
