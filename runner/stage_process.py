@@ -409,9 +409,13 @@ class StageProcess:
                 poller.register(pollable, zmq.POLLIN)
         while True:
             spinning = self.spec.busy_poll and bool(self._streams)  # between streams a wake-up costs nothing
-            events = dict(poller.poll(0 if spinning else self._wait_timeout_ms()))
-            if self.receiver.socket in events:
-                self._step(stage, self.receiver.receive_waiting(MAX_MESSAGES_PER_STEP))
+            more = stage.has_work  # rounds kept by the last call: run them, unless new work comes to join them
+            events = dict(poller.poll(0 if spinning or more else self._wait_timeout_ms()))
+            room = MAX_MESSAGES_PER_STEP - stage.backlog  # what the stage holds counts against the bound
+            if self.receiver.socket in events and (room > 0 or not more):
+                self._step(stage, self.receiver.receive_waiting(max(1, room)))
+            elif more:
+                self._call(stage, [], [], time.time())
             if any(ready is not self.receiver.socket for ready in events):
                 self._check_control()
             self._check_links()
@@ -419,8 +423,9 @@ class StageProcess:
 
     def _step(self, stage: Stage, envelopes: list[Envelope]) -> None:
         """One stage call over the messages taken, each stream's as its work, its outputs sent on; then, while a
-        call sees a stream leave and the stage holds others, a call with no new work: streams the stage holds
-        waiting for room (a model stage at its ceiling) may take the room the leaving one made."""
+        call sees a stream leave and the stage holds others but no work it knows of, a call with no new work:
+        streams the stage holds waiting for room may take the room the leaving one made. At the run's end, the
+        rounds the stage kept."""
         began = time.time()
         work: list[Work] = []
         items = []  # the record's: the messages that became work
@@ -436,9 +441,15 @@ class StageProcess:
                 items.append([envelope.stream_id, max(0.0, began - envelope.sent_time), envelope.capture_time, ending])
         if work:
             outputs = self._call(stage, work, items, began)
-            while stage.streams() and any(isinstance(output, (StreamEnd, StreamFailed)) for _, output in outputs):
+            while (
+                not stage.has_work
+                and stage.streams()
+                and any(isinstance(output, (StreamEnd, StreamFailed)) for _, output in outputs)
+            ):
                 outputs = self._call(stage, [], [], time.time())
         if last:
+            while stage.has_work:
+                self._call(stage, [], [], time.time())
             if self._streams:  # its input ended with the others', so the stage should have ended it
                 stream_id = next(iter(self._streams))
                 raise RunnerError(f"stage '{self.spec.name}' never ended stream {stream_id!r} after its input ended")
@@ -451,7 +462,7 @@ class StageProcess:
         started = time.perf_counter()
         if self.spec.throttle_ms and work:  # a deliberately slow stage: the sleep counts as service time
             time.sleep(self.spec.throttle_ms / 1000)
-        outputs = stage.step(work)
+        outputs = stage.step_round(work)
         service_s = time.perf_counter() - started
         if not (work or outputs or stage.batch_sizes):  # a call with no new work that found none: no step to tell
             return outputs

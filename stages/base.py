@@ -130,6 +130,22 @@ class Stage(ABC):
         self.batch_sizes = [1] * sum(1 for _, item in work if not isinstance(item, Marker))
         return outputs
 
+    def step_round(self, work: list[Work]) -> list[Output]:
+        """`step`, except that a batching stage runs at most one round of batched steps and keeps what is left
+        (`has_work`) for later calls: a stream's burst (a first or last item of many positions) then never holds
+        back the next tick's batch, which joins the next round."""
+        return self.step(work)
+
+    @property
+    def has_work(self) -> bool:
+        """Whether a call with no new work would compute something (work kept by `step_round`)."""
+        return False
+
+    @property
+    def backlog(self) -> int:
+        """Items taken and kept for later rounds (0 for a stage that finishes each call's work)."""
+        return 0
+
     # Rows in each batched computation of the last `step` call (profiling); one per item for a stage without
     # batching.
     batch_sizes: list[int] = []

@@ -160,6 +160,21 @@ class ModelStage(Stage):
         return items
 
     def step(self, work: list[Work]) -> list[Output]:
+        return self._run(work, one_round=False)
+
+    def step_round(self, work: list[Work]) -> list[Output]:
+        return self._run(work, one_round=True)
+
+    @property
+    def has_work(self) -> bool:
+        return any(self._runnable(stream) for stream in self._streams.values())
+
+    @property
+    def backlog(self) -> int:
+        return sum(self._held(stream) for stream in self._streams.values() if stream.row is not None)
+
+    def _run(self, work: list[Work], one_round: bool) -> list[Output]:
+        """Take the work, then run batched steps: all of them, or one round (each stream with work one step)."""
         outputs: list[Output] = []
         self.batch_sizes = []
         for stream_id, item in work:
@@ -190,18 +205,24 @@ class ModelStage(Stage):
             except StageError as error:
                 self._fail(stream_id, str(error), outputs)
         with torch.inference_mode():
-            # A stream that ends frees its row: streams waiting for one get it in this call, not the next.
-            while True:
+            self._admit(outputs)
+            self._compute(outputs, one_round)
+            # A stream that ends frees its row: streams waiting for one get it in this call, not the next (and
+            # step in it, unless the call is one round).
+            while self._end_finished(outputs) and any(s.row is None and s.pending for s in self._streams.values()):
                 self._admit(outputs)
-                self._compute(outputs)
-                if not self._end_finished(outputs) or not any(
-                    s.row is None and s.pending for s in self._streams.values()
-                ):
-                    return outputs
+                if one_round:
+                    break
+                self._compute(outputs, one_round)
+        return outputs
 
     def _end_finished(self, outputs: list[Output]) -> bool:
         """END for every stream whose input is over and stepped; whether any did end."""
-        finished = [stream_id for stream_id, stream in self._streams.items() if stream.ended and not stream.pending]
+        finished = [
+            stream_id
+            for stream_id, stream in self._streams.items()
+            if stream.ended and not stream.pending and not self._runnable(stream)
+        ]
         for stream_id in finished:
             self._drop(stream_id)
             outputs.append((stream_id, END))
@@ -210,6 +231,14 @@ class ModelStage(Stage):
     def _done(self, stream: StreamState) -> bool:
         """Whether a stream takes no more input (the decoder's after EOS)."""
         return False
+
+    def _runnable(self, stream: StreamState) -> bool:
+        """Whether a stream has a step to take now."""
+        return stream.row is not None and bool(stream.pending)
+
+    def _held(self, stream: StreamState) -> int:
+        """Items of an admitted stream awaiting their steps."""
+        return len(stream.pending)
 
     def _open(self, stream_id: str, options: StreamStart) -> StreamState:
         stream = StreamState(options)
@@ -282,8 +311,9 @@ class ModelStage(Stage):
         """Set up a stream's row once it has one."""
 
     @abstractmethod
-    def _compute(self, outputs: list[Output]) -> None:
-        """Run batched steps until no admitted stream has one to take; outputs in stream order."""
+    def _compute(self, outputs: list[Output], one_round: bool) -> None:
+        """Run batched steps until no admitted stream has one to take, or one round of them (a step for each stream
+        with work); outputs in stream order."""
 
 
 @dataclass
@@ -337,8 +367,8 @@ class EncoderStage(ModelStage):
         self.mel_tails[stream.row] = 0
         self.conv1_tails[stream.row] = 0
 
-    def _compute(self, outputs: list[Output]) -> None:
-        while any(stream.row is not None and stream.pending for stream in self._streams.values()):
+    def _compute(self, outputs: list[Output], one_round: bool) -> None:
+        while self.has_work:
             steps: dict[tuple[int, int], list[tuple[str, StreamState, np.ndarray]]] = {}
             for stream_id, stream in list(self._streams.items()):
                 if stream.row is None or not stream.pending:
@@ -350,6 +380,8 @@ class EncoderStage(ModelStage):
                 limit = self.max_streams if mel_frames == MEL_FRAMES_PER_TOKEN else MAX_PROMPT_ROWS
                 for start in range(0, len(batch), limit):
                     self._step(batch[start : start + limit], mel_frames, tail_length, outputs)
+            if one_round:
+                return
 
     def _step(
         self, batch: list[tuple[str, StreamState, np.ndarray]], mel_frames: int, tail_length: int, outputs: list[Output]
@@ -443,6 +475,19 @@ class DecoderStage(ModelStage):
     def _done(self, stream: StreamState) -> bool:
         return stream.place.ended
 
+    def _runnable(self, stream: StreamState) -> bool:
+        place = stream.place
+        if stream.row is None or place.ended:
+            return False
+        return (
+            bool(stream.pending)
+            or bool(place.groups)
+            and (place.next_position > 0 or len(place.groups) >= len(place.prompt))
+        )
+
+    def _held(self, stream: StreamState) -> int:
+        return len(stream.pending) + len(stream.place.groups)
+
     def scales(self, num_delay_tokens: int) -> torch.Tensor:
         """The FFN scales [layers, dim] of a delay, computed once."""
         scales = self._scales.get(num_delay_tokens)
@@ -460,7 +505,7 @@ class DecoderStage(ModelStage):
     def _on_admit(self, stream: StreamState) -> None:
         self.ffn_scales[:, stream.row] = self.scales(stream.place.delay)
 
-    def _compute(self, outputs: list[Output]) -> None:
+    def _compute(self, outputs: list[Output], one_round: bool) -> None:
         for stream in self._streams.values():
             if stream.row is not None:
                 self._group(stream)
@@ -475,6 +520,8 @@ class DecoderStage(ModelStage):
                 return
             for start in range(0, len(batch), self.max_streams):
                 self._step(batch[start : start + self.max_streams], outputs)
+            if one_round:
+                return
 
     def _group(self, stream: StreamState) -> None:
         """Move a stream's frames into whole groups of 4 (one position each); the rest waits for more."""

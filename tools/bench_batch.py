@@ -177,14 +177,18 @@ def step_sweep(stage, kind: str, positions: int, sizes: list[int], bandwidth: fl
     return figures
 
 
-def paced_ticks(tick, seconds: float) -> dict:
-    """Call `tick()` every 80 ms of wall time for `seconds` (late ticks run at once, as queued audio does): each
-    tick's latency is from its audio's arrival to its tokens; returns p50/p95/p99 and whether it kept up."""
+def paced_ticks(tick, seconds: float, idle=None) -> dict:
+    """Call `tick()` every 80 ms of wall time for `seconds` (late ticks run at once, as queued audio does), and
+    between ticks `idle()` while it has work (it returns whether it had), as a stage process runs the rounds its
+    stage kept while no input waits: each tick's latency is from its audio's arrival to its tokens; returns
+    p50/p95/p99 and whether it kept up."""
     count = round(seconds / TICK_S)
     latencies, computes = [], []
     begin = time.perf_counter()
     for index in range(count):
         due = begin + index * TICK_S
+        while idle is not None and time.perf_counter() < due and idle():
+            synchronize()
         now = time.perf_counter()
         if now < due:
             time.sleep(due - now)
@@ -207,11 +211,20 @@ def realtime_minute_streams(
     encoder, decoder, items: list[np.ndarray], last: np.ndarray, count: int, seconds: float
 ) -> dict:
     """`count` 60 s streams, one joining every 60 / count s and each leaving after its minute (so `count` live
-    at once, their ages spread over the minute), driven through the stage cores: unpaced for a minute of ticks
-    (every age present), then paced for `seconds`. A stream's items after the first cycle through `items`; its
-    end brings `last` (the right pad's frames) first."""
+    at once, their ages spread over the minute), driven through the stage cores a round a call, as the stage
+    processes drive them (a stream's first and last items, of many positions, take later rounds, between
+    ticks): unpaced for a minute of ticks (every age present), then paced for `seconds`. A stream's items after
+    the first cycle through `items`; its end brings `last` (the right pad's frames) first. Besides the ticks'
+    latency: a leaving stream's, from the start of its last item's tick to its end out of the decoder."""
     life = round(60 / TICK_S)  # ticks a stream lives
     state = {"tick": 0, "joined": 0, "ages": {}}
+    leaving: dict[str, float] = {}  # stream -> when its last item's tick was due
+    flushes: list[float] = []
+
+    def decode(outputs: list) -> None:
+        for name, item in outputs:
+            if item is END:
+                flushes.append(time.perf_counter() - leaving.pop(name))
 
     def one_tick() -> None:
         work = []
@@ -229,25 +242,40 @@ def realtime_minute_streams(
             else:
                 work += [(name, last), (name, END)]
                 del ages[name]
+                leaving[name] = state["due"]
         starts = [(name, item) for name, item in work if isinstance(item, StreamStart)]
         began = time.perf_counter()
-        encoded = encoder.step(work)
+        encoded = encoder.step_round(work)
         synchronize()
         middle = time.perf_counter()
-        decoder.step(starts + encoded)
+        decode(decoder.step_round(starts + encoded))
         synchronize()
         changed = bool(starts) or any(item is END for _, item in work)
         parts.append((changed, middle - began, time.perf_counter() - middle))
         state["tick"] += 1
 
+    def idle_round() -> bool:
+        if not (encoder.has_work or decoder.has_work):
+            return False
+        decode(decoder.step_round(encoder.step_round([])))
+        return True
+
+    def due_tick() -> None:
+        state["due"] = time.perf_counter()  # paced_ticks calls it at (or after) its due time
+        one_tick()
+
     parts: list[tuple[bool, float, float]] = []
     started = time.perf_counter()
     for _ in range(life):  # unpaced: brings the population to every age
-        one_tick()
+        due_tick()
+        while idle_round():
+            pass
     synchronize()
     warm_s = time.perf_counter() - started
     parts.clear()
-    figures = paced_ticks(one_tick, seconds)
+    flushes.clear()
+    figures = paced_ticks(due_tick, seconds, idle_round)
+    figures["leave_to_end_ms"] = {f"p{q}": 1000 * float(np.percentile(flushes, q)) for q in (50, 95) if flushes}
     figures |= {"streams": count, "warm_up_s": warm_s, "decoder_pages": decoder.pool.pages_in_use}
     # Where a tick's time goes: the encoder's and decoder's `step` calls, on ticks a stream joined or left, and
     # others (a prompt's prefill comes a few ticks after its join).

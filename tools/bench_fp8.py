@@ -152,8 +152,9 @@ def batched_steps(model_dir: Path, bandwidth: float, sizes: list[int]) -> dict:
     weights = weight_bytes(open_model(model_dir.resolve()))
     results = {}
     settings = {"max_streams": max(sizes), "kv_dtype": "fp8", "reserve_s": 60.0}
-    for kind, positions in (("encoder", 3000), ("decoder", 750)):
-        stage = model_stage(kind, model_dir, **settings)
+    # The decoder's pool sized for the sweep's 750 positions a stream, not whole windows (which would not fit).
+    for kind, positions, memory in (("encoder", 3000, {}), ("decoder", 750, {"kv_memory_gb": 15.0})):
+        stage = model_stage(kind, model_dir, **settings, **memory)
         results[kind] = step_sweep(stage, kind, positions, sizes, bandwidth, weights[kind])
         del stage
         release_memory()

@@ -41,9 +41,13 @@ def model_chain(model_dir, **batch) -> list:
     ]
 
 
-def run_ticks(chain: list, schedules: dict[str, Schedule]) -> tuple[dict[str, list[int]], dict[str, str], list]:
+def run_ticks(
+    chain: list, schedules: dict[str, Schedule], idle_rounds: int | None = None
+) -> tuple[dict[str, list[int]], dict[str, str], list]:
     """Every stream pushes one chunk a tick from the tick it joins; each tick, each stage takes all the work
-    waiting for it in one `step`. Returns each stream's ids, the failures, and each stage's batch sizes."""
+    waiting for it in one `step`, or with `idle_rounds` in one `step_round` followed by that many calls with no
+    new work between ticks (as a stage process runs the rounds it kept while no input waits). Returns each
+    stream's ids, the failures, and each stage's batch sizes."""
     ids: dict[str, list[int]] = {name: [] for name in schedules}
     failures: dict[str, StreamFailed] = {}
     ended: set[str] = set()
@@ -61,11 +65,14 @@ def run_ticks(chain: list, schedules: dict[str, Schedule]) -> tuple[dict[str, li
                 work.append((name, schedule.audio[index * schedule.chunk : (index + 1) * schedule.chunk]))
             if index == chunks - 1:
                 work.append((name, END))
-        for position, stage in enumerate(chain):
-            starts = [(name, item) for name, item in work if isinstance(item, StreamStart)]
-            work = starts + stage.step(work)
-            batches[position].extend(stage.batch_sizes)
-        for name, item in work:
+        outputs = []
+        for round_work in [work] + [[]] * (idle_rounds or 0):
+            for position, stage in enumerate(chain):
+                starts = [(name, item) for name, item in round_work if isinstance(item, StreamStart)]
+                round_work = starts + (stage.step(round_work) if idle_rounds is None else stage.step_round(round_work))
+                batches[position].extend(stage.batch_sizes)
+            outputs += round_work
+        for name, item in outputs:
             if isinstance(item, StreamFailed):
                 failures[name] = item
                 ended.add(name)
@@ -138,18 +145,53 @@ def solo_ids(tiny_model_dir) -> dict[str, list[int]]:
     joins=st.lists(st.integers(0, 30), min_size=4, max_size=4),
     chunks=st.lists(st.sampled_from([CHUNK, 2 * CHUNK, 3000]), min_size=4, max_size=4),
     max_streams=st.integers(1, 4),
+    idle_rounds=st.sampled_from([None, 0, 1, 3]),
 )
 def test_any_arrival_and_departure_schedule_gives_each_stream_its_ids_alone(
-    tiny_model_dir, solo_ids, joins, chunks, max_streams
+    tiny_model_dir, solo_ids, joins, chunks, max_streams, idle_rounds
 ) -> None:
-    """Random join ticks, chunk sizes (so departures move too) and ceilings (streams past it wait)."""
+    """Random join ticks, chunk sizes (so departures move too), ceilings (streams past it wait), and whether the
+    stages take each tick's work whole or a round at a time (the rest in rounds between ticks)."""
     schedules = {
         name: Schedule(schedule.audio, join, schedule.delay_ms, chunk)
         for (name, schedule), join, chunk in zip(STREAMS.items(), joins, chunks, strict=True)
     }
-    ids, failures, _ = run_ticks(model_chain(tiny_model_dir, max_streams=max_streams), schedules)
+    chain = model_chain(tiny_model_dir, max_streams=max_streams)
+    ids, failures, _ = run_ticks(chain, schedules, idle_rounds)
     assert not failures
     assert ids == solo_ids
+
+
+def test_a_round_at_a_time_keeps_a_burst_for_later_calls_which_other_streams_join(tiny_model_dir, solo_ids) -> None:
+    """Stream "a" arrives whole in one item with its end (a burst of many positions); "b" arrives 80 ms a tick.
+    `step_round` steps each stream once a call and keeps the rest (`has_work`, `backlog`), so each of b's ticks
+    runs in a batch with a's next position instead of after all of a's; both keep their ids alone."""
+    mel, encoder, decoder = model_chain(tiny_model_dir, max_streams=2)
+    a, b = STREAMS["a"].audio, STREAMS["b"].audio
+    work = [("a", StreamStart(480)), ("a", a), ("a", END), ("b", StreamStart(160))]
+    ids: dict[str, list[int]] = {"a": [], "b": []}
+    ended, batches, tick = set(), [], 0
+    while ended != {"a", "b"}:
+        if tick * CHUNK < len(b):
+            work.append(("b", b[tick * CHUNK : (tick + 1) * CHUNK]))
+            if (tick + 1) * CHUNK >= len(b):
+                work.append(("b", END))
+        starts = [(name, item) for name, item in work if isinstance(item, StreamStart)]
+        encoded = encoder.step_round(mel.step(work))
+        for name, item in decoder.step_round(starts + encoded):
+            if isinstance(item, StreamEnd):
+                ended.add(name)
+            else:
+                ids[name].extend(int(i) for i in item)
+        batches.append(decoder.batch_sizes)
+        if tick == 0:
+            assert encoder.has_work and encoder.backlog > 0  # a's pieces past the first wait for later calls
+        work, tick = [], tick + 1
+        assert tick < 1000
+    assert ids == {"a": solo_ids["a"], "b": solo_ids["b"]}
+    assert max(len(sizes) for sizes in batches) <= 2  # a call: at most a prefill and one step
+    assert sum(2 in sizes for sizes in batches) >= 5  # b's positions batched with a's burst
+    assert not (encoder.has_work or decoder.has_work) and encoder.backlog == decoder.backlog == 0
 
 
 def test_padding_rows_of_a_bucket_touch_no_streams_memory(tiny_model_dir, solo_ids) -> None:
