@@ -318,10 +318,12 @@ class ModelStage(Stage):
 
 @dataclass
 class EncoderRow:
-    """An encoder stream's place: the next encoder frame position and its conv1 tail's length."""
+    """An encoder stream's place: the next encoder frame position, its conv1 tail's length, and whether its burst
+    (a first or last item of many frames) already gave way to a round of 80 ms steps."""
 
     next_position: int = 0
     tail_length: int = CONV1_TAIL_LENGTHS[0]
+    deferred: bool = False
 
 
 class EncoderStage(ModelStage):
@@ -376,12 +378,35 @@ class EncoderStage(ModelStage):
                 piece = next_piece(stream.pending)
                 if piece.shape[0]:
                     steps.setdefault((piece.shape[0], stream.place.tail_length), []).append((stream_id, stream, piece))
+            if one_round:
+                self._defer_bursts(steps)
             for (mel_frames, tail_length), batch in steps.items():
                 limit = self.max_streams if mel_frames == MEL_FRAMES_PER_TOKEN else MAX_PROMPT_ROWS
                 for start in range(0, len(batch), limit):
                     self._step(batch[start : start + limit], mel_frames, tail_length, outputs)
             if one_round:
                 return
+
+    @staticmethod
+    def _defer_bursts(steps: dict[tuple[int, int], list[tuple[str, StreamState, np.ndarray]]]) -> None:
+        """In a round with 80 ms steps, a piece of another size waits for the next round, once per burst: a
+        stream's join or end then costs the others' tick nothing, and the piece runs in the time between ticks."""
+        if not any(mel_frames == MEL_FRAMES_PER_TOKEN for mel_frames, _ in steps):
+            return
+        for (mel_frames, _), batch in steps.items():
+            if mel_frames == MEL_FRAMES_PER_TOKEN:
+                for _, stream, _ in batch:
+                    stream.place.deferred = False
+                continue
+            kept = []
+            for entry in batch:
+                _, stream, piece = entry
+                if stream.place.deferred:
+                    kept.append(entry)
+                else:
+                    stream.place.deferred = True
+                    stream.pending.insert(0, piece)
+            batch[:] = kept
 
     def _step(
         self, batch: list[tuple[str, StreamState, np.ndarray]], mel_frames: int, tail_length: int, outputs: list[Output]
@@ -413,7 +438,8 @@ class EncoderStage(ModelStage):
 
 @dataclass
 class DecoderRow:
-    """A decoder stream's place: its prompt, frames awaiting a group of 4, the next position, EOS seen."""
+    """A decoder stream's place: its prompt, frames awaiting a group of 4, the next position, EOS seen, and
+    whether its prefill already gave way to a round of steps."""
 
     prompt: list[int]
     delay: int  # in tokens
@@ -421,6 +447,7 @@ class DecoderRow:
     groups: list[np.ndarray] = field(default_factory=list)  # [4, enc_dim] groups awaiting decoding
     next_position: int = 0
     ended: bool = False  # EOS generated: later positions are ignored
+    deferred: bool = False
 
 
 class DecoderStage(ModelStage):
@@ -510,7 +537,10 @@ class DecoderStage(ModelStage):
             if stream.row is not None:
                 self._group(stream)
         while True:
-            self._prefill(outputs)
+            stepping = any(
+                s.row is not None and s.place.groups and s.place.next_position for s in self._streams.values()
+            )
+            self._prefill(outputs, defer=one_round and stepping)
             batch = [
                 (stream_id, stream)
                 for stream_id, stream in self._streams.items()
@@ -536,12 +566,17 @@ class DecoderStage(ModelStage):
             place.groups.extend(buffered[:usable].reshape(-1, ENCODER_FRAMES_PER_TOKEN, buffered.shape[1]))
         stream.pending.clear()
 
-    def _prefill(self, outputs: list[Output]) -> None:
-        """The prompts of the streams whose first groups are all there, one forward per prompt length."""
+    def _prefill(self, outputs: list[Output], defer: bool) -> None:
+        """The prompts of the streams whose first groups are all there, one forward per prompt length. With
+        `defer` (a round with steps), a prompt waits for the next round, once: it then costs the others' tick
+        nothing and runs in the time between ticks."""
         waiting: dict[int, list[tuple[str, StreamState]]] = {}
         for stream_id, stream in self._streams.items():
             place = stream.place if stream.row is not None else None
             if place is not None and place.next_position == 0 and len(place.groups) >= len(place.prompt):
+                if defer and not place.deferred:
+                    place.deferred = True
+                    continue
                 waiting.setdefault(len(place.prompt), []).append((stream_id, stream))
         for length, batch in waiting.items():
             for start in range(0, len(batch), MAX_PROMPT_ROWS):

@@ -194,6 +194,32 @@ def test_a_round_at_a_time_keeps_a_burst_for_later_calls_which_other_streams_joi
     assert not (encoder.has_work or decoder.has_work) and encoder.backlog == decoder.backlog == 0
 
 
+def test_a_burst_gives_way_once_to_a_rounds_80_ms_steps(tiny_model_dir) -> None:
+    """A joining stream's first item (many mel frames) and its prompt's prefill wait for the next round when the
+    round steps other streams' 80 ms items, so the others' tick does not pay for them; the next call (no new
+    work) runs them, with what they would have given at once."""
+    encoder = build_stage("encoder", model_dir=tiny_model_dir, params={"max_streams": 2})
+    rng = np.random.default_rng(0)
+    first = rng.standard_normal((264, 128)).astype(np.float32)  # the left pad's frames and 80 ms
+    tick = rng.standard_normal((8, 128)).astype(np.float32)
+    alone = np.concatenate([frames for _, frames in encoder.step([("x", first)])])
+    outputs = encoder.step_round([("x", tick), ("y", first)])
+    assert [name for name, _ in outputs] == ["x"] and encoder.has_work
+    later = []
+    while encoder.has_work:
+        later += encoder.step_round([])
+    assert {name for name, _ in later} == {"y"}
+    np.testing.assert_array_equal(np.concatenate([frames for _, frames in later]), alone)
+
+    decoder = build_stage("decoder", model_dir=tiny_model_dir, params={"max_streams": 2})
+    groups = rng.standard_normal((len(decoder.prompt) + 1, 4, decoder.decoder.params.encoder.dim)).astype(np.float32)
+    prompt_frames = groups[:-1].reshape(-1, groups.shape[-1])
+    assert len(decoder.step([("x", prompt_frames)])) == 1  # x's prefill: its first id
+    outputs = decoder.step_round([("x", groups[-1]), ("y", prompt_frames)])
+    assert [name for name, _ in outputs] == ["x"] and decoder.has_work
+    assert [name for name, _ in decoder.step_round([])] == ["y"] and not decoder.has_work
+
+
 def test_padding_rows_of_a_bucket_touch_no_streams_memory(tiny_model_dir, solo_ids) -> None:
     """Batches padded to power-of-two buckets, as CUDA graphs run them: the padding rows compute in the scratch
     row and page, and every stream keeps its ids alone."""
