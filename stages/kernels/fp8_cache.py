@@ -1,5 +1,6 @@
 """A step's new keys and values into an 8-bit KV pool as one Triton kernel: each KV head's vector quantized as
-`fp8.quantize` does (the same bits) and stored with its scale in its slot.
+`fp8.quantize` does and stored with its scale in its slot (on an H100 not bit for bit everywhere: `bench_fp8`
+reports whether the bits agree).
 
 The product kernels write a 16-bit cache from their epilogue, but a program of `matvec` holds one to four of a
 head's output columns, and a vector's scale needs all of them; so in FP8 the q/k/v product leaves the cache
