@@ -43,7 +43,9 @@ KNOWN_STAGES = STAGE_KINDS
 SOURCE = "capture"  # the stage that produces audio: the only one without an input queue
 SINK = "output"  # the runner's own node that receives the final events and writes the transcript
 # Keys --set sets directly on a stage; others go to its params.
-RUNNER_STAGE_KEYS = ("device", "host", "throttle_ms", "threads", "impl", "busy_poll", "replicas", "devices")
+RUNNER_STAGE_KEYS = (
+    "device", "host", "throttle_ms", "threads", "impl", "busy_poll", "gather_ms", "replicas", "devices",
+)  # fmt: skip
 DEFAULT_BASE_PORT = 5550
 LOOPBACK = "127.0.0.1"
 MAX_PORT = 65535
@@ -51,6 +53,7 @@ MAX_PORT = 65535
 # take is not bounded by anything else.
 MAX_QUEUE_CAPACITY = 4096  # messages (80 ms each by default: over 5 minutes of audio)
 MAX_THROTTLE_MS = 60_000
+MAX_GATHER_MS = 1000
 MAX_THREADS = 1024
 MAX_STARTUP_TIMEOUT_S = 86_400
 MIN_HEARTBEAT_TIMEOUT_S, MAX_HEARTBEAT_TIMEOUT_S = 0.5, 600
@@ -77,6 +80,9 @@ class StageConfig(_Strict):
     # Wait for input by polling without sleeping while a stream is open: a core busy, for the wake-up latency
     # a sleeping process pays per message (0.1 to 0.8 ms, by host).
     busy_poll: bool | None = None
+    # Before a step, wait up to this long for a message of every stream open on the input queue: streams whose
+    # audio arrives at its own phase of the tick then share one batched step instead of several small ones.
+    gather_ms: float = Field(0.0, ge=0, le=MAX_GATHER_MS)
     # Copies of the stages after the capture, each a chain of its own that the server routes whole streams to;
     # `devices` gives each copy its device (its length is the count), `all` a copy per CUDA GPU.
     replicas: int | None = Field(None, ge=1, le=MAX_REPLICAS)

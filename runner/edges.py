@@ -171,6 +171,18 @@ class EdgeReceiver:
             self._grant(len(taken))
         return taken
 
+    def gather(self, taken: list[Envelope], wait_s: float, limit: int) -> list[Envelope]:
+        """`taken` and what arrives within `wait_s`, until every stream open on the queue has a message among them
+        (the sender's last message comes after every stream ended) or `limit` are taken."""
+        deadline = time.monotonic() + wait_s
+        taken = list(taken)
+        while len(taken) < limit and set(self._open) - {envelope.stream_id for envelope in taken}:
+            left_ms = round((deadline - time.monotonic()) * 1000)
+            if left_ms <= 0 or not self.socket.poll(left_ms, zmq.POLLIN):
+                break
+            taken += self.receive_waiting(limit - len(taken))
+        return taken
+
     def _take(self, message: list[bytes]) -> Envelope | None:
         identity, *frames = message
         if identity != self.spec.routing_id:

@@ -72,6 +72,7 @@ class StageSpec:
     throttle_ms: float = 0.0
     threads: int = 1
     busy_poll: bool = False  # wait for input without sleeping while a stream is open (see StageConfig)
+    gather_ms: float = 0.0  # wait for a message of every open stream before a step (see StageConfig)
     model_dir: Path | None = None
     delay_ms: int | None = None
     profile: bool = False  # also send every item's record, for the trace
@@ -413,7 +414,10 @@ class StageProcess:
             events = dict(poller.poll(0 if spinning or more else self._wait_timeout_ms()))
             room = MAX_MESSAGES_PER_STEP - stage.backlog  # what the stage holds counts against the bound
             if self.receiver.socket in events and (room > 0 or not more):
-                self._step(stage, self.receiver.receive_waiting(max(1, room)))
+                taken = self.receiver.receive_waiting(max(1, room))
+                if self.spec.gather_ms and not more:
+                    taken = self.receiver.gather(taken, self.spec.gather_ms / 1000, max(1, room))
+                self._step(stage, taken)
             elif more:
                 self._call(stage, [], [], time.time())
             if any(ready is not self.receiver.socket for ready in events):

@@ -283,6 +283,7 @@ class Supervisor:
                     throttle_ms=config.throttle_ms,
                     threads=config.threads or 1,
                     busy_poll=bool(config.busy_poll),
+                    gather_ms=config.gather_ms,
                     model_dir=self.model_dir,
                     delay_ms=self.pipeline.delay_ms,
                     profile=self.reporting.trace is not None,

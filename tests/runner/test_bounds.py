@@ -25,6 +25,8 @@ from tests.runner.toy_stages import LossyLiveSource
         (["--set", "capture.chunk_ms=5"], None, "stages.capture.params.chunk_ms: 5 is outside 10..1000 ms"),
         (["--set", "capture.chunk_ms=100000"], None, "stages.capture.params.chunk_ms: 100000 is outside 10..1000 ms"),
         (["--set", "relay.throttle_ms=1e9"], None, "stages.relay.throttle_ms: Input should be less than or equal"),
+        (["--set", "relay.gather_ms=-1"], None, "stages.relay.gather_ms: Input should be greater than or equal to 0"),
+        (["--set", "relay.gather_ms=5000"], None, "stages.relay.gather_ms: Input should be less than or equal to 1000"),
         ([], ("stages:", "heartbeat_timeout_s: 0\nstages:"), "heartbeat_timeout_s: Input should be greater than"),
         ([], ("stages:", "base_port: 65534\nstages:"), "base_port: 65534 + 2 (queue 2) is past port 65535"),
         (["--rate", "1", "--input", "-"], None, "--rate: rate 1 is outside 8000..384000"),

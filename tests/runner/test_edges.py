@@ -183,6 +183,34 @@ def test_streams_interleave_and_the_last_message_counts_them(context, tmp_path):
     assert receiver.open_streams == 0 and receiver.remembered_streams == 3 and not receiver.streaming
 
 
+def test_gather_waits_for_a_message_of_every_open_stream_within_its_wait(context, tmp_path):
+    """A batching stage's gathering: with "a" and "b" open ("c" ends), a's message waits for b's, which comes 50 ms
+    later; with b silent, the wait ends at its bound."""
+    receiver, sender = make_edge(context, tmp_path, 16, Policy.BLOCK)
+    receive_all(receiver)
+    sender._wait_for_credit()
+    for stream in "abc":
+        sender.send(Envelope(stream, 0, 0.0, Kind.DATA, np.zeros(2)))
+    assert len(receive_all(receiver)) == 3 and receiver.open_streams == 3
+    sender.send(Envelope("c", 1, 0.0, Kind.EOS))
+    sender.send(Envelope("a", 1, 0.0, Kind.DATA, np.zeros(2)))
+    later = threading.Timer(0.05, lambda: sender.send(Envelope("b", 1, 0.0, Kind.DATA, np.zeros(2))))
+    later.start()
+    receiver.socket.poll(1000, zmq.POLLIN)
+    started = time.monotonic()
+    taken = receiver.gather(receiver.receive_waiting(16), wait_s=5.0, limit=16)
+    assert [(message.stream_id, message.seq) for message in taken] == [("c", 1), ("a", 1), ("b", 1)]
+    assert 0.03 < time.monotonic() - started < 2.0
+    later.join()
+
+    sender.send(Envelope("a", 2, 0.0, Kind.DATA, np.zeros(2)))
+    receiver.socket.poll(1000, zmq.POLLIN)
+    started = time.monotonic()
+    taken = receiver.gather(receiver.receive_waiting(16), wait_s=0.2, limit=16)
+    assert [(message.stream_id, message.seq) for message in taken] == [("a", 2)]  # b said nothing within 0.2 s
+    assert 0.19 < time.monotonic() - started < 2.0
+
+
 class RawSender:
     """The edge's sender as a bare socket with its identity: sends whatever envelopes a test makes up."""
 

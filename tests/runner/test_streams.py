@@ -179,6 +179,22 @@ def test_bad_options_with_several_inputs_are_one_line(runner, tmp_path, args, ex
     assert " ready in " not in result.stderr.decode()  # found before any stage started
 
 
+def test_a_gathering_stage_takes_a_ticks_streams_in_one_step(runner, tmp_path):
+    """`gather_ms` on a batching relay: three real-time files, a tick's chunk of each stream waits (at most 60 ms)
+    for the others', so after the first tick each step takes all three; the transcripts are as without."""
+    wavs = write_inputs(tmp_path / "in", [1.2, 1.2, 1.2])
+    data = yaml.safe_load(write_toy_pipeline(tmp_path / "p.yaml", capacity=64).read_text())
+    data["stages"]["relay"] |= {"impl": f"{TOY}:BatchingRelay", "gather_ms": 60}
+    pipeline = tmp_path / "gathering.yaml"
+    pipeline.write_text(yaml.safe_dump(data, sort_keys=False))
+    stats = tmp_path / "stats.json"
+    result = runner.run(pipeline, "--input", *wavs, "--realtime", "--stats-json", stats)
+    assert result.returncode == 0, result.stderr.decode()
+    assert labelled_lines(result.stdout) == {str(wav): toy_text(wav) for wav in wavs}
+    batch = json.loads(stats.read_text())["stages"]["relay"]["batch"]
+    assert batch["max"] == 3 and batch["mean"] > 2.5, batch
+
+
 def test_a_thousand_streams_leave_nothing_behind(runner, tmp_path):
     """1,000 short files through the toy stages (a batching relay among them): every transcript right, and at the
     end no stage, queue end or stage process holds anything of any stream."""
