@@ -410,15 +410,16 @@ class StageProcess:
                 poller.register(pollable, zmq.POLLIN)
         while True:
             spinning = self.spec.busy_poll and bool(self._streams)  # between streams a wake-up costs nothing
-            more = stage.has_work  # rounds kept by the last call: run them, unless new work comes to join them
-            events = dict(poller.poll(0 if spinning or more else self._wait_timeout_ms()))
-            room = MAX_MESSAGES_PER_STEP - stage.backlog  # what the stage holds counts against the bound
-            if self.receiver.socket in events and (room > 0 or not more):
-                taken = self.receiver.receive_waiting(max(1, room))
-                if self.spec.gather_ms and not more:
-                    taken = self.receiver.gather(taken, self.spec.gather_ms / 1000, max(1, room))
+            kept = stage.has_work  # rounds kept by the last call: run them, unless new work comes to join them
+            events = dict(poller.poll(0 if spinning or kept else self._wait_timeout_ms()))
+            # What the stage holds counts against the bound: past it, its rounds run before more input is taken.
+            if self.receiver.socket in events and (not kept or stage.backlog < MAX_MESSAGES_PER_STEP):
+                room = max(1, MAX_MESSAGES_PER_STEP - stage.backlog)
+                taken = self.receiver.receive_waiting(room)
+                if self.spec.gather_ms and not kept:
+                    taken = self.receiver.gather(taken, self.spec.gather_ms / 1000, room)
                 self._step(stage, taken)
-            elif more:
+            elif kept:
                 self._call(stage, [], [], time.time())
             if any(ready is not self.receiver.socket for ready in events):
                 self._check_control()

@@ -503,14 +503,20 @@ class DecoderStage(ModelStage):
         return stream.place.ended
 
     def _runnable(self, stream: StreamState) -> bool:
-        place = stream.place
-        if stream.row is None or place.ended:
+        if stream.row is None or stream.place.ended:
             return False
-        return (
-            bool(stream.pending)
-            or bool(place.groups)
-            and (place.next_position > 0 or len(place.groups) >= len(place.prompt))
-        )
+        return bool(stream.pending) or self._has_position(stream) or self._prompt_ready(stream)
+
+    @staticmethod
+    def _has_position(stream: StreamState) -> bool:
+        """Whether an admitted stream past its prompt has a position to step."""
+        return stream.row is not None and bool(stream.place.groups) and stream.place.next_position > 0
+
+    @staticmethod
+    def _prompt_ready(stream: StreamState) -> bool:
+        """Whether an admitted stream's prompt has all its groups and waits for its prefill."""
+        place = stream.place
+        return stream.row is not None and place.next_position == 0 and len(place.groups) >= len(place.prompt)
 
     def _held(self, stream: StreamState) -> int:
         return len(stream.pending) + len(stream.place.groups)
@@ -537,15 +543,9 @@ class DecoderStage(ModelStage):
             if stream.row is not None:
                 self._group(stream)
         while True:
-            stepping = any(
-                s.row is not None and s.place.groups and s.place.next_position for s in self._streams.values()
-            )
+            stepping = any(self._has_position(stream) for stream in self._streams.values())
             self._prefill(outputs, defer=one_round and stepping)
-            batch = [
-                (stream_id, stream)
-                for stream_id, stream in self._streams.items()
-                if stream.row is not None and stream.place.groups and stream.place.next_position
-            ]
+            batch = [(stream_id, stream) for stream_id, stream in self._streams.items() if self._has_position(stream)]
             if not batch:
                 return
             for start in range(0, len(batch), self.max_streams):
@@ -572,8 +572,8 @@ class DecoderStage(ModelStage):
         nothing and runs in the time between ticks."""
         waiting: dict[int, list[tuple[str, StreamState]]] = {}
         for stream_id, stream in self._streams.items():
-            place = stream.place if stream.row is not None else None
-            if place is not None and place.next_position == 0 and len(place.groups) >= len(place.prompt):
+            if self._prompt_ready(stream):
+                place = stream.place
                 if defer and not place.deferred:
                     place.deferred = True
                     continue

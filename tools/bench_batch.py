@@ -218,7 +218,7 @@ def realtime_minute_streams(
     latency: a leaving stream's, from the start of its last item's tick to its end out of the decoder."""
     life = round(60 / TICK_S)  # ticks a stream lives
     state = {"tick": 0, "joined": 0, "ages": {}}
-    leaving: dict[str, float] = {}  # stream -> when its last item's tick was due
+    leaving: dict[str, float] = {}  # stream -> when its last item's tick began
     flushes: list[float] = []
 
     def decode(outputs: list) -> None:
@@ -242,7 +242,7 @@ def realtime_minute_streams(
             else:
                 work += [(name, last), (name, END)]
                 del ages[name]
-                leaving[name] = state["due"]
+                leaving[name] = state["began"]
         starts = [(name, item) for name, item in work if isinstance(item, StreamStart)]
         began = time.perf_counter()
         encoded = encoder.step_round(work)
@@ -260,21 +260,21 @@ def realtime_minute_streams(
         decode(decoder.step_round(encoder.step_round([])))
         return True
 
-    def due_tick() -> None:
-        state["due"] = time.perf_counter()  # paced_ticks calls it at (or after) its due time
+    def timed_tick() -> None:
+        state["began"] = time.perf_counter()  # paced_ticks calls it at (or after) its due time
         one_tick()
 
     parts: list[tuple[bool, float, float]] = []
     started = time.perf_counter()
     for _ in range(life):  # unpaced: brings the population to every age
-        due_tick()
+        timed_tick()
         while idle_round():
             pass
     synchronize()
     warm_s = time.perf_counter() - started
     parts.clear()
     flushes.clear()
-    figures = paced_ticks(due_tick, seconds, idle_round)
+    figures = paced_ticks(timed_tick, seconds, idle_round)
     figures["leave_to_end_ms"] = {f"p{q}": 1000 * float(np.percentile(flushes, q)) for q in (50, 95) if flushes}
     figures |= {"streams": count, "warm_up_s": warm_s, "decoder_pages": decoder.pool.pages_in_use}
     # Where a tick's time goes: the encoder's and decoder's `step` calls, on ticks a stream joined or left, and
