@@ -14,6 +14,7 @@ from voxtral_run.stages.kernels.fp8_cache import store_fp8
 from voxtral_run.stages.kernels.matvec import Heads, Norm, matvec, matvec_available
 from voxtral_run.stages.kernels.overlap import DEFAULT_OVERLAP, Overlap
 from voxtral_run.stages.kernels.position_inputs import fused_position_inputs, position_inputs_available
+from voxtral_run.stages.kernels.rows_elementwise import norm_rows, rope_rows, swiglu_rows
 from voxtral_run.stages.kernels.rows_matmul import rows_matmul, rows_matmul_available
 from voxtral_run.stages.kernels.step_attention import MAX_ROWS, step_attention, step_attention_available
 from voxtral_run.stages.model.cache import PAGE_SLOTS, KVCache
@@ -141,8 +142,8 @@ def attention_output_and_ffn(
 class FusedBlocks:
     """A stack of transformer blocks' forward with the step's kernels: the same call and result as the model's
     `blocks` (an encoder's, or a decoder's with its FFN scales). One row of the batch runs as the fused
-    kernels; more rows run their products through cuBLAS (each weight read once for all rows). Attention reads
-    each row's own pages of the KV pool either way."""
+    kernels; more rows run their products through cuBLAS (each weight read once for all rows), with the work
+    between them as one kernel each. Attention reads each row's own pages of the KV pool either way."""
 
     def __init__(self, blocks: nn.ModuleList, rope: RotaryEmbedding, overlap: Overlap = DEFAULT_OVERLAP) -> None:
         self.blocks = blocks
@@ -187,28 +188,30 @@ class FusedBlocks:
         self, block: Block, index: int, x: torch.Tensor, rotations: torch.Tensor, bias: torch.Tensor,
         cache: KVCache, scale: torch.Tensor | None,
     ) -> torch.Tensor:  # fmt: skip
-        """A block over many rows: the model's own modules around the paged attention kernel."""
-        attention = block.attention
+        """A block over many rows: the model's products (cuBLAS) with the norms, RoPE and cache writes and SwiGLU
+        between them as one kernel each, around the paged attention kernel."""
+        attention, ffn = block.attention, block.feed_forward
         batch, length = x.shape[:2]
         heads, kv_heads, head_dim = attention.n_heads, attention.n_kv_heads, attention.head_dim
-        qk, v = attention.wqkv(block.attention_norm(x)).split(
-            ((heads + kv_heads) * head_dim, kv_heads * head_dim), dim=-1
-        )
-        qk = RotaryEmbedding.apply(qk.view(batch, length, heads + kv_heads, head_dim), rotations)
-        q, k = qk.split((heads, kv_heads), dim=2)
+        q_dim, kv_dim = heads * head_dim, kv_heads * head_dim
         keys, values = cache.layer_slots(index)
         kv_scales = cache.layer_scales(index)
         slots = cache.slots.flatten()
-        k, v = k.flatten(0, 1), v.reshape(-1, kv_heads, head_dim)
-        if kv_scales is None:
-            keys.index_copy_(0, slots, k)
-            values.index_copy_(0, slots, v)
-        else:
+        qkv = attention.wqkv(norm_rows(x, Norm(block.attention_norm.weight, block.attention_norm.eps)))
+        # A 16-bit cache is written by the RoPE kernel itself; an 8-bit one by a kernel of its own.
+        slot_buffers = (keys, values, slots) if kv_scales is None else None
+        qk = rope_rows(
+            qkv.flatten(0, 1), Heads(rotations.flatten(1, 2), q_dim, kv_dim, head_dim, slot_buffers)
+        )  # fmt: skip
+        if kv_scales is not None:
+            k = qk[:, q_dim:].unflatten(1, (kv_heads, head_dim))
+            v = qkv.flatten(0, 1)[:, q_dim + kv_dim :].unflatten(1, (kv_heads, head_dim))
             store_fp8(k, v, (keys, values), kv_scales, slots)
+        q = qk[:, :q_dim].unflatten(0, (batch, length)).unflatten(2, (heads, head_dim))
         attended = attend(q.transpose(1, 2), keys, values, bias, cache.pages, self.overlap, kv_scales)
         x = x + attention.wo(attended.transpose(1, 2).flatten(2))
-        h = block.ffn_norm(x)
-        return x + block.feed_forward(h if scale is None else h * scale)
+        hidden = swiglu_rows(ffn.w13(norm_rows(x, Norm(block.ffn_norm.weight, block.ffn_norm.eps, scale))))
+        return x + ffn.w2(hidden)
 
 
 def fused_adapt(decoder: TextDecoder, frames: torch.Tensor, overlap: Overlap = DEFAULT_OVERLAP) -> torch.Tensor:

@@ -266,12 +266,12 @@ if triton is not None:
     @triton.jit
     def heads_epilogue(
         y, rows, cols, live, rot_ptr, keys_ptr, values_ptr, slots_ptr,
-        ROWS: tl.constexpr, Q_DIM: tl.constexpr, KV_DIM: tl.constexpr, HEAD_DIM: tl.constexpr, CACHE: tl.constexpr,
+        ROWS, Q_DIM: tl.constexpr, KV_DIM: tl.constexpr, HEAD_DIM: tl.constexpr, CACHE: tl.constexpr,
         TILE: tl.constexpr, BLOCK_N: tl.constexpr,
     ):  # fmt: skip
         """A q/k/v product's rounded output tile y [TILE, BLOCK_N] (`rows` of the step, `cols` of the product)
         with RoPE on its query and key columns, rounded as `RotaryEmbedding.apply` rounds; keys and values also
-        stored into their cache slots when CACHE."""
+        stored into their cache slots when CACHE. ROWS, the step's rows, may be a runtime value."""
         dtype = y.dtype
         even, odd = tl.split(y.reshape(TILE, BLOCK_N // 2, 2))
         first, _ = tl.split(cols.reshape(BLOCK_N // 2, 2))  # each pair's first column
