@@ -125,8 +125,9 @@ def _launch(
         0 if pages is None else pages.stride(0),
     )  # fmt: skip
     pdl = uses_pdl(overlap, q.device)
-    # A slice of keys (or values) of every head is one contiguous run when the cache is contiguous.
-    prefetch = pages is None and overlap.prefetch_bytes > 0 and overlap_supported(q.device) and all(
+    # A slice of keys (or values) of every head is one contiguous run when the cache is contiguous, and a page's
+    # when it is a pool's. A batch of many rows reads at the memory's pace anyway: only one row prefetches.
+    prefetch = (pages is None or batch == 1) and overlap.prefetch_bytes > 0 and overlap_supported(q.device) and all(
         t.is_contiguous() and t.data_ptr() % PREFETCH_ALIGNMENT == 0 for t in (keys, values)
     )  # fmt: skip
     key_scales, value_scales = (keys, keys) if scales is None else (s.contiguous() for s in scales)
@@ -178,9 +179,17 @@ if triton is not None:
         start = split * per_split
         end = tl.minimum(start + per_split, n_keys)
         if PREFETCH:  # the slice's keys and values of every head, a share per head's program
-            run = (end - start) * k_key_stride * (k_ptr.dtype.element_ty.primitive_bitwidth // 8)
-            prefetch_share_to_l2(k_ptr + start * k_key_stride, run, kv_head, tl.num_programs(0))
-            prefetch_share_to_l2(v_ptr + start * v_key_stride, run, kv_head, tl.num_programs(0))
+            if PAGED:  # page by page, those the row has reached
+                run = BLOCK * k_key_stride * (k_ptr.dtype.element_ty.primitive_bitwidth // 8)
+                for first in range(start, end, BLOCK):
+                    page = tl.load(pages_ptr + first // BLOCK)
+                    if page != EMPTY_PAGE:
+                        prefetch_share_to_l2(k_ptr + page * BLOCK * k_key_stride, run, kv_head, tl.num_programs(0))
+                        prefetch_share_to_l2(v_ptr + page * BLOCK * v_key_stride, run, kv_head, tl.num_programs(0))
+            else:
+                run = (end - start) * k_key_stride * (k_ptr.dtype.element_ty.primitive_bitwidth // 8)
+                prefetch_share_to_l2(k_ptr + start * k_key_stride, run, kv_head, tl.num_programs(0))
+                prefetch_share_to_l2(v_ptr + start * v_key_stride, run, kv_head, tl.num_programs(0))
         wait_for_inputs(PDL)
         rows = tl.arange(0, ROWS)
         live = rows < GROUP * LENGTH
