@@ -29,7 +29,7 @@ from voxtral_run.stages.audio.constants import (
     delay_tokens,
     stream_right_pad_samples,
 )
-from voxtral_run.stages.base import Item, Stage, StageError, StreamStart
+from voxtral_run.stages.base import Item, Output, Stage, StageError, StreamStart, Work
 
 NUM_FREQUENCY_BINS = N_FFT // 2 + 1  # 201 one-sided STFT bins
 MEL_BLOCK_FRAMES = MEL_FRAMES_PER_TOKEN  # frames per filter product (see _log_mel)
@@ -105,26 +105,34 @@ def _validated_samples(samples: object, what: str) -> np.ndarray:
 
 
 def _log_mel(spectrum: torch.Tensor, first_frame: int) -> np.ndarray:
-    """Complex STFT [201, T] of frames first_frame.. to time-major features [T, 128], following the reference
-    op by op."""
+    """Complex STFTs [B, 201, T] of frames first_frame.. of B streams to time-major features [B, T, 128],
+    following the reference op by op."""
     _, filters_t = _torch_constants()
     power = spectrum.abs() ** 2
-    num_frames = power.shape[1]
+    batch, bins, num_frames = power.shape
     # The filter product runs on blocks of MEL_BLOCK_FRAMES frames aligned to the stream's frame index, each
     # block a product of the same shape with a frame always in the same column: BLAS rounds by shape and
     # position (one column takes the matrix-vector path, wide products other kernels), so any chunking of a
-    # stream gives the offline frames' bits.
+    # stream, and any number of streams computed together, gives the offline frames' bits.
     lead = first_frame % MEL_BLOCK_FRAMES
     blocks = -(-(lead + num_frames) // MEL_BLOCK_FRAMES)
-    padded = power.new_zeros(power.shape[0], blocks * MEL_BLOCK_FRAMES)
-    padded[:, lead : lead + num_frames] = power
-    padded = padded.reshape(power.shape[0], blocks, MEL_BLOCK_FRAMES).transpose(0, 1)
-    mel = torch.bmm(filters_t.expand(blocks, -1, -1), padded)  # [blocks, 128, MEL_BLOCK_FRAMES]
-    mel = mel.transpose(0, 1).reshape(filters_t.shape[0], -1)[:, lead : lead + num_frames]
+    padded = power.new_zeros(batch, bins, blocks * MEL_BLOCK_FRAMES)
+    padded[..., lead : lead + num_frames] = power
+    padded = padded.reshape(batch, bins, blocks, MEL_BLOCK_FRAMES).transpose(1, 2).reshape(-1, bins, MEL_BLOCK_FRAMES)
+    mel = torch.bmm(filters_t.expand(batch * blocks, -1, -1), padded)  # [B * blocks, 128, MEL_BLOCK_FRAMES]
+    mel = mel.reshape(batch, blocks, -1, MEL_BLOCK_FRAMES).transpose(1, 2).reshape(batch, filters_t.shape[0], -1)
+    mel = mel[..., lead : lead + num_frames]
     log_mel = torch.clamp(mel, min=MEL_POWER_FLOOR).log10()
     log_mel = torch.maximum(log_mel, torch.tensor(GLOBAL_LOG_MEL_MAX - LOG_MEL_DYNAMIC_RANGE))
     features = (log_mel + LOG_MEL_OFFSET) / LOG_MEL_SCALE
-    return features.T.contiguous().numpy()
+    return features.transpose(1, 2).contiguous().numpy()
+
+
+def _stft(samples: torch.Tensor, center: bool) -> torch.Tensor:
+    """The periodic-Hann STFT of samples [..., n] -> [..., 201, frames]."""
+    window, _ = _torch_constants()
+    return torch.stft(samples, N_FFT, HOP_LENGTH, window=window, center=center, pad_mode="reflect",
+                      return_complex=True)  # fmt: skip
 
 
 def log_mel_frames(padded_audio: np.ndarray) -> np.ndarray:
@@ -132,17 +140,8 @@ def log_mel_frames(padded_audio: np.ndarray) -> np.ndarray:
     audio = _validated_samples(padded_audio, "padded audio")
     if len(audio) <= CENTER_PAD:
         raise StageError(f"padded audio has {len(audio)} samples; the STFT reflect pad needs > {CENTER_PAD}")
-    window, _ = _torch_constants()
-    spectrum = torch.stft(
-        torch.from_numpy(audio),
-        N_FFT,
-        HOP_LENGTH,
-        window=window,
-        center=True,
-        pad_mode="reflect",
-        return_complex=True,
-    )
-    return _log_mel(spectrum[:, :-1], 0)  # the last STFT frame is dropped, as the reference does
+    spectrum = _stft(torch.from_numpy(audio), center=True)
+    return _log_mel(spectrum[None, :, :-1], 0)[0]  # the last STFT frame is dropped, as the reference does
 
 
 @dataclass
@@ -172,6 +171,7 @@ class MelStage(Stage):
         self.left_pad_samples = left_pad_tokens * SAMPLES_PER_TOKEN
         self.num_delay_tokens = num_delay_tokens
         self._streams: dict[str, _MelStream] = {}
+        self._batch: list[_Segment] | None = None  # within `step`: the segments whose features it computes
 
     def _new_stream(self, num_delay_tokens: int | None = None) -> _MelStream:
         delay = self.num_delay_tokens if num_delay_tokens is None else num_delay_tokens
@@ -206,25 +206,56 @@ class MelStage(Stage):
         """Ids of the streams with samples pending."""
         return list(self._streams)
 
-    @staticmethod
-    def _emit(stream: _MelStream, stop_frame: int) -> list[Item]:
-        """Compute frames next_frame..stop_frame-1 in one STFT and keep only the samples later frames need."""
+    def step(self, work: list[Work]) -> list[Output]:
+        """`Stage.step`, with the STFTs and filter products of all the streams' new frames computed together, a
+        batch for each shape (the same bits as one by one)."""
+        self._batch = []
+        try:
+            outputs = super().step(work)
+            groups = _segment_groups(self._batch)
+            features = {
+                segment: frames for group in groups for segment, frames in zip(group, _features(group), strict=True)
+            }
+        finally:
+            self._batch = None
+        self.batch_sizes = [len(group) for group in groups]
+        return [(stream_id, features[item] if isinstance(item, _Segment) else item) for stream_id, item in outputs]
+
+    def _emit(self, stream: _MelStream, stop_frame: int) -> list[Item]:
+        """Take the samples of frames next_frame..stop_frame-1 (one STFT) and keep only those later frames need;
+        their features, or, within `step`, the segment whose features the step computes with the others."""
         if stop_frame <= stream.next_frame:
             return []
         first = HOP_LENGTH * stream.next_frame - stream.tail_start
         last = HOP_LENGTH * (stop_frame - 1) + N_FFT - stream.tail_start
-        window, _ = _torch_constants()
-        spectrum = torch.stft(
-            torch.from_numpy(stream.tail[first:last]),
-            N_FFT,
-            HOP_LENGTH,
-            window=window,
-            center=False,
-            return_complex=True,
-        )
-        first_frame = stream.next_frame
+        segment = _Segment(stream.tail[first:last], stream.next_frame)
         consumed = HOP_LENGTH * stop_frame - stream.tail_start
         stream.tail = stream.tail[consumed:].copy()
         stream.tail_start += consumed
         stream.next_frame = stop_frame
-        return [_log_mel(spectrum, first_frame)]
+        if self._batch is not None:
+            self._batch.append(segment)
+            return [segment]
+        return _features([segment])
+
+
+@dataclass(eq=False)
+class _Segment:
+    """A stream's samples for one STFT (center off) and the index of its first frame."""
+
+    samples: np.ndarray
+    first_frame: int
+
+
+def _segment_groups(segments: list[_Segment]) -> list[list[_Segment]]:
+    """Segments of the same length and the same alignment to the filter product's blocks, together."""
+    groups: dict[tuple[int, int], list[_Segment]] = {}
+    for segment in segments:
+        groups.setdefault((len(segment.samples), segment.first_frame % MEL_BLOCK_FRAMES), []).append(segment)
+    return list(groups.values())
+
+
+def _features(group: list[_Segment]) -> list[np.ndarray]:
+    """The log-mel frames [T, 128] of segments of one length and block alignment, in one STFT and product."""
+    samples = torch.from_numpy(np.stack([segment.samples for segment in group]))
+    return list(_log_mel(_stft(samples, center=False), group[0].first_frame))

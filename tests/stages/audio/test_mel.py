@@ -27,7 +27,7 @@ from voxtral_run.stages.audio.constants import (
     pad_stream,
 )
 from voxtral_run.stages.audio.mel import MelStage, frames_ready, log_mel_frames, mel_filter_bank
-from voxtral_run.stages.base import StageError
+from voxtral_run.stages.base import END, StageError, StreamStart
 
 TOLERANCE = 1e-5
 LEFT_PAD_TOKENS = 32  # the real model's values
@@ -192,6 +192,57 @@ def test_interleaved_streams_equal_each_alone() -> None:
     alone_b = stream_through(MelStage(LEFT_PAD_TOKENS, DELAY_TOKENS), "x", second, [333] * steps + [len(second)])
     np.testing.assert_array_equal(np.concatenate(outputs["a"]), alone_a)
     np.testing.assert_array_equal(np.concatenate(outputs["b"]), alone_b)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    lengths=st.lists(st.integers(0, 5 * SAMPLES_PER_TOKEN), min_size=1, max_size=6),
+    chunks=st.lists(st.sampled_from([SAMPLES_PER_TOKEN, 160, 700, 2 * SAMPLES_PER_TOKEN + 37]), min_size=1, max_size=3),
+    calls=st.integers(1, 4),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_steps_over_many_streams_give_each_its_frames_bit_for_bit(lengths, chunks, calls, seed) -> None:
+    """Streams of different lengths, delays and chunk sizes, their chunks and ends interleaved and taken a few
+    calls' worth at a time by `step`, which computes the STFTs and filter products of all of a call's streams
+    together (streams at different frames in one batch when their segments share a length): each stream's frames
+    have exactly the bits of the stream pushed alone, in order, then END."""
+    rng = np.random.default_rng(seed)
+    audios = {f"s{i}": (rng.standard_normal(n) * 0.3).astype(np.float32) for i, n in enumerate(lengths)}
+    delays = {name: [1, 6, 12][i % 3] for i, name in enumerate(audios)}
+    sizes = {name: chunks[i % len(chunks)] for i, name in enumerate(audios)}
+    pieces = {
+        name: [audio[at : at + sizes[name]] for at in range(0, len(audio), sizes[name])]
+        for name, audio in audios.items()
+    }
+    work = [(name, StreamStart(delay_ms=delays[name] * 80)) for name in audios]
+    for turn in range(max(map(len, pieces.values()), default=0)):
+        work += [(name, parts[turn]) for name, parts in pieces.items() if turn < len(parts)]
+    work += [(name, END) for name in audios]
+    stage = MelStage(LEFT_PAD_TOKENS, DELAY_TOKENS)
+    got: dict[str, list] = {name: [] for name in audios}
+    for part in np.array_split(np.arange(len(work)), calls):
+        for name, item in stage.step([work[i] for i in part]):
+            got[name].append(item)
+    for name, parts in pieces.items():
+        assert got[name][-1] is END
+        alone = MelStage(LEFT_PAD_TOKENS, delays[name])
+        expected = [frames for piece in parts for frames in alone.push("x", piece)] + alone.finish("x")
+        np.testing.assert_array_equal(np.concatenate(got[name][:-1]), np.concatenate(expected))
+    assert stage.streams() == []
+
+
+def test_a_tick_of_many_streams_is_one_batch() -> None:
+    """Streams past their first push each bring 80 ms, so their frames share a shape: one batch for all of them,
+    and a stream whose chunk is another size a batch of its own."""
+    stage = MelStage(LEFT_PAD_TOKENS, DELAY_TOKENS)
+    names = [f"s{i}" for i in range(5)]
+    stage.step([(name, pcm16_noise(SAMPLES_PER_TOKEN, seed=i)) for i, name in enumerate(names)])
+    outputs = stage.step(
+        [(name, pcm16_noise(SAMPLES_PER_TOKEN, seed=9)) for name in names] + [("s0", pcm16_noise(333, 1))]
+    )
+    assert sorted(stage.batch_sizes) == [1, 5]
+    assert [name for name, _ in outputs] == [*names, "s0"]
+    assert all(frames.shape == (MEL_FRAMES_PER_TOKEN, NUM_MEL_BINS) for _, frames in outputs[:5])
 
 
 def test_state_holds_only_the_overlap_tail() -> None:
