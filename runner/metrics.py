@@ -217,7 +217,7 @@ class RunFigures:
             entry["clock_offset_ms"] = self.clock_offsets.get(name, 0.0) * MS
             if "edge" in report:
                 entry["queue"] = {key: report[key] for key in QUEUE_KEYS if key in report}
-            for key in ("streams", "settings", "kv"):
+            for key in ("streams", "settings", "kv", "graphs"):
                 if key in report:
                     entry[key] = report[key]
             for key in CAPTURE_KEYS:
@@ -276,6 +276,16 @@ def format_table(figures: RunFigures) -> str:
         "step, wait: per message; queue: peak/capacity of the stage's output queue; steps: stage calls, each over "
         "the messages waiting; batch: rows per batched computation, mean/p95/max"
     )
+    captures = [
+        f"{name} {report['graphs']['captured']} in {report['graphs']['capture_s']:.2f} s"
+        for name, report in figures.stages.items()
+        if report.get("graphs", {}).get("captured")
+    ]
+    if captures:
+        lines.append(
+            "CUDA graphs captured after the warm-up (a step meeting a new shape waits for its capture): "
+            + ", ".join(captures)
+        )
     if figures.e2e is not None:
         delay = f"{figures.delay_ms} ms" if figures.delay_ms is not None else "model's"
         if figures.e2e.count:

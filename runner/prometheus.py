@@ -78,10 +78,19 @@ class RunCollector:
             "voxtral_kv_pages_in_use", "KV memory pages a model stage's streams hold", labels=stage
         )
         kv_pages = GaugeMetricFamily("voxtral_kv_pages", "KV memory pages of a model stage's pool", labels=stage)
+        captured = CounterMetricFamily(
+            "voxtral_graph_captures", "CUDA graphs a model stage captured after its warm-up", labels=stage
+        )
+        capture_s = CounterMetricFamily(
+            "voxtral_graph_capture_seconds", "Host time those captures took, steps waiting meanwhile", labels=stage
+        )
         for name, report in figures.stages.items():
             if "kv" in report:
                 kv_used.add_metric([name], report["kv"]["pages_in_use"])
                 kv_pages.add_metric([name], report["kv"]["pages"])
+            if "graphs" in report:
+                captured.add_metric([name], report["graphs"]["captured"])
+                capture_s.add_metric([name], report["graphs"]["capture_s"])
             metrics = report.get("metrics", {})
             items.add_metric([name], metrics.get("items", 0))
             steps.add_metric([name], metrics.get("steps", 0))
@@ -102,7 +111,7 @@ class RunCollector:
                 peak.add_metric(labels, report["peak_depth"])
                 capacity.add_metric(labels, report["capacity"])
         yield from (items, steps, busy, out_bytes, utilisation, *times.values(), batch, sent, dropped, peak, capacity)
-        yield from (kv_used, kv_pages)
+        yield from (kv_used, kv_pages, captured, capture_s)
         yield GaugeMetricFamily("voxtral_stream_seconds", "Wall time of the stream so far", value=figures.wall_s)
         if figures.e2e is not None:
             e2e = HistogramMetricFamily(

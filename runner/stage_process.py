@@ -311,8 +311,11 @@ class StageProcess:
             stats |= self._lag
         stats["streams"] = self._stream_counts()
         if self.stage is not None:
-            # What it computes in (the figures say what ran) and its KV pages (what a replica router weighs).
-            reported = {"settings": self.stage.settings(), "kv": self.stage.kv_usage()}
+            # What it computes in (the figures say what ran), its KV pages (what a replica router weighs) and the
+            # graphs it captured while streams waited.
+            reported = {
+                "settings": self.stage.settings(), "kv": self.stage.kv_usage(), "graphs": self.stage.graph_captures()
+            }  # fmt: skip
             stats |= {key: value for key, value in reported.items() if value}
         if asked is not None:
             stats["answers"] = asked

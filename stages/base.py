@@ -96,6 +96,11 @@ class Stage(ABC):
         new stream goes; none for most stages."""
         return {}
 
+    def graph_captures(self) -> dict[str, float]:
+        """CUDA graphs a model stage captured since its warm-up and the host seconds they took (`captured`,
+        `capture_s`: a step meeting a new shape waits for its capture), for the figures; none for most stages."""
+        return {}
+
     def start(self, stream_id: str, options: StreamStart) -> None:  # noqa: B027 - a hook: most stages need none
         """Open a stream with its own options; a stage without per-stream options needs none (`push` opens)."""
 

@@ -38,6 +38,7 @@ from voxtral_run.stages.base import (
     Work,
 )
 from voxtral_run.stages.kernels.fused import FusedBlocks, fused_kernels_available
+from voxtral_run.stages.kernels.graphs import GraphPool
 from voxtral_run.stages.kernels.steps import DecoderStep, EncoderStep, PrefillStep
 from voxtral_run.stages.model.cache import PAGE_SLOTS, KVPool, PoolFull, ring_capacity
 from voxtral_run.stages.model.decoder import PREFILL_BLOCK, TextDecoder, streaming_prompt
@@ -109,7 +110,7 @@ class ModelStage(Stage):
         }
         self.blocks = FusedBlocks(layers, model.rope) if fused_kernels else model.blocks
         self.device = device
-        self._graph_pool = torch.cuda.graph_pool_handle() if cuda_graphs else None
+        self._graph_pool = GraphPool() if cuda_graphs else None
         self._streams: dict[str, StreamState] = {}
         self._failed: OrderedDict[str, None] = OrderedDict()
         self._steps: dict[Any, Any] = {}
@@ -124,6 +125,11 @@ class ModelStage(Stage):
 
     def kv_usage(self) -> dict[str, int]:
         return {"pages_in_use": self.pool.pages_in_use, "pages": self.pool.total_pages}
+
+    def graph_captures(self) -> dict[str, float]:
+        if self._graph_pool is None:
+            return {}
+        return {"captured": self._graph_pool.captured, "capture_s": self._graph_pool.capture_s}
 
     def streams(self) -> list[str]:
         return list(self._streams)
@@ -295,8 +301,11 @@ class ModelStage(Stage):
         return step
 
     def warm_up(self) -> None:
-        """Compile and capture the one-stream step now, not in a stream: silence through a stream dropped after."""
+        """Compile and capture the one-stream step now, not in a stream: silence through a stream dropped after.
+        The capture tally starts after it (`graph_captures`: what streams waited for)."""
         self.step([(WARM_UP_STREAM, item) for item in self._warm_up_items()] + [(WARM_UP_STREAM, END)])
+        if self._graph_pool is not None:
+            self._graph_pool.captured, self._graph_pool.capture_s = 0, 0.0
 
     @abstractmethod
     def _warm_up_items(self) -> list[Item]:

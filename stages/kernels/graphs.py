@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Hashable
 
 import numpy as np
 import torch
+
+
+class GraphPool:
+    """What the graphs of a stage's steps share: one memory pool (the steps never run at once), and a tally of
+    their captures, each of which stalls the step that meets a new shape (it runs eagerly, then is recorded)."""
+
+    def __init__(self) -> None:
+        self.handle = torch.cuda.graph_pool_handle()
+        self.captured = 0
+        self.capture_s = 0.0  # host time the captures took, their eager runs included
 
 
 class StepGraphs:
@@ -18,12 +29,12 @@ class StepGraphs:
     """
 
     def __init__(
-        self, step: Callable[[], None], device: torch.device, capture: bool = True, pool: object = None
+        self, step: Callable[[], None], device: torch.device, capture: bool = True, pool: GraphPool | None = None
     ) -> None:
         self.step = step
         self.device = device
         self.capture = capture and device.type == "cuda"
-        self.pool = pool  # a graph memory pool to share with other steps' graphs (they never run at once)
+        self.pool = pool  # shared with other steps' graphs, and counting this one's captures
         self._graphs: dict[Hashable, torch.cuda.CUDAGraph] = {}
 
     def __call__(self, key: Hashable) -> None:
@@ -38,15 +49,19 @@ class StepGraphs:
         if graph is not None:
             graph.replay()
             return
+        began = time.perf_counter()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             self.step()
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        with torch.cuda.graph(graph, pool=None if self.pool is None else self.pool.handle):
             self.step()
         self._graphs[key] = graph
+        if self.pool is not None:
+            self.pool.captured += 1
+            self.pool.capture_s += time.perf_counter() - began
 
     def __len__(self) -> int:
         return len(self._graphs)

@@ -18,7 +18,7 @@ import torch
 
 from voxtral_run.stages.audio.constants import ENCODER_FRAMES_PER_TOKEN, MEL_FRAMES_PER_TOKEN, NUM_MEL_BINS
 from voxtral_run.stages.kernels.fused import fused_adapt, fused_next_token
-from voxtral_run.stages.kernels.graphs import StagedInput, StagedOutput, StepGraphs
+from voxtral_run.stages.kernels.graphs import GraphPool, StagedInput, StagedOutput, StepGraphs
 from voxtral_run.stages.model.cache import KVPool
 from voxtral_run.stages.model.decoder import TextDecoder
 from voxtral_run.stages.model.encoder import CONV1_TAIL_LENGTHS, AudioEncoder, stem_output
@@ -66,7 +66,7 @@ class EncoderStep:
         bucket: int,
         *,
         graphs: bool,
-        graph_pool: object = None,
+        graph_pool: GraphPool | None = None,
         mel_frames: int = MEL_FRAMES_PER_TOKEN,
     ) -> None:
         ref = encoder.conv_layers[0].conv.weight
@@ -135,7 +135,7 @@ class DecoderStep:
         *,
         fused: bool,
         graphs: bool,
-        graph_pool: object = None,
+        graph_pool: GraphPool | None = None,
     ) -> None:
         weight = decoder.tok_embeddings.weight
         self.bucket = bucket
@@ -186,7 +186,7 @@ class PrefillStep:
         *,
         fused: bool,
         graphs: bool,
-        graph_pool: object = None,
+        graph_pool: GraphPool | None = None,
     ) -> None:
         weight = decoder.tok_embeddings.weight
         self.bucket = bucket

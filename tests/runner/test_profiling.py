@@ -29,6 +29,7 @@ from voxtral_run.runner.metrics import (
     StepRecord,
     chrome_trace,
     estimate_clock_offset,
+    format_table,
     upper_bound,
 )
 from voxtral_run.runner.prometheus import RunCollector
@@ -280,6 +281,26 @@ def test_metrics_endpoint_serves_steps_batch_sizes_and_kv_pages():
     assert sample_value(families, "voxtral_stage_batch_rows_bucket", stage="encoder", le="4") == 3
     assert sample_value(families, "voxtral_stage_batch_rows_bucket", stage="encoder", le="+Inf") == 4
     assert metrics.snapshot()["batch"] == {"count": 4, "mean": 3.75, "p95": 8, "max": 8}
+
+
+def test_graph_captures_after_the_warm_up_show_in_table_json_and_metrics():
+    """A model stage's graphs captured while streams waited (count and host seconds) are a line after the table,
+    a figure in the JSON and two Prometheus counters; a stage that captured none adds no line."""
+    graphs = {"encoder": {"captured": 12, "capture_s": 0.84}, "decoder": {"captured": 0, "capture_s": 0.0}}
+    figures = RunFigures(stages={name: {"graphs": tally} for name, tally in graphs.items()} | {"mel": {}}, wall_s=2.0)
+    table = format_table(figures)
+    assert (
+        "CUDA graphs captured after the warm-up (a step meeting a new shape waits for its capture): encoder 12 in "
+        "0.84 s" in table.splitlines()
+    )
+    assert "decoder 0" not in table
+    stages = figures.to_json()["stages"]
+    assert stages["encoder"]["graphs"] == graphs["encoder"] and "graphs" not in stages["mel"]
+    assert "CUDA graphs" not in format_table(RunFigures(stages={"mel": {}}, wall_s=1.0))
+    families = {family.name: family.samples for family in RunCollector(lambda: figures).collect()}
+    assert sample_value(families, "voxtral_graph_captures_total", stage="encoder") == 12
+    assert sample_value(families, "voxtral_graph_capture_seconds_total", stage="encoder") == 0.84
+    assert [sample.labels["stage"] for sample in families["voxtral_graph_captures"]] == ["encoder", "decoder"]
 
 
 def free_port() -> int:

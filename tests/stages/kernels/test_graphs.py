@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from voxtral_run.stages.kernels.graphs import StagedInput, StagedOutput, StepGraphs
+from voxtral_run.stages.kernels.graphs import GraphPool, StagedInput, StagedOutput, StepGraphs
 
 
 def test_a_staged_input_reaches_its_buffer_in_the_step_rounded_as_torch_rounds() -> None:
@@ -53,7 +53,8 @@ def test_a_captured_step_takes_each_replays_input_and_returns_its_output() -> No
         largest.copy_(staged_in.buffer.flatten().argmax(0, keepdim=True))
         largest_out.copy_out(largest)
 
-    graphs = StepGraphs(step, device)
+    pool = GraphPool()
+    graphs = StepGraphs(step, device, pool=pool)
     rng = np.random.default_rng(1)
     for _ in range(4):  # the first call captures, the later ones replay
         values = rng.standard_normal((4, 8)).astype(np.float32)
@@ -63,3 +64,4 @@ def test_a_captured_step_takes_each_replays_input_and_returns_its_output() -> No
         np.testing.assert_array_equal(doubled.read(), (rounded * 2).float().numpy())
         assert int(largest_out.read()[0]) == int(rounded.flatten().argmax())
     assert len(graphs) == 1
+    assert pool.captured == 1 and pool.capture_s > 0  # the pool's tally counts the one capture
