@@ -34,6 +34,10 @@ from voxtral_run.stages.base import Item, Output, Stage, StageError, StreamStart
 NUM_FREQUENCY_BINS = N_FFT // 2 + 1  # 201 one-sided STFT bins
 MEL_BLOCK_FRAMES = MEL_FRAMES_PER_TOKEN  # frames per filter product (see _log_mel)
 CENTER_PAD = N_FFT // 2  # reflect pad of torch.stft(center=True) at each end; also each frame's look-ahead
+# Audio in whole 80 ms tokens makes frames ready up to this offset in a token's 8 (the last frame's window reaches
+# CENTER_PAD past its centre), so a live stream's pushes start there: the filter product's blocks start there too,
+# and each such push is one block.
+MEL_BLOCK_START = (SAMPLES_PER_TOKEN - CENTER_PAD) // HOP_LENGTH + 1
 MEL_POWER_FLOOR = 1e-10  # clamp before log10
 LOG_MEL_DYNAMIC_RANGE = 8.0  # log10 units kept below GLOBAL_LOG_MEL_MAX
 LOG_MEL_OFFSET = 4.0  # features = (log10 mel + offset) / scale
@@ -104,17 +108,22 @@ def _validated_samples(samples: object, what: str) -> np.ndarray:
     return samples.astype(np.float32, copy=False)
 
 
+def _block_lead(first_frame: int) -> int:
+    """The column of frame `first_frame` in its block of the filter product."""
+    return (first_frame - MEL_BLOCK_START) % MEL_BLOCK_FRAMES
+
+
 def _log_mel(spectrum: torch.Tensor, first_frame: int) -> np.ndarray:
     """Complex STFTs [B, 201, T] of frames first_frame.. of B streams to time-major features [B, T, 128],
     following the reference op by op."""
     _, filters_t = _torch_constants()
     power = spectrum.abs() ** 2
     batch, bins, num_frames = power.shape
-    # The filter product runs on blocks of MEL_BLOCK_FRAMES frames aligned to the stream's frame index, each
-    # block a product of the same shape with a frame always in the same column: BLAS rounds by shape and
-    # position (one column takes the matrix-vector path, wide products other kernels), so any chunking of a
-    # stream, and any number of streams computed together, gives the offline frames' bits.
-    lead = first_frame % MEL_BLOCK_FRAMES
+    # The filter product runs on blocks of MEL_BLOCK_FRAMES frames at fixed places of the stream's frame index
+    # (from MEL_BLOCK_START), each block a product of the same shape with a frame always in the same column: BLAS
+    # rounds by shape and position (one column takes the matrix-vector path, wide products other kernels), so
+    # any chunking of a stream, and any number of streams computed together, gives the offline frames' bits.
+    lead = _block_lead(first_frame)
     blocks = -(-(lead + num_frames) // MEL_BLOCK_FRAMES)
     padded = power.new_zeros(batch, bins, blocks * MEL_BLOCK_FRAMES)
     padded[..., lead : lead + num_frames] = power
@@ -251,7 +260,7 @@ def _segment_groups(segments: list[_Segment]) -> list[list[_Segment]]:
     """Segments of the same length and the same alignment to the filter product's blocks, together."""
     groups: dict[tuple[int, int], list[_Segment]] = {}
     for segment in segments:
-        groups.setdefault((len(segment.samples), segment.first_frame % MEL_BLOCK_FRAMES), []).append(segment)
+        groups.setdefault((len(segment.samples), _block_lead(segment.first_frame)), []).append(segment)
     return list(groups.values())
 
 
