@@ -411,19 +411,24 @@ class StageProcess:
         for pollable in (self.control, self.receiver.socket, self.parent_sentinel):
             if pollable is not None:
                 poller.register(pollable, zmq.POLLIN)
+        kept = False  # rounds kept by the stage's last call: run them, unless new work comes to join them
         while True:
             spinning = self.spec.busy_poll and bool(self._streams)  # between streams a wake-up costs nothing
-            kept = stage.has_work  # rounds kept by the last call: run them, unless new work comes to join them
             events = dict(poller.poll(0 if spinning or kept else self._wait_timeout_ms()))
-            # What the stage holds counts against the bound: past it, its rounds run before more input is taken.
-            if self.receiver.socket in events and (not kept or stage.backlog < MAX_MESSAGES_PER_STEP):
-                room = max(1, MAX_MESSAGES_PER_STEP - stage.backlog)
-                taken = self.receiver.receive_waiting(room)
-                if self.spec.gather_ms and not kept:
-                    taken = self.receiver.gather(taken, self.spec.gather_ms / 1000, room)
-                self._step(stage, taken)
-            elif kept:
+            called = False
+            if self.receiver.socket in events:
+                held = stage.backlog  # what the stage holds counts against the bound: past it, its rounds run first
+                if not kept or held < MAX_MESSAGES_PER_STEP:
+                    room = max(1, MAX_MESSAGES_PER_STEP - held)
+                    taken = self.receiver.receive_waiting(room)
+                    if self.spec.gather_ms and not kept:
+                        taken = self.receiver.gather(taken, self.spec.gather_ms / 1000, room)
+                    self._step(stage, taken)
+                    called = True
+            if kept and not called:
                 self._call(stage, [], [], time.time())
+            if called or kept:  # only a call changes what the stage keeps: no scan of its streams on every spin
+                kept = stage.has_work
             if any(ready is not self.receiver.socket for ready in events):
                 self._check_control()
             self._check_links()

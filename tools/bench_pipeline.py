@@ -21,13 +21,12 @@ from pathlib import Path
 
 import soundfile
 
+from voxtral_run.stages.audio.capture import MAX_STREAMS
 from voxtral_run.stages.audio.constants import SAMPLE_RATE
 from voxtral_run.tools.bench_gpu import synthetic_speechlike
+from voxtral_run.tools.bench_serve import BEHIND_S, LATENCY_BUDGET_MS
 
 DISTINCT_AUDIOS = 8  # different signals among the files (the rest are copies): writing 200 is then quick
-LATENCY_BUDGET_MS = 50.0  # per-token p95 beyond the delay that still counts as real time
-BEHIND_S = 1.0  # a capture further behind real time than this did not keep up
-MAX_STREAMS = 1024  # the capture's own bound on files read at once
 
 
 class BenchError(Exception):

@@ -197,15 +197,13 @@ class FusedBlocks:
         keys, values = cache.layer_slots(index)
         kv_scales = cache.layer_scales(index)
         slots = cache.slots.flatten()
-        qkv = attention.wqkv(norm_rows(x, Norm(block.attention_norm.weight, block.attention_norm.eps)))
+        qkv = attention.wqkv(norm_rows(x, Norm(block.attention_norm.weight, block.attention_norm.eps))).flatten(0, 1)
         # A 16-bit cache is written by the RoPE kernel itself; an 8-bit one by a kernel of its own.
         slot_buffers = (keys, values, slots) if kv_scales is None else None
-        qk = rope_rows(
-            qkv.flatten(0, 1), Heads(rotations.flatten(1, 2), q_dim, kv_dim, head_dim, slot_buffers)
-        )  # fmt: skip
+        qk = rope_rows(qkv, Heads(rotations.flatten(1, 2), q_dim, kv_dim, head_dim, slot_buffers))
         if kv_scales is not None:
             k = qk[:, q_dim:].unflatten(1, (kv_heads, head_dim))
-            v = qkv.flatten(0, 1)[:, q_dim + kv_dim :].unflatten(1, (kv_heads, head_dim))
+            v = qkv[:, q_dim + kv_dim :].unflatten(1, (kv_heads, head_dim))
             store_fp8(k, v, (keys, values), kv_scales, slots)
         q = qk[:, :q_dim].unflatten(0, (batch, length)).unflatten(2, (heads, head_dim))
         attended = attend(q.transpose(1, 2), keys, values, bias, cache.pages, self.overlap, kv_scales)
