@@ -18,6 +18,7 @@ from voxtral_run.runner.config import (
     SINK,
     SOURCE,
     Pipeline,
+    capture_all_graphs,
     load_pipeline,
     model_stage_ceiling,
     place_local_stages,
@@ -496,6 +497,7 @@ def serve(
         if stats_json is not None and not stats_json.parent.is_dir():
             raise RunnerError(f"--stats-json {stats_json}: the folder {stats_json.parent} does not exist")
         config = load_pipeline(pipeline, set_ or [])
+        capture_all_graphs(config)
         if model is not None:
             config.model = model
         if delay_ms is not None:

@@ -361,6 +361,15 @@ def replica_pipelines(pipeline: Pipeline, gpu_count: Callable[[], int] = cuda_de
     return chains
 
 
+def capture_all_graphs(pipeline: Pipeline) -> None:
+    """A server's built-in encoder and decoder capture the CUDA graphs of every batch size and cache span at
+    start (`capture_all`), unless the pipeline says otherwise: a client's stream never waits for a capture."""
+    for name in MODEL_STAGE_KINDS:
+        stage = pipeline.stages.get(name)
+        if stage is not None and stage.impl is None:
+            stage.params.setdefault("capture_all", True)
+
+
 def model_stage_ceiling(pipeline: Pipeline) -> int | None:
     """How many streams the built-in encoder and decoder take at once: the smaller of their `max_streams`, or
     their device's default where this invocation knows the device (None when it knows neither)."""

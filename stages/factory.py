@@ -31,8 +31,17 @@ MAX_STREAMS = 1024  # every one with its whole window's KV memory by default
 STAGE_PARAMS: dict[str, tuple[str, ...]] = {
     "resample": (),
     "mel": (),
-    "encoder": ("dtype", "kv_dtype", "fused_kernels", "cuda_graphs", *BATCH_PARAMS),
-    "decoder": ("dtype", "kv_dtype", "weights", "fused_kernels", "cuda_graphs", "stop_at_eos", *BATCH_PARAMS),
+    "encoder": ("dtype", "kv_dtype", "fused_kernels", "cuda_graphs", "capture_all", *BATCH_PARAMS),
+    "decoder": (
+        "dtype",
+        "kv_dtype",
+        "weights",
+        "fused_kernels",
+        "cuda_graphs",
+        "capture_all",
+        "stop_at_eos",
+        *BATCH_PARAMS,
+    ),
     "detokenize": (),
 }
 
@@ -150,6 +159,9 @@ def build_stage(
         "kv_fp8": kv_fp8,
         **batch_settings(params, target.type, dtype),
     }
+    capture_all = params.get("capture_all", False)
+    if not isinstance(capture_all, bool):
+        raise StageError(f"capture_all must be true or false, got {capture_all!r}")
     kv_dtype = FP8 if kv_fp8 else dtype
     if kind == "encoder":
         encoder = load_audio_encoder(model, dtype=dtype, device=target)
@@ -160,7 +172,9 @@ def build_stage(
         settings = pool_pages(fast, decoder.params.decoder, kv_dtype)
         stage = DecoderStage(decoder, model.tekken, delay, stop_at_eos=stop_at_eos, **settings)
     if stage.fused_kernels or stage.cuda_graphs:
-        stage.warm_up()  # compiling and capturing take seconds: done before the stage reports ready
+        # Compiling and capturing take seconds: done before the stage reports ready. Without graphs, capture_all
+        # has nothing to capture.
+        stage.warm_up(capture_all and stage.cuda_graphs)
     return stage
 
 

@@ -40,7 +40,7 @@ from voxtral_run.stages.base import (
 from voxtral_run.stages.kernels.fused import FusedBlocks, fused_kernels_available
 from voxtral_run.stages.kernels.graphs import GraphPool
 from voxtral_run.stages.kernels.steps import DecoderStep, EncoderStep, PrefillStep
-from voxtral_run.stages.model.cache import PAGE_SLOTS, KVPool, PoolFull, ring_capacity
+from voxtral_run.stages.model.cache import PAGE_SLOTS, KVPool, PoolFull, all_spans, ring_capacity
 from voxtral_run.stages.model.decoder import PREFILL_BLOCK, TextDecoder, streaming_prompt
 from voxtral_run.stages.model.encoder import (
     BLOCK_FRAMES,
@@ -292,18 +292,33 @@ class ModelStage(Stage):
 
     def _batched(self, kind: Any, count: int, build: Any) -> Any:
         """The step object of a batch of `count` rows (built once per bucket and `kind`)."""
-        bucket = self.bucket(count)
-        key = (kind, bucket)
-        step = self._steps.get(key)
-        if step is None:
-            step = self._steps[key] = build(bucket)
         self.batch_sizes.append(count)
+        return self._step_object(kind, self.bucket(count), build)
+
+    def _step_object(self, kind: Any, bucket: int, build: Any) -> Any:
+        step = self._steps.get((kind, bucket))
+        if step is None:
+            step = self._steps[kind, bucket] = build(bucket)
         return step
 
-    def warm_up(self) -> None:
-        """Compile and capture the one-stream step now, not in a stream: silence through a stream dropped after.
-        The capture tally starts after it (`graph_captures`: what streams waited for)."""
+    def capture_all(self) -> None:
+        """Capture the graphs of every batch bucket's 80 ms step at every cache span (and the decoder's prefill of
+        the default prompt), in padding rows: a stream then never waits for a capture, at the cost of start-up
+        time. Without `cuda_graphs` the same steps just run."""
+        for bucket in sorted({self.bucket(count) for count in range(1, self.max_streams + 1)}):
+            self._capture_bucket(bucket)
+
+    @abstractmethod
+    def _capture_bucket(self, bucket: int) -> None:
+        """Capture one bucket's graphs (see `capture_all`)."""
+
+    def warm_up(self, capture_all: bool = False) -> None:
+        """Compile and capture the one-stream step now, not in a stream: silence through a stream dropped after;
+        every bucket and span too when `capture_all`. The capture tally starts after it (`graph_captures`: what
+        streams waited for)."""
         self.step([(WARM_UP_STREAM, item) for item in self._warm_up_items()] + [(WARM_UP_STREAM, END)])
+        if capture_all:
+            self.capture_all()
         if self._graph_pool is not None:
             self._graph_pool.captured, self._graph_pool.capture_s = 0, 0.0
 
@@ -438,6 +453,14 @@ class EncoderStage(ModelStage):
             self.encoder, self.pool, (self.mel_tails, self.conv1_tails), blocks, bucket,
             graphs=self.cuda_graphs, graph_pool=self._graph_pool, mel_frames=mel_frames,
         )  # fmt: skip
+
+    def _capture_bucket(self, bucket: int) -> None:
+        step = self._step_object(
+            ("step", MEL_FRAMES_PER_TOKEN), bucket, functools.partial(self._new_step, MEL_FRAMES_PER_TOKEN)
+        )
+        for span in all_spans(self.pool.capacity):
+            for tail_length in CONV1_TAIL_LENGTHS:
+                step.capture(span, tail_length)
 
     def _warm_up_items(self) -> list[Item]:
         # After either conv1 tail length: 80 ms of silence, one mel frame more, 80 ms again.
@@ -645,6 +668,14 @@ class DecoderStage(ModelStage):
             self.decoder, self.pool, self.tokens, self.ffn_scales, bucket, length, fused=self.fused_kernels,
             graphs=self.cuda_graphs, graph_pool=self._graph_pool,
         )  # fmt: skip
+
+    def _capture_bucket(self, bucket: int) -> None:
+        step = self._step_object("step", bucket, self._new_step)
+        for span in all_spans(self.pool.capacity):
+            step.capture(span)
+        if bucket <= MAX_PROMPT_ROWS:
+            length = len(self.prompt)
+            self._step_object(("prefill", length), bucket, functools.partial(self._new_prefill, length)).capture()
 
     def _warm_up_items(self) -> list[Item]:
         length = len(self.prompt)

@@ -66,6 +66,10 @@ class StepGraphs:
     def __len__(self) -> int:
         return len(self._graphs)
 
+    def __contains__(self, key: Hashable) -> bool:
+        """Whether the graph of `key` is captured."""
+        return key in self._graphs
+
 
 class StagedInput:
     """A step's input, staged in page-locked host memory: the host writes it (`load`) and the step, captured

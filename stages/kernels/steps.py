@@ -44,6 +44,14 @@ class RowInputs:
         self.staged.load(np.array([all_rows, all_positions], dtype=np.int64).T)
         self.cache.prepare([position + step_positions for position in all_positions], rows=all_rows)
 
+    def load_padding(self, span: int, step_positions: int) -> None:
+        """Every row a padding row, at positions whose step reads `span` slots: a step that captures the span's
+        graph before any stream needs it, writing only the scratch row's."""
+        rows = [self.pool.scratch_row] * self.rows.shape[0]
+        first = max(0, span - step_positions)
+        self.staged.load(np.array([rows, [first] * len(rows)], dtype=np.int64).T)
+        self.cache.prepare(first + step_positions, rows=rows)
+
     def copy_in(self) -> torch.Tensor:
         """In the step: the rows into the cache's row buffer; the first positions [bucket, 1]."""
         self.staged.copy_in()
@@ -116,6 +124,17 @@ class EncoderStep:
         self.graphs[tail_length](self.inputs.cache.span)
         return self.out[tail_length].read()[: len(rows)]
 
+    @torch.inference_mode()
+    def capture(self, span: int, tail_length: int) -> None:
+        """Capture (or, without graphs, run) the step reading `span` slots after conv1 tails of `tail_length`,
+        in padding rows only."""
+        if span in self.graphs[tail_length]:
+            return
+        self.mel.load_rows(np.zeros((0, *self.mel.buffer.shape[1:]), dtype=np.float32))
+        self.inputs.load_padding(span, self.outputs[tail_length][0])
+        self.graphs[tail_length](self.inputs.cache.span)
+        self.out[tail_length].read()
+
 
 class DecoderStep:
     """The decoder's one-position step for up to `bucket` streams (the production path of every token after the
@@ -167,6 +186,16 @@ class DecoderStep:
         self.inputs.load(rows, positions, 1)
         self.graphs(self.inputs.cache.span)
         return self.token_out.read()[: len(rows)]
+
+    @torch.inference_mode()
+    def capture(self, span: int) -> None:
+        """Capture (or, without graphs, run) the step reading `span` slots, in padding rows only."""
+        if span in self.graphs:
+            return
+        self.frames.load_rows(np.zeros((0, *self.frames.buffer.shape[1:]), dtype=np.float32))
+        self.inputs.load_padding(span, 1)
+        self.graphs(self.inputs.cache.span)
+        self.token_out.read()
 
 
 class PrefillStep:
@@ -223,3 +252,14 @@ class PrefillStep:
         self.ids.load_rows(prompts)
         self.graphs(self.inputs.cache.span)
         return self.token_out.read()[: len(rows)]
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        """Capture (or, without graphs, run) the prefill, in padding rows only."""
+        self.inputs.load([], [], self.length)
+        if self.inputs.cache.span in self.graphs:
+            return
+        self.frames.load_rows(np.zeros((0, *self.frames.buffer.shape[1:]), dtype=np.float32))
+        self.ids.load_rows(np.zeros((0, self.length), dtype=np.int64))
+        self.graphs(self.inputs.cache.span)
+        self.token_out.read()

@@ -38,6 +38,14 @@ def span_for(total_positions: int, capacity: int) -> int:
     return min(span, capacity)
 
 
+def all_spans(capacity: int) -> list[int]:
+    """Every span `span_for` gives for a ring of `capacity` slots, shortest first."""
+    spans = [MIN_SPAN]
+    while spans[-1] < capacity:
+        spans.append(min(2 * spans[-1], capacity))
+    return spans
+
+
 def page_bytes(n_layers: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
     """Bytes of keys and values one page holds, all layers (in FP8, their float32 scales included)."""
     vector = head_dim * dtype.itemsize + (torch.float32.itemsize if dtype == FP8 else 0)

@@ -12,6 +12,7 @@ from voxtral_run.runner import config
 from voxtral_run.runner.config import (
     SINK,
     SOURCE,
+    capture_all_graphs,
     load_pipeline,
     model_stage_ceiling,
     place_local_stages,
@@ -204,6 +205,17 @@ def test_transport_follows_placement(tmp_path):
     edges = plan_edges(pipeline, set(pipeline.chain()), tmp_path)
     assert edges[0].connect == "tcp://127.0.0.1:6000"
     assert edges[1].bind == edges[1].connect == "ipc:///tmp/custom.sock"
+
+
+def test_a_server_captures_every_graph_at_start_unless_the_pipeline_says_otherwise():
+    pipeline = load_pipeline(REPO_PIPELINE, ["decoder.capture_all=false"])
+    capture_all_graphs(pipeline)
+    assert pipeline.stages["encoder"].params["capture_all"] is True
+    assert pipeline.stages["decoder"].params["capture_all"] is False
+    assert "capture_all" not in pipeline.stages["mel"].params
+    custom = load_pipeline(REPO_PIPELINE, ["encoder.impl=tests.runner.toy_stages:Passthrough"])
+    capture_all_graphs(custom)  # a stage of one's own takes its own settings only
+    assert "capture_all" not in custom.stages["encoder"].params
 
 
 def test_the_model_stages_ceiling_is_the_smaller_max_streams_where_it_is_known():

@@ -233,6 +233,32 @@ def test_padding_rows_of_a_bucket_touch_no_streams_memory(tiny_model_dir, solo_i
     assert {bucket for steps in (chain[1]._steps, chain[2]._steps) for *_, bucket in steps} <= {1, 2, 4}
 
 
+def test_capturing_every_bucket_and_span_mid_run_touches_no_streams_memory(tiny_model_dir, solo_ids) -> None:
+    """`capture_all` runs every bucket's step at every cache span (eagerly on the CPU, as a capture's warm-up runs
+    it) in padding rows only: done while streams are open, their ids are still their ids alone."""
+    chain = model_chain(tiny_model_dir, max_streams=4)
+    for stage in chain[1:]:
+        stage.bucket = lambda count: 1 << (count - 1).bit_length()
+        step, calls = stage.step, []
+
+        def step_then_capture(work, stage=stage, step=step, calls=calls):
+            calls.append(len(work))
+            if len(calls) == 12:  # streams a, b and c are open by then
+                pages = stage.pool.pages_in_use
+                stage.capture_all()
+                assert stage.pool.pages_in_use == pages
+            return step(work)
+
+        stage.step = step_then_capture
+    ids, failures, _ = run_ticks(chain, STREAMS)
+    assert not failures and ids == solo_ids
+    prompt = len(chain[2].prompt)
+    assert {key for key in chain[1]._steps if key[0] == ("step", 8)} == {(("step", 8), b) for b in (1, 2, 4)}
+    assert {key for key in chain[2]._steps if key[0] in ("step", ("prefill", prompt))} == {
+        (kind, bucket) for kind in ("step", ("prefill", prompt)) for bucket in (1, 2, 4)
+    }
+
+
 def test_a_stream_past_the_ceiling_is_refused_and_the_others_go_on(tiny_model_dir, solo_ids) -> None:
     chain = model_chain(tiny_model_dir, max_streams=2, when_full="refuse")
     ids, failures, _ = run_ticks(chain, {name: STREAMS[name] for name in "abc"})
@@ -293,6 +319,8 @@ def test_settings_that_do_not_fit_are_one_line(tiny_model_dir) -> None:
         build_stage("decoder", model_dir=tiny_model_dir, params={"when_full": "drop"})
     with pytest.raises(StageError, match="kv_memory_gb must be a number > 0, got 'lots'"):
         build_stage("decoder", model_dir=tiny_model_dir, params={"kv_memory_gb": "lots"})
+    with pytest.raises(StageError, match="capture_all must be true or false, got 'yes'"):
+        build_stage("encoder", model_dir=tiny_model_dir, params={"capture_all": "yes"})
 
 
 def test_bad_input_fails_its_stream_only(tiny_model_dir) -> None:
