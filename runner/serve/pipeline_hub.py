@@ -252,6 +252,7 @@ class PipelineHub(StreamHub):
         self._stopping = threading.Event()
         self._stopped = threading.Event()
         self._wake_read, self._wake_write = socket.socketpair()
+        self._wake_waiting = False  # a wake-up byte is on its way to the worker, which has not drained it yet
         self._wake_read.setblocking(False)
         self._wake_write.setblocking(False)
         try:
@@ -503,9 +504,15 @@ class PipelineHub(StreamHub):
         return stream.pending >= self._chunk - stream.sent % self._chunk or stream.ending is not None
 
     def _wake(self) -> None:
+        """Wake the worker, unless a wake-up waits for it already: with many clients, most of the audio's thousands
+        of appends a second then cost no system call, and the worker no loop of its own."""
+        with self._lock:
+            if self._wake_waiting:
+                return
+            self._wake_waiting = True
         try:
             self._wake_write.send(b"\0")
-        except OSError:  # full (a wake-up is waiting already), or closed with the hub
+        except OSError:  # full, or closed with the hub
             pass
 
     def _close_wake(self) -> None:
@@ -693,6 +700,9 @@ class PipelineHub(StreamHub):
             chain.supervisor.stop()
 
     def _drain_wake(self) -> None:
+        """(Worker.) Take the wake-ups, before the work they announce: what is queued after this wakes it again."""
+        with self._lock:
+            self._wake_waiting = False
         try:
             while self._wake_read.recv(4096):
                 pass
