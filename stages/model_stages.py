@@ -681,10 +681,10 @@ class DecoderStage(ModelStage):
         length = len(self.prompt)
         return [np.zeros(((length + 1) * ENCODER_FRAMES_PER_TOKEN, self.decoder.params.encoder.dim), np.float32)]
 
-    def warm_up(self) -> None:
+    def warm_up(self, capture_all: bool = False) -> None:
         eos_id, self.eos_id = self.eos_id, None  # an EOS from the prompt would end the warm-up before its step
         try:
-            super().warm_up()
+            super().warm_up(capture_all)
         finally:
             self.eos_id = eos_id
 

@@ -332,11 +332,14 @@ def test_bad_input_fails_its_stream_only(tiny_model_dir) -> None:
     assert encoder.streams() == ["good"]
 
 
-def test_warm_up_leaves_no_stream(tiny_model_dir) -> None:
-    stage = build_stage("decoder", model_dir=tiny_model_dir)
-    stage.warm_up()
-    assert stage.streams() == [] and stage.pool.pages_in_use == 0
+@pytest.mark.parametrize("kind", ["encoder", "decoder"])
+@pytest.mark.parametrize("capture_all", [False, True], ids=["one_stream", "capture_all"])
+def test_warm_up_leaves_no_stream(tiny_model_dir, kind, capture_all) -> None:
+    stage = build_stage(kind, model_dir=tiny_model_dir, params={"max_streams": 3})
+    stage.warm_up(capture_all)
+    assert stage.streams() == [] and stage.pool.pages_in_use == 0 and stage.pool.rows_in_use == 0
     assert torch.is_inference_mode_enabled() is False
+    assert {bucket for _, bucket in stage._steps} == ({1, 2, 3} if capture_all else {1})
 
 
 def test_8_bit_kv_caches_and_decoder_weights_run_and_say_so(tiny_model_dir) -> None:
