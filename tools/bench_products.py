@@ -5,7 +5,8 @@ layer's own weights (so they come from memory, not the L2 cache), replayed as on
 the kernel with its fused work against its floor (its bytes over the copy bandwidth) and cuBLAS's bare
 product, optionally a sweep of launch configurations (compiled first by a pool of processes); then whole
 layers' products with the norms, biases, SwiGLU and residual adds fused in against cuBLAS's bare products,
-how far each is from float32, and whether a split reduction gives the same bits on every replay.
+how far each is from float32, and whether a split reduction gives the same bits on every replay. With
+`--weights fp8`, the decoder's products read e4m3 weights with a scale per output channel (`weights: fp8`).
 
 Run from the repository root on a machine with a CUDA GPU: `python -m tools.bench_products [--sweep]`.
 """
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 from voxtral_run.stages.kernels.matvec import MatvecConfig, Norm, matvec, matvec_config
 from voxtral_run.stages.kernels.overlap import DEFAULT_OVERLAP, NO_OVERLAP, Overlap
 from voxtral_run.stages.kernels.rows_matmul import RowsConfig, rows_config, rows_matmul
+from voxtral_run.stages.model.fp8 import quantize
 from voxtral_run.stages.model.layers import rms_norm
 from voxtral_run.tools.bench_gpu import copy_bandwidth
 from voxtral_run.tools.bench_step_attention import graph_us
@@ -90,14 +92,14 @@ def product_call(net: Network, product: str, w: dict[str, torch.Tensor]) -> Call
     optionally the weight to prefetch and the overlap: the network's kernel (`matvec` for one row,
     `rows_matmul` for more)."""
     kernel = matvec if net.rows == 1 else rows_matmul
-    bias = {"bias": w.get(f"b{product[1:]}")} if net.rows > 1 else {}
+    bias = {"bias": w.get(f"b{product[1:]}")} if net.rows > 1 else {"weight_scale": w.get(f"{product}_scale")}
     norms = {
         "wqkv": Norm(w["attention_norm"], EPS),
         "w13": Norm(w["ffn_norm"], EPS, w.get("ffn_scale")),
     }
     if product == "w13":
         return lambda x, residual, config, **overlap: kernel(
-            x, w["w13"], norm=norms["w13"], swiglu=True, config=config, **overlap
+            x, w["w13"], norm=norms["w13"], swiglu=True, config=config, **bias, **overlap
         )
     if product == "wqkv":
         return lambda x, residual, config, **overlap: kernel(
@@ -168,7 +170,7 @@ def candidate_configs(net: Network, product: str, n: int, k: int) -> list:
     """Every plausible launch of one product of the network's kernel."""
     if net.rows == 1:
         whole_row = 1 << (k - 1).bit_length()  # one tile, padded to a power of two
-        grid = itertools.product((1, 2, 4, 8), (256, 512, 1024, whole_row), (4, 8))
+        grid = itertools.product((1, 2, 4, 8), (256, 512, 1024, 2048, whole_row), (4, 8))
         return [MatvecConfig(bn, bk, warps) for bn, bk, warps in sorted(set(grid)) if k % bk == 0 or bk == whole_row]
     configs = []
     grid = itertools.product((16, 32, 64), (64, 128, 256, 512), (1, 2, 4, 5, 8, 10), (2, 3, 5), (4, 8))
@@ -179,13 +181,15 @@ def candidate_configs(net: Network, product: str, n: int, k: int) -> list:
     return configs
 
 
-def _compile(net_name: str, product: str, configs: list) -> list:
+def _compile(net_name: str, weights: str, product: str, configs: list) -> list:
     """Worker: run each launch once, so Triton's on-disk cache holds its compiled kernel for the sweep; the
     launches that fit the GPU (too many stages of wide tiles overflow its shared memory)."""
     from triton.runtime.errors import OutOfResources
 
     net = NETWORKS[net_name]
     w = layer_weights(net)
+    if weights == "fp8":
+        w = quantized([w])[0]
     call = product_call(net, product, w)
     x = torch.randn(net.rows, w[product].shape[1], device="cuda", dtype=torch.bfloat16)
     residual = torch.randn(net.rows, w[product].shape[0], device="cuda", dtype=torch.bfloat16)
@@ -200,7 +204,7 @@ def _compile(net_name: str, product: str, configs: list) -> list:
     return fitting
 
 
-def precompile(net: str, sweeps: dict[str, list]) -> dict[str, list]:
+def precompile(net: str, weights: str, sweeps: dict[str, list]) -> dict[str, list]:
     """Compile every launch of a network's sweeps in parallel processes (a tile kernel takes about a second);
     the launches that fit the GPU, per product."""
     workers = min(16, os.cpu_count() or 1)
@@ -208,7 +212,7 @@ def precompile(net: str, sweeps: dict[str, list]) -> dict[str, list]:
     chunks = [chunk for chunk in chunks if chunk[1]]
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(workers, mp_context=context) as pool:
-        done = pool.map(_compile, [net] * len(chunks), *zip(*chunks, strict=True))
+        done = pool.map(_compile, [net] * len(chunks), [weights] * len(chunks), *zip(*chunks, strict=True))
         fitting = set(itertools.chain.from_iterable(done))
     return {product: [config for config in configs if config in fitting] for product, configs in sweeps.items()}
 
@@ -251,19 +255,41 @@ def split_is_deterministic(net: Network, w: dict[str, torch.Tensor], replays: in
     return same
 
 
+def quantized(stack: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
+    """The layers with their products' weights in e4m3 and a float32 scale per output channel beside each."""
+    layers = []
+    for w in stack:
+        layer = dict(w)
+        for product in PRODUCTS:
+            layer[product], layer[f"{product}_scale"] = quantize(w[product])
+        layers.append(layer)
+    return layers
+
+
+def float_layer(w: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A layer's tensors in float32, an e4m3 weight times its scales."""
+    layer = {key: value.float() for key, value in w.items() if not key.endswith("_scale")}
+    for product in PRODUCTS:
+        if f"{product}_scale" in w:
+            layer[product] = layer[product] * w[f"{product}_scale"][:, None]
+    return layer
+
+
 def bench_network(name: str, args: argparse.Namespace, bandwidth: float) -> dict:
     net = NETWORKS[name]
+    fp8 = args.weights == "fp8"
     torch.manual_seed(0)
     stack = [layer_weights(net, seed) for seed in range(net.layers)]
+    if fp8:
+        stack = quantized(stack)
     x = torch.randn(net.rows, net.dim, device="cuda", dtype=torch.bfloat16)
-    results: dict = {}
+    results: dict = {"weights": args.weights}
     sweeps = {}
     if args.sweep:
         for product in PRODUCTS:
             n, k = stack[0][product].shape[0] // (2 if product == "w13" else 1), stack[0][product].shape[1]
             sweeps[product] = candidate_configs(net, product, n, k)
-        if net.rows > 1:
-            sweeps = precompile(name, sweeps)
+        sweeps = precompile(name, args.weights, sweeps)
     best = {}
     for product in PRODUCTS:
         weights = [w[product] for w in stack]
@@ -272,16 +298,19 @@ def bench_network(name: str, args: argparse.Namespace, bandwidth: float) -> dict
         inputs = torch.randn(net.rows, k, device="cuda", dtype=torch.bfloat16)
         residual = torch.randn(net.rows, n, device="cuda", dtype=torch.bfloat16)
         default = (
-            matvec_config(n, k, inputs.device, product in ("wqkv", "w13"), product == "w13") if net.rows == 1 else None
+            matvec_config(n, k, inputs.device, product in ("wqkv", "w13"), product == "w13", fp8)
+            if net.rows == 1
+            else None
         )
         default = default or rows_config(n, k, inputs.device, product == "w13")
         entry = {
             "shape": list(weights[0].shape),
-            "floor_us": weights[0].numel() * 2 / bandwidth * 1e6,
-            "cublas_bare_us": graph_us(lambda: [F.linear(inputs, w) for w in weights], len(weights)),  # noqa: B023
+            "floor_us": weights[0].numel() * weights[0].element_size() / bandwidth * 1e6,
             "fused_us": graph_us(lambda: [c(inputs, residual, None) for c in calls], len(calls)),  # noqa: B023
             "config": default._asdict(),
         }
+        if not fp8:  # cuBLAS takes no e4m3 operand here
+            entry["cublas_bare_us"] = graph_us(lambda: [F.linear(inputs, w) for w in weights], len(weights))  # noqa: B023
         if args.sweep:
             ranked = sweep(calls, inputs, residual, sweeps[product])
             entry["sweep_best"] = ranked[:6]
@@ -289,12 +318,14 @@ def bench_network(name: str, args: argparse.Namespace, bandwidth: float) -> dict
             best[product] = type(default)(*list(ranked[0].values())[:-1])
         results[product] = entry
         print(name, product, json.dumps(entry), flush=True)
-    exact = eager_layer(net, x.float(), {k: v.float() for k, v in stack[0].items()})
-    for label, layer in (("eager", eager_layer), ("fused", fused_layer)):
+    exact = eager_layer(net, x.float(), float_layer(stack[0]))
+    layers = {"fused": fused_layer} if fp8 else {"eager": eager_layer, "fused": fused_layer}
+    for label, layer in layers.items():
         error = (layer(net, x, stack[0]).float() - exact).norm() / (exact - x.float()).norm()
         results[f"{label}_bf16_relative_error"] = float(error)
     results["split_deterministic"] = split_is_deterministic(net, stack[0])
-    results["cublas_products_ms"] = graph_us(lambda: [cublas_layer(net, x, w) for w in stack], 1) / 1000
+    if not fp8:
+        results["cublas_products_ms"] = graph_us(lambda: [cublas_layer(net, x, w) for w in stack], 1) / 1000
     results["fused_layers_ms"] = graph_us(lambda: fused_layers(net, x, stack), 1) / 1000
     results["fused_layers_overlap_ms"] = {
         name: graph_us(lambda o=overlap: fused_layers(net, x, stack, overlap=o), 1) / 1000
@@ -302,12 +333,13 @@ def bench_network(name: str, args: argparse.Namespace, bandwidth: float) -> dict
     }
     if best:
         results["fused_layers_best_configs_ms"] = graph_us(lambda: fused_layers(net, x, stack, best), 1) / 1000
-    results["floor_ms"] = sum(w[p].numel() * 2 for w in stack for p in PRODUCTS) / bandwidth * 1e3
+    results["floor_ms"] = sum(w[p].numel() * w[p].element_size() for w in stack for p in PRODUCTS) / bandwidth * 1e3
     print(
-        f"{name} layers' products: cuBLAS bare {results['cublas_products_ms']:.3f} ms, fused kernels with their "
-        f"work {results['fused_layers_ms']:.3f} ms (without overlap "
+        f"{name} layers' products ({args.weights}): cuBLAS bare {results.get('cublas_products_ms', float('nan')):.3f}"
+        f" ms, fused kernels with their work {results['fused_layers_ms']:.3f} ms (without overlap "
         f"{results['fused_layers_overlap_ms']['no_overlap']:.3f} ms), floor {results['floor_ms']:.3f} ms; bf16 "
-        f"error eager {results['eager_bf16_relative_error']:.1e}, fused {results['fused_bf16_relative_error']:.1e}",
+        f"error eager {results.get('eager_bf16_relative_error', float('nan')):.1e}, fused "
+        f"{results['fused_bf16_relative_error']:.1e}",
         flush=True,
     )
     return results
@@ -317,8 +349,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", action="store_true", help="also time every plausible launch configuration")
     parser.add_argument("--networks", nargs="+", choices=list(NETWORKS), default=list(NETWORKS))
+    parser.add_argument(
+        "--weights", choices=("bf16", "fp8"), default="bf16", help="fp8: e4m3 weights (the decoder's one-row kernel)"
+    )
     parser.add_argument("--json", default="bench_products.json", help="where to write the figures")
     args = parser.parse_args()
+    if args.weights == "fp8" and "encoder" in args.networks:
+        parser.error("--weights fp8: the encoder's batched kernel reads bf16 weights; give --networks decoder")
     bandwidth = copy_bandwidth(torch.device("cuda"))
     results: dict = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__}
     results["copy_bandwidth_GBps"] = bandwidth / 1e9
