@@ -447,11 +447,15 @@ class EncoderStage(ModelStage):
                 outputs.append((stream_id, out))
 
     def _new_step(self, mel_frames: int, bucket: int) -> EncoderStep:
-        # The 80 ms step runs the stage's blocks (the fused kernels on a GPU); a piece of many frames, the model's.
-        blocks = self.blocks if mel_frames == MEL_FRAMES_PER_TOKEN else self.encoder.blocks
+        # The 80 ms step runs the stage's blocks (the fused kernels on a GPU) as graphs; a piece of another size
+        # (a stream's first or last) the model's blocks as they come: such pieces have many shapes (frames, rows,
+        # span, tail), and capturing one held every stream of the stage for about 0.2 s on an H100, where running
+        # it costs a few ms.
+        regular = mel_frames == MEL_FRAMES_PER_TOKEN
+        blocks = self.blocks if regular else self.encoder.blocks
         return EncoderStep(
             self.encoder, self.pool, (self.mel_tails, self.conv1_tails), blocks, bucket,
-            graphs=self.cuda_graphs, graph_pool=self._graph_pool, mel_frames=mel_frames,
+            graphs=self.cuda_graphs and regular, graph_pool=self._graph_pool, mel_frames=mel_frames,
         )  # fmt: skip
 
     def _capture_bucket(self, bucket: int) -> None:

@@ -38,11 +38,14 @@ class StepGraphs:
         self._graphs: dict[Hashable, torch.cuda.CUDAGraph] = {}
 
     def __call__(self, key: Hashable) -> None:
-        if not self.capture:
+        if self.device.type != "cuda":
             self.step()
             return
-        with torch.cuda.device(self.device):
-            self._run(key)
+        with torch.cuda.device(self.device):  # the step's Triton kernels launch on the current device
+            if self.capture:
+                self._run(key)
+            else:
+                self.step()
 
     def _run(self, key: Hashable) -> None:
         graph = self._graphs.get(key)

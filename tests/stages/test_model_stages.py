@@ -259,6 +259,21 @@ def test_capturing_every_bucket_and_span_mid_run_touches_no_streams_memory(tiny_
     }
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_with_capture_all_no_stream_waits_for_a_capture(tiny_model_dir) -> None:
+    """On a GPU, streams of the default delay joining and leaving at different ticks meet no step shape the start
+    did not capture: the 80 ms steps' graphs and the default prompt's prefill were captured at start, and a
+    stream's first and last pieces run without a graph."""
+    params = {"max_streams": 4, "capture_all": True}
+    chain = [build_stage("mel", model_dir=tiny_model_dir)] + [
+        build_stage(kind, model_dir=tiny_model_dir, device="cuda", params=params) for kind in ("encoder", "decoder")
+    ]
+    schedules = {"a": STREAMS["a"], "d": STREAMS["d"], "e": Schedule(speechlike_audio(1.9, seed=5), joins=2)}
+    _, failures, _ = run_ticks(chain, schedules)
+    assert not failures
+    assert [stage.graph_captures()["captured"] for stage in chain[1:]] == [0, 0]
+
+
 def test_a_stream_past_the_ceiling_is_refused_and_the_others_go_on(tiny_model_dir, solo_ids) -> None:
     chain = model_chain(tiny_model_dir, max_streams=2, when_full="refuse")
     ids, failures, _ = run_ticks(chain, {name: STREAMS[name] for name in "abc"})
