@@ -448,9 +448,8 @@ class EncoderStage(ModelStage):
 
     def _new_step(self, mel_frames: int, bucket: int) -> EncoderStep:
         # The 80 ms step runs the stage's blocks (the fused kernels on a GPU) as graphs; a piece of another size
-        # (a stream's first or last) the model's blocks as they come: such pieces have many shapes (frames, rows,
-        # span, tail), and capturing one held every stream of the stage for about 0.2 s on an H100, where running
-        # it costs a few ms.
+        # (a stream's first or last) the model's blocks without a graph: such pieces come in many shapes (frames,
+        # rows, span, tail), too many to capture at start, and a capture holds every stream of the stage.
         regular = mel_frames == MEL_FRAMES_PER_TOKEN
         blocks = self.blocks if regular else self.encoder.blocks
         return EncoderStep(
