@@ -27,21 +27,14 @@ DEFAULT_MAX_STREAMS = {"cuda": 32, "cpu": 4}
 # kv_dtype and weights: `auto`, the stage's dtype, or `fp8` (e4m3 with float32 scales; stages/model/fp8.py).
 NUMBER_FORMATS = ("auto", "fp8")
 MAX_STREAMS = 1024  # every one with its whole window's KV memory by default
+# What the encoder and decoder both take: their number formats, their fast paths and their batching.
+MODEL_PARAMS = ("dtype", "kv_dtype", "fused_kernels", "cuda_graphs", "capture_all", *BATCH_PARAMS)
 # Settings each kind accepts in pipeline.yaml beyond device (capture checks its own: audio/capture.py).
 STAGE_PARAMS: dict[str, tuple[str, ...]] = {
     "resample": (),
     "mel": (),
-    "encoder": ("dtype", "kv_dtype", "fused_kernels", "cuda_graphs", "capture_all", *BATCH_PARAMS),
-    "decoder": (
-        "dtype",
-        "kv_dtype",
-        "weights",
-        "fused_kernels",
-        "cuda_graphs",
-        "capture_all",
-        "stop_at_eos",
-        *BATCH_PARAMS,
-    ),
+    "encoder": MODEL_PARAMS,
+    "decoder": (*MODEL_PARAMS, "weights", "stop_at_eos"),
     "detokenize": (),
 }
 

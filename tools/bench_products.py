@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from voxtral_run.stages.kernels.matvec import MatvecConfig, Norm, matvec, matvec_config
 from voxtral_run.stages.kernels.overlap import DEFAULT_OVERLAP, NO_OVERLAP, Overlap
 from voxtral_run.stages.kernels.rows_matmul import RowsConfig, rows_config, rows_matmul
-from voxtral_run.stages.model.fp8 import quantize
+from voxtral_run.stages.model.fp8 import dequantize, quantize
 from voxtral_run.stages.model.layers import rms_norm
 from voxtral_run.tools.bench_gpu import copy_bandwidth
 from voxtral_run.tools.bench_step_attention import graph_us
@@ -271,7 +271,7 @@ def float_layer(w: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     layer = {key: value.float() for key, value in w.items() if not key.endswith("_scale")}
     for product in PRODUCTS:
         if f"{product}_scale" in w:
-            layer[product] = layer[product] * w[f"{product}_scale"][:, None]
+            layer[product] = dequantize(w[product], w[f"{product}_scale"], torch.float32)
     return layer
 
 
