@@ -46,7 +46,7 @@ from voxtral_run.stages.model.encoder import (
     BLOCK_FRAMES,
     CONV1_CONTEXT,
     CONV1_TAIL_LENGTHS,
-    CONV_STRIDE,
+    TOKEN_TAIL_LENGTH,
     AudioEncoder,
 )
 from voxtral_run.stages.model.fp8 import FP8, Fp8Linear
@@ -56,8 +56,8 @@ WHEN_FULL = ("wait", "refuse")
 MAX_HELD_ITEMS = 4096  # items a stage holds for streams waiting for a row; past it the newest is refused
 BUCKET_STEP = 32  # batch buckets past 32 rows go up in steps of 32 (a padding row costs most of a real one)
 FAILED_MEMORY = 4096  # ids of streams this stage gave up on, remembered to ignore what else arrives for them
-# Rows a step of many positions (a prompt, a stream's first or last mel item) takes at once: its activations grow
-# with both, and such steps come only as streams join or leave.
+# Rows a prefill takes at once: its activations grow with rows and the prompt's positions, and prefills come only
+# as streams join.
 MAX_PROMPT_ROWS = 16
 
 
@@ -342,18 +342,16 @@ class ModelStage(Stage):
 
 @dataclass
 class EncoderRow:
-    """An encoder stream's place: the next encoder frame position, its conv1 tail's length, and whether its burst
-    (a first or last item of many frames) already gave way to a round of 80 ms steps."""
+    """An encoder stream's place: the next encoder frame position and its conv1 tail's length."""
 
     next_position: int = 0
-    tail_length: int = CONV1_TAIL_LENGTHS[0]
-    deferred: bool = False
+    tail_length: int = TOKEN_TAIL_LENGTH
 
 
 class EncoderStage(ModelStage):
-    """Streaming encoder: mel frames [k, 128] in, encoder frames [m, dim] (float32) out, per stream. An item of 8
-    frames (80 ms) is one row of a batched step; an item of another count (a stream's first, with the left pad's
-    frames, or its last) is cut into pieces of at most one block's frames, each a row of a step of its size."""
+    """Streaming encoder: mel frames [k, 128] in, encoder frames [m, dim] (float32) out, per stream. A stream's
+    frames are stepped a token's worth (8) at a time, one row of a batched step per round, whatever the items'
+    sizes: a stream's first item (the left pad's frames) takes as many rounds as it holds tokens."""
 
     name = "encoder"
 
@@ -393,44 +391,24 @@ class EncoderStage(ModelStage):
         self.mel_tails[stream.row] = 0
         self.conv1_tails[stream.row] = 0
 
+    def _runnable(self, stream: StreamState) -> bool:
+        # Frames short of a token wait for the rest: the decoder takes tokens whole, so stepping them early would
+        # gain no token and cost a step of another shape. A stream's frames are whole tokens (the mel stage pads
+        # its end), so only an input of other items ends with fewer.
+        if stream.row is None or not stream.pending:
+            return False
+        return stream.ended or sum(len(frames) for frames in stream.pending) >= MEL_FRAMES_PER_TOKEN
+
     def _compute(self, outputs: list[Output], one_round: bool) -> None:
         while self.has_work:
             steps: dict[tuple[int, int], list[tuple[str, StreamState, np.ndarray]]] = {}
             for stream_id, stream in list(self._streams.items()):
-                if stream.row is None or not stream.pending:
-                    continue
-                piece = next_piece(stream.pending)
-                if piece.shape[0]:
-                    steps.setdefault((piece.shape[0], stream.place.tail_length), []).append((stream_id, stream, piece))
-            if one_round:
-                self._defer_bursts(steps)
+                if self._runnable(stream) and len(piece := next_piece(stream.pending)):
+                    steps.setdefault((len(piece), stream.place.tail_length), []).append((stream_id, stream, piece))
             for (mel_frames, tail_length), batch in steps.items():
-                limit = self.max_streams if mel_frames == MEL_FRAMES_PER_TOKEN else MAX_PROMPT_ROWS
-                for start in range(0, len(batch), limit):
-                    self._step(batch[start : start + limit], mel_frames, tail_length, outputs)
+                self._step(batch, mel_frames, tail_length, outputs)
             if one_round:
                 return
-
-    @staticmethod
-    def _defer_bursts(steps: dict[tuple[int, int], list[tuple[str, StreamState, np.ndarray]]]) -> None:
-        """In a round with 80 ms steps, a piece of another size waits for the next round, once per burst: a
-        stream's join or end then costs the others' tick nothing, and the piece runs in the time between ticks."""
-        if not any(mel_frames == MEL_FRAMES_PER_TOKEN for mel_frames, _ in steps):
-            return
-        for (mel_frames, _), batch in steps.items():
-            if mel_frames == MEL_FRAMES_PER_TOKEN:
-                for _, stream, _ in batch:
-                    stream.place.deferred = False
-                continue
-            kept = []
-            for entry in batch:
-                _, stream, piece = entry
-                if stream.place.deferred:
-                    kept.append(entry)
-                else:
-                    stream.place.deferred = True
-                    stream.pending.insert(0, piece)
-            batch[:] = kept
 
     def _step(
         self, batch: list[tuple[str, StreamState, np.ndarray]], mel_frames: int, tail_length: int, outputs: list[Output]
@@ -447,9 +425,8 @@ class EncoderStage(ModelStage):
                 outputs.append((stream_id, out))
 
     def _new_step(self, mel_frames: int, bucket: int) -> EncoderStep:
-        # The 80 ms step runs the stage's blocks (the fused kernels on a GPU) as graphs; a piece of another size
-        # (a stream's first or last) the model's blocks without a graph: such pieces come in many shapes (frames,
-        # rows, span, tail), too many to capture at start, and a capture holds every stream of the stage.
+        # The 80 ms step runs the stage's blocks (the fused kernels on a GPU) as graphs; the few frames an input
+        # of odd items ends with, the model's blocks without a graph.
         regular = mel_frames == MEL_FRAMES_PER_TOKEN
         blocks = self.blocks if regular else self.encoder.blocks
         return EncoderStep(
@@ -462,13 +439,10 @@ class EncoderStage(ModelStage):
             ("step", MEL_FRAMES_PER_TOKEN), bucket, functools.partial(self._new_step, MEL_FRAMES_PER_TOKEN)
         )
         for span in all_spans(self.pool.capacity):
-            for tail_length in CONV1_TAIL_LENGTHS:
-                step.capture(span, tail_length)
+            step.capture(span, TOKEN_TAIL_LENGTH)
 
     def _warm_up_items(self) -> list[Item]:
-        # After either conv1 tail length: 80 ms of silence, one mel frame more, 80 ms again.
-        silence = np.zeros((MEL_FRAMES_PER_TOKEN, NUM_MEL_BINS), dtype=np.float32)
-        return [silence, silence[:1], silence]
+        return [np.zeros((MEL_FRAMES_PER_TOKEN, NUM_MEL_BINS), dtype=np.float32)]
 
 
 @dataclass
@@ -693,12 +667,15 @@ class DecoderStage(ModelStage):
 
 
 def next_piece(pending: list[np.ndarray]) -> np.ndarray:
-    """The next mel frames of a stream's items to step: the first item, or its first block's worth (one block of
-    encoder frames) when it is longer."""
-    most = CONV_STRIDE * BLOCK_FRAMES
-    if pending[0].shape[0] <= most:
-        return pending.pop(0)
-    piece, pending[0] = pending[0][:most], pending[0][most:]
+    """The next mel frames of a stream's items to step: a token's worth, taken across items as they came, or
+    the fewer left (none for empty items)."""
+    while len(pending) > 1 and len(pending[0]) < MEL_FRAMES_PER_TOKEN:
+        pending[:2] = [np.concatenate(pending[:2])]
+    piece, rest = pending[0][:MEL_FRAMES_PER_TOKEN], pending[0][MEL_FRAMES_PER_TOKEN:]
+    if len(rest):
+        pending[0] = rest
+    else:
+        pending.pop(0)
     return piece
 
 

@@ -19,6 +19,7 @@ CONV1_CONTEXT = CONV_KERNEL - 1  # left pad of the stride-1 conv: (k - 1) + 1 - 
 CONV2_CONTEXT = CONV_KERNEL - CONV_STRIDE  # left pad of the stride-2 conv: 1 frame, not 2 (docs/MODEL.md §6)
 # The stride-2 conv waits for pairs, so an odd count of mel frames so far leaves one more conv1 frame behind.
 CONV1_TAIL_LENGTHS = (CONV2_CONTEXT, CONV2_CONTEXT + 1)
+TOKEN_TAIL_LENGTH = CONV1_TAIL_LENGTHS[0]  # at a stream's start, so at every token boundary (8 frames are 4 pairs)
 BLOCK_FRAMES = 64  # encoder frames attended in one forward at most: bounds the attention matrix and the ring
 
 

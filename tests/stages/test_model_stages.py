@@ -3,6 +3,7 @@ or leaves beside it; the ceiling waits or refuses; KV memory goes back the momen
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -12,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import speechlike_audio
-from voxtral_run.stages.audio.constants import SAMPLES_PER_TOKEN, delay_tokens, pad_audio
+from voxtral_run.stages.audio.constants import MEL_FRAMES_PER_TOKEN, SAMPLES_PER_TOKEN, delay_tokens, pad_audio
 from voxtral_run.stages.audio.mel import log_mel_frames
 from voxtral_run.stages.base import END, StageError, StreamEnd, StreamFailed, StreamStart
 from voxtral_run.stages.factory import build_stage
@@ -194,23 +195,48 @@ def test_a_round_at_a_time_keeps_a_burst_for_later_calls_which_other_streams_joi
     assert not (encoder.has_work or decoder.has_work) and encoder.backlog == decoder.backlog == 0
 
 
-def test_a_burst_gives_way_once_to_a_rounds_80_ms_steps(tiny_model_dir) -> None:
-    """A joining stream's first item (many mel frames) and its prompt's prefill wait for the next round when the
-    round steps other streams' 80 ms items, so the others' tick does not pay for them; the next call (no new
-    work) runs them, with what they would have given at once."""
+def test_a_joining_streams_first_item_steps_a_token_a_round_beside_the_others(tiny_model_dir) -> None:
+    """A joining stream's first item (the left pad's 33 tokens of mel frames) runs one token a round, in the same
+    batched 80 ms step as the others' items, so the others' tick does not wait for it; the rounds after (no new
+    work) run the rest, with what the item gives at once."""
     encoder = build_stage("encoder", model_dir=tiny_model_dir, params={"max_streams": 2})
     rng = np.random.default_rng(0)
     first = rng.standard_normal((264, 128)).astype(np.float32)  # the left pad's frames and 80 ms
     tick = rng.standard_normal((8, 128)).astype(np.float32)
     alone = np.concatenate([frames for _, frames in encoder.step([("x", first)])])
     outputs = encoder.step_round([("x", tick), ("y", first)])
-    assert [name for name, _ in outputs] == ["x"] and encoder.has_work
-    later = []
+    assert [name for name, _ in outputs] == ["x", "y"] and encoder.batch_sizes == [2] and encoder.has_work
+    later, rounds = [outputs[1]], 1
     while encoder.has_work:
         later += encoder.step_round([])
-    assert {name for name, _ in later} == {"y"}
+        rounds += 1
+    assert rounds == len(first) // MEL_FRAMES_PER_TOKEN and {name for name, _ in later} == {"y"}
     np.testing.assert_array_equal(np.concatenate([frames for _, frames in later]), alone)
 
+
+def test_items_of_any_size_step_a_token_at_a_time_and_give_the_models_frames(tiny_model_dir) -> None:
+    """Items that cut tokens anywhere: frames short of a token wait for the next item, every step but the stream's
+    last takes one token's 8 frames, and the stream's last few frames step at its end; together they are the
+    frames the model's forward gives for the whole input."""
+    encoder = build_stage("encoder", model_dir=tiny_model_dir, params={"max_streams": 2})
+    rng = np.random.default_rng(1)
+    mel = rng.standard_normal((75, 128)).astype(np.float32)
+    cuts = [0, 3, 4, 17, 30, 31, 60, 75]
+    frames, sizes = [], set()
+    for start, end in itertools.pairwise(cuts):
+        frames += [out for _, out in encoder.step([("x", mel[start:end])])]
+        sizes |= {key[0][1] for key in encoder._steps}
+    frames += [out for _, out in encoder.step([("x", END)]) if isinstance(out, np.ndarray)]
+    assert sizes == {MEL_FRAMES_PER_TOKEN} and {key[0][1] for key in encoder._steps} == {8, 75 % 8}
+    expected = encoder.encoder(torch.from_numpy(mel)[None], encoder.encoder.new_state())[0].numpy()
+    np.testing.assert_allclose(np.concatenate(frames), expected, rtol=1e-4, atol=1e-5)
+    assert encoder.streams() == []
+
+
+def test_a_prompts_prefill_gives_way_once_to_a_rounds_80_ms_steps(tiny_model_dir) -> None:
+    """A joining stream's prefill waits for the next round when the round steps other streams' positions; the
+    next call (no new work) runs it."""
+    rng = np.random.default_rng(0)
     decoder = build_stage("decoder", model_dir=tiny_model_dir, params={"max_streams": 2})
     groups = rng.standard_normal((len(decoder.prompt) + 1, 4, decoder.decoder.params.encoder.dim)).astype(np.float32)
     prompt_frames = groups[:-1].reshape(-1, groups.shape[-1])
@@ -262,8 +288,8 @@ def test_capturing_every_bucket_and_span_mid_run_touches_no_streams_memory(tiny_
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_with_capture_all_no_stream_waits_for_a_capture(tiny_model_dir) -> None:
     """On a GPU, streams of the default delay joining and leaving at different ticks meet no step shape the start
-    did not capture: the 80 ms steps' graphs and the default prompt's prefill were captured at start, and a
-    stream's first and last pieces run without a graph."""
+    did not capture: the 80 ms steps' graphs (a stream's first and last items step a token at a time too) and the
+    default prompt's prefill were captured at start."""
     params = {"max_streams": 4, "capture_all": True}
     chain = [build_stage("mel", model_dir=tiny_model_dir)] + [
         build_stage(kind, model_dir=tiny_model_dir, device="cuda", params=params) for kind in ("encoder", "decoder")
