@@ -1,11 +1,14 @@
 """The real multi-process pipeline at N concurrent real-time streams: N WAV files of synthetic speech-like audio
 through `voxtral-run PIPELINE --input DIR --realtime`, each file its own stream paced from its start, all starting
-together (the worst case for a start: every join in the first tick). Reports the run's own figures: per-token
-latency beyond the delay, how far the capture fell behind real time, each stage's utilisation and batch sizes.
+together (the worst case for a start: every join in the first tick), or with `--join-over S` one after another
+over S seconds (the capture's `stagger_s`), as live callers join, each at its own phase of the 80 ms tick.
+Reports the run's own figures: per-token latency beyond the delay, how far the capture fell behind real time,
+each stage's utilisation and batch sizes.
 
 Run from the repository root: `python -m tools.bench_pipeline --model DIR [--pipeline pipeline.yaml] [--streams
-200] [--seconds 60] [--set STAGE.KEY=VALUE ...] [--json bench_pipeline.json]`. The files are written once to a
-temporary folder (8 distinct audios, copied), the transcripts to another; both are removed after.
+200] [--seconds 60] [--join-over 0] [--set STAGE.KEY=VALUE ...] [--json bench_pipeline.json]`. The files are
+written once to a temporary folder (8 distinct audios, copied), the transcripts to another; both are removed
+after.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from pathlib import Path
 
 import soundfile
 
-from voxtral_run.stages.audio.capture import MAX_STREAMS
+from voxtral_run.stages.audio.capture import MAX_STAGGER_S, MAX_STREAMS
 from voxtral_run.stages.audio.constants import SAMPLE_RATE
 from voxtral_run.tools.bench_gpu import synthetic_speechlike
 from voxtral_run.tools.bench_serve import BEHIND_S, LATENCY_BUDGET_MS
@@ -98,6 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--pipeline", type=Path, default=Path("pipeline.yaml"))
     parser.add_argument("--streams", type=int, default=200, help=f"files at once, 1..{MAX_STREAMS}")
     parser.add_argument("--seconds", type=float, default=60.0, help="each file's audio, 1..3600 s")
+    parser.add_argument("--join-over", type=float, default=0.0, help="seconds the files' starts spread over")
     parser.add_argument("--set", action="append", default=[], metavar="STAGE.KEY=VALUE")
     parser.add_argument("--json", type=Path, default=Path("bench_pipeline.json"))
     args = parser.parse_args(argv)
@@ -105,18 +109,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--streams must be 1..{MAX_STREAMS}, got {args.streams}")
     if not 1 <= args.seconds <= 3600:
         parser.error(f"--seconds must be 1..3600, got {args.seconds:g}")
+    if not 0 <= args.join_over <= MAX_STAGGER_S:
+        parser.error(f"--join-over must be 0..{MAX_STAGGER_S:g} s, got {args.join_over:g}")
+    sets = args.set + ([f"capture.stagger_s={args.join_over / args.streams:.6g}"] if args.join_over else [])
     with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as temp:
         inputs, outputs = Path(temp) / "in", Path(temp) / "out"
         inputs.mkdir()
         outputs.mkdir()
         write_streams(inputs, args.streams, args.seconds)
         try:
-            figures = run_pipeline(args.pipeline, args.model, inputs, outputs, args.set, 4 * args.seconds + 900)
+            timeout_s = 4 * args.seconds + args.join_over + 900
+            figures = run_pipeline(args.pipeline, args.model, inputs, outputs, sets, timeout_s)
         except BenchError as error:
             print(f"bench_pipeline: {error}", file=sys.stderr)
             return 1
         result = summary(figures, args.streams, len(list((outputs / "transcripts").iterdir())))
-    result |= {"pipeline": str(args.pipeline), "seconds": args.seconds, "sets": args.set, "figures": figures}
+    result |= {"pipeline": str(args.pipeline), "seconds": args.seconds, "join_over_s": args.join_over}
+    result |= {"sets": sets, "figures": figures}
     args.json.write_text(json.dumps(result, indent=1))
     latency = result["latency_ms"]
     print(

@@ -25,10 +25,11 @@ from voxtral_run.stages.base import END, Item, Source, StageError, StreamFailed,
 DEFAULT_CHUNK_MS = MS_PER_TOKEN  # one decoder position of audio per chunk
 MIN_CHUNK_MS, MAX_CHUNK_MS = 10, 1000  # shorter chunks are all overhead; longer ones delay every token
 # Settings of the capture stage (pipeline.yaml params or the command line's --input, --rate, ...).
-CAPTURE_PARAMS = ("input", "rate", "channels", "realtime", "chunk_ms", "mic_device", "streams")
+CAPTURE_PARAMS = ("input", "rate", "channels", "realtime", "chunk_ms", "mic_device", "streams", "stagger_s")
 STDIN_INPUT = "-"
 MIC_INPUT = "mic"
 MAX_STREAMS = 1024  # files a capture reads at once (--streams), each an open file and a stream in every stage
+MAX_STAGGER_S = 3600.0  # seconds between the starts of files paced in real time (callers joining one by one)
 # What a directory given as input contributes: its files with these suffixes (soundfile's, and PyAV's usual).
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".m4a", ".aac", ".mp4", ".webm", ".aiff", ".aif")
 FILE_DESCRIPTOR_MARGIN = 256  # descriptors a capture process needs besides its audio files (sockets, libraries)
@@ -615,6 +616,11 @@ def _checked_params(params: dict[str, Any]) -> tuple[str | list[str], dict[str, 
     streams = params.get("streams", MAX_STREAMS)
     if isinstance(streams, bool) or not isinstance(streams, int) or not 1 <= streams <= MAX_STREAMS:
         raise StageError(f"--streams: {streams!r:.80} is not a number of streams in 1..{MAX_STREAMS}")
+    stagger = params.get("stagger_s", 0.0)
+    if isinstance(stagger, bool) or not isinstance(stagger, (int, float)) or not 0 <= stagger <= MAX_STAGGER_S:
+        raise StageError(f"stagger_s: {stagger!r:.80} is not a number of seconds in 0..{MAX_STAGGER_S:g}")
+    if stagger and not (params.get("realtime") and isinstance(source_input, list)):
+        raise StageError("stagger_s starts files apart in real time: give several files and --realtime")
     return source_input, params
 
 
@@ -641,7 +647,8 @@ def build_source(params: dict[str, Any]) -> Source | FileStreams:
     realtime = bool(params.get("realtime", False))
     if isinstance(source_input, list):
         max_open = params.get("streams", MAX_STREAMS)
-        return FileStreams(source_input, chunk_ms=chunk_ms, realtime=realtime, max_open=max_open)
+        stagger_s = float(params.get("stagger_s", 0.0))
+        return FileStreams(source_input, chunk_ms=chunk_ms, realtime=realtime, max_open=max_open, stagger_s=stagger_s)
     if source_input == STDIN_INPUT:
         stdin = os.fdopen(os.dup(0), "rb")  # a spawned process keeps the runner's fd 0
         return StdinSource(stdin, rate=params.get("rate"), channels=channels, chunk_ms=chunk_ms)
@@ -669,8 +676,9 @@ def _allow_open_files(count: int) -> None:
 
 class FileStreams:
     """Audio files read at once, each its own stream: at most `max_open` are open at a time (the next file starts
-    as one ends), and their chunks interleave: in turn, or with `realtime` each file paced on its own from its
-    start (the chunk due first goes first). `labels` name the streams by their input, in order."""
+    as one ends, and with `stagger_s` no sooner than that after the one before), and their chunks interleave: in
+    turn, or with `realtime` each file paced on its own from its start (the chunk due first goes first).
+    `labels` name the streams by their input, in order."""
 
     def __init__(
         self,
@@ -679,11 +687,13 @@ class FileStreams:
         chunk_ms: float = DEFAULT_CHUNK_MS,
         realtime: bool = False,
         max_open: int = MAX_STREAMS,
+        stagger_s: float = 0.0,
     ):
         check_chunk_ms(chunk_ms)
         self.labels = list(paths)
         self._chunk_ms = chunk_ms
         self._realtime = realtime
+        self._stagger_s = stagger_s
         self._max_open = min(len(paths), max_open)
         _allow_open_files(self._max_open)
         self._files: dict[int, FileSource] = {}
@@ -702,9 +712,11 @@ class FileStreams:
         ready: list[tuple[float, int, int, Item]] = []  # (when due, turn, index, its next chunk read ahead)
         chunks: dict[int, Iterator[Item]] = {}
         clocks: dict[int, list[float]] = {}  # per open file: [monotonic start, seconds of audio read]
-        upcoming = iter(range(len(self.labels)))
+        upcoming, next_start = 0, time.monotonic()  # the next file to open, and when it may start
         while not self._closed.is_set():
-            while len(chunks) < self._max_open and (index := next(upcoming, None)) is not None:
+            while len(chunks) < self._max_open and upcoming < len(self.labels) and time.monotonic() >= next_start:
+                index, upcoming = upcoming, upcoming + 1
+                next_start = max(next_start, time.monotonic()) + self._stagger_s
                 yield index, StreamStart()
                 try:
                     source = FileSource(self.labels[index], chunk_ms=self._chunk_ms)
@@ -720,8 +732,13 @@ class FileStreams:
                 ended = self._read_ahead(index, chunks, clocks, ready, turn)
                 if ended is not None:
                     yield ended
-            if not ready:
+            opening = len(chunks) < self._max_open and upcoming < len(self.labels)  # only while staggered
+            if not ready and not opening:
                 return
+            if opening and (not ready or next_start < ready[0][0]):
+                if self._closed.wait(next_start - time.monotonic()):
+                    return
+                continue
             due, _, index, chunk = heapq.heappop(ready)
             if self._realtime and self._closed.wait(due - time.monotonic()):
                 return

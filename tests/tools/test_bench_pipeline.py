@@ -15,15 +15,17 @@ from voxtral_run.tools.make_tiny_checkpoint import TINY
 
 
 def test_files_through_the_pipeline_report_latency_lag_and_stages(checkpoint_factory, tmp_path: Path, capsys) -> None:
-    """Three real-time files at once (a tiny model whose tokens include text): a transcript each, the per-token
-    latency of every delta, the capture's lag, the model stages' batches, and a verdict that follows from them."""
+    """Three real-time files joining 0.2 s apart (a tiny model whose tokens include text): a transcript each, the
+    per-token latency of every delta, the capture's lag, the model stages' batches, and a verdict that follows
+    from them."""
     out = tmp_path / "bench.json"
     model = checkpoint_factory(TINY, TEXT_SEED)
     code = main(["--model", str(model), "--pipeline", str(REPO / "pipeline.yaml"), "--streams", "3",
-                 "--seconds", "1.5", "--json", str(out)])  # fmt: skip
+                 "--seconds", "1.5", "--join-over", "0.6", "--json", str(out)])  # fmt: skip
     assert code == 0
     result = json.loads(out.read_text())
     assert result["streams"] == 3 and result["transcripts"] == 3
+    assert "capture.stagger_s=0.2" in result["sets"] and result["figures"]["wall_s"] >= 1.5 + 0.4
     latency = result["latency_ms"]
     assert latency["count"] == result["figures"]["end_to_end_ms"]["count"] > 0
     assert 0 <= latency["p50"] <= latency["p95"] <= latency["p99"]

@@ -692,6 +692,28 @@ def test_file_streams_pace_each_file_on_its_own(tmp_path: Path) -> None:
         assert seconds - 0.01 < last_chunk_at < seconds + 0.1
 
 
+def test_staggered_file_streams_start_apart_and_each_is_paced_from_its_own_start(tmp_path: Path) -> None:
+    paths = write_files(tmp_path, [0.24, 0.24, 0.24])
+    started = time.monotonic()
+    arrivals = [
+        (index, item, time.monotonic() - started)
+        for index, item in FileStreams(paths, realtime=True, stagger_s=0.2).events()
+    ]
+    starts = [at for _, item, at in arrivals if item == StreamStart()]
+    assert [round(at, 1) for at in starts] == [0.0, 0.2, 0.4]
+    for index, start in enumerate(starts):
+        chunk_times = [at for stream, item, at in arrivals if stream == index and isinstance(item, dict)]
+        assert len(chunk_times) == 3 and start + 0.23 < chunk_times[-1] < start + 0.3
+
+
+def test_stagger_needs_several_files_in_real_time(tmp_path: Path) -> None:
+    paths = write_files(tmp_path, [0.08, 0.08])
+    with pytest.raises(StageError, match="stagger_s starts files apart in real time: give several files and"):
+        build_source({"input": paths, "stagger_s": 0.3})
+    with pytest.raises(StageError, match=r"stagger_s: -1 is not a number of seconds in 0..3600"):
+        build_source({"input": paths, "realtime": True, "stagger_s": -1})
+
+
 def test_a_file_that_cannot_be_read_fails_its_stream_only(tmp_path: Path) -> None:
     paths = write_files(tmp_path, [0.2, 0.2])
     broken = tmp_path / "broken.wav"
