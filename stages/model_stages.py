@@ -371,7 +371,7 @@ class EncoderStage(ModelStage):
         params = encoder.params
         ref = encoder.conv_layers[0].conv.weight
         pool = new_pool(params, BLOCK_FRAMES, max_streams, kv_pages, FP8 if kv_fp8 else ref.dtype, ref.device)
-        frames = pool.window if reserve_s is None else round(reserve_s / SECONDS_PER_TOKEN) * ENCODER_FRAMES_PER_TOKEN
+        frames = pool.capacity if reserve_s is None else round(reserve_s / SECONDS_PER_TOKEN) * ENCODER_FRAMES_PER_TOKEN
         super().__init__(
             encoder, encoder.transformer.layers, pool, fused_kernels=fused_kernels, cuda_graphs=cuda_graphs,
             when_full=when_full, reserve_positions=frames,
@@ -416,8 +416,18 @@ class EncoderStage(ModelStage):
         step = self._batched(("step", mel_frames), len(batch), functools.partial(self._new_step, mel_frames))
         places = [stream.place for _, stream, _ in batch]
         mel = np.stack([piece for _, _, piece in batch])
-        frames = step(mel, [s.row for _, s, _ in batch], [p.next_position for p in places], tail_length)
         count, tail_after = step.outputs[tail_length]
+        try:
+            frames = step(mel, [s.row for _, s, _ in batch], [p.next_position for p in places], tail_length)
+        except PoolFull as error:  # no step ran: each stream that needed a page fails, the rest go on next round
+            for stream_id, stream, piece in batch:
+                try:
+                    self.pool.grow(stream.row, stream.place.next_position + count)
+                except PoolFull:
+                    self._grow_failed(stream_id, error, outputs)
+                else:
+                    stream.pending.insert(0, piece)
+            return
         for (stream_id, _, _), place, out in zip(batch, places, frames, strict=True):
             place.next_position += count
             place.tail_length = tail_after
@@ -485,7 +495,7 @@ class DecoderStage(ModelStage):
         weight = decoder.tok_embeddings.weight
         kv_dtype = FP8 if kv_fp8 else weight.dtype
         pool = new_pool(decoder.params.decoder, PREFILL_BLOCK, max_streams, kv_pages, kv_dtype, weight.device)
-        positions = pool.window if reserve_s is None else round(reserve_s / SECONDS_PER_TOKEN)
+        positions = pool.capacity if reserve_s is None else round(reserve_s / SECONDS_PER_TOKEN)
         super().__init__(
             decoder, decoder.layers, pool, fused_kernels=fused_kernels, cuda_graphs=cuda_graphs,
             when_full=when_full, reserve_positions=positions,

@@ -19,6 +19,7 @@ from voxtral_run.stages.base import END, StageError, StreamEnd, StreamFailed, St
 from voxtral_run.stages.factory import build_stage
 from voxtral_run.stages.model.checkpoint import ModelDir
 from voxtral_run.stages.model.decoder import streaming_prompt
+from voxtral_run.stages.model_stages import EncoderStage
 
 CHUNK = SAMPLES_PER_TOKEN  # 80 ms a tick, as live audio arrives
 
@@ -331,6 +332,29 @@ def test_a_stream_that_outgrows_the_kv_memory_fails_alone(tiny_model_dir, solo_i
     assert failures == {"a": StreamFailed("decoder: KV memory full: a stream needs a page and all 1 are in use")}
     assert ids["b"] == solo_ids["b"]
     assert chain[2].pool.pages_in_use == 0
+
+
+def test_an_encoder_stream_that_outgrows_the_kv_memory_fails_alone(tiny_model_dir, solo_ids) -> None:
+    """An encoder pool of 6 pages (a's 312 frames take 5, b's 236 take 4) and reservations of 0.2 s: both streams
+    start and grow until the pool runs dry; the one that then needs a page fails with a message, its pages freed
+    at once, and the other runs on to its ids alone."""
+    chain = model_chain(tiny_model_dir, max_streams=2)
+    pages = 6
+    chain[1] = EncoderStage(chain[1].encoder, max_streams=2, kv_pages=pages, reserve_s=0.2)
+    ids, failures, _ = run_ticks(chain, {name: STREAMS[name] for name in "ab"})
+    (failed,) = failures
+    message = f"encoder: KV memory full: a stream needs a page and all {pages} are in use"
+    assert failures[failed] == StreamFailed(message)
+    (other,) = set("ab") - {failed}
+    assert ids[other] == solo_ids[other]
+    assert chain[1].pool.pages_in_use == 0
+
+
+def test_a_stream_started_with_the_default_reservation_has_its_whole_ring(tiny_model_dir) -> None:
+    """Without reserve_s a stream sets aside every page its ring can hold, so streams admitted together never run
+    the pool dry."""
+    for stage in model_chain(tiny_model_dir, max_streams=2)[1:]:
+        assert stage.pool.pages_for(stage.reserve_positions) == stage.pool.pages_per_stream
 
 
 def test_kv_memory_returns_to_zero_and_a_thousand_short_streams_leave_no_state(tiny_model_dir) -> None:
