@@ -46,6 +46,7 @@ from voxtral_run.stages.model.encoder import (
     BLOCK_FRAMES,
     CONV1_CONTEXT,
     CONV1_TAIL_LENGTHS,
+    CONV_STRIDE,
     TOKEN_TAIL_LENGTH,
     AudioEncoder,
 )
@@ -350,8 +351,9 @@ class EncoderRow:
 
 class EncoderStage(ModelStage):
     """Streaming encoder: mel frames [k, 128] in, encoder frames [m, dim] (float32) out, per stream. A stream's
-    frames are stepped a token's worth (8) at a time, one row of a batched step per round, whatever the items'
-    sizes: a stream's first item (the left pad's frames) takes as many rounds as it holds tokens."""
+    frames step in whole tokens (8 frames), one row of a batched step per round, whatever the items' sizes: with
+    CUDA graphs a token a round (a stream's first item, the left pad's frames, takes 32 rounds), without them
+    up to a block's 16 tokens."""
 
     name = "encoder"
 
@@ -376,6 +378,9 @@ class EncoderStage(ModelStage):
             encoder, encoder.transformer.layers, pool, fused_kernels=fused_kernels, cuda_graphs=cuda_graphs,
             when_full=when_full, reserve_positions=frames,
         )  # fmt: skip
+        # With graphs every step is one token's, the shape captured at start; without, a stream's waiting tokens
+        # (a first item's 32, a backlog) step together, up to a block, each weight read once for them all.
+        self.piece_frames = MEL_FRAMES_PER_TOKEN if cuda_graphs else CONV_STRIDE * BLOCK_FRAMES
         rows = max_streams + 1
         self.mel_tails = ref.new_zeros(rows, CONV1_CONTEXT, NUM_MEL_BINS)
         self.conv1_tails = ref.new_zeros(rows, max(CONV1_TAIL_LENGTHS), params.dim)
@@ -403,7 +408,7 @@ class EncoderStage(ModelStage):
         while self.has_work:
             steps: dict[tuple[int, int], list[tuple[str, StreamState, np.ndarray]]] = {}
             for stream_id, stream in list(self._streams.items()):
-                if self._runnable(stream) and len(piece := next_piece(stream.pending)):
+                if self._runnable(stream) and len(piece := next_piece(stream.pending, self.piece_frames)):
                     steps.setdefault((len(piece), stream.place.tail_length), []).append((stream_id, stream, piece))
             for (mel_frames, tail_length), batch in steps.items():
                 self._step(batch, mel_frames, tail_length, outputs)
@@ -676,12 +681,14 @@ class DecoderStage(ModelStage):
             self.eos_id = eos_id
 
 
-def next_piece(pending: list[np.ndarray]) -> np.ndarray:
-    """The next mel frames of a stream's items to step: a token's worth, taken across items as they came, or
-    the fewer left (none for empty items)."""
-    while len(pending) > 1 and len(pending[0]) < MEL_FRAMES_PER_TOKEN:
+def next_piece(pending: list[np.ndarray], most: int) -> np.ndarray:
+    """The next mel frames of a stream's items to step, taken across items as they came: the whole tokens'
+    frames waiting, at most `most`, or the fewer left (none for empty items)."""
+    while len(pending) > 1 and len(pending[0]) < most:
         pending[:2] = [np.concatenate(pending[:2])]
-    piece, rest = pending[0][:MEL_FRAMES_PER_TOKEN], pending[0][MEL_FRAMES_PER_TOKEN:]
+    waiting = len(pending[0])
+    take = min(most, waiting - waiting % MEL_FRAMES_PER_TOKEN) or waiting
+    piece, rest = pending[0][:take], pending[0][take:]
     if len(rest):
         pending[0] = rest
     else:

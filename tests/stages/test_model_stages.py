@@ -196,39 +196,44 @@ def test_a_round_at_a_time_keeps_a_burst_for_later_calls_which_other_streams_joi
     assert not (encoder.has_work or decoder.has_work) and encoder.backlog == decoder.backlog == 0
 
 
-def test_a_joining_streams_first_item_steps_a_token_a_round_beside_the_others(tiny_model_dir) -> None:
-    """A joining stream's first item (the left pad's 33 tokens of mel frames) runs one token a round, in the same
-    batched 80 ms step as the others' items, so the others' tick does not wait for it; the rounds after (no new
-    work) run the rest, with what the item gives at once."""
+@pytest.mark.parametrize(("piece_frames", "rounds"), [(8, 33), (128, 3)], ids=["graphs", "no_graphs"])
+def test_a_joining_streams_first_item_steps_in_whole_tokens_beside_the_others(tiny_model_dir, piece_frames, rounds):
+    """A joining stream's first item (the left pad's 33 tokens of mel frames) runs a piece a round, in the same
+    batched step as the others' 80 ms items when the pieces are a token (as with CUDA graphs), so the others'
+    tick does not wait for it; the rounds after (no new work) run the rest, with what the item gives at once."""
     encoder = build_stage("encoder", model_dir=tiny_model_dir, params={"max_streams": 2})
+    encoder.piece_frames = piece_frames
     rng = np.random.default_rng(0)
     first = rng.standard_normal((264, 128)).astype(np.float32)  # the left pad's frames and 80 ms
     tick = rng.standard_normal((8, 128)).astype(np.float32)
     alone = np.concatenate([frames for _, frames in encoder.step([("x", first)])])
     outputs = encoder.step_round([("x", tick), ("y", first)])
-    assert [name for name, _ in outputs] == ["x", "y"] and encoder.batch_sizes == [2] and encoder.has_work
-    later, rounds = [outputs[1]], 1
+    assert [name for name, _ in outputs] == ["x", "y"] and encoder.has_work
+    assert encoder.batch_sizes == ([2] if piece_frames == MEL_FRAMES_PER_TOKEN else [1, 1])
+    later, taken = [outputs[1]], 1
     while encoder.has_work:
         later += encoder.step_round([])
-        rounds += 1
-    assert rounds == len(first) // MEL_FRAMES_PER_TOKEN and {name for name, _ in later} == {"y"}
+        taken += 1
+    assert taken == rounds and {name for name, _ in later} == {"y"}
     np.testing.assert_array_equal(np.concatenate([frames for _, frames in later]), alone)
 
 
-def test_items_of_any_size_step_a_token_at_a_time_and_give_the_models_frames(tiny_model_dir) -> None:
+@pytest.mark.parametrize("piece_frames", [8, 128], ids=["graphs", "no_graphs"])
+def test_items_of_any_size_step_in_whole_tokens_and_give_the_models_frames(tiny_model_dir, piece_frames) -> None:
     """Items that cut tokens anywhere: frames short of a token wait for the next item, every step but the stream's
-    last takes one token's 8 frames, and the stream's last few frames step at its end; together they are the
-    frames the model's forward gives for the whole input."""
+    last takes whole tokens (at most `piece_frames`), and the stream's last few frames step at its end; together
+    they are the frames the model's forward gives for the whole input."""
     encoder = build_stage("encoder", model_dir=tiny_model_dir, params={"max_streams": 2})
+    encoder.piece_frames = piece_frames
     rng = np.random.default_rng(1)
     mel = rng.standard_normal((75, 128)).astype(np.float32)
-    cuts = [0, 3, 4, 17, 30, 31, 60, 75]
     frames, sizes = [], set()
-    for start, end in itertools.pairwise(cuts):
+    for start, end in itertools.pairwise([0, 3, 4, 17, 30, 31, 60, 75]):
         frames += [out for _, out in encoder.step([("x", mel[start:end])])]
         sizes |= {key[0][1] for key in encoder._steps}
     frames += [out for _, out in encoder.step([("x", END)]) if isinstance(out, np.ndarray)]
-    assert sizes == {MEL_FRAMES_PER_TOKEN} and {key[0][1] for key in encoder._steps} == {8, 75 % 8}
+    assert sizes and all(size % MEL_FRAMES_PER_TOKEN == 0 and size <= piece_frames for size in sizes)
+    assert {key[0][1] for key in encoder._steps} == sizes | {75 % MEL_FRAMES_PER_TOKEN}
     expected = encoder.encoder(torch.from_numpy(mel)[None], encoder.encoder.new_state())[0].numpy()
     np.testing.assert_allclose(np.concatenate(frames), expected, rtol=1e-4, atol=1e-5)
     assert encoder.streams() == []
