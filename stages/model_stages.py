@@ -291,6 +291,18 @@ class ModelStage(Stage):
     def _grow_failed(self, stream_id: str, error: PoolFull, outputs: list[Output]) -> None:
         self._fail(stream_id, f"{self.name}: {error}", outputs)
 
+    def _grown_or_failed(
+        self, stream_id: str, stream: StreamState, positions: int, error: PoolFull, outputs: list[Output]
+    ) -> bool:
+        """After a step that ran nothing for want of a page: whether the stream now has the pages for `positions`
+        (it steps again next round), or failed (`error`) for want of them."""
+        try:
+            self.pool.grow(stream.row, positions)
+        except PoolFull:
+            self._grow_failed(stream_id, error, outputs)
+            return False
+        return True
+
     def _batched(self, kind: Any, count: int, build: Any) -> Any:
         """The step object of a batch of `count` rows (built once per bucket and `kind`)."""
         self.batch_sizes.append(count)
@@ -343,10 +355,10 @@ class ModelStage(Stage):
 
 @dataclass
 class EncoderRow:
-    """An encoder stream's place: the next encoder frame position and its conv1 tail's length."""
+    """An encoder stream's place: the next encoder frame position (its steps start at token boundaries, so its
+    conv1 tail is always TOKEN_TAIL_LENGTH long before one)."""
 
     next_position: int = 0
-    tail_length: int = TOKEN_TAIL_LENGTH
 
 
 class EncoderStage(ModelStage):
@@ -406,36 +418,29 @@ class EncoderStage(ModelStage):
 
     def _compute(self, outputs: list[Output], one_round: bool) -> None:
         while self.has_work:
-            steps: dict[tuple[int, int], list[tuple[str, StreamState, np.ndarray]]] = {}
+            steps: dict[int, list[tuple[str, StreamState, np.ndarray]]] = {}
             for stream_id, stream in list(self._streams.items()):
                 if self._runnable(stream) and len(piece := next_piece(stream.pending, self.piece_frames)):
-                    steps.setdefault((len(piece), stream.place.tail_length), []).append((stream_id, stream, piece))
-            for (mel_frames, tail_length), batch in steps.items():
-                self._step(batch, mel_frames, tail_length, outputs)
+                    steps.setdefault(len(piece), []).append((stream_id, stream, piece))
+            for mel_frames, batch in steps.items():
+                self._step(batch, mel_frames, outputs)
             if one_round:
                 return
 
-    def _step(
-        self, batch: list[tuple[str, StreamState, np.ndarray]], mel_frames: int, tail_length: int, outputs: list[Output]
-    ) -> None:
+    def _step(self, batch: list[tuple[str, StreamState, np.ndarray]], mel_frames: int, outputs: list[Output]) -> None:
         step = self._batched(("step", mel_frames), len(batch), functools.partial(self._new_step, mel_frames))
         places = [stream.place for _, stream, _ in batch]
         mel = np.stack([piece for _, _, piece in batch])
-        count, tail_after = step.outputs[tail_length]
+        count, _ = step.outputs[TOKEN_TAIL_LENGTH]
         try:
-            frames = step(mel, [s.row for _, s, _ in batch], [p.next_position for p in places], tail_length)
+            frames = step(mel, [s.row for _, s, _ in batch], [p.next_position for p in places], TOKEN_TAIL_LENGTH)
         except PoolFull as error:  # no step ran: each stream that needed a page fails, the rest go on next round
             for stream_id, stream, piece in batch:
-                try:
-                    self.pool.grow(stream.row, stream.place.next_position + count)
-                except PoolFull:
-                    self._grow_failed(stream_id, error, outputs)
-                else:
+                if self._grown_or_failed(stream_id, stream, stream.place.next_position + count, error, outputs):
                     stream.pending.insert(0, piece)
             return
         for (stream_id, _, _), place, out in zip(batch, places, frames, strict=True):
             place.next_position += count
-            place.tail_length = tail_after
             if count:
                 outputs.append((stream_id, out))
 
@@ -627,13 +632,9 @@ class DecoderStage(ModelStage):
         try:
             tokens = step(frames, rows, [stream.place.next_position for _, stream in batch])
         except PoolFull as error:  # no step ran: each stream that needed a page fails, the rest go on next round
-            for stream_id, stream in batch:
-                try:
-                    self.pool.grow(stream.row, stream.place.next_position + 1)
-                except PoolFull:
-                    self._grow_failed(stream_id, error, outputs)
-                else:
-                    stream.place.groups.insert(0, frames[rows.index(stream.row)])
+            for (stream_id, stream), group in zip(batch, frames, strict=True):
+                if self._grown_or_failed(stream_id, stream, stream.place.next_position + 1, error, outputs):
+                    stream.place.groups.insert(0, group)
             return
         for (stream_id, stream), token in zip(batch, tokens.tolist(), strict=True):
             self._advance(stream_id, stream, 1, token, outputs)
