@@ -15,6 +15,8 @@ from rich.console import Console
 
 from voxtral_run.runner.config import (
     LOOPBACK,
+    MPS_OFF,
+    MPS_ON,
     SINK,
     SOURCE,
     Pipeline,
@@ -25,6 +27,7 @@ from voxtral_run.runner.config import (
     replica_pipelines,
 )
 from voxtral_run.runner.errors import RunnerError
+from voxtral_run.runner.mps import mps_for
 from voxtral_run.runner.ray_placement import LOCAL_CLUSTER, RayPlacement
 from voxtral_run.runner.security import KEYS_VARIABLE, CurveKeys, default_key_file, load_or_create_key_file
 from voxtral_run.runner.sink import LiveText, StreamTranscripts, TranscriptSink, transcript_name
@@ -397,7 +400,8 @@ def run(
             keys=deployment_keys,
             launcher=launcher,
         )
-        status = supervisor.run()
+        with mps_for(config.mps if launcher is None else MPS_OFF, [config], local, console, quiet=quiet):
+            status = supervisor.run()
     except (RunnerError, StageError) as error:
         console.print(f"voxtral-run: error: {error}", soft_wrap=True, markup=False)
         raise typer.Exit(EXIT_FAILED) from None
@@ -547,7 +551,8 @@ def _serve_worker(pipeline: Pipeline, local: list[str], keys: CurveKeys, console
         keys=keys,
         long_lived=True,
     )
-    return worker.run()
+    with mps_for(pipeline.mps, [pipeline], local, console, quiet=reporting.quiet):
+        return worker.run()
 
 
 def _check_split_serve(pipeline: Pipeline, local: list[str], *, address_given: bool) -> None:
@@ -571,6 +576,8 @@ def _ray_launcher(address: str | None, pipeline: Pipeline) -> Launcher | None:
     """With --ray, the stages' launcher on that cluster (Ray imported only then)."""
     if address is None:
         return None
+    if pipeline.mps == MPS_ON:
+        raise RunnerError("mps: on starts NVIDIA MPS for the stages spawned here; with --ray, run it on the Ray nodes")
     return RayPlacement(address, pipeline.startup_timeout_s)
 
 

@@ -60,6 +60,9 @@ MIN_HEARTBEAT_TIMEOUT_S, MAX_HEARTBEAT_TIMEOUT_S = 0.5, 600
 MAX_REPLICAS = 64
 ALL_DEVICES = "all"  # `devices: all`: a replica per CUDA GPU
 DEVICE_PATTERN = r"^(auto|cpu|cuda(:\d+)?)$"
+MPS_AUTO, MPS_ON, MPS_OFF = "auto", "on", "off"  # `mps`: NVIDIA MPS for stage processes that share a GPU
+# Top-level keys --set sets (key=value); the rest of the pipeline is structure, which a file says better.
+TOP_LEVEL_SET_KEYS = ("model", "delay_ms", "transport", "base_port", "startup_timeout_s", "heartbeat_timeout_s", "mps")
 
 
 class _Strict(BaseModel):
@@ -137,6 +140,7 @@ class Pipeline(_Strict):
     model: str = DEFAULT_MODEL
     delay_ms: int | None = Field(None, ge=MIN_DELAY_MS, le=MAX_DELAY_MS)
     transport: Literal["auto", "tcp"] = "auto"
+    mps: Literal["auto", "on", "off"] = MPS_AUTO
     base_port: int = Field(DEFAULT_BASE_PORT, ge=1, le=MAX_PORT)
     startup_timeout_s: float = Field(600.0, gt=0, le=MAX_STARTUP_TIMEOUT_S)
     # A stage, the runner, or the other end of a queue to another invocation silent this long fails the run.
@@ -146,6 +150,12 @@ class Pipeline(_Strict):
     stages: dict[str, StageConfig]
     output: OutputConfig = Field(default_factory=OutputConfig)
     queues: list[QueueConfig]
+
+    @field_validator("mps", mode="before")
+    @classmethod
+    def _mps_as_said(cls, value: object) -> object:
+        # YAML reads a bare on / off as true / false.
+        return {True: MPS_ON, False: MPS_OFF}.get(value, value) if isinstance(value, bool) else value
 
     @model_validator(mode="after")
     def _check_graph(self) -> Pipeline:
@@ -252,11 +262,16 @@ def default_pipeline_raw() -> dict:
 
 
 def apply_override(raw: dict, assignment: str) -> None:
-    """Apply one `--set stage.key=value` to the raw YAML mapping (value parsed as YAML: 5, true, cuda:1)."""
+    """Apply one `--set stage.key=value` (or `--set key=value` for a top-level key) to the raw YAML mapping (value
+    parsed as YAML: 5, true, cuda:1)."""
     target, sep, text = assignment.partition("=")
     stage, dot, key = target.partition(".")
+    if sep and not dot and target in TOP_LEVEL_SET_KEYS:
+        raw[target] = yaml.safe_load(text) if text else None
+        return
     if not sep or not dot or not key:
-        raise RunnerError(f"--set {assignment}: expected stage.key=value")
+        keys = ", ".join(TOP_LEVEL_SET_KEYS)
+        raise RunnerError(f"--set {assignment}: expected stage.key=value, or key=value for one of {keys}")
     stages = raw.get("stages")
     if not isinstance(stages, dict) or stage not in stages:
         raise RunnerError(f"--set {assignment}: no stage '{stage}' in the pipeline")

@@ -39,10 +39,18 @@ import numpy as np
 import zmq
 from rich.console import Console
 
-from voxtral_run.runner.config import SOURCE, Pipeline, model_stage_ceiling, place_local_stages, replica_pipelines
+from voxtral_run.runner.config import (
+    MPS_OFF,
+    SOURCE,
+    Pipeline,
+    model_stage_ceiling,
+    place_local_stages,
+    replica_pipelines,
+)
 from voxtral_run.runner.edges import EdgeSender, Policy
 from voxtral_run.runner.errors import RunnerError
 from voxtral_run.runner.metrics import LogHistogram, RunFigures
+from voxtral_run.runner.mps import MpsDaemon, start_mps
 from voxtral_run.runner.security import CurveKeys
 from voxtral_run.runner.serve.hub import (
     ABORTED,
@@ -255,7 +263,11 @@ class PipelineHub(StreamHub):
         self._wake_waiting = False  # a wake-up byte is on its way to the worker, which has not drained it yet
         self._wake_read.setblocking(False)
         self._wake_write.setblocking(False)
+        self._mps: MpsDaemon | None = None
         try:
+            # For the hub's life: the stage processes of chains started again inherit it too.
+            mps_mode = pipeline.mps if launcher is None else MPS_OFF
+            self._mps = start_mps(mps_mode, chains, local or pipeline.chain(), self._console, quiet=reporting.quiet)
             for chain in self._chains:  # every chain's processes load at once; then each is waited for
                 chain.supervisor = self._supervisor(chain)
                 chain.supervisor.launch()
@@ -267,6 +279,7 @@ class PipelineHub(StreamHub):
                 if chain.supervisor is not None:
                     chain.supervisor.stop()
             self._close_wake()
+            self._close_mps()
             raise
         self._worker = threading.Thread(target=self._serve, name="voxtral-serve-pipeline", daemon=True)
         self._worker.start()
@@ -572,10 +585,17 @@ class PipelineHub(StreamHub):
             self._take_started()
             for chain in self._chains:
                 self._stop_chain(chain)
+            self._close_mps()
             with self._lock:
                 self._stopped.set()
                 self._lock.notify_all()
             self._close_wake()
+
+    def _close_mps(self) -> None:
+        """Quit the MPS daemon once no stage process is left."""
+        daemon, self._mps = self._mps, None
+        if daemon is not None:
+            daemon.close(self._console)
 
     def _take_in(self, chain: _Chain) -> None:
         """(Worker.) A chain whose stages are ready: open the queue into it; it takes streams once linked."""

@@ -107,10 +107,19 @@ def test_set_overrides_runner_keys_and_stage_params(tmp_path):
     assert pipeline.stages["capture"].params == {"chunk_ms": 40}
     with pytest.raises(RunnerError, match="--set nope.x=1: no stage 'nope'"):
         load_pipeline(REPO_PIPELINE, ["nope.x=1"])
-    with pytest.raises(RunnerError, match="expected stage.key=value"):
+    with pytest.raises(RunnerError, match="expected stage.key=value, or key=value for one of model, delay_ms"):
         load_pipeline(REPO_PIPELINE, ["encoder=cpu"])
     with pytest.raises(RunnerError, match=r"stages\.encoder\.device"):
         load_pipeline(REPO_PIPELINE, ["encoder.device=tpu"])
+
+
+def test_set_overrides_top_level_keys_and_mps_takes_yaml_s_on_and_off():
+    pipeline = load_pipeline(REPO_PIPELINE, ["delay_ms=160", "mps=on"])
+    assert (pipeline.delay_ms, pipeline.mps) == (160, "on")
+    assert load_pipeline(REPO_PIPELINE, ["mps=off"]).mps == "off"
+    assert load_pipeline(REPO_PIPELINE).mps == "auto"
+    with pytest.raises(RunnerError, match="mps: Input should be 'auto', 'on' or 'off'"):
+        load_pipeline(REPO_PIPELINE, ["mps=yes please"])
 
 
 def placed(path: Path | None, overrides: list[str] = (), local: list[str] | None = None) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import numpy as np
@@ -128,3 +129,16 @@ class LossyLiveSource(Source):
 
     def close(self) -> None:
         self._file.close()
+
+
+class EnvironmentTranscriber(ToyTranscriber):
+    """ToyTranscriber whose deltas' text is the value of `variable` in its process's environment (`-` if unset):
+    what a stage process inherits from the runner."""
+
+    def __init__(self, variable: str):
+        super().__init__()
+        self._variable = variable
+
+    def push(self, stream_id: str, item: Item) -> list[Item]:
+        deltas = super().push(stream_id, item)
+        return [delta | {"text": os.environ.get(self._variable, "-")} for delta in deltas]
