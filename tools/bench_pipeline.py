@@ -27,9 +27,7 @@ import soundfile
 from voxtral_run.stages.audio.capture import MAX_STAGGER_S, MAX_STREAMS
 from voxtral_run.stages.audio.constants import SAMPLE_RATE
 from voxtral_run.tools.bench_gpu import synthetic_speechlike
-from voxtral_run.tools.bench_serve import BEHIND_S, LATENCY_BUDGET_MS
-
-DISTINCT_AUDIOS = 8  # different signals among the files (the rest are copies): writing 200 is then quick
+from voxtral_run.tools.bench_serve import BEHIND_S, DISTINCT_AUDIOS, LATENCY_BUDGET_MS
 
 
 class BenchError(Exception):

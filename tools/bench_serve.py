@@ -12,6 +12,14 @@ stopped reading its audio, or this process cannot keep up. Sessions start spread
 `--join-over` seconds (callers arriving one after another, as a service sees them); the verdict takes the deltas
 that arrived while every session was live (after the last one started, before the first one ended).
 
+`--warm-s W` measures streams whose caches are full, as a service of many long streams has them (the decoder's
+8192-position window is about 11 minutes), without waiting that long live: each session first sends its first W
+seconds as fast as the server takes them, waits until the server has sent the text that audio allows (a delta
+whose next token needs audio not yet sent, or a second without any: tokens without text send none), then paces
+the rest as if it had been live from W seconds earlier. Only the paced part's deltas count, and the measured
+period runs from the last session's catch-up to the first one's end of audio; each trial gives the warm-ups'
+durations (`warm_up_s`).
+
 `--streams 50,100,200` runs the counts one after the other against the same server and reports the largest
 whose p95 is within 50 ms with every session finished, none refused, failed or behind. Give `--url` of a
 running server, or `--start PIPELINE --model DIR [--set STAGE.KEY=VALUE ...]` to start `voxtral-run serve` for
@@ -70,7 +78,17 @@ START_LEAD_S = 0.5  # between the last client ready and the first audio
 DONE_TIMEOUT_S = 60.0  # after the final commit, how long the last text and transcription.done may take
 IDLE_TIMEOUT_S = 60.0  # between trials, how long the server may take to free the last trial's streams
 CHUNK_BYTES = 2 * SAMPLES_PER_TOKEN  # an 80 ms append of PCM16
+# Warm appends of 12 tokens (0.96 s, 41 kB of JSON, far within the server's 2 MiB message limit): a twelfth of the
+# messages 80 ms appends would cost the client for 11 minutes of audio a session.
+WARM_CHUNK_BYTES = 12 * CHUNK_BYTES
+WARM_TIMEOUT_S = 1800.0  # from a session's first send to caught up: past it, the warm-up is the session's error
+# A delta's end tells how far the server got, but tokens without text (specials, part of a character) send
+# none: this long without a delta after the warm part went out, the server is taken to have caught up.
+CAUGHT_UP_QUIET_S = 1.0
+WARM_AHEAD_SAMPLES = 8 * SAMPLE_RATE  # the warm part's sender runs at most 8 s of audio ahead of the text
+CLOSED_EARLY = "the server closed the connection before transcription.done"
 MAX_ERRORS_KEPT = 5  # distinct session errors a trial's figures name
+DISTINCT_AUDIOS = 8  # different signals among the sessions' audio (the rest are copies)
 
 
 class BenchError(Exception):
@@ -84,26 +102,47 @@ class Session:
     index: int
     pcm: bytes
     delay_s: float
+    warm_samples: int = 0  # the first samples, sent as fast as the server takes them (whole 80 ms appends)
+    start: float = 0.0  # its first send
+    live_from: float | None = None  # when its pacing started: its start without a warm part, else its catch-up
+    warm_up_s: float | None = None  # from its first send to caught up
+    caught_up_by_quiet: bool = False  # judged caught up by CAUGHT_UP_QUIET_S without a delta
+    last_delta_at: float = 0.0
+    taken_samples: int = 0  # the audio the deltas so far needed: the server has taken at least that much
+    progress: asyncio.Event = field(default_factory=asyncio.Event)  # set on each delta (the warm part's sender waits)
     refused: bool = False
     finished: bool = False
     error: str = ""
     deltas: int = 0
     tokens: int = 0
     latencies_s: list[float] = field(default_factory=list)
-    arrivals: list[float] = field(default_factory=list)  # each delta's arrival time, beside its latency
+    arrivals: list[float] = field(default_factory=list)  # each paced delta's arrival time, beside its latency
     lags_s: list[float] = field(default_factory=list)  # each append's lateness against its time
 
     @property
     def samples(self) -> int:
         return len(self.pcm) // 2
 
-    def available_at(self, start: float, end_s: float) -> float:
-        """When the audio a delta ending at `end_s` needed was due to be sent (pacing from `start`)."""
+    def needed(self, end_s: float) -> int:
+        """The samples a delta ending at `end_s` needed sent, in whole appends; all of them for the right pad (it
+        came with the final commit)."""
         due = round((end_s + self.delay_s) * SAMPLE_RATE) + CENTER_PAD
-        if due > self.samples:  # the right pad: it came with the final commit
-            return start + self.samples / SAMPLE_RATE
-        sent = min(math.ceil(due / SAMPLES_PER_TOKEN) * SAMPLES_PER_TOKEN, self.samples)
-        return start + sent / SAMPLE_RATE
+        return min(math.ceil(due / SAMPLES_PER_TOKEN) * SAMPLES_PER_TOKEN, self.samples)
+
+    def due_at(self, samples: int) -> float:
+        """When the stream's first `samples` were due to be sent: paced as live from `live_from` on, as if the
+        stream had been live since its warm part's length before."""
+        return self.live_from + (samples - self.warm_samples) / SAMPLE_RATE
+
+
+def warm_samples(warm_s: float) -> int:
+    """`warm_s` seconds of audio rounded down to whole 80 ms appends, in samples."""
+    return round(warm_s * SAMPLE_RATE) // SAMPLES_PER_TOKEN * SAMPLES_PER_TOKEN
+
+
+def append_event(pcm: bytes) -> str:
+    """vLLM's input_audio_buffer.append of PCM16 bytes."""
+    return f'{{"type":"input_audio_buffer.append","audio":"{base64.b64encode(pcm).decode("ascii")}"}}'
 
 
 def speechlike_pcm16(seconds: float, seed: int) -> bytes:
@@ -180,24 +219,29 @@ async def _connect(session: Session, url: str, model: str, delay_ms: int) -> Cli
     return ws
 
 
-async def _stream(session: Session, ws: ClientConnection, start: float) -> None:
-    """Send the session's audio paced from `start` and read its events to transcription.done."""
-    receiver = asyncio.create_task(_receive(session, ws, start))
+async def _stream(session: Session, ws: ClientConnection) -> None:
+    """Send the session's audio (its warm part first, then paced as live) and read its events to
+    transcription.done."""
+    caught_up = asyncio.Event()
+    receiver = asyncio.create_task(_receive(session, ws, caught_up))
     try:
-        for offset in range(0, len(session.pcm), CHUNK_BYTES):
+        if session.warm_samples:
+            await _warm_up(session, ws, receiver, caught_up)
+            if session.error:  # it failed or timed out: nothing more to send or read
+                return
+        for offset in range(2 * session.warm_samples, len(session.pcm), CHUNK_BYTES):
             chunk = session.pcm[offset : offset + CHUNK_BYTES]
-            due = start + (offset + len(chunk)) / 2 / SAMPLE_RATE  # a live capture has the chunk once it is whole
+            due = session.due_at((offset + len(chunk)) // 2)  # a live capture has the chunk once it is whole
             await asyncio.sleep(due - time.monotonic())
             if receiver.done():  # refused or failed: the server takes no more of this stream
                 break
             session.lags_s.append(time.monotonic() - due)
-            audio = base64.b64encode(chunk).decode("ascii")
-            await ws.send(f'{{"type":"input_audio_buffer.append","audio":"{audio}"}}')
+            await ws.send(append_event(chunk))
         else:
             await ws.send('{"type":"input_audio_buffer.commit","final":true}')
         await asyncio.wait_for(asyncio.shield(receiver), DONE_TIMEOUT_S)
         if not session.finished and not session.error:
-            session.error = "the server closed the connection before transcription.done"
+            session.error = CLOSED_EARLY
     except asyncio.TimeoutError:
         session.error = f"no transcription.done within {DONE_TIMEOUT_S:g} s of the final commit"
     except (ConnectionClosed, OSError) as error:
@@ -207,7 +251,60 @@ async def _stream(session: Session, ws: ClientConnection, start: float) -> None:
         await ws.close()
 
 
-async def _receive(session: Session, ws: ClientConnection, start: float) -> None:
+async def _warm_up(session: Session, ws: ClientConnection, receiver: asyncio.Task, caught_up: asyncio.Event) -> None:
+    """From its start, send the session's warm part as fast as the server takes it, wait until the server has
+    sent the text it allows, and start the pacing then; a session that fails first or takes past WARM_TIMEOUT_S
+    gets its error instead."""
+    await asyncio.sleep(session.start - time.monotonic())
+    first_send = time.monotonic()
+    try:
+        await asyncio.wait_for(_catch_up(session, ws, receiver, caught_up), WARM_TIMEOUT_S)
+    except asyncio.TimeoutError:
+        warm_s = session.warm_samples / SAMPLE_RATE
+        session.error = f"warm-up: the server did not catch up with {warm_s:g} s of audio within {WARM_TIMEOUT_S:g} s"
+        return
+    if receiver.done():  # refused or failed: the receiver noted why
+        session.error = session.error or CLOSED_EARLY
+        return
+    session.live_from = time.monotonic()
+    session.warm_up_s = session.live_from - first_send
+
+
+async def _catch_up(session: Session, ws: ClientConnection, receiver: asyncio.Task, caught_up: asyncio.Event) -> None:
+    """Send the warm part (the server reads it no faster than it takes it), then wait for the delta whose next
+    token needs audio not yet sent, CAUGHT_UP_QUIET_S without any delta, or the receiver's end."""
+    warm_bytes = 2 * session.warm_samples
+    sent_at = time.monotonic()
+    for offset in range(0, warm_bytes, WARM_CHUNK_BYTES):
+        # No further ahead of the text than WARM_AHEAD_S (unless the text goes quiet): deeper, the sockets' buffers
+        # queue this client's keepalive answers behind audio the server reads only as fast as it transcribes, and
+        # the server closes a connection whose answer is 20 s late.
+        while offset // 2 - session.taken_samples > WARM_AHEAD_SAMPLES and not receiver.done():
+            quiet_until = max(sent_at, session.last_delta_at) + CAUGHT_UP_QUIET_S
+            if time.monotonic() >= quiet_until:
+                break
+            session.progress.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(session.progress.wait(), quiet_until - time.monotonic())
+        if receiver.done():
+            return
+        await ws.send(append_event(session.pcm[offset : min(offset + WARM_CHUNK_BYTES, warm_bytes)]))
+        sent_at = time.monotonic()
+    waiter = asyncio.ensure_future(caught_up.wait())
+    try:
+        while not waiter.done() and not receiver.done():
+            quiet_until = max(sent_at, session.last_delta_at) + CAUGHT_UP_QUIET_S
+            if time.monotonic() >= quiet_until:
+                session.caught_up_by_quiet = True
+                return
+            await asyncio.wait(
+                {waiter, receiver}, timeout=quiet_until - time.monotonic(), return_when=asyncio.FIRST_COMPLETED
+            )
+    finally:
+        waiter.cancel()
+
+
+async def _receive(session: Session, ws: ClientConnection, caught_up: asyncio.Event) -> None:
     async for message in ws:
         now = time.monotonic()
         try:
@@ -222,8 +319,15 @@ async def _receive(session: Session, ws: ClientConnection, start: float) -> None
                 return
             session.deltas += 1
             session.tokens += len(event.get("token_ids", ()))
-            session.latencies_s.append(now - session.available_at(start, event["end_s"]))
-            session.arrivals.append(now)
+            session.last_delta_at = now
+            needed = session.needed(event["end_s"])
+            session.taken_samples = max(session.taken_samples, needed)
+            session.progress.set()
+            if needed > session.warm_samples:  # its audio went out paced, as live: a latency
+                session.latencies_s.append(now - session.due_at(needed))
+                session.arrivals.append(now)
+            if session.needed(event["end_s"] + SECONDS_PER_TOKEN) > session.warm_samples:
+                caught_up.set()  # the next token needs audio beyond the warm part
         elif kind == "transcription.done":
             session.finished = True
             return
@@ -233,14 +337,15 @@ async def _receive(session: Session, ws: ClientConnection, start: float) -> None
             return
 
 
-async def _run_sessions(url: str, model: str, sessions: list[Session], delay_ms: int, join_over_s: float) -> float:
-    """Every session, the i-th starting i * join_over_s / n after the first; when the first started."""
+async def _run_sessions(url: str, model: str, sessions: list[Session], delay_ms: int, join_over_s: float) -> None:
+    """Every session, the i-th starting (its first send) i * join_over_s / n after the first."""
     connections = await asyncio.gather(*(_connect(session, url, model, delay_ms) for session in sessions))
     start = time.monotonic() + START_LEAD_S
-    period = join_over_s / len(sessions)
-    streams = [_stream(s, ws, start + s.index * period) for s, ws in zip(sessions, connections, strict=True) if ws]
-    await asyncio.gather(*streams)
-    return start
+    for session in sessions:
+        session.start = start + session.index * join_over_s / len(sessions)
+        if not session.warm_samples:  # paced from its first send
+            session.live_from = session.start
+    await asyncio.gather(*(_stream(s, ws) for s, ws in zip(sessions, connections, strict=True) if ws))
 
 
 def percentiles_ms(values_s: Sequence[float]) -> dict[str, float | None]:
@@ -252,6 +357,14 @@ def percentiles_ms(values_s: Sequence[float]) -> dict[str, float | None]:
     return {"min": float(ms.min()), "p50": float(p50), "p95": float(p95), "p99": float(p99), "max": float(ms.max())}
 
 
+def spread_s(values_s: Sequence[float]) -> dict[str, float | None]:
+    """The least, p50 and the largest, in seconds (None without values)."""
+    if not values_s:
+        return dict.fromkeys(("min", "p50", "max"))
+    low, p50, high = np.percentile(values_s, [0, 50, 100])
+    return {"min": float(low), "p50": float(p50), "max": float(high)}
+
+
 def run_trial(
     url: str,
     audio: Sequence[bytes],
@@ -259,19 +372,25 @@ def run_trial(
     delay_ms: int = 480,
     model: str | None = None,
     join_over_s: float = SECONDS_PER_TOKEN,
+    warm_s: float = 0.0,
 ) -> dict:
     """A client for each of `audio` (PCM16 16 kHz mono bytes, all as long) against the server at `url`, their
-    starts spread over `join_over_s`; the figures."""
+    starts spread over `join_over_s`, each sending its first `warm_s` as fast as the server takes it; the figures."""
     model = model or served_model(url)
     delay_s = delay_tokens(delay_ms) * MS_PER_TOKEN / 1000  # the server rounds it up to whole tokens
-    sessions = [Session(i, pcm, delay_s) for i, pcm in enumerate(audio)]
+    warm = warm_samples(warm_s)
+    if not 0 <= warm < min(len(pcm) // 2 for pcm in audio):
+        raise ValueError(f"warm_s={warm_s:g} must be >= 0 and leave an 80 ms append of the audio to pace")
+    sessions = [Session(i, pcm, delay_s, warm) for i, pcm in enumerate(audio)]
     wall, cpu = time.monotonic(), time.process_time()
-    start = asyncio.run(_run_sessions(url, model, sessions, delay_ms, join_over_s))
+    asyncio.run(_run_sessions(url, model, sessions, delay_ms, join_over_s))
     wall, cpu = time.monotonic() - wall, time.process_time() - cpu
     latencies = [latency for s in sessions for latency in s.latencies_s]
-    # All live: from the last session's start to the end of the first one's audio.
-    live_from = start + (len(sessions) - 1) * join_over_s / len(sessions)
-    live_to = start + min(s.samples for s in sessions) / SAMPLE_RATE
+    # All live: from the last session's pacing start to the end of the first one's audio (a session that never
+    # got to pacing, its warm-up failed, bounds nothing).
+    paced = [s for s in sessions if s.live_from is not None]
+    live_from = max((s.live_from for s in paced), default=0.0)
+    live_to = min((s.due_at(s.samples) for s in paced), default=0.0)
     steady = [
         latency
         for s in sessions
@@ -288,8 +407,12 @@ def run_trial(
         "behind": sum(max(s.lags_s, default=0.0) > BEHIND_S for s in sessions),
         "deltas": sum(s.deltas for s in sessions),
         "tokens": sum(s.tokens for s in sessions),
+        "paced_deltas": len(latencies),  # those whose audio went out paced: what latency_ms counts
         "latency_ms": percentiles_ms(latencies),
         "join_over_s": join_over_s,
+        "warm_s": warm / SAMPLE_RATE,
+        "warm_up_s": spread_s([s.warm_up_s for s in sessions if s.warm_up_s is not None]),
+        "caught_up_by_quiet": sum(s.caught_up_by_quiet for s in sessions),
         "all_live_s": max(0.0, live_to - live_from),
         "all_live_latency_ms": percentiles_ms(steady),  # the verdict's
         "send_lag_ms": percentiles_ms(lags),
@@ -308,22 +431,32 @@ def within_budget(trial: dict) -> bool:
 
 
 def ramp(
-    url: str, counts: Sequence[int], seconds: float, *, delay_ms: int = 480, join_over_s: float = SECONDS_PER_TOKEN
+    url: str,
+    counts: Sequence[int],
+    seconds: float,
+    *,
+    delay_ms: int = 480,
+    join_over_s: float = SECONDS_PER_TOKEN,
+    warm_s: float = 0.0,
 ) -> dict:
     """Trials of each stream count in turn against one server (idle between them), and the largest within budget."""
     model = served_model(url)
-    audio = [speechlike_pcm16(seconds, seed=i) for i in range(max(counts))]  # made before any trial's clock starts
+    # Made before any trial's clock starts; a few distinct signals, copied: 60 sessions of 11 minutes are then quick.
+    distinct = [speechlike_pcm16(seconds, seed=i) for i in range(min(max(counts), DISTINCT_AUDIOS))]
+    audio = [distinct[i % len(distinct)] for i in range(max(counts))]
     trials = []
     for count in counts:
         wait_until_idle(url)
-        trial = run_trial(url, audio[:count], delay_ms=delay_ms, model=model, join_over_s=join_over_s)
-        p95 = trial["all_live_latency_ms"]["p95"]
+        trial = run_trial(url, audio[:count], delay_ms=delay_ms, model=model, join_over_s=join_over_s, warm_s=warm_s)
+        p95, slowest = trial["all_live_latency_ms"]["p95"], trial["warm_up_s"]["max"]
         shown = "-" if p95 is None else f"{p95:.1f}"
-        print(f"{count} streams: {trial['finished']} finished, p95 {shown} ms", flush=True)
+        warmed = "" if slowest is None else f", slowest warm-up {slowest:.1f} s"
+        print(f"{count} streams: {trial['finished']} finished, p95 {shown} ms{warmed}", flush=True)
         trials.append(trial)
     largest = max((t["streams"] for t in trials if within_budget(t)), default=0)
     return {"url": url, "model": model, "seconds": seconds, "delay_ms": delay_ms, "join_over_s": join_over_s,
-            "budget_p95_ms": LATENCY_BUDGET_MS, "trials": trials, "largest_within_budget": largest}  # fmt: skip
+            "warm_s": warm_samples(warm_s) / SAMPLE_RATE, "budget_p95_ms": LATENCY_BUDGET_MS, "trials": trials,
+            "largest_within_budget": largest}  # fmt: skip
 
 
 def free_port(host: str) -> int:
@@ -375,13 +508,13 @@ def stop_server(process: subprocess.Popen) -> None:
 def report(results: dict) -> None:
     """Print the trials as a table and the largest stream count within budget."""
     head = f"{'streams':>7} {'done':>5} {'refused':>7} {'failed':>6} {'behind':>6} {'deltas':>7} {'tokens':>7}"
-    print(f"\n{head} {'p50 ms':>7} {'p95 ms':>7} {'p99 ms':>7} {'lag p99':>7} {'cpu':>4}")
+    print(f"\n{head} {'live s':>7} {'p50 ms':>7} {'p95 ms':>7} {'p99 ms':>7} {'lag p99':>7} {'cpu':>4}")
     for t in results["trials"]:
         shown = [t["all_live_latency_ms"][p] for p in ("p50", "p95", "p99")] + [t["send_lag_ms"]["p99"]]
         figures = " ".join("      -" if v is None else f"{v:7.1f}" for v in shown)
         print(
             f"{t['streams']:>7} {t['finished']:>5} {t['refused']:>7} {t['failed']:>6} {t['behind']:>6} "
-            f"{t['deltas']:>7} {t['tokens']:>7} {figures} {100 * t['client_cpu']:3.0f}%"
+            f"{t['deltas']:>7} {t['tokens']:>7} {t['all_live_s']:7.1f} {figures} {100 * t['client_cpu']:3.0f}%"
         )
         for error in t["errors"]:
             print(f"{'':>7} {error}")
@@ -422,6 +555,9 @@ def main() -> None:
     delays = f"{MIN_DELAY_MS}..{MAX_DELAY_MS}"
     parser.add_argument("--join-over", type=float, default=SECONDS_PER_TOKEN, help="seconds the starts spread over")
     parser.add_argument("--delay-ms", type=int, default=480, help=f"each session's delay, {delays} ms")
+    parser.add_argument(
+        "--warm-s", type=float, default=0.0, help="seconds of each session's audio sent first as fast as taken"
+    )
     parser.add_argument("--json", type=Path, default=Path("bench_serve.json"))
     parser.add_argument("--server-log", type=Path, default=Path("bench_serve_server.log"), help="with --start")
     parser.add_argument("--start-timeout", type=float, default=900.0, help="with --start: seconds to get ready")
@@ -436,6 +572,9 @@ def main() -> None:
         parser.error(f"--seconds must be 1..3600, got {args.seconds:g}")
     if not 0 < args.join_over < args.seconds:
         parser.error(f"--join-over must be more than 0 and less than --seconds, got {args.join_over:g}")
+    if not 0 <= args.warm_s < args.seconds or warm_samples(args.warm_s) >= int(args.seconds * SAMPLE_RATE):
+        pace = f"leave an 80 ms append of --seconds {args.seconds:g} to pace"
+        parser.error(f"--warm-s must be >= 0 and {pace}, got {args.warm_s:g}")
     if not MIN_DELAY_MS <= args.delay_ms <= MAX_DELAY_MS:
         parser.error(f"--delay-ms must be {MIN_DELAY_MS}..{MAX_DELAY_MS}, got {args.delay_ms}")
     if not 0 < args.start_timeout <= 86400:
@@ -448,7 +587,14 @@ def main() -> None:
             url = args.url or stack.enter_context(
                 started_server(args.start, args.model, args.set, args.server_log, args.start_timeout)
             )
-            results = ramp(url, args.streams, args.seconds, delay_ms=args.delay_ms, join_over_s=args.join_over)
+            results = ramp(
+                url,
+                args.streams,
+                args.seconds,
+                delay_ms=args.delay_ms,
+                join_over_s=args.join_over,
+                warm_s=args.warm_s,
+            )
     except BenchError as error:
         parser.exit(1, f"{parser.prog}: error: {error}\n")
     args.json.write_text(json.dumps(results, indent=2))
