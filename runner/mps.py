@@ -123,6 +123,14 @@ def start_mps(
     return daemon
 
 
+def with_mps_hint(error: RunnerError, daemon: MpsDaemon | None) -> RunnerError:
+    """A stage's CUDA failure under the daemon the run started, with what to do if MPS is the cause (another
+    user's MPS server or the GPU's compute mode can keep this one from serving); other errors as they are."""
+    if daemon is None or "CUDA" not in str(error):
+        return error
+    return RunnerError(f"{error} (under the NVIDIA MPS this run started: mps: off runs without it)")
+
+
 @contextlib.contextmanager
 def mps_for(
     mode: str, pipelines: Iterable[Pipeline], local: Iterable[str], console: Console, *, quiet: bool = False
@@ -131,6 +139,8 @@ def mps_for(
     daemon = start_mps(mode, pipelines, local, console, quiet=quiet)
     try:
         yield
+    except RunnerError as error:
+        raise with_mps_hint(error, daemon) from None
     finally:
         if daemon is not None:
             daemon.close(console)

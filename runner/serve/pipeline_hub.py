@@ -50,7 +50,7 @@ from voxtral_run.runner.config import (
 from voxtral_run.runner.edges import EdgeSender, Policy
 from voxtral_run.runner.errors import RunnerError
 from voxtral_run.runner.metrics import LogHistogram, RunFigures
-from voxtral_run.runner.mps import MpsDaemon, start_mps
+from voxtral_run.runner.mps import MpsDaemon, start_mps, with_mps_hint
 from voxtral_run.runner.security import CurveKeys
 from voxtral_run.runner.serve.hub import (
     ABORTED,
@@ -274,12 +274,15 @@ class PipelineHub(StreamHub):
             for chain in self._chains:
                 with chain.supervisor.counting_signals():
                     chain.supervisor.await_ready()
-        except BaseException:
+        except BaseException as error:
             for chain in self._chains:
                 if chain.supervisor is not None:
                     chain.supervisor.stop()
             self._close_wake()
+            daemon = self._mps
             self._close_mps()
+            if isinstance(error, RunnerError):
+                raise with_mps_hint(error, daemon) from None
             raise
         self._worker = threading.Thread(target=self._serve, name="voxtral-serve-pipeline", daemon=True)
         self._worker.start()

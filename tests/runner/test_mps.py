@@ -201,3 +201,39 @@ def test_mps_on_with_ray_is_one_line(runner, tmp_path) -> None:
     result = runner.run("--input", wav, "--ray", "--set", "mps=on")
     assert result.returncode == 1
     assert "mps: on starts NVIDIA MPS for the stages spawned here; with --ray" in one_error_line(result.stderr)
+
+
+def test_a_stage_s_cuda_failure_under_the_run_s_daemon_says_how_to_run_without_it(runner, tmp_path) -> None:
+    bin_folder = tmp_path / "bin"
+    with pytest.MonkeyPatch.context() as patch:
+        record = install_fake_control(bin_folder, patch)
+    queues = [{"from": "capture", "to": "relay"}, {"from": "relay", "to": "output"}]
+    data = {"stages": {"capture": {}, "relay": {"impl": f"{TOY}:CudaUnavailable"}}, "queues": queues}
+    data["queues"] = [queue | {"capacity": 4} for queue in queues]
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text(yaml.safe_dump(data))
+    runner.env = {key: value for key, value in runner.env.items() if key != PIPE_VARIABLE} | {
+        "PATH": f"{bin_folder}{os.pathsep}{os.environ['PATH']}",
+        RECORD_VARIABLE: str(record),
+    }
+    wav = write_noise_wav(tmp_path / "a.wav", 0.2)
+
+    failed = runner.run(pipeline, "--input", wav, "--set", "mps=on", "--quiet")
+    assert failed.returncode == 1
+    line = one_error_line(failed.stderr)
+    assert "CUDA error: all CUDA-capable devices are busy" in line
+    assert line.endswith("(under the NVIDIA MPS this run started: mps: off runs without it)")
+    assert [call["args"] for call in calls(record)] == [["-d"], []]  # started, and quit after the failure
+
+
+def test_a_server_whose_stage_cannot_start_under_its_daemon_says_how_to_run_without_it(
+    tmp_path, monkeypatch, tiny_model_dir
+) -> None:
+    record = install_fake_control(tmp_path / "bin", monkeypatch)
+    pipeline = load_pipeline(write_toy_pipeline(tmp_path / "toy.yaml"))
+    pipeline.mps = "on"
+    pipeline.stages["relay"].impl = f"{TOY}:CudaUnavailable"
+    with pytest.raises(RunnerError, match=r"busy or unavailable.*\(under the NVIDIA MPS this run started: mps: off"):
+        PipelineHub(pipeline, model_dir=tiny_model_dir, reporting=Reporting(quiet=True))
+    assert [call["args"] for call in calls(record)] == [["-d"], []]
+    assert PIPE_VARIABLE not in os.environ

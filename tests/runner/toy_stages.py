@@ -142,3 +142,10 @@ class EnvironmentTranscriber(ToyTranscriber):
     def push(self, stream_id: str, item: Item) -> list[Item]:
         deltas = super().push(stream_id, item)
         return [delta | {"text": os.environ.get(self._variable, "-")} for delta in deltas]
+
+
+class CudaUnavailable(Passthrough):
+    """A stage that cannot start, as a GPU stage whose CUDA context is refused."""
+
+    def __init__(self) -> None:
+        raise StageError("CUDA error: all CUDA-capable devices are busy or unavailable")
