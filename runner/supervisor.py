@@ -49,6 +49,7 @@ from voxtral_run.runner.stage_process import (
     LAG_WARNING_S,
     MAX_MESSAGES_PER_STEP,
     StageSpec,
+    freeze_startup_heap,
     pack,
     stage_main,
     unpack,
@@ -333,6 +334,7 @@ class Supervisor:
                         self.reporting.metrics_host, self.reporting.metrics_port, self.figures
                     )
                 self.start()
+                freeze_startup_heap()  # this process receives every delta and times it: no long collection
                 if self.stages and not self.reporting.quiet:
                     names = ", ".join(name + settings_note(state.settings) for name, state in self.stages.items())
                     self.console.print(f"voxtral-run: ready in {self.ready_s:.1f} s ({names})", highlight=False)

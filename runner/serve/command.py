@@ -23,6 +23,7 @@ from voxtral_run.runner.security import CurveKeys
 from voxtral_run.runner.serve.app import create_app, uvicorn_config
 from voxtral_run.runner.serve.pipeline_hub import PipelineHub
 from voxtral_run.runner.serve.settings import ServeSettings
+from voxtral_run.runner.stage_process import freeze_startup_heap
 from voxtral_run.runner.supervisor import EXIT_INTERRUPTED, EXIT_OK, Interrupted, Launcher, Reporting
 
 WATCH_S = 0.1  # how often the serving loop looks for a signal, a failed pipeline or a table due
@@ -109,6 +110,7 @@ def serve(
             )
             if signals.count:  # while the queues were linking
                 return EXIT_INTERRUPTED
+            freeze_startup_heap()  # the server's loop carries every client's audio and text
             asyncio.run(_serve_until_stopped(hub, listener, settings, signals, console, reporting))
         hub.close()
         if hub.failure is not None:

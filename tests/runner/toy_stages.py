@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import Iterator
 
@@ -149,3 +150,10 @@ class CudaUnavailable(Passthrough):
 
     def __init__(self) -> None:
         raise StageError("CUDA error: all CUDA-capable devices are busy or unavailable")
+
+
+class HeapReporter(ToyTranscriber):
+    """ToyTranscriber whose deltas' text is how many objects its process's collector has frozen (gc.freeze)."""
+
+    def push(self, stream_id: str, item: Item) -> list[Item]:
+        return [delta | {"text": str(gc.get_freeze_count())} for delta in super().push(stream_id, item)]
