@@ -59,6 +59,7 @@ import numpy as np
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
+from voxtral_run.runner.stage_process import freeze_startup_heap
 from voxtral_run.stages.audio.constants import (
     MAX_DELAY_MS,
     MIN_DELAY_MS,
@@ -587,6 +588,7 @@ def main() -> None:
             url = args.url or stack.enter_context(
                 started_server(args.start, args.model, args.set, args.server_log, args.start_timeout)
             )
+            freeze_startup_heap()  # a full collection here would delay the arrivals this process times
             results = ramp(
                 url,
                 args.streams,
