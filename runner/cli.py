@@ -275,7 +275,8 @@ def run(
         typer.Option(
             "--set",
             metavar="STAGE.KEY=VALUE",
-            help="Override a stage setting, stage.key=value (repeatable): encoder.device=cuda:1.",
+            help="Override a stage setting, stage.key=value, or a top-level one, key=value (repeatable): "
+            "encoder.device=cuda:1, mps=off.",
         ),
     ] = None,
     stages: Annotated[
@@ -465,7 +466,8 @@ def serve(
         typer.Option(
             "--set",
             metavar="STAGE.KEY=VALUE",
-            help="Override a stage setting, stage.key=value (repeatable): encoder.max_streams=64.",
+            help="Override a stage setting, stage.key=value, or a top-level one, key=value (repeatable): "
+            "encoder.max_streams=64, mps=off.",
         ),
     ] = None,
     stats_every: Annotated[
