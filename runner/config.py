@@ -61,8 +61,6 @@ MAX_REPLICAS = 64
 ALL_DEVICES = "all"  # `devices: all`: a replica per CUDA GPU
 DEVICE_PATTERN = r"^(auto|cpu|cuda(:\d+)?)$"
 MPS_AUTO, MPS_ON, MPS_OFF = "auto", "on", "off"  # `mps`: NVIDIA MPS for stage processes that share a GPU
-# Top-level keys --set sets (key=value); the rest of the pipeline is structure, which a file says better.
-TOP_LEVEL_SET_KEYS = ("model", "delay_ms", "transport", "base_port", "startup_timeout_s", "heartbeat_timeout_s", "mps")
 
 
 class _Strict(BaseModel):
@@ -215,6 +213,11 @@ class Pipeline(_Strict):
         while nodes[-1] != SINK:
             nodes.append(by_source[nodes[-1]])
         return nodes
+
+
+# Top-level keys --set sets (key=value): the settings; the stages, queues and output are structure, which a file
+# says better.
+TOP_LEVEL_SET_KEYS = tuple(name for name in Pipeline.model_fields if name not in ("stages", "output", "queues"))
 
 
 class _KeyError(ValueError):

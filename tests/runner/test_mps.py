@@ -56,6 +56,23 @@ def install_fake_control(folder: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return record
 
 
+def one_stage_run_with_fake_control(runner, tmp_path: Path, name: str, stage: dict) -> tuple[Path, Path]:
+    """A pipeline file of the capture and one stage, and the runner's environment pointed at the fake control
+    program (none of the test process's MPS variables); the file and the program's record."""
+    bin_folder = tmp_path / "bin"
+    with pytest.MonkeyPatch.context() as patch:  # writes the program; the runner gets its own environment
+        record = install_fake_control(bin_folder, patch)
+    queues = [{"from": "capture", "to": name}, {"from": name, "to": "output"}]
+    data = {"stages": {"capture": {}, name: stage}, "queues": [queue | {"capacity": 4} for queue in queues]}
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text(yaml.safe_dump(data))
+    runner.env = {key: value for key, value in runner.env.items() if key != PIPE_VARIABLE} | {
+        "PATH": f"{bin_folder}{os.pathsep}{os.environ['PATH']}",
+        RECORD_VARIABLE: str(record),
+    }
+    return pipeline, record
+
+
 def calls(record: Path) -> list[dict]:
     return [json.loads(line) for line in record.read_text().splitlines()] if record.exists() else []
 
@@ -146,18 +163,8 @@ def test_a_daemon_that_will_not_quit_is_a_warning(tmp_path, monkeypatch) -> None
 def test_a_run_with_mps_on_gives_its_stage_processes_the_daemon_and_quits_it_after(runner, tmp_path) -> None:
     """Through the CLI: the stage processes see the private pipe folder, which the daemon was started with and
     quit with after the run; --set mps=on reaches the top-level key."""
-    bin_folder = tmp_path / "bin"
-    with pytest.MonkeyPatch.context() as patch:  # writes the program; the runner gets its own environment
-        record = install_fake_control(bin_folder, patch)
     detokenize = {"impl": f"{TOY}:EnvironmentTranscriber", "params": {"variable": PIPE_VARIABLE}}
-    queues = [{"from": "capture", "to": "detokenize"}, {"from": "detokenize", "to": "output"}]
-    data = {"stages": {"capture": {}, "detokenize": detokenize}, "queues": [q | {"capacity": 4} for q in queues]}
-    pipeline = tmp_path / "p.yaml"
-    pipeline.write_text(yaml.safe_dump(data))
-    runner.env = {key: value for key, value in runner.env.items() if key != PIPE_VARIABLE} | {
-        "PATH": f"{bin_folder}{os.pathsep}{os.environ['PATH']}",
-        RECORD_VARIABLE: str(record),
-    }
+    pipeline, record = one_stage_run_with_fake_control(runner, tmp_path, "detokenize", detokenize)
     wav = write_noise_wav(tmp_path / "a.wav", 0.4)
 
     result = runner.run(pipeline, "--input", wav, "--format", "jsonl", "--set", "mps=on")
@@ -204,18 +211,7 @@ def test_mps_on_with_ray_is_one_line(runner, tmp_path) -> None:
 
 
 def test_a_stage_s_cuda_failure_under_the_run_s_daemon_says_how_to_run_without_it(runner, tmp_path) -> None:
-    bin_folder = tmp_path / "bin"
-    with pytest.MonkeyPatch.context() as patch:
-        record = install_fake_control(bin_folder, patch)
-    queues = [{"from": "capture", "to": "relay"}, {"from": "relay", "to": "output"}]
-    data = {"stages": {"capture": {}, "relay": {"impl": f"{TOY}:CudaUnavailable"}}, "queues": queues}
-    data["queues"] = [queue | {"capacity": 4} for queue in queues]
-    pipeline = tmp_path / "p.yaml"
-    pipeline.write_text(yaml.safe_dump(data))
-    runner.env = {key: value for key, value in runner.env.items() if key != PIPE_VARIABLE} | {
-        "PATH": f"{bin_folder}{os.pathsep}{os.environ['PATH']}",
-        RECORD_VARIABLE: str(record),
-    }
+    pipeline, record = one_stage_run_with_fake_control(runner, tmp_path, "relay", {"impl": f"{TOY}:CudaUnavailable"})
     wav = write_noise_wav(tmp_path / "a.wav", 0.2)
 
     failed = runner.run(pipeline, "--input", wav, "--set", "mps=on", "--quiet")
