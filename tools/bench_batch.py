@@ -26,6 +26,7 @@ import torch
 
 from voxtral_run.stages.audio.constants import (
     ENCODER_FRAMES_PER_TOKEN,
+    FRAME_RATE,
     MEL_FRAMES_PER_TOKEN,
     SAMPLES_PER_TOKEN,
     SECONDS_PER_TOKEN,
@@ -42,6 +43,7 @@ DEVICE = "cuda:0"  # --device cpu: a dry run of the whole script on a small mode
 LATENCY_BUDGET_S = 0.050  # per-token latency beyond the delay that still counts as real time (p95)
 TICK_S = SECONDS_PER_TOKEN
 GB = 1e9
+MINUTE_POSITIONS = round(60 * FRAME_RATE)  # a one-minute stream's decoder positions at its end (750)
 STREAM_TAIL = CONV1_TAIL_LENGTHS[1]  # a live stream's conv1 tail: its first push has an odd frame count
 
 
@@ -387,10 +389,12 @@ def measure(args: argparse.Namespace, model_dir: Path, parts: set[str], results:
         del encoder
         release_memory()
         decoder = model_stage("decoder", model_dir, max_streams=256, kv_memory_gb=30.0, reserve_s=60.0)
-        results["decoder_steps_60s"] = step_sweep(decoder, "decoder", 750, sizes, bandwidth, weights["decoder"])
+        results["decoder_steps_60s"] = step_sweep(
+            decoder, "decoder", MINUTE_POSITIONS, sizes, bandwidth, weights["decoder"]
+        )
         per_position = decoder.pool.page_bytes() / PAGE_SLOTS
         results["decoder_kv_GB_per_stream"] = {
-            "60s": decoder.pool.pages_for(750) * decoder.pool.page_bytes() / GB,
+            "60s": decoder.pool.pages_for(MINUTE_POSITIONS) * decoder.pool.page_bytes() / GB,
             "full_window": decoder.pool.pages_per_stream * decoder.pool.page_bytes() / GB,
             "per_position_KiB": per_position / 1024,
         }

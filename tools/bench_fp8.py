@@ -36,6 +36,7 @@ from voxtral_run.stages.model.fp8 import FP8, quantize
 from voxtral_run.tools import bench_batch
 from voxtral_run.tools.bench_batch import (
     GB,
+    MINUTE_POSITIONS,
     largest_real_time,
     model_stage,
     realtime_full_windows,
@@ -132,7 +133,8 @@ def full_window_streams(model_dir: Path, counts: list[int], seconds: float) -> d
 
 
 def decoder_steps(model_dir: Path, bandwidth: float, full: int) -> dict:
-    """The one-stream decoder step at a full window in bf16, with fp8 weights, and with fp8 weights and KV."""
+    """The one-stream decoder step at a full window in bf16, with fp8 KV, fp8 weights, and both; each beside
+    the same step at MINUTE_POSITIONS (a one-minute stream's end)."""
     model = open_model(model_dir.resolve())
     floors = {"bf16": weight_bytes(model)["decoder"], "fp8_weights": fp8_decoder_bytes(model)}
     results = {}
@@ -140,10 +142,12 @@ def decoder_steps(model_dir: Path, bandwidth: float, full: int) -> dict:
         decoder = model_stage("decoder", model_dir, max_streams=1, **formats)
         weights = floors["fp8_weights" if "weights" in formats else "bf16"]
         results[name] = step_sweep(decoder, "decoder", full, [1], bandwidth, weights)[0]
+        results[name]["minute"] = step_sweep(decoder, "decoder", MINUTE_POSITIONS, [1], bandwidth, weights)[0]
         del decoder
         release_memory()
     for name in VARIANTS:
         results[name]["x_bf16"] = results[name]["ms"] / results["bf16"]["ms"]
+        results[name]["minute"]["x_bf16"] = results[name]["minute"]["ms"] / results["bf16"]["minute"]["ms"]
     return results
 
 
@@ -153,7 +157,7 @@ def batched_steps(model_dir: Path, bandwidth: float, sizes: list[int]) -> dict:
     results = {}
     settings = {"max_streams": max(sizes), "kv_dtype": "fp8", "reserve_s": 60.0}
     # The decoder's pool sized for the sweep's 750 positions a stream, not whole windows (which would not fit).
-    for kind, positions, memory in (("encoder", 3000, {}), ("decoder", 750, {"kv_memory_gb": 15.0})):
+    for kind, positions, memory in (("encoder", 3000, {}), ("decoder", MINUTE_POSITIONS, {"kv_memory_gb": 15.0})):
         stage = model_stage(kind, model_dir, **settings, **memory)
         results[kind] = step_sweep(stage, kind, positions, sizes, bandwidth, weights[kind])
         del stage

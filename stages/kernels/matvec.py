@@ -35,6 +35,7 @@ if triton is not None:  # Triton's jit helpers exist only where Triton does
 
 BLOCK_K = 512  # weight columns per tile: 1 KiB of each bf16 row per load
 NORMED_BLOCK_K = 1024
+FP8_BLOCK_K, FP8_NORMED_BLOCK_K = 4096, 512
 
 
 class Norm(NamedTuple):
@@ -92,15 +93,19 @@ def matvec_config(n: int, k: int, device: torch.device, normed: bool, swiglu: bo
     columns a program over the whole row as one tile, padded to a power of two and all of it loaded before the
     program waits for its predecessor. Other tiles are powers of two that divide k, so no load needs a mask.
     Triton's CPU interpreter runs programs one by one in Python, so there a program takes up to 128 columns (a
-    tiny vocabulary's LM head is then a few programs, not hundreds). An 8-bit weight's tiles are twice as wide:
-    the same bytes a load (not yet tuned on a GPU)."""
-    widest = (NORMED_BLOCK_K if normed else BLOCK_K) * (2 if fp8 else 1)
-    tile, warps = min(widest, k & -k), 4 if normed else 8
+    tiny vocabulary's LM head is then a few programs, not hundreds). An 8-bit weight (`--weights fp8 --sweep`):
+    eight columns a program with four warps, tiles of 512 columns when normed and up to 4096 otherwise; SwiGLU's
+    four columns over the whole row."""
+    if fp8:
+        widest, columns, warps = (FP8_NORMED_BLOCK_K if normed else FP8_BLOCK_K), 8, 4
+    else:
+        widest, columns, warps = (NORMED_BLOCK_K if normed else BLOCK_K), 4 if normed else 1, 4 if normed else 8
+    tile = min(widest, k & -k)
     if device.type != "cuda":
         return MatvecConfig(min(1 << (n - 1).bit_length(), 128), tile, warps)
     if swiglu:
-        return MatvecConfig(2, 1 << (k - 1).bit_length(), 4)
-    return MatvecConfig(4 if normed else 1, tile, warps)
+        return MatvecConfig(4 if fp8 else 2, 1 << (k - 1).bit_length(), 4)
+    return MatvecConfig(columns, tile, warps)
 
 
 def matvec(

@@ -35,7 +35,12 @@ if triton is not None:  # Triton's jit helpers exist only where Triton does
     from voxtral_run.stages.kernels.overlap import prefetch_share_to_l2, wait_for_inputs
 
 BLOCK_KEYS = 64  # keys per inner tile
+# Over e4m3 caches a tile is taken in halves: a whole one's keys and values, converted, spill registers.
+FP8_SUB_KEYS = BLOCK_KEYS // 2
 TARGET_PROGRAMS = 256  # about two programs per multiprocessor of the GPUs targeted (132 multiprocessors)
+# Longer slices leave a large batch a few long programs each, in uneven waves: 5 slices of a full decoder window
+# (8192 keys) were the fastest measured for 110 rows (docs/PERFORMANCE.md).
+MAX_SLICE_TILES = 26
 NUM_WARPS = 2  # with the merge below, the better of 2 and 4 in both models' steps (`tools.bench_gpu`)
 MAX_ROWS = 16  # query rows per KV head this path takes; tl.dot needs at least 16 rows, so fewer are padded
 MERGE_SLICES = 16  # slices of a head merged per load: all of a step's but those of a long decoder cache
@@ -49,9 +54,9 @@ def step_attention_available(device: torch.device) -> bool:
 
 def key_splits(keys: int, heads: int) -> tuple[int, int]:
     """(slices, keys per slice) for `keys` keys of `heads` KV heads (of all rows): enough programs to fill the
-    GPU, slices whole tiles long."""
+    GPU, slices whole tiles long and at most MAX_SLICE_TILES."""
     tiles = -(-keys // BLOCK_KEYS)
-    wanted = max(1, min(tiles, -(-TARGET_PROGRAMS // heads)))
+    wanted = max(1, min(tiles, -(-TARGET_PROGRAMS // heads)), -(-tiles // MAX_SLICE_TILES))
     per_split = -(-tiles // wanted) * BLOCK_KEYS
     return -(-keys // per_split), per_split
 
@@ -134,10 +139,11 @@ def _launch(
     _split_attention[(kv_heads, splits, batch)](
         q, keys, values, bias, keys if pages is None else pages, key_scales, value_scales, partial, stats, out,
         split_tickets(q.device),
-        *strides, n_keys, per_split, 1 / math.sqrt(head_dim), **dot_operand_types(q), LOG2_E=LOG2_E,
+        *strides, n_keys, per_split, 1 / math.sqrt(head_dim), **dot_operand_types(q),
+        FP8_DOT=tl.float16 if q.is_cuda else tl.float32, LOG2_E=LOG2_E,
         ROWS=MAX_ROWS, BLOCK=BLOCK_KEYS, PREFETCH=prefetch, PDL=pdl, PAGED=pages is not None, LENGTH=length,
         GROUP=group, HEAD_DIM=head_dim, MERGE_SLICES=MERGE_SLICES, MERGE_ROWS=triton.next_power_of_2(group * length),
-        EMPTY_PAGE=EMPTY_PAGE, FP8=scales is not None,
+        EMPTY_PAGE=EMPTY_PAGE, FP8=scales is not None, SUB=BLOCK_KEYS if scales is None else FP8_SUB_KEYS,
         num_warps=NUM_WARPS, **launch_options(pdl),
     )  # fmt: skip
 
@@ -152,6 +158,44 @@ def dot_operand_types(x: torch.Tensor) -> dict:
 
 
 if triton is not None:
+
+    @triton.jit
+    def _attend_keys(
+        q, acc, best, total, first, first_slot, end, k_ptr, v_ptr, bias_ptr, k_scale_ptr, v_scale_ptr, kv_head,
+        k_head_stride, k_key_stride, v_head_stride, v_key_stride, bias_stride, pos, live, dims, scale,
+        DOT: tl.constexpr, PRECISION: tl.constexpr, FP8_DOT: tl.constexpr, LOG2_E: tl.constexpr, SUB: tl.constexpr,
+        FP8: tl.constexpr,
+    ):  # fmt: skip
+        """The online softmax's running (acc, best, total) after SUB more keys (from key `first`, in consecutive
+        slots from `first_slot`); keys from `end` on are masked."""
+        key = first + tl.arange(0, SUB)
+        inside = key < end
+        slot = first_slot + tl.arange(0, SUB)
+        k = tl.load(k_ptr + kv_head * k_head_stride + slot[:, None] * k_key_stride + dims[None, :],
+                    mask=inside[:, None], other=0.0).to(FP8_DOT if FP8 else DOT)  # fmt: skip
+        v = tl.load(v_ptr + kv_head * v_head_stride + slot[:, None] * v_key_stride + dims[None, :],
+                    mask=inside[:, None], other=0.0).to(FP8_DOT if FP8 else DOT)  # fmt: skip
+        bias = tl.load(bias_ptr + pos[:, None] * bias_stride + key[None, :],
+                       mask=live[:, None] & inside[None, :], other=float("-inf")).to(tl.float32)  # fmt: skip
+        products = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        kv_heads = tl.num_programs(0)
+        if FP8:  # a key's scale multiplies its scores, a value's its softmax weights
+            k_scale = tl.load(k_scale_ptr + slot * kv_heads + kv_head, mask=inside, other=0.0)
+            products = products * k_scale[None, :]
+        scores = (products * scale + bias) * LOG2_E
+        new_best = tl.maximum(best, tl.max(scores, 1))
+        weights = tl.exp2(scores - new_best[:, None])
+        decay = tl.exp2(best - new_best)
+        total = total * decay + tl.sum(weights, 1)
+        if FP8:
+            v_scale = tl.load(v_scale_ptr + slot * kv_heads + kv_head, mask=inside, other=0.0)
+            top = tl.max(v_scale, 0)
+            relative = v_scale / tl.where(top > 0, top, 1.0)
+            tile = tl.dot((weights * relative[None, :]).to(FP8_DOT), v, input_precision=PRECISION) * top
+        else:
+            tile = tl.dot(weights.to(DOT), v, input_precision=PRECISION)
+        return acc * decay[:, None] + tile, new_best, total
+
     # Runtime sizes that vary with the span are not specialised on (Triton would compile a variant for
     # values divisible by 16 and for 1), so every span runs the kernel compiled for the first.
     @triton.jit(do_not_specialize=["n_keys", "per_split"])
@@ -161,10 +205,11 @@ if triton is not None:
         q_batch_stride, q_head_stride, q_pos_stride, k_key_stride, k_head_stride, v_key_stride, v_head_stride,
         bias_batch_stride, bias_stride, out_batch_stride, out_head_stride, out_pos_stride, pages_stride,
         n_keys, per_split, scale,
-        DOT: tl.constexpr, PRECISION: tl.constexpr, LOG2_E: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+        DOT: tl.constexpr, PRECISION: tl.constexpr, FP8_DOT: tl.constexpr, LOG2_E: tl.constexpr, ROWS: tl.constexpr,
+        BLOCK: tl.constexpr,
         PREFETCH: tl.constexpr, PDL: tl.constexpr, PAGED: tl.constexpr, LENGTH: tl.constexpr, GROUP: tl.constexpr,
         HEAD_DIM: tl.constexpr, MERGE_SLICES: tl.constexpr, MERGE_ROWS: tl.constexpr, EMPTY_PAGE: tl.constexpr,
-        FP8: tl.constexpr,
+        FP8: tl.constexpr, SUB: tl.constexpr,
     ):  # fmt: skip
         """One batch row's KV head's query rows (row = group member * LENGTH + position) over one slice of the
         keys (through the row's page table when PAGED): the unnormalised output, the running maximum and the
@@ -196,44 +241,35 @@ if triton is not None:
         head, pos = kv_head * GROUP + rows // LENGTH, rows % LENGTH
         dims = tl.arange(0, HEAD_DIM)
         q = tl.load(q_ptr + head[:, None] * q_head_stride + pos[:, None] * q_pos_stride + dims[None, :],
-                    mask=live[:, None], other=0.0).to(DOT)  # fmt: skip
+                    mask=live[:, None], other=0.0)  # fmt: skip
+        if FP8:
+            # e4m3 tiles become fp16 in one instruction a pair (bf16 takes four), so the products run in fp16:
+            # the queries with the softmax scale folded in (small, and more precise than bf16), the softmax
+            # weights relative to the tile's largest value scale (within [0, 1]).
+            q = (q.to(tl.float32) * scale).to(FP8_DOT)
+            scale = 1.0
+        else:
+            q = q.to(DOT)
         # A finite floor: a slice wholly outside the window then yields weight 0 rather than NaN.
         best = tl.full([ROWS], -1e30, tl.float32)
         total = tl.zeros([ROWS], tl.float32)
         acc = tl.zeros([ROWS, HEAD_DIM], tl.float32)
         for first in range(start, end, BLOCK):
-            key = first + tl.arange(0, BLOCK)
-            inside = key < end
             if PAGED:  # a tile is one page: its slots follow the row's page table
                 page = tl.load(pages_ptr + first // BLOCK)
-                slot = page * BLOCK + tl.arange(0, BLOCK)
                 # A page the row has not reached holds no key (all masked): skipping it changes nothing.
                 occupied = page != EMPTY_PAGE
+                first_slot = page * BLOCK
             else:
-                slot = key
                 occupied = True
+                first_slot = first
             if occupied:
-                k = tl.load(k_ptr + kv_head * k_head_stride + slot[:, None] * k_key_stride + dims[None, :],
-                            mask=inside[:, None], other=0.0).to(DOT)  # fmt: skip
-                v = tl.load(v_ptr + kv_head * v_head_stride + slot[:, None] * v_key_stride + dims[None, :],
-                            mask=inside[:, None], other=0.0).to(DOT)  # fmt: skip
-                bias = tl.load(bias_ptr + pos[:, None] * bias_stride + key[None, :],
-                               mask=live[:, None] & inside[None, :], other=float("-inf")).to(tl.float32)  # fmt: skip
-                products = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-                if FP8:  # a key's scale multiplies its scores, a value's its softmax weights
-                    k_scale = tl.load(k_scale_ptr + slot * tl.num_programs(0) + kv_head, mask=inside, other=0.0)
-                    products = products * k_scale[None, :]
-                scores = (products * scale + bias) * LOG2_E
-                new_best = tl.maximum(best, tl.max(scores, 1))
-                weights = tl.exp2(scores - new_best[:, None])
-                decay = tl.exp2(best - new_best)
-                total = total * decay + tl.sum(weights, 1)
-                value_weights = weights
-                if FP8:
-                    v_scale = tl.load(v_scale_ptr + slot * tl.num_programs(0) + kv_head, mask=inside, other=0.0)
-                    value_weights = weights * v_scale[None, :]
-                acc = acc * decay[:, None] + tl.dot(value_weights.to(DOT), v, input_precision=PRECISION)
-                best = new_best
+                for part in range(0, BLOCK, SUB):  # a loop, not unrolled: one part's tiles in registers at a time
+                    acc, best, total = _attend_keys(
+                        q, acc, best, total, first + part, first_slot + part, end, k_ptr, v_ptr, bias_ptr, k_scale_ptr,
+                        v_scale_ptr, kv_head, k_head_stride, k_key_stride, v_head_stride, v_key_stride, bias_stride,
+                        pos, live, dims, scale, DOT, PRECISION, FP8_DOT, LOG2_E, SUB, FP8,
+                    )  # fmt: skip
         group_rows: tl.constexpr = GROUP * LENGTH
         at = (head_at * splits + split) * group_rows
         tl.store(partial_ptr + (at + rows[:, None]) * HEAD_DIM + dims[None, :], acc, mask=live[:, None])

@@ -51,9 +51,10 @@ codes = {
         "W_SCALE": True, "BLOCK_N": 2, "BLOCK_K": 4096, "PREFETCH": True, "PDL": True, "EARLY": True,
         "ROPE": False, "CACHE": False, "Q_DIM": 0, "KV_DIM": 0, "HEAD_DIM": 2}, fp8),
     "split_attention": ptx(step_attention._split_attention, {
-        "DOT": triton.language.bfloat16, "PRECISION": "tf32", "LOG2_E": 1.4426950408889634, "ROWS": 16,
+        "DOT": triton.language.bfloat16, "PRECISION": "tf32", "FP8_DOT": triton.language.float16,
+        "LOG2_E": 1.4426950408889634, "ROWS": 16,
         "BLOCK": 64, "PREFETCH": False, "PDL": True, "PAGED": True, "LENGTH": 1, "GROUP": 4, "HEAD_DIM": 128,
-        "MERGE_SLICES": 16, "MERGE_ROWS": 4, "EMPTY_PAGE": 0, "FP8": True}, fp8),
+        "MERGE_SLICES": 16, "MERGE_ROWS": 4, "EMPTY_PAGE": 0, "FP8": True, "SUB": 32}, fp8),
     "store_fp8": ptx(fp8_cache._store_fp8, {"E4M3_MAX": 448.0, "HEAD_DIM": 128},
                      {**fp8, "key_scales_ptr": "*fp32", "value_scales_ptr": "*fp32"}),
 }

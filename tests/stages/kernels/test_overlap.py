@@ -104,9 +104,9 @@ for early in (True, False):
         "RESIDUAL": True, "BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 4, "STAGES": 5, **overlap, "EARLY": early,
         "ROPE": False, "CACHE": False, "Q_DIM": 0, "KV_DIM": 0, "HEAD_DIM": 2, "TILE": 16, **bf16})
 kernels["split_attention"] = ptx(step_attention._split_attention, {
-    **bf16, "LOG2_E": 1.4426950408889634, "ROWS": 16, "BLOCK": 64, **overlap, "PAGED": False, "LENGTH": 4,
-    "GROUP": 1,
-    "HEAD_DIM": 64, "MERGE_SLICES": 8, "MERGE_ROWS": 4, "EMPTY_PAGE": 0, "FP8": False})
+    **bf16, "FP8_DOT": triton.language.float16, "LOG2_E": 1.4426950408889634, "ROWS": 16, "BLOCK": 64, **overlap,
+    "PAGED": False, "LENGTH": 4, "GROUP": 1,
+    "HEAD_DIM": 64, "MERGE_SLICES": 8, "MERGE_ROWS": 4, "EMPTY_PAGE": 0, "FP8": False, "SUB": 64})
 print(json.dumps({name: {"wait": "griddepcontrol.wait" in code,
                          "launch_dependents": "griddepcontrol.launch_dependents" in code,
                          "prefetch": "cp.async.bulk.prefetch.L2.global" in code,

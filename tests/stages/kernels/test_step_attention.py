@@ -9,6 +9,7 @@ from voxtral_run.stages.kernels.fused import attend, sdpa_attention
 from voxtral_run.stages.kernels.overlap import DEFAULT_OVERLAP
 from voxtral_run.stages.kernels.step_attention import (
     BLOCK_KEYS,
+    MAX_SLICE_TILES,
     MERGE_SLICES,
     key_splits,
     split_tickets,
@@ -93,10 +94,14 @@ def test_output_is_position_major_for_the_output_projection() -> None:
     assert out.transpose(0, 1).is_contiguous()
 
 
-@pytest.mark.parametrize(("n_keys", "kv_heads"), [(1, 8), (63, 8), (1024, 32), (8256, 8), (8256, 1)])
-def test_key_splits_cover_every_key_once_in_whole_tiles(n_keys, kv_heads) -> None:
+@pytest.mark.parametrize(
+    ("n_keys", "kv_heads"), [(1, 8), (63, 8), (1024, 32), (8256, 8), (8256, 1), (8192, 110 * 8), (768, 110 * 32)]
+)
+def test_key_splits_cover_every_key_once_in_whole_tiles_of_bounded_slices(n_keys, kv_heads) -> None:
+    """Also a batch's many rows (110 rows of 8 KV heads): their long windows in slices of at most
+    MAX_SLICE_TILES tiles, though one slice each would already fill the GPU."""
     slices, per_slice = key_splits(n_keys, kv_heads)
-    assert per_slice % BLOCK_KEYS == 0
+    assert per_slice % BLOCK_KEYS == 0 and per_slice <= MAX_SLICE_TILES * BLOCK_KEYS
     assert (slices - 1) * per_slice < n_keys <= slices * per_slice
 
 
