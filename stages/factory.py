@@ -24,8 +24,9 @@ AUTO_DEVICE = "auto"
 # How many streams a model stage batches and how much KV memory it pools for them (stages/model_stages.py).
 BATCH_PARAMS = ("max_streams", "kv_memory_gb", "reserve_s", "when_full")
 DEFAULT_MAX_STREAMS = {"cuda": 32, "cpu": 4}
-# kv_dtype and weights: `auto`, the stage's dtype, or `fp8` (e4m3 with float32 scales; stages/model/fp8.py).
+# kv_dtype, weights and lm_head: `auto`, the stage's dtype, or `fp8` (e4m3 with float32 scales; stages/model/fp8.py).
 NUMBER_FORMATS = ("auto", "fp8")
+FP8_PRODUCTS = ("weights", "lm_head")  # the decoder's products whose weights `fp8` stores in e4m3
 MAX_STREAMS = 1024  # every one with its whole window's KV memory by default
 # What the encoder and decoder both take: their number formats, their fast paths and their batching.
 MODEL_PARAMS = ("dtype", "kv_dtype", "fused_kernels", "cuda_graphs", "capture_all", *BATCH_PARAMS)
@@ -34,7 +35,7 @@ STAGE_PARAMS: dict[str, tuple[str, ...]] = {
     "resample": (),
     "mel": (),
     "encoder": MODEL_PARAMS,
-    "decoder": (*MODEL_PARAMS, "weights", "stop_at_eos"),
+    "decoder": (*MODEL_PARAMS, "weights", "lm_head", "stop_at_eos"),
     "detokenize": (),
 }
 
@@ -142,10 +143,11 @@ def build_stage(
     if on_gpu:
         pin_triton_cache(target)
     dtype = torch_dtype(params.get("dtype", "bfloat16" if on_gpu else "float32"))
-    kv_fp8, fp8_weights = (number_format(params, key) == "fp8" for key in ("kv_dtype", "weights"))
-    if fp8_weights and dtype == torch.float16:
-        # A product with e4m3 values (up to 448) before its scale may leave float16's range.
-        raise StageError("weights: fp8 runs with dtype bfloat16 or float32, not float16")
+    kv_fp8, fp8_weights, fp8_lm_head = (number_format(params, key) == "fp8" for key in ("kv_dtype", *FP8_PRODUCTS))
+    for key, fp8 in zip(FP8_PRODUCTS, (fp8_weights, fp8_lm_head), strict=True):
+        if fp8 and dtype == torch.float16:
+            # A product with e4m3 values (up to 448) before its scale may leave float16's range.
+            raise StageError(f"{key}: fp8 runs with dtype bfloat16 or float32, not float16")
     fast = {
         "fused_kernels": bool(params.get("fused_kernels", on_gpu)),
         "cuda_graphs": bool(params.get("cuda_graphs", on_gpu)),
@@ -160,7 +162,7 @@ def build_stage(
         encoder = load_audio_encoder(model, dtype=dtype, device=target)
         stage: EncoderStage | DecoderStage = EncoderStage(encoder, **pool_pages(fast, encoder.params, kv_dtype))
     else:
-        decoder = load_text_decoder(model, dtype=dtype, device=target, fp8_weights=fp8_weights)
+        decoder = load_text_decoder(model, dtype=dtype, device=target, fp8_weights=fp8_weights, fp8_lm_head=fp8_lm_head)
         stop_at_eos = bool(params.get("stop_at_eos", True))
         settings = pool_pages(fast, decoder.params.decoder, kv_dtype)
         stage = DecoderStage(decoder, model.tekken, delay, stop_at_eos=stop_at_eos, **settings)
@@ -172,7 +174,7 @@ def build_stage(
 
 
 def number_format(params: dict[str, Any], key: str) -> str:
-    """A model stage's kv_dtype or weights setting, checked: one of NUMBER_FORMATS (default auto)."""
+    """A model stage's kv_dtype, weights or lm_head setting, checked: one of NUMBER_FORMATS (default auto)."""
     value = params.get(key, "auto")
     if value not in NUMBER_FORMATS:
         raise StageError(f"{key} must be one of {', '.join(NUMBER_FORMATS)}, got {value!r}")

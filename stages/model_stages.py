@@ -518,6 +518,7 @@ class DecoderStage(ModelStage):
         self._scales: dict[int, torch.Tensor] = {}  # delay tokens -> FFN scales [layers, dim]
         self.tokens = torch.zeros(max_streams + 1, dtype=torch.long, device=weight.device)
         self.ffn_scales = weight.new_zeros(len(decoder.layers), max_streams + 1, decoder.params.decoder.dim)
+        self._number_formats["lm_head"] = "fp8" if decoder.lm_head is not None else self._number_formats["dtype"]
 
     def _open(self, stream_id: str, options: StreamStart) -> StreamState:
         delay = self.num_delay_tokens if options.delay_ms is None else delay_tokens(options.delay_ms)

@@ -30,7 +30,7 @@ from voxtral_run.stages.audio.constants import delay_tokens, pad_audio
 from voxtral_run.stages.audio.mel import log_mel_frames
 from voxtral_run.stages.factory import open_model
 from voxtral_run.stages.kernels.fp8_cache import store_fp8
-from voxtral_run.stages.model.checkpoint import DECODER_LAYERS_PREFIX, ModelDir
+from voxtral_run.stages.model.checkpoint import DECODER_LAYERS_PREFIX, TOKEN_EMBEDDING, ModelDir
 from voxtral_run.stages.model.decoder import streaming_prompt
 from voxtral_run.stages.model.fp8 import FP8, quantize
 from voxtral_run.tools import bench_batch
@@ -57,6 +57,7 @@ VARIANTS = {
     "fp8_kv": {"kv_dtype": "fp8"},
     "fp8_weights": {"weights": "fp8"},
     "fp8_kv_and_weights": {"kv_dtype": "fp8", "weights": "fp8"},
+    "fp8_weights_and_lm_head": {"weights": "fp8", "lm_head": "fp8"},
 }
 BATCH_SIZES = [1, 2, 4, 8, 16, 32, 64, 128, 256]  # the many-streams benchmark's (bench_batch's steps part)
 LINEAR_NAMES = (".attention.w", ".feed_forward.w")  # the decoder layers' products `weights: fp8` stores in e4m3
@@ -98,14 +99,17 @@ def cache_write_bits(device: torch.device) -> bool:
     )
 
 
-def fp8_decoder_bytes(model: ModelDir) -> int:
-    """Bytes the decoder step reads with `weights: fp8`: its bf16 bytes less a byte of each layer's products."""
+def fp8_decoder_bytes(model: ModelDir, formats: dict[str, str]) -> int:
+    """Bytes the decoder step reads in `formats`: its bf16 bytes less a byte of each weight stored in e4m3 (the
+    layers' products with `weights: fp8`, the LM head's with `lm_head: fp8`)."""
+    shapes = model.tensor_shapes()
     linear = sum(
         int(np.prod(shape))
-        for name, shape in model.tensor_shapes().items()
+        for name, shape in shapes.items()
         if name.startswith(DECODER_LAYERS_PREFIX) and any(part in name for part in LINEAR_NAMES)
     )
-    return weight_bytes(model)["decoder"] - linear
+    head = int(np.prod(shapes[TOKEN_EMBEDDING]))
+    return weight_bytes(model)["decoder"] - linear * ("weights" in formats) - head * ("lm_head" in formats)
 
 
 def full_window_memory(model_dir: Path, headroom_gb: float) -> dict:
@@ -136,11 +140,10 @@ def decoder_steps(model_dir: Path, bandwidth: float, full: int) -> dict:
     """The one-stream decoder step at a full window in bf16, with fp8 KV, fp8 weights, and both; each beside
     the same step at MINUTE_POSITIONS (a one-minute stream's end)."""
     model = open_model(model_dir.resolve())
-    floors = {"bf16": weight_bytes(model)["decoder"], "fp8_weights": fp8_decoder_bytes(model)}
     results = {}
     for name, formats in {"bf16": {}, **VARIANTS}.items():
         decoder = model_stage("decoder", model_dir, max_streams=1, **formats)
-        weights = floors["fp8_weights" if "weights" in formats else "bf16"]
+        weights = fp8_decoder_bytes(model, formats)
         results[name] = step_sweep(decoder, "decoder", full, [1], bandwidth, weights)[0]
         results[name]["minute"] = step_sweep(decoder, "decoder", MINUTE_POSITIONS, [1], bandwidth, weights)[0]
         del decoder

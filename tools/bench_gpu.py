@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from voxtral_run.stages.audio.constants import SAMPLE_RATE, SAMPLES_PER_TOKEN, delay_tokens, pad_audio
 from voxtral_run.stages.audio.mel import log_mel_frames
-from voxtral_run.stages.factory import build_stage, open_model
+from voxtral_run.stages.factory import FP8_PRODUCTS, build_stage, open_model
 from voxtral_run.stages.kernels.fused import FusedBlocks
 from voxtral_run.stages.kernels.graphs import StepGraphs
 from voxtral_run.stages.kernels.overlap import NO_OVERLAP, Overlap
@@ -160,10 +160,10 @@ def teacher_forced_logits(
     model_dir: Path, mel: np.ndarray, sequence: torch.Tensor, dtype: str, **formats: str
 ) -> torch.Tensor:
     """Our logits [T, vocab] (as float32) for a whole id sequence over its audio, run as one block; `formats`
-    are the stages' kv_dtype and weights settings (the decoder's; the encoder takes kv_dtype)."""
+    are the stages' kv_dtype, weights and lm_head settings (the decoder's; the encoder takes kv_dtype)."""
     device = sequence.device
     settings = {"dtype": dtype, "cuda_graphs": False, "fused_kernels": False, "max_streams": 1, **formats}
-    encoder_settings = {key: value for key, value in settings.items() if key != "weights"}
+    encoder_settings = {key: value for key, value in settings.items() if key not in FP8_PRODUCTS}
     encoder = build_stage("encoder", model_dir=model_dir, device=str(device), params=encoder_settings)
     decoder = build_stage("decoder", model_dir=model_dir, device=str(device), params=settings)
     dec = decoder.decoder

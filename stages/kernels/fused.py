@@ -222,7 +222,8 @@ def fused_adapt(decoder: TextDecoder, frames: torch.Tensor, overlap: Overlap = D
 
 
 def fused_next_token(decoder: TextDecoder, hidden: torch.Tensor, overlap: Overlap = DEFAULT_OVERLAP) -> torch.Tensor:
-    """The decoder's `next_token` for hidden states [1, T, dim]: the final norm and the LM head as one `matvec`
-    kernel, then the argmax -> [1]."""
+    """The decoder's `next_token` for hidden states [1, T, dim]: the final norm and the LM head (the embeddings, or
+    their 8-bit copy) as one `matvec` kernel, then the argmax -> [1]."""
     norm = Norm(decoder.norm.weight, decoder.norm.eps)
-    return matvec(hidden[:, -1], decoder.tok_embeddings.weight, norm=norm, overlap=overlap).argmax(-1)
+    head = decoder.lm_head or decoder.tok_embeddings
+    return matvec(hidden[:, -1], head.weight, norm=norm, overlap=overlap, weight_scale=channel_scales(head)).argmax(-1)

@@ -18,7 +18,7 @@ from voxtral_run.stages.model.checkpoint import (
     ModelDir,
     ModelParams,
 )
-from voxtral_run.stages.model.fp8 import quantize_linears
+from voxtral_run.stages.model.fp8 import Fp8Linear, quantize_linears
 from voxtral_run.stages.model.layers import Block, RMSNorm, RotaryEmbedding, fuse_projections, position_inputs
 from voxtral_run.stages.text.tekken import Tekken
 
@@ -57,7 +57,8 @@ class DecoderLayer(Block):
 
 
 class TextDecoder(nn.Module):
-    """Adapter, token embeddings (also the tied LM head), decoder layers and final norm."""
+    """Adapter, token embeddings (also the tied LM head, unless `lm_head` holds an 8-bit copy of them), decoder
+    layers and final norm."""
 
     def __init__(self, params: ModelParams) -> None:
         super().__init__()
@@ -72,6 +73,7 @@ class TextDecoder(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(params) for _ in range(dec.n_layers))
         self.norm = RMSNorm(dec.dim, dec.norm_eps)
         self.rope = RotaryEmbedding(dec.head_dim, dec.rope_theta)
+        self.lm_head: Fp8Linear | None = None
 
     def new_cache(self, rows: int = 1, block: int = PREFILL_BLOCK) -> KVCache:
         """An empty KV cache for `rows` streams whose forwards take at most `block` positions at once."""
@@ -116,7 +118,9 @@ class TextDecoder(nn.Module):
         return self.blocks(audio + self.tok_embeddings(token_ids), positions, cache, ffn_scales)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Logits [batch, T, vocab] of `forward`'s hidden states: the final norm, then the tied LM head."""
+        """Logits [batch, T, vocab] of `forward`'s hidden states: the final norm, then the LM head."""
+        if self.lm_head is not None:
+            return self.lm_head(self.norm(hidden))
         return F.linear(self.norm(hidden), self.tok_embeddings.weight)
 
     def next_token(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -125,10 +129,16 @@ class TextDecoder(nn.Module):
 
 
 def load_text_decoder(
-    model: ModelDir, *, dtype: torch.dtype, device: str | torch.device, fp8_weights: bool = False
+    model: ModelDir,
+    *,
+    dtype: torch.dtype,
+    device: str | torch.device,
+    fp8_weights: bool = False,
+    fp8_lm_head: bool = False,
 ) -> TextDecoder:
     """Build the adapter + decoder and load only their tensors (and the embeddings) from the model directory;
-    with `fp8_weights`, the layers' FP8_LINEARS quantized to e4m3 per output channel."""
+    with `fp8_weights`, the layers' FP8_LINEARS quantized to e4m3 per output channel; with `fp8_lm_head`, the LM
+    head an e4m3 copy of the embeddings (a scale per vocabulary entry), the embeddings themselves unchanged."""
     tensors = model.load_tensors(DECODER_PREFIXES, dtype=dtype, device=device)
     renamed = {}
     for name, tensor in tensors.items():
@@ -144,4 +154,6 @@ def load_text_decoder(
     fuse_projections(decoder)
     if fp8_weights:
         quantize_linears(decoder.layers, FP8_LINEARS)
+    if fp8_lm_head:
+        decoder.lm_head = Fp8Linear(decoder.tok_embeddings.weight)
     return decoder.eval()

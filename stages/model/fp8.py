@@ -46,14 +46,12 @@ class Fp8Linear(nn.Module):
     """A bias-free linear layer whose weight [out, in] is stored in e4m3 with a float32 scale per output channel:
     the product with the stored values, times each output's scale, rounded once more to the input's dtype."""
 
-    def __init__(self, linear: nn.Linear) -> None:
+    def __init__(self, weight: torch.Tensor) -> None:
         super().__init__()
-        if linear.bias is not None:
-            raise ValueError("Fp8Linear: takes a linear layer without a bias")
-        weight, scales = quantize(linear.weight.detach())
-        self.weight = nn.Parameter(weight, requires_grad=False)
+        values, scales = quantize(weight.detach())
+        self.weight = nn.Parameter(values, requires_grad=False)
         self.weight_scale = nn.Parameter(scales, requires_grad=False)
-        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.out_features, self.in_features = weight.shape
         self.bias = None  # as a bias-free nn.Linear has it
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -67,4 +65,6 @@ def quantize_linears(module: nn.Module, names: tuple[str, ...]) -> None:
         for name in names:
             linear = getattr(child, name, None)
             if isinstance(linear, nn.Linear):
-                setattr(child, name, Fp8Linear(linear))
+                if linear.bias is not None:
+                    raise ValueError(f"quantize_linears: {name} has a bias, which Fp8Linear does not take")
+                setattr(child, name, Fp8Linear(linear.weight))

@@ -431,12 +431,13 @@ def test_model_run_counts_every_frame_once_and_traces_it_in_pipeline_order(model
 @pytest.mark.slow
 def test_model_run_says_what_the_model_stages_compute_in(model_run):
     """The start-up line and the figures name each model stage's number formats (stages/factory.py's kv_dtype,
-    weights); other stages have none."""
+    weights, lm_head); other stages have none."""
     stderr, figures, _, _ = model_run
     formats = {"dtype": "float32", "kv_dtype": "float32", "weights": "float32"}
-    assert figures["stages"]["encoder"]["settings"] == formats == figures["stages"]["decoder"]["settings"]
+    assert figures["stages"]["encoder"]["settings"] == formats
+    assert figures["stages"]["decoder"]["settings"] == {**formats, "lm_head": "float32"}
     assert "settings" not in figures["stages"]["mel"]
-    assert "decoder [dtype float32, kv_dtype float32, weights float32]" in stderr.splitlines()[0]
+    assert "decoder [dtype float32, kv_dtype float32, weights float32, lm_head float32]" in stderr.splitlines()[0]
 
 
 @pytest.mark.slow

@@ -413,17 +413,18 @@ def test_warm_up_leaves_no_stream(tiny_model_dir, kind, capture_all) -> None:
 
 
 def test_8_bit_kv_caches_and_decoder_weights_run_and_say_so(tiny_model_dir) -> None:
-    """`kv_dtype: fp8` on both model stages and `weights: fp8` on the decoder (eager on the CPU): two streams
-    batched decode as many positions as in float32, and each stage reports what it computes in. Accuracy is the
-    kernels' and the model's tests' (bounds from e4m3's rounding), not this one's."""
+    """`kv_dtype: fp8` on both model stages, `weights: fp8` and `lm_head: fp8` on the decoder (eager on the CPU):
+    two streams batched decode as many positions as in float32, and each stage reports what it computes in.
+    Accuracy is the kernels' and the model's tests' (bounds from e4m3's rounding), not this one's."""
     fp8 = model_chain(tiny_model_dir, max_streams=2, kv_dtype="fp8")
-    fp8[2] = build_stage("decoder", model_dir=tiny_model_dir, params={"kv_dtype": "fp8", "weights": "fp8"})
+    params = {"kv_dtype": "fp8", "weights": "fp8", "lm_head": "fp8"}
+    fp8[2] = build_stage("decoder", model_dir=tiny_model_dir, params=params)
     schedules = {f"s{index}": Schedule(speechlike_audio(0.6, seed=index), joins=index) for index in range(2)}
     ids, failures, _ = run_ticks(fp8, schedules)
     float_ids, _, _ = run_ticks(model_chain(tiny_model_dir, max_streams=2), schedules)
     assert not failures and {name: len(i) for name, i in ids.items()} == {n: len(i) for n, i in float_ids.items()}
     assert fp8[1].settings() == {"dtype": "float32", "kv_dtype": "fp8", "weights": "float32"}
-    assert fp8[2].settings() == {"dtype": "float32", "kv_dtype": "fp8", "weights": "fp8"}
+    assert fp8[2].settings() == {"dtype": "float32", "kv_dtype": "fp8", "weights": "fp8", "lm_head": "fp8"}
     assert build_stage("mel", model_dir=tiny_model_dir).settings() == {}
 
 
@@ -436,3 +437,7 @@ def test_8_bit_settings_that_do_not_fit_are_one_line(tiny_model_dir) -> None:
         build_stage("encoder", model_dir=tiny_model_dir, params={"weights": "fp8"})
     with pytest.raises(StageError, match="weights: fp8 runs with dtype bfloat16 or float32, not float16"):
         build_stage("decoder", model_dir=tiny_model_dir, params={"weights": "fp8", "dtype": "float16"})
+    with pytest.raises(StageError, match="lm_head: fp8 runs with dtype bfloat16 or float32, not float16"):
+        build_stage("decoder", model_dir=tiny_model_dir, params={"lm_head": "fp8", "dtype": "float16"})
+    with pytest.raises(StageError, match="unknown setting 'lm_head'"):
+        build_stage("encoder", model_dir=tiny_model_dir, params={"lm_head": "fp8"})

@@ -161,7 +161,7 @@ def test_an_8_bit_weight_is_its_dequantized_weight_times_the_row(config) -> None
     linear = torch.nn.Linear(64, 96, bias=False)
     with torch.no_grad():
         linear.weight.copy_(weight)
-    quantized = Fp8Linear(linear)
+    quantized = Fp8Linear(linear.weight)
     stored, scales = quantized.weight, quantized.weight_scale
     dequantized = dequantize(stored, scales, torch.float32)
     normed = rms_norm(x, norm_weight, EPS) * scale

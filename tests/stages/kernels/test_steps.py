@@ -41,10 +41,11 @@ def test_fused_steps_give_the_eager_ids_and_frames(small_window_model_dir) -> No
     assert transcript_of(run_chain(fast, "s", pieces)).token_ids == eager_ids
 
 
-def test_the_fused_adapter_and_lm_head_compute_what_the_model_does(tiny_model_dir, monkeypatch) -> None:
+@pytest.mark.parametrize("fp8_lm_head", [False, True], ids=["tied", "fp8_lm_head"])
+def test_the_fused_adapter_and_lm_head_compute_what_the_model_does(tiny_model_dir, monkeypatch, fp8_lm_head) -> None:
     """One position's adapter (with its GELU) and greedy id (with the final norm) as `matvec` kernels against
-    the model's torch operations."""
-    decoder = load_text_decoder(ModelDir(tiny_model_dir), dtype=torch.float32, device="cpu")
+    the model's torch operations; the head the tied embeddings or their 8-bit copy."""
+    decoder = load_text_decoder(ModelDir(tiny_model_dir), dtype=torch.float32, device="cpu", fp8_lm_head=fp8_lm_head)
     generator = torch.Generator().manual_seed(0)
     frames = torch.randn(1, ENCODER_FRAMES_PER_TOKEN, decoder.params.encoder.dim, generator=generator)
     hiddens = [torch.randn(1, 3, decoder.params.decoder.dim, generator=generator) for _ in range(12)]

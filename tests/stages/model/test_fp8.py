@@ -8,6 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from voxtral_run.stages.model.cache import RESERVED_PAGES, KVPool, page_bytes
+from voxtral_run.stages.model.checkpoint import ModelDir
+from voxtral_run.stages.model.decoder import load_text_decoder
 from voxtral_run.stages.model.fp8 import (
     E4M3_MAX,
     E4M3_RELATIVE_ERROR,
@@ -46,12 +48,28 @@ def test_an_8_bit_linear_layer_is_within_e4m3_rounding_of_its_float_weights() ->
     with torch.no_grad():
         linear.weight.copy_(torch.randn(40, 96, generator=generator) * torch.rand(40, 1, generator=generator))
     x = torch.randn(5, 96, generator=generator)
-    quantized = Fp8Linear(linear)
+    quantized = Fp8Linear(linear.weight)
     with torch.inference_mode():
         ours, exact = quantized(x), F.linear(x.double(), linear.weight.double()).float()
     bound = x.abs() @ e4m3_bound(linear.weight, quantized.weight_scale).T
     assert ((ours - exact).abs() <= bound + FLOAT32_SLACK * (x.abs() @ linear.weight.abs().T)).all()
     assert quantized.weight.dtype == FP8 and quantized.weight_scale.shape == (40,)
+
+
+def test_an_8_bit_lm_head_is_within_e4m3_rounding_of_the_tied_embeddings(tiny_model_dir) -> None:
+    """`lm_head: fp8`: the logits of the normed states through an e4m3 copy of the embeddings, which stay as
+    they were for the token inputs."""
+    tied = load_text_decoder(ModelDir(tiny_model_dir), dtype=torch.float32, device="cpu")
+    fp8 = load_text_decoder(ModelDir(tiny_model_dir), dtype=torch.float32, device="cpu", fp8_lm_head=True)
+    assert fp8.lm_head is not None and fp8.lm_head.weight.dtype == FP8
+    assert torch.equal(fp8.tok_embeddings.weight, tied.tok_embeddings.weight)
+    hidden = torch.randn(2, 3, tied.params.decoder.dim, generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        normed, ours, exact = tied.norm(hidden), fp8.logits(hidden), tied.logits(hidden)
+    weight = tied.tok_embeddings.weight
+    bound = normed.abs() @ e4m3_bound(weight, fp8.lm_head.weight_scale).T
+    assert ((ours - exact).abs() <= bound + FLOAT32_SLACK * (normed.abs() @ weight.abs().T)).all()
+    assert not torch.equal(ours, exact)
 
 
 def test_an_8_bit_pool_halves_the_memory_less_the_scales_and_zeroes_pages_before_use() -> None:
