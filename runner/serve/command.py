@@ -9,8 +9,9 @@ import contextlib
 import signal
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from pathlib import Path
+from typing import Any
 
 import uvicorn
 from rich.console import Console
@@ -111,7 +112,7 @@ def serve(
             if signals.count:  # while the queues were linking
                 return EXIT_INTERRUPTED
             freeze_startup_heap()  # the server's loop carries every client's audio and text
-            asyncio.run(_serve_until_stopped(hub, listener, settings, signals, console, reporting))
+            run_loop(_serve_until_stopped(hub, listener, settings, signals, console, reporting))
         hub.close()
         if hub.failure is not None:
             raise RunnerError(hub.failure)
@@ -124,6 +125,17 @@ def serve(
             hub.close()
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+def run_loop(main: Coroutine[Any, Any, None]) -> None:
+    """`asyncio.run(main)` on uvloop's event loop where uvloop is installed (uvicorn's `standard` extra brings it
+    on Linux and macOS): its C loop spends less of the server's one core per WebSocket message than asyncio's."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main)
+    else:
+        uvloop.run(main)
 
 
 async def _serve_until_stopped(

@@ -11,6 +11,7 @@ import select
 import signal
 import socket
 import subprocess
+import sys
 import urllib.request
 from collections.abc import AsyncIterator
 from typing import Any
@@ -23,6 +24,7 @@ from tests.conftest import speechlike_audio
 from tests.runner.conftest import wait_until_gone, write_toy_pipeline
 from tests.runner.serve.conftest import pcm16_base64, wait_for
 from tests.runner.test_cli import one_error_line
+from voxtral_run.runner.serve.command import run_loop
 
 READY_TIMEOUT_S = 120.0
 EXIT_TIMEOUT_S = 30.0
@@ -123,3 +125,19 @@ def test_bad_options_are_one_line_before_anything_starts(runner, tiny_model_dir,
     assert result.returncode == 1
     assert one_error_line(result.stderr) == f"voxtral-run: error: {expected.format(taken=taken_port)}"
     assert wait_until_gone(runner.marker) == []
+
+
+def test_the_server_loop_is_uvloops_where_it_is_installed(monkeypatch) -> None:
+    """The serve extra brings uvloop (uvicorn's standard extra), whose loop `run_loop` serves on; without it,
+    asyncio's own."""
+    uvloop = pytest.importorskip("uvloop")
+    loops = []
+
+    async def record() -> None:
+        loops.append(asyncio.get_running_loop())
+
+    run_loop(record())
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # as if not installed: importing it fails
+    run_loop(record())
+    assert isinstance(loops[0], uvloop.Loop)
+    assert isinstance(loops[1], asyncio.BaseEventLoop) and not isinstance(loops[1], uvloop.Loop)
