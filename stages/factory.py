@@ -143,26 +143,28 @@ def build_stage(
     if on_gpu:
         pin_triton_cache(target)
     dtype = torch_dtype(params.get("dtype", "bfloat16" if on_gpu else "float32"))
-    kv_fp8, fp8_weights, fp8_lm_head = (number_format(params, key) == "fp8" for key in ("kv_dtype", *FP8_PRODUCTS))
-    for key, fp8 in zip(FP8_PRODUCTS, (fp8_weights, fp8_lm_head), strict=True):
-        if fp8 and dtype == torch.float16:
+    fp8 = {key: number_format(params, key) == "fp8" for key in ("kv_dtype", *FP8_PRODUCTS)}
+    for key in FP8_PRODUCTS:
+        if fp8[key] and dtype == torch.float16:
             # A product with e4m3 values (up to 448) before its scale may leave float16's range.
             raise StageError(f"{key}: fp8 runs with dtype bfloat16 or float32, not float16")
     fast = {
         "fused_kernels": bool(params.get("fused_kernels", on_gpu)),
         "cuda_graphs": bool(params.get("cuda_graphs", on_gpu)),
-        "kv_fp8": kv_fp8,
+        "kv_fp8": fp8["kv_dtype"],
         **batch_settings(params, target.type, dtype),
     }
     capture_all = params.get("capture_all", False)
     if not isinstance(capture_all, bool):
         raise StageError(f"capture_all must be true or false, got {capture_all!r}")
-    kv_dtype = FP8 if kv_fp8 else dtype
+    kv_dtype = FP8 if fp8["kv_dtype"] else dtype
     if kind == "encoder":
         encoder = load_audio_encoder(model, dtype=dtype, device=target)
         stage: EncoderStage | DecoderStage = EncoderStage(encoder, **pool_pages(fast, encoder.params, kv_dtype))
     else:
-        decoder = load_text_decoder(model, dtype=dtype, device=target, fp8_weights=fp8_weights, fp8_lm_head=fp8_lm_head)
+        decoder = load_text_decoder(
+            model, dtype=dtype, device=target, fp8_weights=fp8["weights"], fp8_lm_head=fp8["lm_head"]
+        )
         stop_at_eos = bool(params.get("stop_at_eos", True))
         settings = pool_pages(fast, decoder.params.decoder, kv_dtype)
         stage = DecoderStage(decoder, model.tekken, delay, stop_at_eos=stop_at_eos, **settings)

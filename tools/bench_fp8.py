@@ -109,7 +109,8 @@ def fp8_decoder_bytes(model: ModelDir, formats: dict[str, str]) -> int:
         if name.startswith(DECODER_LAYERS_PREFIX) and any(part in name for part in LINEAR_NAMES)
     )
     head = int(np.prod(shapes[TOKEN_EMBEDDING]))
-    return weight_bytes(model)["decoder"] - linear * ("weights" in formats) - head * ("lm_head" in formats)
+    fp8 = {key: formats.get(key) == "fp8" for key in ("weights", "lm_head")}
+    return weight_bytes(model)["decoder"] - linear * fp8["weights"] - head * fp8["lm_head"]
 
 
 def full_window_memory(model_dir: Path, headroom_gb: float) -> dict:

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from voxtral_run.stages.audio.constants import SAMPLE_RATE, SAMPLES_PER_TOKEN, delay_tokens, pad_audio
 from voxtral_run.stages.audio.mel import log_mel_frames
-from voxtral_run.stages.factory import FP8_PRODUCTS, build_stage, open_model
+from voxtral_run.stages.factory import STAGE_PARAMS, build_stage, open_model
 from voxtral_run.stages.kernels.fused import FusedBlocks
 from voxtral_run.stages.kernels.graphs import StepGraphs
 from voxtral_run.stages.kernels.overlap import NO_OVERLAP, Overlap
@@ -163,7 +163,7 @@ def teacher_forced_logits(
     are the stages' kv_dtype, weights and lm_head settings (the decoder's; the encoder takes kv_dtype)."""
     device = sequence.device
     settings = {"dtype": dtype, "cuda_graphs": False, "fused_kernels": False, "max_streams": 1, **formats}
-    encoder_settings = {key: value for key, value in settings.items() if key not in FP8_PRODUCTS}
+    encoder_settings = {key: value for key, value in settings.items() if key in STAGE_PARAMS["encoder"]}
     encoder = build_stage("encoder", model_dir=model_dir, device=str(device), params=encoder_settings)
     decoder = build_stage("decoder", model_dir=model_dir, device=str(device), params=settings)
     dec = decoder.decoder

@@ -119,9 +119,8 @@ class TextDecoder(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits [batch, T, vocab] of `forward`'s hidden states: the final norm, then the LM head."""
-        if self.lm_head is not None:
-            return self.lm_head(self.norm(hidden))
-        return F.linear(self.norm(hidden), self.tok_embeddings.weight)
+        normed = self.norm(hidden)
+        return F.linear(normed, self.tok_embeddings.weight) if self.lm_head is None else self.lm_head(normed)
 
     def next_token(self, hidden: torch.Tensor) -> torch.Tensor:
         """The greedy ids [batch] after the last of `forward`'s hidden states."""
