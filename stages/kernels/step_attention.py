@@ -37,7 +37,8 @@ if triton is not None:  # Triton's jit helpers exist only where Triton does
 BLOCK_KEYS = 64  # keys per inner tile
 # Over e4m3 caches a tile is taken in halves: a whole one's keys and values, converted, spill registers.
 FP8_SUB_KEYS = BLOCK_KEYS // 2
-TARGET_PROGRAMS = 256  # about two programs per multiprocessor of the GPUs targeted (132 multiprocessors)
+TARGET_PROGRAMS = 512  # about four programs per multiprocessor of the GPUs targeted (132): a small batch's slices
+# are short, read with more requests in flight (256 took 10 to 30% longer below 32 rows; docs/PERFORMANCE.md)
 # Longer slices leave a large batch a few long programs each, in uneven waves: 5 slices of a full decoder window
 # (8192 keys) were the fastest measured for 110 rows (docs/PERFORMANCE.md).
 MAX_SLICE_TILES = 26
