@@ -451,12 +451,17 @@ class EdgeSender:
                     f"queue {self.spec.name}: the receiver at {self.spec.connect} rejected this invocation's key "
                     "(every invocation of a run needs the same key file: --keys or VOXTRAL_RUN_KEYS)"
                 )
-            elif event in (zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL):
-                if not self._linked:
-                    raise RunnerError(
-                        f"queue {self.spec.name}: {self.spec.connect} does not answer as a voxtral-run stage "
-                        "(failed secure handshake)"
-                    )
+            elif event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL and not self._linked:
+                raise RunnerError(
+                    f"queue {self.spec.name}: {self.spec.connect} does not answer as a voxtral-run stage "
+                    "(failed secure handshake)"
+                )
+            elif event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL and not self._linked:
+                # The connection dropped mid-handshake: a receiver whose invocation just died looks like this.
+                raise RunnerError(
+                    f"queue {self.spec.name}: lost the link to the receiving stage at {self.spec.connect} during "
+                    "its secure handshake (its invocation stopped, or it is not a voxtral-run stage)"
+                )
             elif event == zmq.EVENT_DISCONNECTED and self._linked and not self._ended:
                 raise RunnerError(
                     f"queue {self.spec.name}: lost the link to the receiving stage at {self.spec.connect} "

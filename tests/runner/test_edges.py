@@ -3,6 +3,7 @@ streams interleave, each checked in its own order, with bounded bookkeeping."""
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 
@@ -19,6 +20,7 @@ from voxtral_run.runner.edges import (
     Policy,
 )
 from voxtral_run.runner.errors import RunnerError
+from voxtral_run.runner.security import CurveKeys
 from voxtral_run.runner.wire import LAST_STREAM_ID, Envelope, Kind, encode
 
 
@@ -307,3 +309,28 @@ def test_a_dropped_first_message_passes_its_options_and_gaps_stay_with_their_str
         ("a", {"input": "a.wav"}, [[0.0, 0.08]]),
     ]
     assert sender.tracked_streams == 0 and receiver.open_streams == 0
+
+
+def test_a_receiver_that_drops_the_connection_mid_handshake_is_a_lost_link(context):
+    """A remote queue's receiver whose invocation dies during the CURVE handshake (here a listener that accepts
+    and closes) fails the sender in one line that says the link was lost, not that a stranger answered."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    address = f"tcp://127.0.0.1:{listener.getsockname()[1]}"
+
+    def accept_and_close() -> None:
+        connection, _ = listener.accept()
+        connection.close()
+
+    threading.Thread(target=accept_and_close, daemon=True).start()
+    spec = EdgeSpec("a", "b", address, address, 1, Policy.BLOCK, remote=True)
+    sender = EdgeSender(context, spec, keys=CurveKeys.generate())
+    deadline = time.monotonic() + 5
+    with pytest.raises(RunnerError) as failure:
+        while time.monotonic() < deadline:
+            sender.check_link()
+            time.sleep(0.01)
+    listener.close()
+    assert str(failure.value) == (
+        f"queue a -> b: lost the link to the receiving stage at {address} during its secure handshake "
+        "(its invocation stopped, or it is not a voxtral-run stage)"
+    )
