@@ -362,15 +362,14 @@ def test_a_stream_started_with_the_default_reservation_has_its_whole_ring(tiny_m
         assert stage.pool.pages_for(stage.reserve_positions) == stage.pool.pages_per_stream
 
 
-def test_kv_memory_returns_to_zero_and_a_thousand_short_streams_leave_no_state(tiny_model_dir) -> None:
+def test_kv_memory_returns_to_zero_and_hundreds_of_short_streams_leave_no_state(tiny_model_dir) -> None:
+    """25 rounds of 8 streams joining at different ticks: whatever a stream leaves behind would pile up."""
     chain = model_chain(tiny_model_dir, max_streams=4)
     pools = [chain[1].pool, chain[2].pool]
-    peak = []
     short = speechlike_audio(0.3, seed=9)
-    for first in range(0, 1000, 8):
+    for first in range(0, 200, 8):
         schedules = {f"s{index}": Schedule(short, joins=index % 8) for index in range(first, first + 8)}
         run_ticks(chain, schedules)
-        peak.append(max(pool.pages_in_use for pool in pools))
         assert all(pool.pages_in_use == 0 and pool.rows_in_use == 0 for pool in pools)
     assert all(stage.streams() == [] for stage in chain)
     assert all(stage.kv_usage() == {"pages_in_use": 0, "pages": stage.pool.total_pages} for stage in chain[1:])
