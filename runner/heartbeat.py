@@ -27,6 +27,35 @@ def beat_identity(name: str) -> bytes:
     return name.encode()
 
 
+class _Stop:
+    """A beating thread's stop signal: a flag, and an inproc pair that wakes the thread's poll at once (else a
+    run's end would wait up to a beat interval for the thread to notice)."""
+
+    def __init__(self, context: zmq.Context):
+        endpoint = f"inproc://voxtral-run-heartbeat-stop-{id(self)}"
+        self.flag = threading.Event()
+        self.receiver = context.socket(zmq.PAIR)
+        self.receiver.bind(endpoint)
+        self._sender = context.socket(zmq.PAIR)
+        self._sender.connect(endpoint)
+
+    def poller(self, socket: zmq.Socket) -> zmq.Poller:
+        """A poller of `socket` that also returns as soon as the stop is set."""
+        poller = zmq.Poller()
+        poller.register(socket, zmq.POLLIN)
+        poller.register(self.receiver, zmq.POLLIN)
+        return poller
+
+    def set(self) -> None:
+        self.flag.set()
+        self._sender.send(b"")
+
+    def close(self) -> None:
+        """Once the thread has ended."""
+        self.receiver.close(linger=0)
+        self._sender.close(linger=0)
+
+
 class RunnerHeartbeat:
     """The runner's side: a ROUTER at `endpoint` beating to every stage and noting when each last beat; over tcp,
     a CURVE server with `keys`, and `endpoint` may leave the port to the OS (`tcp://HOST:*`)."""
@@ -43,7 +72,7 @@ class RunnerHeartbeat:
         self._last_seen: dict[str, float] = {}
         self._names: list[str] = []
         self._lock = threading.Lock()
-        self._stop = threading.Event()
+        self._stop = _Stop(context)
         self._thread = threading.Thread(target=self._run, name="voxtral-run heartbeat", daemon=True)
         self._thread.start()
         self._last_check = time.monotonic()
@@ -54,7 +83,8 @@ class RunnerHeartbeat:
             self._names = list(names)
 
     def _run(self) -> None:
-        while not self._stop.is_set():
+        poller = self._stop.poller(self._socket)
+        while not self._stop.flag.is_set():
             with self._lock:
                 names = list(self._names)
             for name in names:
@@ -63,7 +93,10 @@ class RunnerHeartbeat:
                 except zmq.ZMQError:  # not connected yet, or gone: the main loop judges
                     pass
             deadline = time.monotonic() + self._interval_s
-            while (left := deadline - time.monotonic()) > 0 and self._socket.poll(int(left * 1000) + 1, zmq.POLLIN):
+            while (left := deadline - time.monotonic()) > 0:
+                ready = dict(poller.poll(int(left * 1000) + 1))
+                if self._socket not in ready:  # the interval is over, or the stop came
+                    break
                 identity, *_ = self._socket.recv_multipart()
                 with self._lock:
                     self._last_seen[identity.decode(errors="replace")] = time.monotonic()
@@ -81,6 +114,7 @@ class RunnerHeartbeat:
     def close(self) -> None:
         self._stop.set()
         self._thread.join()
+        self._stop.close()
         self._socket.close()
 
 
@@ -97,18 +131,19 @@ class StageHeartbeat:
         if keys is not None:
             make_client(self._socket, keys)
         self._socket.connect(endpoint)
-        self._stop = threading.Event()
+        self._stop = _Stop(context)
         self._thread = threading.Thread(target=self._run, name="voxtral-run heartbeat", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
+        poller = self._stop.poller(self._socket)
         heard = checked = time.monotonic()
-        while not self._stop.is_set():
+        while not self._stop.flag.is_set():
             try:
                 self._socket.send(BEAT, zmq.NOBLOCK)
             except zmq.Again:
                 pass
-            if self._socket.poll(int(self._interval_s * 1000), zmq.POLLIN):
+            if self._socket in dict(poller.poll(int(self._interval_s * 1000))):
                 while self._socket.poll(0, zmq.POLLIN):
                     self._socket.recv()
                 heard = time.monotonic()
@@ -116,7 +151,7 @@ class StageHeartbeat:
             if now - checked > self._timeout_s / 2:  # this process was stopped: the runner is not to blame
                 heard = now
             checked = now
-            if now - heard > self._timeout_s and not self._stop.is_set():
+            if now - heard > self._timeout_s and not self._stop.flag.is_set():
                 silent = f"the runner has been silent for {self._timeout_s:g} s"
                 sys.stderr.write(f"voxtral-run: stage '{self._name}': {silent}; exiting\n")
                 sys.stderr.flush()
@@ -125,4 +160,5 @@ class StageHeartbeat:
     def close(self) -> None:
         self._stop.set()
         self._thread.join()
+        self._stop.close()
         self._socket.close()
