@@ -69,7 +69,9 @@ class TextDecoder(nn.Module):
             nn.GELU(),
             nn.Linear(dec.dim, dec.dim, bias=False),
         )
-        self.tok_embeddings = nn.Embedding(params.vocab_size, dec.dim)
+        # No random init: the module is built on the meta device and loaded (`load_text_decoder`), and a meta
+        # normal_ goes through torch's reference ops, whose first call imports torch._dynamo (seconds of start-up).
+        self.tok_embeddings = nn.Embedding(params.vocab_size, dec.dim, _weight=torch.empty(params.vocab_size, dec.dim))
         self.layers = nn.ModuleList(DecoderLayer(params) for _ in range(dec.n_layers))
         self.norm = RMSNorm(dec.dim, dec.norm_eps)
         self.rope = RotaryEmbedding(dec.head_dim, dec.rope_theta)

@@ -38,7 +38,9 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, head_dim: int, theta: float) -> None:
         super().__init__()
-        exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+        # On the CPU whatever the default device: under a meta device (a model built before its weights load),
+        # this division would go through torch's reference ops and import torch._dynamo (seconds of start-up).
+        exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim
         self.register_buffer("inv_freq", 1.0 / (theta**exponents), persistent=False)
 
     def rotations(self, positions: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
