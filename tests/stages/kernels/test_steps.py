@@ -25,7 +25,7 @@ def chain(model_dir, **settings):
 @pytest.mark.slow
 def test_fused_steps_give_the_eager_ids_and_frames(small_window_model_dir) -> None:
     """80 ms chunks: every encoder step and every decoder step after the prompt runs the fused kernels, through
-    several wraps of the small windows' rings."""
+    wraps of the small windows' rings."""
     # 31 tokens after 32 of left padding: the encoder's ring (64 slots) wraps three times, the decoder's once.
     audio = speechlike_audio(2.5, seed=4)
     pieces = [audio[i : i + SAMPLES_PER_TOKEN] for i in range(0, len(audio), SAMPLES_PER_TOKEN)]
