@@ -151,7 +151,7 @@ def load_text_decoder(
     with torch.device("meta"):
         decoder = TextDecoder(model.params)
     decoder.load_state_dict(renamed, assign=True)
-    decoder.rope = RotaryEmbedding(model.params.decoder.head_dim, model.params.decoder.rope_theta).to(device)
+    decoder.rope.to(device)  # its table was computed on the CPU, not the meta device
     fuse_projections(decoder)
     if fp8_weights:
         quantize_linears(decoder.layers, FP8_LINEARS)

@@ -134,6 +134,6 @@ def load_audio_encoder(model: ModelDir, *, dtype: torch.dtype, device: str | tor
     with torch.device("meta"):
         encoder = AudioEncoder(model.params.encoder)
     encoder.load_state_dict({name[len(ENCODER_PREFIX) :]: t for name, t in tensors.items()}, assign=True)
-    encoder.rope = RotaryEmbedding(model.params.encoder.head_dim, model.params.encoder.rope_theta).to(device)
+    encoder.rope.to(device)  # its table was computed on the CPU, not the meta device
     fuse_projections(encoder)
     return encoder.eval()
