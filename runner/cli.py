@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import importlib.metadata
+import importlib.util
 import os
 import re
 import sys
@@ -592,8 +593,20 @@ def _with_ray_address(args: list[str]) -> list[str]:
     return args
 
 
+def declare_package_main() -> None:
+    """Make the running script count as `python -m voxtral_run.runner` for the stage processes it spawns.
+
+    A spawned child first re-runs its parent's main script unless that is a package's `__main__` module, so under
+    the console script every stage process would import this CLI again (about a second of CPU each) before its own
+    work; the script does what that module does."""
+    script = sys.modules["__main__"]
+    if getattr(script, "__spec__", None) is None:
+        script.__spec__ = importlib.util.find_spec("voxtral_run.runner.__main__")
+
+
 def main() -> None:
     """Console-script entry point: `voxtral-run serve ...` serves, anything else is a run."""
+    declare_package_main()
     if sys.argv[1:2] == ["serve"]:
         serve_app(args=_with_ray_address(sys.argv[2:]), prog_name="voxtral-run serve")
     else:

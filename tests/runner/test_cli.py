@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import multiprocessing
 import os
 import pty
 import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +21,7 @@ from rich.console import Console
 
 from tests.runner.conftest import REPO, marked_processes, wait_until_gone, write_noise_wav, write_toy_pipeline
 from tests.runner.toy_stages import ToyTranscriber
+from voxtral_run.runner.cli import declare_package_main
 from voxtral_run.runner.config import load_pipeline
 from voxtral_run.runner.sink import TranscriptSink
 from voxtral_run.runner.supervisor import EXIT_OK, Supervisor
@@ -45,6 +48,27 @@ def one_error_line(stderr: bytes | str) -> str:
     assert len(lines) == 1, text
     assert lines[0].startswith("voxtral-run: error: ")
     return lines[0]
+
+
+def test_stage_processes_spawned_under_the_console_script_do_not_rerun_it(tmp_path, monkeypatch):
+    ran = tmp_path / "ran"
+    script = types.ModuleType("__main__")
+    script.__file__ = str(tmp_path / "voxtral-run")  # as pip's console script: a file without a module spec
+    Path(script.__file__).write_text(f"open({str(ran)!r}, 'a').write('x')\n")
+    script.__spec__ = None
+    monkeypatch.setitem(sys.modules, "__main__", script)
+
+    def spawn_one() -> None:
+        child = multiprocessing.get_context("spawn").Process(target=os.getpid)
+        child.start()
+        child.join(30)
+        assert child.exitcode == 0
+
+    spawn_one()
+    assert ran.read_text() == "x"  # the stdlib's default: the child runs the parent's script first
+    declare_package_main()
+    spawn_one()
+    assert ran.read_text() == "x"
 
 
 def test_jsonl_transcript_equals_in_process(runner, tmp_path):
