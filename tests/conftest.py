@@ -10,10 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.interpreted_kernels import patch_language_once_per_launch
 from tests.runner.conftest import Runner, marked_processes
 from voxtral_run.stages.audio.constants import SAMPLE_RATE, SAMPLES_PER_TOKEN
 from voxtral_run.tools.hf_reference import hf_model_for
 from voxtral_run.tools.make_tiny_checkpoint import TINY, CheckpointSpec, write_tiny_checkpoint
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    patch_language_once_per_launch()
 
 # Windows smaller than the test audio, so the rolling caches really slide.
 SMALL_WINDOWS = CheckpointSpec(enc_window=16, dec_window=12)
