@@ -143,7 +143,7 @@ OVERLAPS = {
     "no_overlap": NO_OVERLAP,
     "prefetch_only": Overlap(pdl=False, prefetch_bytes=4 << 20),
     "no_prefetch": Overlap(prefetch_bytes=0),
-    **{f"prefetch_{mb}MB": Overlap(prefetch_bytes=mb << 20) for mb in (4, 16)},
+    **{f"prefetch_{mb}MB": Overlap(prefetch_bytes=mb << 20) for mb in (2, 4, 16)},
     "late_weights": Overlap(early_weights=False),
 }
 
@@ -170,7 +170,7 @@ def candidate_configs(net: Network, product: str, n: int, k: int) -> list:
     """Every plausible launch of one product of the network's kernel."""
     if net.rows == 1:
         whole_row = 1 << (k - 1).bit_length()  # one tile, padded to a power of two
-        grid = itertools.product((1, 2, 4, 8), (256, 512, 1024, 2048, 4096, whole_row), (4, 8))
+        grid = itertools.product((1, 2, 4, 8, 16, 32), (256, 512, 1024, 2048, 4096, whole_row), (2, 4, 8))
         return [MatvecConfig(bn, bk, warps) for bn, bk, warps in sorted(set(grid)) if k % bk == 0 or bk == whole_row]
     configs = []
     grid = itertools.product((16, 32, 64), (64, 128, 256, 512), (1, 2, 4, 5, 8, 10), (2, 3, 5), (4, 8))
