@@ -163,6 +163,10 @@ def _checked(form: FormData) -> TranscriptionRequest:
     unknown = [value for value in granularities if value not in GRANULARITIES]
     if unknown:
         raise ApiFailure(400, "invalid_value", f"timestamp_granularities: {unknown[0]!r:.40} is not word or segment")
+    temperature = _field(form, "temperature")
+    if temperature is not None and not _is_temperature(temperature):
+        message = f"temperature must be a number from 0 to 1, got {temperature!r:.40}"
+        raise ApiFailure(400, "invalid_value", message, "temperature")
     delay = _field(form, "delay_ms")
     if delay is not None and not delay.isdigit():
         raise ApiFailure(400, "invalid_value", f"delay_ms must be a whole number of ms, got {delay!r:.40}", "delay_ms")
@@ -174,6 +178,14 @@ def _checked(form: FormData) -> TranscriptionRequest:
         upload=upload, response_format=response_format, stream=stream == "true", language=_field(form, "language"),
         words="word" in granularities, delay_ms=None if delay is None else int(delay),
     )  # fmt: skip
+
+
+def _is_temperature(text: str) -> bool:
+    """Whether `text` is OpenAI's temperature, a number from 0 to 1 (decoding here is greedy whatever it is)."""
+    try:
+        return 0.0 <= float(text) <= 1.0
+    except ValueError:
+        return False
 
 
 def _spooled(upload: UploadFile) -> Path:

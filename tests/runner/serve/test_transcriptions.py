@@ -52,8 +52,10 @@ def written(format: str, events: list[dict]) -> str:
 
 def test_json_gives_the_chain_ids_and_text(client, wav, reference):
     expected = transcript_of(reference)
-    with wav.open("rb") as file:
-        result = client.audio.transcriptions.create(model="whisper-1", file=file, response_format="json")
+    with wav.open("rb") as file:  # any temperature: decoding is greedy
+        result = client.audio.transcriptions.create(
+            model="whisper-1", file=file, response_format="json", temperature=0.7
+        )
     assert result.text == expected.text
     assert result.model_extra["token_ids"] == expected.token_ids
     usage = result.usage
@@ -123,6 +125,8 @@ def test_a_stream_s_own_delay(client, wav, tiny_model_dir):
         (MODEL, {"response_format": "xml"}, None, "response_format 'xml' is not one of json, text"),
         (MODEL, {"delay_ms": "20"}, None, "delay_ms=20 is outside 80..2400 ms"),
         (MODEL, {"stream": "maybe"}, None, "stream must be true or false, got 'maybe'"),
+        (MODEL, {"temperature": "warm"}, None, "temperature must be a number from 0 to 1, got 'warm'"),
+        (MODEL, {"temperature": "1.5"}, None, "temperature must be a number from 0 to 1, got '1.5'"),
     ],
 )
 def test_bad_requests_get_openai_s_error_body(client, wav, model, extra, content, words):
