@@ -55,7 +55,7 @@ from voxtral_run.runner.stage_process import (
     unpack,
 )
 from voxtral_run.runner.wire import Envelope, Kind
-from voxtral_run.stages.audio.constants import SECONDS_PER_TOKEN
+from voxtral_run.stages.audio.constants import SECONDS_PER_TOKEN, token_aligned_delay_ms
 from voxtral_run.stages.base import StageError
 
 DRAIN_TIMEOUT_S = 3.0  # after Ctrl-C, how long the streams' ends may take to pass every stage
@@ -690,9 +690,13 @@ class Supervisor:
                 stages={name: state.stats for name, state in self.stages.items()},
                 wall_s=wall_s,
                 e2e=self.e2e.copy() if self.e2e is not None else None,
-                delay_ms=self.pipeline.delay_ms,
+                delay_ms=self.run_delay_ms(),
                 clock_offsets={name: state.clock_offset for name, state in self.stages.items()},
             )
+
+    def run_delay_ms(self) -> int | None:
+        """The delay the model runs (the pipeline's, in whole 80 ms tokens); None for the model's own."""
+        return None if self.pipeline.delay_ms is None else token_aligned_delay_ms(self.pipeline.delay_ms)
 
     def _print_table(self, figures: RunFigures) -> None:
         self.console.print(format_table(figures), highlight=False, markup=False, soft_wrap=True)
@@ -707,7 +711,7 @@ class Supervisor:
                 origin=self.stream_started,
                 clock_offsets=figures.clock_offsets,
                 sink=self.sink_arrivals if self.sink is not None else None,
-                metadata={"delay_ms": self.pipeline.delay_ms},
+                metadata={"delay_ms": self.run_delay_ms()},
             )
             _write(self.reporting.trace, "--profile", json.dumps(trace))
             self.console.print(f"voxtral-run: trace written to {self.reporting.trace} (open it in Perfetto)")

@@ -67,7 +67,7 @@ from voxtral_run.runner.stage_process import MAX_MESSAGES_PER_STEP, describe_exc
 from voxtral_run.runner.supervisor import Interrupted, Launcher, Reporting, StageState, Supervisor, report_figures
 from voxtral_run.runner.wire import MAX_INPUT_CHARS, MAX_MESSAGE_CHARS, Envelope, Kind, printable_line
 from voxtral_run.stages.audio.capture import DEFAULT_CHUNK_MS, MAX_STREAMS, frames_per_chunk
-from voxtral_run.stages.audio.constants import MS_PER_TOKEN, SAMPLE_RATE, delay_tokens
+from voxtral_run.stages.audio.constants import SAMPLE_RATE, token_aligned_delay_ms
 from voxtral_run.stages.base import END, StreamEnd, StreamFailed
 from voxtral_run.stages.factory import cuda_device_count
 from voxtral_run.stages.text.tekken import TEKKEN_FILE, load_tekken
@@ -235,7 +235,7 @@ class PipelineHub(StreamHub):
         delay_ms = pipeline.delay_ms
         if delay_ms is None:
             delay_ms = load_tekken(Path(model_dir) / TEKKEN_FILE).audio.transcription_delay_ms
-        self._default_delay_ms = round(delay_tokens(delay_ms) * MS_PER_TOKEN)
+        self._default_delay_ms = token_aligned_delay_ms(delay_ms)
         self._chunk = frames_per_chunk(SAMPLE_RATE, pipeline.stages[SOURCE].params.get("chunk_ms", DEFAULT_CHUNK_MS))
         self._model_dir = Path(model_dir)
         self._console = console or Console(stderr=True)

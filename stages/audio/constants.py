@@ -60,6 +60,11 @@ def delay_tokens(delay_ms: float) -> int:
     return num_audio_tokens(int(delay_ms / 1000 * SAMPLE_RATE))
 
 
+def token_aligned_delay_ms(delay_ms: float) -> int:
+    """The delay the model runs for a requested `delay_ms`: whole 80 ms tokens, rounded up as `delay_tokens` rounds."""
+    return round(delay_tokens(delay_ms) * MS_PER_TOKEN)
+
+
 def right_pad_samples(num_samples: int, num_delay_tokens: int) -> int:
     """Zeros appended at the end of a stream: align to a whole token, then delay + 1 + buffer tokens."""
     align = (SAMPLES_PER_TOKEN - num_samples % SAMPLES_PER_TOKEN) % SAMPLES_PER_TOKEN

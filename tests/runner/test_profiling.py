@@ -192,9 +192,11 @@ def test_slow_stage_is_the_bottleneck_in_table_json_and_trace(runner, tmp_path):
     capacity = 1  # one message in the relay's queue: each of its steps takes one, and pays the throttle
     pipeline = write_toy_pipeline(tmp_path / "p.yaml", relay={"throttle_ms": throttle_ms}, capacity=capacity)
     trace, stats = tmp_path / "trace.json", tmp_path / "stats.json"
-    result = runner.run(pipeline, "--input", wav, "--profile", trace, "--stats-json", stats)
+    # 100 ms runs as two whole tokens: the latency is counted beyond those 160 ms.
+    result = runner.run(pipeline, "--input", wav, "--profile", trace, "--stats-json", stats, "--delay-ms", "100")
     stderr = result.stderr.decode()
     assert result.returncode == 0, stderr
+    assert "beyond the 160 ms delay" in stderr
     rows = table_rows(stderr, TOY_STAGES)
     # Items: the capture's frames; downstream, the same frames plus the stream's end.
     assert [rows[name]["items"] for name in TOY_STAGES] == [str(frames), str(frames + 1), str(frames + 1)]
@@ -205,7 +207,7 @@ def test_slow_stage_is_the_bottleneck_in_table_json_and_trace(runner, tmp_path):
     assert rows["capture"]["queue"] == f"{capacity}/{capacity}"  # the capture filled the relay's queue
 
     figures = json.loads(stats.read_text())
-    assert figures["bottleneck"] == "relay"
+    assert figures["bottleneck"] == "relay" and figures["delay_ms"] == 160
     assert [figures["stages"][name]["items"] for name in TOY_STAGES] == [frames, frames + 1, frames + 1]
     assert figures["end_to_end_ms"]["count"] == frames
     assert figures["end_to_end_ms"]["p50"] >= at_least  # every delta waited for the slow stage
