@@ -690,13 +690,10 @@ class Supervisor:
                 stages={name: state.stats for name, state in self.stages.items()},
                 wall_s=wall_s,
                 e2e=self.e2e.copy() if self.e2e is not None else None,
-                delay_ms=self.run_delay_ms(),
+                # The delay the model runs: the pipeline's in whole 80 ms tokens, None for the model's own.
+                delay_ms=None if self.pipeline.delay_ms is None else token_aligned_delay_ms(self.pipeline.delay_ms),
                 clock_offsets={name: state.clock_offset for name, state in self.stages.items()},
             )
-
-    def run_delay_ms(self) -> int | None:
-        """The delay the model runs (the pipeline's, in whole 80 ms tokens); None for the model's own."""
-        return None if self.pipeline.delay_ms is None else token_aligned_delay_ms(self.pipeline.delay_ms)
 
     def _print_table(self, figures: RunFigures) -> None:
         self.console.print(format_table(figures), highlight=False, markup=False, soft_wrap=True)
@@ -711,7 +708,7 @@ class Supervisor:
                 origin=self.stream_started,
                 clock_offsets=figures.clock_offsets,
                 sink=self.sink_arrivals if self.sink is not None else None,
-                metadata={"delay_ms": self.run_delay_ms()},
+                metadata={"delay_ms": figures.delay_ms},
             )
             _write(self.reporting.trace, "--profile", json.dumps(trace))
             self.console.print(f"voxtral-run: trace written to {self.reporting.trace} (open it in Perfetto)")

@@ -23,7 +23,7 @@ from voxtral_run.stages.audio.constants import (
     MS_PER_TOKEN,
     SAMPLE_RATE,
     SAMPLES_PER_TOKEN,
-    delay_tokens,
+    token_aligned_delay_ms,
 )
 from voxtral_run.stages.audio.mel import CENTER_PAD
 from voxtral_run.stages.base import END, Output, Stage, StreamEnd, StreamFailed, StreamStart, Work
@@ -276,7 +276,7 @@ class StreamHub(ABC):
     def delay_s(self, options: StreamOptions) -> float:
         """A stream's delay in seconds, rounded up to whole tokens as the model rounds it."""
         delay = self.default_delay_ms if options.delay_ms is None else options.delay_ms
-        return delay_tokens(delay) * MS_PER_TOKEN / 1000
+        return token_aligned_delay_ms(delay) / 1000
 
 
 def _aligned_pieces(samples: np.ndarray, offset: int) -> list[np.ndarray]:
